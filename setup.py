@@ -1,0 +1,40 @@
+"""moela: Triton kernels and PyTorch references for DeepSeek-V3-style MoE, MLA and FP8.
+
+One import package, ``moela``; its subpackages are the repository's top-level folders
+(``kernels/`` -> ``moela.kernels`` and so on), mapped here with ``package_dir`` so that
+nothing is importable as a bare top-level ``kernels`` or ``model``.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ("kernels", "model", "reference", "profiling")
+
+setup(
+    name="moela",
+    version="0.1.0",
+    description="Readable references and fast Triton kernels for DeepSeek-V3-style MoE, MLA and FP8",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["moela", *(f"moela.{name}" for name in SUBPACKAGES)],
+    package_dir={"moela": ".", **{f"moela.{name}": name for name in SUBPACKAGES}},
+    # triton is left unpinned: torch's CUDA wheels pin the triton they were built with,
+    # and a second pin here would fight it. CI's exact versions live in constraints/ci.txt.
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.2",
+        "einops>=0.7",
+        "numpy",
+        "nvidia-ml-py>=12",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
+        "dev": ["ruff>=0.5"],
+    },
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
