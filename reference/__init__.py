@@ -1,1 +1,20 @@
-"""moela.reference."""
+"""moela.reference: the pure-PyTorch ground truth (no Triton import).
+
+Readable definitions of every op and layer; kernels, tests and benchmarks import them.
+"""
+
+from .config import PRESETS, ModelArgs, load_config
+from .dispatch import RoutingPlan, make_routing, max_rows, permute, unpermute
+from .fp8 import FP8_DTYPE, FP8_MAX, dequant, fp8_gemm, fp8_grouped_gemm, quant_act, quant_weight
+from .grouped_gemm import grouped_gemm
+from .metrics import calc_diff, cosine_diff
+from .moe import MLP, Gate, MoE, gate, route, swiglu
+
+__all__ = [
+    "ModelArgs", "PRESETS", "load_config",
+    "Gate", "MLP", "MoE", "gate", "route", "swiglu",
+    "RoutingPlan", "make_routing", "max_rows", "permute", "unpermute",
+    "grouped_gemm",
+    "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm",
+    "calc_diff", "cosine_diff",
+]

@@ -1,0 +1,66 @@
+"""Argument checks shared by the references and the kernel launchers.
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong rank, shape,
+device or value) naming the argument, what was expected and what was given. None of them
+reads tensor values, so they never synchronise with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+INT_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank, dtype and shape (``None`` = any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.ndim not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {t.dtype}")
+    if shape is not None:
+        if t.ndim != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors live on one device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n}: expected device {first.device} (that of {first_name}), got {t.device}")
+
+
+def check_positive_int(name: str, v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return v
+
+
+def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the accumulator of every reference)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

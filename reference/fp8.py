@@ -1,0 +1,195 @@
+"""DeepSeek-V3's FP8 recipe: block quantization and block-scaled GEMMs.
+
+Legend: M rows, N output features, K reduction dim, E experts, B block size (128).
+
+- Values are float8 e4m3 (``torch.float8_e4m3fn``, finite max 448).
+- Scales are float32 with ``x ≈ fp8 · scale``: ``scale = max(amax, 1e-4) / 448`` where amax is
+  the block's max |x|; with ``scale_fmt="ue8m0"`` the scale is rounded *up* to a power of two
+  (``2**ceil(log2(scale))``), so it fits an 8-bit exponent and never overflows e4m3.
+- ``fp8 = saturate(x / scale)``: a division, then round-to-nearest-even into e4m3, clamped to
+  ±448 (the NVIDIA conversion saturates; NaN stays NaN).
+- Activations: one scale per 1×B slice of the last dim -> ``scale (..., ceil(K/B))``.
+- Weights: one scale per B×B block -> ``scale (..., ceil(N/B), ceil(K/B))``.
+  Partial edge blocks are allowed and take the amax of the elements they hold.
+- GEMM: each B-wide K block is multiplied exactly in float32, scaled by ``a_s · b_s`` and added
+  to a float32 accumulator (DeepSeek's per-128 "promotion"), then cast to ``out_dtype``.
+
+Special values: a zero block gets the finite scale 1e-4/448 and zero values. A block with NaN
+gets a NaN scale; a block with ±inf gets an inf scale and NaN at the inf (inf/inf), zeros
+elsewhere: dequantizing any of them gives NaN, never a silent finite number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, INT_DTYPES, check_positive_int, check_same_device, check_tensor
+from .grouped_gemm import check_offsets
+
+__all__ = [
+    "FP8_DTYPE", "FP8_MAX", "AMAX_FLOOR", "block_scale", "quant_act", "quant_weight", "dequant",
+    "fp8_gemm", "fp8_grouped_gemm",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+SCALE_FMTS = (None, "ue8m0")
+
+
+def block_scale(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """float32 scale of a block from its float32 amax (see the module docstring)."""
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
+    scale = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale
+
+
+def _to_fp8(y: torch.Tensor) -> torch.Tensor:
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _pad_to(x: torch.Tensor, dim: int, block: int) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` (negative) to a multiple of ``block``."""
+    pad = -x.shape[dim] % block
+    if pad == 0:
+        return x
+    spec = [0, 0] * (-dim - 1) + [0, pad]
+    return F.pad(x, spec)
+
+
+def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """1×block quantization along the last dim: ``x (..., K) -> (fp8 (..., K), scale (..., ceil(K/B)))``."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_positive_int("block", block)
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    K = x.shape[-1]
+    xb = _pad_to(x.float(), -1, block).unflatten(-1, (-1, block))  # (..., Kb, B)
+    scale = block_scale(xb.abs().amax(dim=-1), scale_fmt)  # (..., Kb)
+    y = (xb / scale.unsqueeze(-1)).flatten(-2)[..., :K]
+    return _to_fp8(y), scale
+
+
+def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """block×block quantization: ``w (..., N, K) -> (fp8, scale (..., ceil(N/B), ceil(K/B)))``.
+
+    Works on one weight (N, K) and on stacked expert weights (E, N, K).
+    """
+    check_tensor("w", w, dtypes=FLOAT_DTYPES)
+    check_positive_int("block", block)
+    if w.ndim < 2:
+        raise ValueError(f"w: expected at least 2 dimensions (..., N, K), got shape {tuple(w.shape)}")
+    N, K = w.shape[-2:]
+    wb = _pad_to(_pad_to(w.float(), -1, block), -2, block)
+    wb = wb.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # (..., Nb, B, Kb, B)
+    scale = block_scale(wb.abs().amax(dim=(-3, -1)), scale_fmt)  # (..., Nb, Kb)
+    y = wb / scale[..., :, None, :, None]
+    y = y.flatten(-2).flatten(-3, -2)[..., :N, :K]
+    return _to_fp8(y), scale
+
+
+def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int, name: str) -> torch.Tensor:
+    """Broadcast a block scale to ``shape``: each dim is either full size or ceil(size/block)."""
+    if scale.ndim != len(shape):
+        raise ValueError(f"{name}: expected {len(shape)} dims to match the values {tuple(shape)}, "
+                         f"got shape {tuple(scale.shape)}")
+    for d, (s, n) in enumerate(zip(scale.shape, shape)):
+        if s == n:
+            continue
+        if s != math.ceil(n / block):
+            raise ValueError(f"{name}: dim {d} has {s} entries; expected {n} or ceil({n}/{block})="
+                             f"{math.ceil(n / block)} for values of shape {tuple(shape)}")
+        scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, n)
+    return scale
+
+
+def dequant(x: torch.Tensor, scale: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x.float() * scale`` with the scale broadcast over its blocks (activation or weight layout)."""
+    check_tensor("x", x, dtypes=(FP8_DTYPE,))
+    check_tensor("scale", scale, dtypes=(torch.float32,))
+    check_positive_int("block", block)
+    return (x.float() * _expand_scale(scale, x.shape, block, "scale")).to(out_dtype)
+
+
+def _check_gemm_operands(a, a_s, b, b_s, block):
+    check_tensor("a", a, ndim=2, dtypes=(FP8_DTYPE,))
+    check_tensor("b", b, ndim=2, dtypes=(FP8_DTYPE,))
+    M, K = a.shape
+    N = b.shape[0]
+    Kb = math.ceil(K / block)
+    if b.shape[1] != K:
+        raise ValueError(f"b: expected K={K} columns to match a {tuple(a.shape)}, got shape {tuple(b.shape)}")
+    check_tensor("a_s", a_s, dtypes=(torch.float32,), shape=(M, Kb))
+    check_tensor("b_s", b_s, dtypes=(torch.float32,), shape=(math.ceil(N / block), Kb))
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """``a · bᵀ`` with block scales and per-block float32 promotion.
+
+    Args:
+        a: (M, K) e4m3, a_s: (M, ceil(K/B)) float32 (1×B scales).
+        b: (N, K) e4m3, b_s: (ceil(N/B), ceil(K/B)) float32 (B×B scales).
+    Returns:
+        (M, N) in out_dtype.
+    """
+    _check_gemm_operands(a, a_s, b, b_s, block)
+    check_same_device(a=a, a_s=a_s, b=b, b_s=b_s)
+    M, K = a.shape
+    N = b.shape[0]
+    b_s_rows = b_s.repeat_interleave(block, dim=0)[:N]  # (N, Kb): each row's scale per K block
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    for kb, k0 in enumerate(range(0, K, block)):
+        partial = a[:, k0:k0 + block].float() @ b[:, k0:k0 + block].float().T  # exact fp32 products
+        acc += partial * a_s[:, kb, None] * b_s_rows[None, :, kb]
+    return acc.to(out_dtype)
+
+
+def fp8_grouped_gemm(
+    xs: torch.Tensor,
+    xs_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """The grouped expert GEMM in FP8: rows ``offsets[e-1]:offsets[e]`` use ``w[e]``.
+
+    Args:
+        xs: (M, K) e4m3, xs_s: (M, ceil(K/B)) float32.
+        w: (E, N, K) e4m3, w_s: (E, ceil(N/B), ceil(K/B)) float32.
+        offsets: (E,) int32/int64 cumulative row ends.
+    Returns:
+        (M, N) in out_dtype; rows past offsets[E-1] are zero.
+    """
+    check_tensor("xs", xs, ndim=2, dtypes=(FP8_DTYPE,))
+    check_tensor("w", w, ndim=3, dtypes=(FP8_DTYPE,))
+    E, N, K = w.shape
+    M, Kb = xs.shape[0], math.ceil(K / block)
+    if xs.shape[1] != K:
+        raise ValueError(f"xs: expected K={K} columns (w is {tuple(w.shape)}), got shape {tuple(xs.shape)}")
+    check_tensor("xs_s", xs_s, dtypes=(torch.float32,), shape=(M, Kb))
+    check_tensor("w_s", w_s, dtypes=(torch.float32,), shape=(E, math.ceil(N / block), Kb))
+    check_tensor("offsets", offsets, dtypes=INT_DTYPES, shape=(E,))
+    check_same_device(xs=xs, xs_s=xs_s, w=w, w_s=w_s, offsets=offsets)
+    check_offsets(offsets, xs.shape[0])
+    out = torch.zeros(xs.shape[0], N, dtype=out_dtype, device=xs.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = fp8_gemm(xs[start:end], xs_s[start:end], w[e], w_s[e], out_dtype, block)
+        start = end
+    return out

@@ -1,0 +1,51 @@
+"""Grouped expert GEMM: each group of rows multiplies its own expert's weight.
+
+Legend: M rows (grouped by expert), K input features, N output features, E experts.
+Weights follow ``F.linear``: ``w[e]`` is (N, K) and rows of group e compute ``x · w[e]ᵀ``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import FLOAT_DTYPES, INT_DTYPES, accumulate_dtype, check_same_device, check_tensor
+
+__all__ = ["grouped_gemm", "check_offsets"]
+
+
+def check_offsets(offsets: torch.Tensor, num_rows: int) -> None:
+    """Value check (synchronises): offsets are non-negative, non-decreasing and end <= num_rows."""
+    o = offsets.long().cpu()
+    if o.numel() and (o[0] < 0 or bool((o[1:] < o[:-1]).any()) or o[-1] > num_rows):
+        raise ValueError(
+            f"offsets: expected non-decreasing cumulative row ends in [0, {num_rows}], got {o.tolist()}"
+        )
+
+
+def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out[r] = xs[r] · w[e]ᵀ`` for rows ``offsets[e-1] <= r < offsets[e]`` (offsets[-1] := 0).
+
+    Args:
+        xs: (M, K) rows grouped by expert; fp16/bf16/fp32/fp64.
+        w: (E, N, K) expert weights, same dtype as xs.
+        offsets: (E,) int32/int64 cumulative row ends; empty groups repeat the previous end.
+    Returns:
+        (M, N) in xs.dtype, accumulated in float32 (float64 for float64). Rows at or past
+        ``offsets[E-1]`` belong to no group and are zero.
+    """
+    check_tensor("xs", xs, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w", w, ndim=3, dtypes=(xs.dtype,))
+    E, N, K = w.shape
+    if xs.shape[1] != K:
+        raise ValueError(f"xs: expected K={K} columns (w is {tuple(w.shape)}), got shape {tuple(xs.shape)}")
+    check_tensor("offsets", offsets, dtypes=INT_DTYPES, shape=(E,))
+    check_same_device(xs=xs, w=w, offsets=offsets)
+    check_offsets(offsets, xs.shape[0])
+
+    acc = accumulate_dtype(xs.dtype)
+    out = torch.zeros(xs.shape[0], N, dtype=xs.dtype, device=xs.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = (xs[start:end].to(acc) @ w[e].to(acc).T).to(xs.dtype)
+        start = end
+    return out
