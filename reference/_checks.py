@@ -38,7 +38,7 @@ def check_tensor(
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {t.dtype}")
     if shape is not None:
-        if t.ndim != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape)):
+        if t.ndim != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape, strict=True)):
             want = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
             raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     return t

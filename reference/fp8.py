@@ -99,7 +99,7 @@ def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int, name: str)
     if scale.ndim != len(shape):
         raise ValueError(f"{name}: expected {len(shape)} dims to match the values {tuple(shape)}, "
                          f"got shape {tuple(scale.shape)}")
-    for d, (s, n) in enumerate(zip(scale.shape, shape)):
+    for d, (s, n) in enumerate(zip(scale.shape, shape, strict=True)):
         if s == n:
             continue
         if s != math.ceil(n / block):
@@ -109,7 +109,9 @@ def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int, name: str)
     return scale
 
 
-def dequant(x: torch.Tensor, scale: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequant(
+    x: torch.Tensor, scale: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``x.float() * scale`` with the scale broadcast over its blocks (activation or weight layout)."""
     check_tensor("x", x, dtypes=(FP8_DTYPE,))
     check_tensor("scale", scale, dtypes=(torch.float32,))

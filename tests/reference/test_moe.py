@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moela.reference import MoE, ModelArgs, grouped_gemm, make_routing, permute, route, swiglu, unpermute
+from moela.reference import ModelArgs, MoE, grouped_gemm, make_routing, permute, route, swiglu, unpermute
 
 
 def deepseek_gate(logits, bias, topk, n_groups, topk_groups, score_func, route_scale):

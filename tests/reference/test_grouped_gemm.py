@@ -1,0 +1,65 @@
+"""grouped_gemm reference: per-group matmul, empty groups, errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moela.reference import grouped_gemm
+
+
+def _offsets(sizes):
+    return torch.tensor(sizes).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 5, 1], [0, 0, 7], [7], [0, 4, 0], [2, 3, 5, 7, 11]],
+                         ids=["ragged", "leading-empty", "single", "middle-only", "prime"])
+def test_grouped_gemm_is_per_group_matmul(sizes):
+    E, N, K = len(sizes), 13, 17
+    M = sum(sizes) + 2  # two rows past the last group: they belong to no group
+    xs = torch.randn(M, K, dtype=torch.float64)
+    w = torch.randn(E, N, K, dtype=torch.float64)
+    out = grouped_gemm(xs, w, _offsets(sizes))
+    start = 0
+    for e, n in enumerate(sizes):
+        torch.testing.assert_close(out[start:start + n], xs[start:start + n] @ w[e].T, rtol=1e-14, atol=1e-14)
+        start += n
+    assert (out[start:] == 0).all()
+
+
+def test_grouped_gemm_empty_and_low_precision():
+    w = torch.randn(3, 4, 8, dtype=torch.bfloat16)
+    out = grouped_gemm(torch.empty(0, 8, dtype=torch.bfloat16), w, torch.zeros(3, dtype=torch.int32))
+    assert out.shape == (0, 4)
+    xs = torch.randn(6, 8, dtype=torch.bfloat16)
+    out = grouped_gemm(xs, w, _offsets([2, 2, 2]))
+    # float32 accumulation, one rounding to bf16 at the end
+    ref = (xs[2:4].float() @ w[1].float().T).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out[2:4], ref)
+
+
+def test_grouped_gemm_rejects_bad_input():
+    xs, w, off = torch.randn(5, 8), torch.randn(2, 3, 8), _offsets([2, 3])
+    with pytest.raises(ValueError, match="xs"):
+        grouped_gemm(torch.randn(5, 7), w, off)
+    with pytest.raises(TypeError, match="w"):
+        grouped_gemm(xs, w.double(), off)
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_gemm(xs, w, _offsets([2, 3, 0]))
+    with pytest.raises(TypeError, match="offsets"):
+        grouped_gemm(xs, w, off.float())
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_gemm(xs, w, torch.tensor([3, 2], dtype=torch.int32))  # decreasing
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_gemm(xs, w, torch.tensor([2, 6], dtype=torch.int32))  # past M
+
+
+@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=9), N=st.integers(1, 20), K=st.integers(1, 20))
+def test_grouped_gemm_properties(sizes, N, K):
+    E, M = len(sizes), sum(sizes)
+    xs = torch.randn(M, K, dtype=torch.float64)
+    w = torch.randn(E, N, K, dtype=torch.float64)
+    out = grouped_gemm(xs, w, _offsets(sizes))
+    group = torch.repeat_interleave(torch.arange(E), torch.tensor(sizes))  # group of each row
+    expected = torch.einsum("mk,mnk->mn", xs, w[group])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
