@@ -22,8 +22,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 __all__ = ["ModelArgs", "PRESETS", "load_config"]
 
@@ -97,20 +98,20 @@ class ModelArgs:
         return scale
 
     # ----------------------------------------------------------------- constructors
-    def replace(self, **changes: Any) -> "ModelArgs":
+    def replace(self, **changes: Any) -> ModelArgs:
         """A copy with some fields changed (validated again)."""
         _check_known(changes, "ModelArgs.replace")
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelArgs":
+    def from_name(cls, name: str, **overrides: Any) -> ModelArgs:
         """A preset by name (see ``PRESETS``), optionally with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown config name {name!r}; expected one of {sorted(PRESETS)}")
         return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "ModelArgs":
+    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> ModelArgs:
         """From DeepSeek's ``ModelArgs`` keys, or from a Hugging Face DeepSeek config dict."""
         if not isinstance(d, Mapping):
             raise TypeError(f"config: expected a mapping, got {type(d).__name__}")
@@ -120,7 +121,7 @@ class ModelArgs:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> "ModelArgs":
+    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> ModelArgs:
         """Load one of DeepSeek's config JSON files as it is (or an HF ``config.json``)."""
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f), **overrides)
