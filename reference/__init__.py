@@ -8,6 +8,7 @@ from .dispatch import RoutingPlan, make_routing, max_rows, permute, unpermute
 from .fp8 import FP8_DTYPE, FP8_MAX, dequant, fp8_gemm, fp8_grouped_gemm, quant_act, quant_weight
 from .grouped_gemm import grouped_gemm
 from .metrics import calc_diff, cosine_diff
+from .mla import MLA, KVCache, RMSNorm, apply_rotary_emb, precompute_freqs_cis, rms_norm
 from .moe import MLP, Gate, MoE, gate, route, swiglu
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "RoutingPlan", "make_routing", "max_rows", "permute", "unpermute",
     "grouped_gemm",
     "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm",
+    "MLA", "KVCache", "RMSNorm", "rms_norm", "precompute_freqs_cis", "apply_rotary_emb",
     "calc_diff", "cosine_diff",
 ]

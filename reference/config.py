@@ -220,6 +220,14 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     d = {ours: hf[theirs] for theirs, ours in _HF_KEYS.items() if hf.get(theirs) is not None}
     d.setdefault("q_lora_rank", 0)  # HF writes null for "no q compression"
     rope = hf.get("rope_scaling") or {}
+    kind = rope.get("type", rope.get("rope_type", "yarn"))
+    if rope and kind != "yarn":
+        raise ValueError(f"rope_scaling: only YaRN is supported (DeepSeek's), got type {kind!r}")
+    # HF scales cos/sin by mscale/mscale_all_dim and the softmax by mscale_all_dim²; DeepSeek's
+    # ModelArgs has one mscale, which is right only when the two are equal (V2-Lite, V3).
+    if rope.get("mscale_all_dim") is not None and rope.get("mscale", rope["mscale_all_dim"]) != rope["mscale_all_dim"]:
+        raise ValueError(f"rope_scaling: mscale={rope['mscale']} != mscale_all_dim={rope['mscale_all_dim']} "
+                         "cannot be expressed with ModelArgs.mscale")
     d.update({ours: rope[theirs] for theirs, ours in _HF_ROPE_KEYS.items() if rope.get(theirs) is not None})
     if not rope:  # no YaRN: make max_seq_len <= original_seq_len
         d["original_seq_len"] = d["max_seq_len"] = hf.get("max_position_embeddings", 4096)

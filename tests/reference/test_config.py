@@ -115,3 +115,12 @@ def test_presets_are_frozen_and_replace_revalidates():
     assert tiny.replace(n_activated_experts=2).n_activated_experts == 2
     with pytest.raises(ValueError, match="n_activated_experts"):
         tiny.replace(n_activated_experts=100)
+
+
+def test_hf_rope_scaling_that_modelargs_cannot_express_is_refused():
+    linear = {**HF_V3, "rope_scaling": {**HF_V3["rope_scaling"], "type": "linear"}}
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ModelArgs.from_dict(linear)
+    split = {**HF_V3, "rope_scaling": {**HF_V3["rope_scaling"], "mscale": 0.707}}
+    with pytest.raises(ValueError, match="mscale_all_dim"):
+        ModelArgs.from_dict(split)
