@@ -55,10 +55,28 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{n}: expected device {first.device} (that of {first_name}), got {t.device}")
 
 
+def check_int(name: str, v: object, minimum: int = 0) -> int:
+    """An int (not a bool) >= ``minimum``: TypeError for other types, ValueError below the minimum."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
+    if v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
 def check_positive_int(name: str, v: object) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
     return v
+
+
+def check_float_tensor(name: str, t: object) -> torch.Tensor:
+    """A tensor of any floating-point dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    return t
 
 
 def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:

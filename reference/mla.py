@@ -44,6 +44,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
+from ._checks import accumulate_dtype as _acc_dtype
+from ._checks import check_float_tensor as _check_float
+from ._checks import check_int as _check_int
 from .config import ModelArgs
 
 __all__ = [
@@ -58,27 +61,6 @@ __all__ = [
 ]
 
 ATTN_IMPLS = ("naive", "absorb")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types and float32, float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _check_float(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-    return t
-
-
-def _check_int(name: str, v: object, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {v!r} ({type(v).__name__})")
-    if v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
-    return v
 
 
 # --------------------------------------------------------------------------- RMSNorm
