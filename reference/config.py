@@ -6,8 +6,9 @@ so that DeepSeek's own config JSON files (``configs/config_671B.json``,
 ``config.json`` files of DeepSeek-V2/V3 (``hidden_size``, ``n_group``, ``rope_scaling``...)
 are recognised and translated too.
 
-Two fields are moela's own: ``gate_bias`` (DeepSeek decides it from ``dim == 7168``) and
-``scale_fmt`` (DeepSeek-V3.1's FP8 scale format, ``None`` or ``"ue8m0"``).
+Three fields are moela's own: ``gate_bias`` (DeepSeek decides it from ``dim == 7168``),
+``scale_fmt`` (DeepSeek-V3.1's FP8 scale format, ``None`` or ``"ue8m0"``) and ``backend``
+(which implementation ``moela.model`` runs). ``dtype`` ("bf16" or "fp8") is the weights' precision.
 
 Example::
 
@@ -67,6 +68,7 @@ class ModelArgs:
     # moela's own
     scale_fmt: str | None = None
     gate_bias: bool | None = None  # None: DeepSeek's rule, a bias iff dim == 7168
+    backend: str = "auto"  # moela.model: "auto" (Triton on CUDA, reference elsewhere), "triton", "reference"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -176,6 +178,8 @@ def _validate(a: ModelArgs) -> None:
         _fail("score_func", f"expected 'softmax' or 'sigmoid', got {a.score_func!r}")
     if a.scale_fmt not in (None, "ue8m0"):
         _fail("scale_fmt", f"expected None or 'ue8m0', got {a.scale_fmt!r}")
+    if a.backend not in ("auto", "triton", "reference"):
+        _fail("backend", f"expected 'auto', 'triton' or 'reference', got {a.backend!r}")
     if a.gate_bias not in (None, True, False):
         _fail("gate_bias", f"expected None, True or False, got {a.gate_bias!r}")
     if a.n_dense_layers > a.n_layers:

@@ -88,6 +88,7 @@ def test_hf_config_translates():
         ({"route_scale": float("nan")}, "route_scale"),
         ({"dtype": "fp16"}, "dtype"),
         ({"scale_fmt": "e8m0"}, "scale_fmt"),
+        ({"backend": "cuda"}, "backend"),
         ({"n_dense_layers": 3}, "n_dense_layers"),
         ({"q_lora_rank": -1}, "q_lora_rank"),
         ({"n_routed_experts": 4, "n_expert_groups": 4, "n_limited_groups": 4}, "n_expert_groups"),
