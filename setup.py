@@ -27,6 +27,7 @@ setup(
         "einops>=0.7",
         "numpy",
         "nvidia-ml-py>=12",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
