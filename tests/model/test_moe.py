@@ -1,0 +1,123 @@
+"""moela.model.MoE against moela.reference.MoE: same weights, same numbers, same gradients."""
+
+import pytest
+import torch
+
+from moela.model.moe import MoE, sequence_balance_loss
+from moela.reference import ModelArgs, calc_diff
+from moela.reference import MoE as RefMoE
+
+
+def _pair(dtype=torch.float64, **overrides):
+    args = ModelArgs.from_name("tiny", backend="reference", **overrides)
+    ref = RefMoE(args).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    model = MoE(args).to(dtype)
+    model.load_state_dict(ref.state_dict())
+    return ref, model
+
+
+def test_state_dict_speaks_deepseek_names():
+    ref, model = _pair()
+    assert set(model.state_dict()) == set(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k].to(v.dtype), v), k
+    assert model.w13.shape == (16, 64, 64) and model.w2.shape == (16, 64, 32)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"score_func": "softmax", "n_expert_groups": 1, "n_limited_groups": 1,
+                                            "gate_bias": False}, {"n_shared_experts": 0}],
+                         ids=["v3-like", "v2-lite-like", "no-shared"])
+def test_forward_and_gradients_match_the_reference_float64(overrides):
+    ref, model = _pair(**overrides)
+    x = torch.randn(2, 11, 64, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref, y = ref(x), model(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    y_ref.backward(dy)
+    y.backward(dy)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-11, atol=1e-11)
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    E, I = len(ref.experts), ref.args.moe_inter_dim
+    def grad(p):  # experts no token chose get no gradient in the loop: zeros in the stacked layout
+        return torch.zeros_like(p) if p.grad is None else p.grad
+
+    w1 = torch.stack([grad(e.w1.weight) for e in ref.experts])
+    w3 = torch.stack([grad(e.w3.weight) for e in ref.experts])
+    w2 = torch.stack([grad(e.w2.weight) for e in ref.experts])
+    torch.testing.assert_close(grads["w13"], torch.cat([w1, w3], 1), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(grads["w2"], w2, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(grads["gate.weight"], ref.gate.weight.grad, rtol=1e-10, atol=1e-11)
+    assert grads["w13"].shape == (E, 2 * I, 64)
+
+
+def test_bf16_forward_is_as_close_as_the_reference_is():
+    ref64, model64 = _pair()
+    ref16, model16 = _pair(torch.bfloat16)
+    ref16.load_state_dict(ref64.state_dict())
+    model16.load_state_dict(ref64.state_dict())
+    x = torch.randn(40, 64, dtype=torch.float64)
+    with torch.no_grad():
+        exact = ref64(x)
+        err_ref = (ref16(x.bfloat16()).double() - exact).abs().max()
+        err = (model16(x.bfloat16()).double() - exact).abs().max()
+    assert err <= 2 * err_ref, (err, err_ref)
+
+
+def test_fp8_experts_load_quantized_checkpoints_and_stay_close():
+    args = ModelArgs.from_name("tiny", backend="reference", dtype="fp8", dim=128, moe_inter_dim=128)
+    model = MoE(args)
+    model.shared_experts.bfloat16()
+    assert model.w13.dtype == torch.float8_e4m3fn and model.w13_scale_inv.shape == (16, 2, 1)
+    sd = model.state_dict()
+    assert sd["experts.3.w1.weight"].dtype == torch.float8_e4m3fn
+    assert sd["experts.3.w1.weight_scale_inv"].shape == (1, 1)
+    again = MoE(args)
+    again.load_state_dict(sd)
+    assert torch.equal(again.w13.view(torch.uint8), model.w13.view(torch.uint8))
+    # against a bf16-weight layer holding the dequantized weights
+    bf16 = MoE(args.replace(dtype="bf16")).to(torch.float32)
+    from moela.reference import dequant
+    with torch.no_grad():
+        bf16.w13.copy_(dequant(model.w13, model.w13_scale_inv))
+        bf16.w2.copy_(dequant(model.w2, model.w2_scale_inv))
+        bf16.gate.load_state_dict(model.gate.state_dict())
+        bf16.shared_experts.load_state_dict({k: v.float() for k, v in model.shared_experts.state_dict().items()})
+        x = torch.randn(32, 128)
+        assert calc_diff(model(x.bfloat16()).float(), bf16(x)) < 2e-3
+    with pytest.raises(ValueError, match="moe_inter_dim"):
+        MoE(ModelArgs.from_name("tiny", dtype="fp8"))
+
+
+def test_balancing_bias_update_and_sequence_loss():
+    _, model = _pair(torch.float32)
+    model.train()
+    x = torch.randn(2, 16, 64)
+    model(x)
+    load = model.expert_load.clone()
+    assert load.sum() == 2 * 16 * 4
+    before = model.gate.bias.clone()
+    model.update_gate_bias(0.01)
+    torch.testing.assert_close(model.gate.bias - before, 0.01 * torch.sign(load.mean() - load))
+    assert (model.expert_load == 0).all()
+    # the sequence-wise loss is minimal (= 1) for perfectly uniform scores and routing
+    args = model.args
+    logits = torch.zeros(8, 16)
+    ids = torch.arange(32).view(8, 4) % 16
+    torch.testing.assert_close(sequence_balance_loss(logits, ids, args, 8), torch.tensor(1.0))
+    model.seq_aux_alpha = 1e-3
+    model(x)
+    assert model.aux_loss is not None and model.aux_loss.requires_grad
+
+
+def test_bad_input_raises():
+    _, model = _pair(torch.float32)
+    with pytest.raises(ValueError, match="x: expected a last dim of 64"):
+        model(torch.randn(3, 63))
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        model(torch.randn(3, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="backend"):
+        MoE(ModelArgs.from_name("tiny").replace(backend="cuda"))
