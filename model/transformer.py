@@ -1,0 +1,61 @@
+"""A small DeepSeek-V3-style Transformer for end-to-end checks: embed -> blocks -> norm -> head.
+
+Names follow DeepSeek's checkpoints (``embed``, ``layers.N.attn_norm``, ``layers.N.attn``,
+``layers.N.ffn_norm``, ``layers.N.ffn``, ``norm``, ``head``): the first ``n_dense_layers``
+blocks use a dense SwiGLU MLP of width ``inter_dim``, the others the MoE layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moela.reference import MLA, MLP, KVCache, ModelArgs, RMSNorm
+
+from .moe import MoE
+
+__all__ = ["Block", "Transformer"]
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, attn_impl: str = "absorb"):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(args.dim)
+        self.attn = MLA(args, attn_impl)
+        self.ffn_norm = RMSNorm(args.dim)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start_pos, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """``Transformer(args)(tokens (B, S) int, start_pos=0, caches=None) -> logits (B, S, vocab)``."""
+
+    def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args, attn_impl) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def new_caches(self, batch: int, max_seq_len: int | None = None) -> list[KVCache]:
+        """One KV cache per layer, in the layers' form, dtype and device."""
+        return [layer.attn.new_cache(batch, max_seq_len) for layer in self.layers]
+
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens: expected a (B, S) int32/int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"caches: expected {len(self.layers)} caches (one per layer), got {len(caches)}")
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, None if caches is None else caches[i])
+        return self.head(self.norm(h))
