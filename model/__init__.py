@@ -1,1 +1,17 @@
-"""moela.model."""
+"""moela.model: drop-in nn.Modules built from the contract ops.
+
+Each module takes a :class:`moela.reference.ModelArgs` whose ``backend`` picks the Triton
+kernels ("triton", or "auto" on CUDA) or the PyTorch references ("reference", or "auto" on
+CPU), and whose ``dtype`` picks bf16 or fp8 expert weights. ``state_dict()`` keys are
+DeepSeek's; Hugging Face names load through :func:`load_checkpoint`.
+"""
+
+from .backend import BACKENDS, ops_for
+from .checkpoint import CheckpointKeyError, load_checkpoint, save_checkpoint
+from .moe import Gate, MoE, sequence_balance_loss
+from .transformer import Block, Transformer
+
+__all__ = [
+    "BACKENDS", "ops_for", "CheckpointKeyError", "load_checkpoint", "save_checkpoint",
+    "Gate", "MoE", "sequence_balance_loss", "Block", "Transformer",
+]
