@@ -1,0 +1,489 @@
+"""Grouped expert GEMM in Triton: each group of rows multiplies its own expert's weight.
+
+Legend: M rows (grouped by expert, ``xs``), K input features, N output features, E experts,
+``offsets (E,)`` cumulative row ends (group e owns rows ``[offsets[e-1], offsets[e])``,
+``offsets[-1] := 0``). Rows at or past ``offsets[E-1]`` belong to no group: their output is 0.
+
+    out[r] = xs[r] · w[e]ᵀ                   forward        (_grouped_gemm_fwd_kernel)
+    dX[r]  = dY[r] · w[e]                    backward dX    (the same kernel on w.transpose(1, 2))
+    dW[e]  = dY[rows of e]ᵀ · xs[rows of e]  backward dW    (_grouped_gemm_dw_kernel)
+
+Scheduling without a host sync. The forward grid is an upper bound on the M-tiles,
+``cdiv(M, BLOCK_M) + E`` (the E groups and the tail past ``offsets[E-1]`` each round up by at
+most one tile), times the N-tiles. Every program reads the E offsets from the device, counts
+the tiles of each group (``tl.cumsum``) and finds its (group, first row); tiles of the tail
+store zeros, tiles past the last one return at once. The grid depends on shapes only, so a
+launch can be captured in a CUDA graph and traced by ``torch.compile``. The dW grid is
+``E × N-tiles × K-tiles``; each program loops over its group's rows (zero rows: zero tile).
+
+Hopper tuning (reasoned for an H200; not measured, see below). Configs come from functions,
+keyed on N, K and the weight layout (never on M), pruned by shared memory (227 KB/SM):
+
+- prefill-like loads: 128×128 and 128×256 tiles with 64-wide K steps (a wgmma is issued by a
+  warpgroup on 64-row slices; 64 bf16 = 128 B rows for the 128 B swizzle), 3-4 stages,
+  GROUP_M = 8 swizzle so consecutive programs share weight tiles in L2;
+- decode-like loads (on average <= 16 rows per expert, judged from the shapes M and E): a
+  16-row M-tile, so each expert's weights are streamed once, with long K steps and 4-5 stages
+  to keep enough bytes in flight to be bound by HBM bandwidth (weights dominate the bytes).
+- The loads are pointer based (cp.async pipelining). TMA descriptors are not used: their gain
+  could not be measured here, ragged group ends would need per-group descriptors or masked
+  stores anyway, and pointer loads keep any stride (dX reads ``w`` transposed).
+
+Goals (``torch._grouped_mm`` parity, 85% of dense cuBLAS on 4×8192 n=4096 k=7168, dW at 80%
+of the forward, decode at 70% of copy bandwidth) are unmeasured: no GPU was available while
+this was written. ``MOELA_GROUPED_GEMM_FWD_CONFIG`` (``_DECODE_``, ``_DW_``) pins a config.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moela.reference._checks import INT_DTYPES, check_same_device, check_tensor
+from moela.reference.grouped_gemm import check_offsets
+
+from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+
+__all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "DECODE_ROWS_PER_EXPERT"]
+
+#: Input dtypes of the kernels (float32 accumulation for all).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: At most this many rows per expert on average (M <= this · E) selects the decode configs.
+DECODE_ROWS_PER_EXPERT = 16
+
+#: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
+_SMEM_BUDGET = 220 * 1024
+
+
+# ----------------------------------------------------------------------------------------
+# Configs (STYLE.md 6): from functions, keyed on N/K, one config under the interpreter.
+# ----------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int, group_name: str = "GROUP_M") -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, group_name: group},
+                         num_warps=warps, num_stages=stages)
+
+
+def _fwd_configs() -> list[triton.Config]:
+    """Prefill-like loads: wgmma-sized tiles. configs[0] is the default (and the interpreter's)."""
+    return [
+        _cfg(128, 128, 64, 8, 4, 4),  # 32 KB/stage; one warpgroup, 128 fp32 acc registers/thread
+        _cfg(128, 256, 64, 8, 8, 3),  # 48 KB/stage; two warpgroups, each 64×256
+        _cfg(256, 128, 64, 8, 8, 3),
+        _cfg(128, 128, 64, 8, 8, 4),
+        _cfg(128, 128, 128, 8, 8, 3),
+        _cfg(64, 128, 64, 8, 4, 4),  # small groups: less padding per group
+        _cfg(128, 64, 64, 8, 4, 4),  # small N
+        _cfg(64, 256, 64, 8, 4, 3),
+    ]
+
+
+def _fwd_decode_configs() -> list[triton.Config]:
+    """Decode-like loads (<= 16 rows per expert): weight streaming, deep pipelines."""
+    return [
+        _cfg(16, 64, 128, 8, 4, 4),  # 20 KB/stage
+        _cfg(16, 64, 256, 8, 4, 4),  # 40 KB/stage, 1 CTA/SM with 120 KB in flight
+        _cfg(16, 128, 128, 8, 4, 4),
+        _cfg(16, 32, 256, 8, 4, 4),  # more programs for small N
+        _cfg(16, 128, 256, 8, 8, 3),
+        _cfg(16, 64, 64, 8, 4, 6),
+    ]
+
+
+def _dw_configs() -> list[triton.Config]:
+    """dW tiles (BLOCK_N × BLOCK_K of w[e]), reducing over BLOCK_M rows per step."""
+    return [
+        _cfg(64, 128, 128, 8, 8, 4, "GROUP_N"),  # 32 KB/stage
+        _cfg(64, 128, 128, 8, 4, 4, "GROUP_N"),
+        _cfg(64, 128, 256, 8, 8, 3, "GROUP_N"),
+        _cfg(64, 256, 128, 8, 8, 3, "GROUP_N"),
+        _cfg(32, 128, 128, 8, 4, 5, "GROUP_N"),  # small groups
+        _cfg(64, 64, 128, 8, 4, 4, "GROUP_N"),
+    ]
+
+
+def _smem_pruner(reduce_dim: str, tile_dims: tuple[str, str]):
+    """early_config_prune: drop configs whose pipeline buffers exceed the shared-memory budget."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        size = named_args["x_ptr"].element_size()
+
+        def smem(c: triton.Config) -> int:
+            k = c.kwargs
+            return c.num_stages * k[reduce_dim] * (k[tile_dims[0]] + k[tile_dims[1]]) * size
+
+        kept = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+        return kept or [min(configs, key=smem)]
+
+    return prune
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_rows(offsets_ptr, e, M):
+    """Rows [start, end) of group e, clamped into [0, M] (bad offsets never address memory)."""
+    end = tl.load(offsets_ptr + e).to(tl.int32)
+    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
+    end = tl.minimum(tl.maximum(end, 0), M)
+    start = tl.minimum(tl.maximum(start, 0), M)
+    return start, tl.maximum(end, start)
+
+
+@triton.jit
+def _locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Virtual M-tile -> (group, first row, end row of the group).
+
+    Tiles are numbered group by group (cdiv(rows, BLOCK_M) each), then the tail
+    [offsets[E-1], M), which gets group = E. first row >= end row: nothing to do.
+    """
+    e = tl.arange(0, BLOCK_E)
+    in_range = e < E
+    ends = tl.load(offsets_ptr + e, mask=in_range, other=0).to(tl.int32)
+    starts = tl.load(offsets_ptr + e - 1, mask=in_range & (e > 0), other=0).to(tl.int32)
+    ends = tl.minimum(tl.maximum(ends, 0), M)
+    starts = tl.minimum(tl.maximum(starts, 0), M)
+    tiles = (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M  # 0 for e >= E
+    cum = tl.cumsum(tiles, 0)  # inclusive
+    group = tl.sum((cum <= tile_m).to(tl.int32), 0)  # first group whose tiles reach past tile_m
+    before = tl.sum(tl.where(e < group, tiles, 0), 0)  # tiles of the groups before it
+    start = tl.sum(tl.where(e == group, starts, 0), 0)
+    end = tl.sum(tl.where(e == group, ends, 0), 0)
+    is_tail = group >= E
+    tail_start = tl.sum(tl.where(e == E - 1, ends, 0), 0)  # offsets[E-1] (0 when E == 0)
+    start = tl.where(is_tail, tail_start, start)
+    end = tl.where(is_tail, M, end)
+    group = tl.where(is_tail, E, group)
+    return group, start + (tile_m - before) * BLOCK_M, end
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_gemm_fwd_kernel(
+    x_ptr, w_ptr, offsets_ptr, out_ptr,
+    M, N, K, E,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[r, :] = x[r, :] · w[e]ᵀ for the rows r of group e; zeros past offsets[E-1].
+
+    grid: ((cdiv(M, BLOCK_M) + E) * cdiv(N, BLOCK_N),). Each program owns one BLOCK_M × BLOCK_N
+    output tile of one group (M-tiles never straddle groups) and loops over K.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M) + E
+    # GROUP_M swizzle: GROUP_M consecutive M-tiles (mostly of one expert) walk the N-tiles
+    # together, so a weight tile is read from HBM once and served from L2 to the others.
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    group, row_start, row_end = _locate_m_tile(offsets_ptr, pid_m, M, E, BLOCK_M, BLOCK_E)
+    if row_start >= row_end:
+        return
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    out_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+    if group >= E:  # the tail: rows of no group are zero
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=out_mask)
+        return
+
+    # Rows past the group's end and columns past N are read from valid addresses (wrapped)
+    # and never stored: out[r, n] depends on x[r] and w[e, n] only, so no masks are needed
+    # on them. Only the K tail is masked (with zeros), when K is not a multiple of BLOCK_K.
+    rows = tl.where(offs_m < M, offs_m, M - 1).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + group.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_gemm_dw_kernel(
+    x_ptr, dy_ptr, offsets_ptr, dw_ptr,
+    M, N, K, E,
+    stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dw[e] = dy[rows of e]ᵀ · x[rows of e] (zeros for an empty group).
+
+    grid: (E * cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K),). Programs are ordered expert by expert;
+    each owns one BLOCK_N × BLOCK_K tile of dw[e] and reduces over the group's rows,
+    BLOCK_M at a time. Within an expert a GROUP_N swizzle keeps the dy and x slabs in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    tiles = num_pid_n * num_pid_k
+    e = pid // tiles
+    local = pid % tiles
+    width = GROUP_N * num_pid_k
+    first_n = (local // width) * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (local % width) % group_size
+    pid_k = (local % width) // group_size
+
+    start, end = _group_rows(offsets_ptr, e, M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Columns past N / K only feed outputs that are never stored: wrap them, no masks.
+    cols_n = (offs_n % N).to(tl.int64)
+    cols_k = (offs_k % K).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        # The rows are the reduction: both operands are zero outside the group (a row of
+        # another group may hold inf, and inf · 0 would poison the sum).
+        in_group = (offs_m < end)[:, None]
+        rows = offs_m.to(tl.int64)[:, None]
+        dy = tl.load(dy_ptr + rows * stride_dym + cols_n[None, :] * stride_dyn, mask=in_group, other=0.0)
+        x = tl.load(x_ptr + rows * stride_xm + cols_k[None, :] * stride_xk, mask=in_group, other=0.0)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+    dw_ptrs = dw_ptr + e.to(tl.int64) * stride_dwe
+    dw_ptrs += offs_n[:, None].to(tl.int64) * stride_dwn + offs_k[None, :] * stride_dwk
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+_fwd_heuristic = _even_k(_grouped_gemm_fwd_kernel)  # untuned: launched with an explicit config
+_FWD_KEY = ["N", "K", "stride_wk"]  # stride_wk: w read as stored (forward) or transposed (dX)
+_fwd_tuned = triton.autotune(
+    autotune_configs("grouped_gemm_fwd", _fwd_configs()), key=_FWD_KEY,
+    prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"))},
+)(_fwd_heuristic)
+_fwd_decode_tuned = triton.autotune(
+    autotune_configs("grouped_gemm_fwd_decode", _fwd_decode_configs()), key=_FWD_KEY,
+    prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"))},
+)(_fwd_heuristic)
+_dw_tuned = triton.autotune(
+    autotune_configs("grouped_gemm_dw", _dw_configs()), key=["N", "K"],
+    prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", ("BLOCK_N", "BLOCK_K"))},
+)(_grouped_gemm_dw_kernel)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch: TF32 tensor cores only where torch allows them for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # Triton's default; ignored for 16-bit inputs
+
+
+def _check_offsets_arg(offsets: object, E: int, device: torch.device) -> None:
+    check_tensor("offsets", offsets, dtypes=INT_DTYPES, shape=(E,))
+    if offsets.device != device:
+        raise ValueError(f"offsets: expected device {device} (that of xs), got {offsets.device}")
+
+
+def _check_inputs(xs: object, w: object, offsets: object) -> None:
+    """Shapes, dtypes and devices of (xs (M, K), w (E, N, K), offsets (E,)); reads no values."""
+    check_tensor("xs", xs, ndim=2, dtypes=KERNEL_DTYPES)
+    check_tensor("w", w, ndim=3, dtypes=(xs.dtype,))
+    E, N, K = w.shape
+    if xs.shape[1] != K:
+        raise ValueError(f"xs: expected K={K} columns (w is {tuple(w.shape)}), got shape {tuple(xs.shape)}")
+    check_same_device(xs=xs, w=w)
+    _check_offsets_arg(offsets, E, xs.device)
+    check_kernel_device("xs", xs)
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> None:
+    check_tensor("out", out, dtypes=(like.dtype,), shape=shape)
+    if out.device != like.device:
+        raise ValueError(f"out: expected device {like.device}, got {out.device}")
+
+
+def _launch_config(config: triton.Config | None) -> dict:
+    return {} if config is None else config.all_kwargs()
+
+
+def grouped_gemm_fwd(
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    validate: bool = False,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel: ``out[r] = xs[r] · w[e]ᵀ``, zeros past ``offsets[E-1]``.
+
+    Args:
+        xs: (M, K) fp16/bf16/fp32, any strides.
+        w: (E, N, K) same dtype, any strides (dX passes ``w.transpose(1, 2)``).
+        offsets: (E,) int32/int64 cumulative row ends, on xs's device.
+        out: optional (M, N) buffer of xs's dtype; every element is written.
+        validate: also check the offsets' values (synchronises with the device).
+        config: launch with these block sizes instead of the autotuned ones (tests, sweeps).
+    """
+    _check_inputs(xs, w, offsets)
+    M, K = xs.shape
+    E, N, _ = w.shape
+    if validate:
+        check_offsets(offsets, M)
+    if out is None:
+        out = torch.empty(M, N, dtype=xs.dtype, device=xs.device)
+    else:
+        _check_out(out, (M, N), xs)
+    if M == 0 or N == 0:
+        return out
+    if config is not None:
+        kernel = _fwd_heuristic
+    elif M <= DECODE_ROWS_PER_EXPERT * max(E, 1):
+        kernel = _fwd_decode_tuned
+    else:
+        kernel = _fwd_tuned
+
+    def grid(meta: dict) -> tuple[int]:
+        return ((cdiv(M, meta["BLOCK_M"]) + E) * cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        xs, w, offsets, out, M, N, K, E,
+        xs.stride(0), xs.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        BLOCK_E=next_power_of_2(E), DOT_PRECISION=_dot_precision(xs.dtype), **_launch_config(config),
+    )
+    return out
+
+
+def grouped_gemm_dw(
+    xs: torch.Tensor,
+    dy: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Launch the dW kernel: ``dw[e] = dy[rows of e]ᵀ · xs[rows of e]`` -> (E, N, K) in xs's dtype.
+
+    Args:
+        xs: (M, K) fp16/bf16/fp32; dy: (M, N) same dtype; offsets: (E,) int32/int64.
+        out: optional (E, N, K) buffer; every element is written (empty groups: zeros).
+        config: launch with these block sizes instead of the autotuned ones.
+    """
+    check_tensor("xs", xs, ndim=2, dtypes=KERNEL_DTYPES)
+    check_tensor("dy", dy, ndim=2, dtypes=(xs.dtype,))
+    if dy.shape[0] != xs.shape[0]:
+        raise ValueError(f"dy: expected {xs.shape[0]} rows (those of xs), got shape {tuple(dy.shape)}")
+    check_same_device(xs=xs, dy=dy)
+    check_tensor("offsets", offsets, ndim=1, dtypes=INT_DTYPES)
+    _check_offsets_arg(offsets, offsets.shape[0], xs.device)
+    check_kernel_device("xs", xs)
+    M, K = xs.shape
+    N, E = dy.shape[1], offsets.shape[0]
+    if out is None:
+        out = torch.empty(E, N, K, dtype=xs.dtype, device=xs.device)
+    else:
+        _check_out(out, (E, N, K), xs)
+    if out.numel() == 0:
+        return out
+    kernel = _dw_tuned if config is None else _grouped_gemm_dw_kernel
+
+    def grid(meta: dict) -> tuple[int]:
+        return (E * cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),)
+
+    kernel[grid](
+        xs, dy, offsets, out, M, N, K, E,
+        xs.stride(0), xs.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        DOT_PRECISION=_dot_precision(xs.dtype), **_launch_config(config),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The public ops (torch.library): eager, autograd and torch.compile(fullgraph=True)
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moela::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, validate: bool = False) -> torch.Tensor:
+    return grouped_gemm_fwd(xs, w, offsets, validate=validate)
+
+
+@_grouped_gemm_op.register_fake
+def _(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, validate: bool = False) -> torch.Tensor:
+    _check_inputs(xs, w, offsets)
+    return xs.new_empty(xs.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moela::grouped_gemm_dw", mutates_args=())
+def _grouped_gemm_dw_op(xs: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return grouped_gemm_dw(xs, dy, offsets)
+
+
+@_grouped_gemm_dw_op.register_fake
+def _(xs: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return xs.new_empty(offsets.shape[0], dy.shape[1], xs.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    xs, w, offsets, _ = inputs
+    ctx.save_for_backward(xs, w, offsets)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    xs, w, offsets = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:  # dX = dY · w[e]: the forward kernel reading w transposed
+        dx = _grouped_gemm_op(grad, w.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_gemm_dw_op(xs, grad, offsets)
+    return dx, dw, None, None
+
+
+_grouped_gemm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, validate: bool = False) -> torch.Tensor:
+    """``out[r] = xs[r] · w[e]ᵀ`` for rows ``offsets[e-1] <= r < offsets[e]`` (Triton, differentiable).
+
+    Same contract as ``moela.reference.grouped_gemm``, without a host sync.
+
+    Args:
+        xs: (M, K) rows grouped by expert; fp16/bf16/fp32, on CUDA (or CPU under the interpreter).
+        w: (E, N, K) expert weights (``F.linear`` layout), same dtype as xs.
+        offsets: (E,) int32/int64 cumulative row ends on xs's device; empty groups repeat the
+            previous end.
+        validate: also check that offsets are non-negative, non-decreasing and end <= M
+            (synchronises with the device; off in the fast path).
+    Returns:
+        (M, N) in xs.dtype, accumulated in float32; rows at or past ``offsets[E-1]`` are zero.
+        Gradients flow to xs and w (dX and dW kernels).
+
+    Example::
+
+        xs = torch.randn(10, 64, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(3, 32, 64, device="cuda", dtype=torch.bfloat16)
+        out = grouped_gemm(xs, w, torch.tensor([4, 4, 9], device="cuda", dtype=torch.int32))
+        # rows 0-3 use w[0], group 1 is empty, rows 4-8 use w[2], row 9 is zero
+    """
+    _check_inputs(xs, w, offsets)
+    return _grouped_gemm_op(xs, w, offsets, validate)

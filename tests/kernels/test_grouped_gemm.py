@@ -1,0 +1,346 @@
+"""kernels.grouped_gemm: forward, dX and dW against the reference; edge cases; checks; compile.
+
+CPU tests run the kernels through the Triton interpreter at small shapes, with the default
+configs (the ones the autotuner starts from) and with 16×16×16 blocks that give several
+tiles and K steps. Tolerances are derived (STYLE.md 9): the kernel's error against the
+float64 reference within 2× the error of the reference run in the inputs' dtype (float32
+accumulation and one rounding, what the kernel must match). The GPU tier runs DeepSeek shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moela_testing import assert_close_derived, nan_empty
+
+from moela import reference
+from moela.kernels.grouped_gemm import (
+    DECODE_ROWS_PER_EXPERT,
+    grouped_gemm,
+    grouped_gemm_dw,
+    grouped_gemm_fwd,
+)
+
+# triton 3.6's interpreter turns a runtime loop bound (here: group row ranges read from the
+# device) into a Python int through a 1-element array, which numpy 2.3 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPE_IDS = ["bf16", "fp16", "fp32"]
+SMALL = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=2)
+SMALL_DW = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_N": 2}, num_warps=4, num_stages=2)
+
+# (group sizes, rows past the last group, N, K); N, K primes or not multiples of the blocks.
+CASES = {
+    "ragged-tail": ([3, 0, 5, 1], 2, 13, 17),
+    "leading-empty": ([0, 0, 7], 0, 20, 33),
+    "single": ([19], 0, 16, 32),
+    "middle-only": ([0, 4, 0], 3, 13, 17),
+    "prime-E": ([2, 3, 5, 7, 11], 0, 13, 17),
+    "long-group": ([37, 2], 1, 31, 47),  # several M-tiles in one group
+    "all-empty": ([0, 0, 0], 5, 13, 17),  # every row is in the tail
+    "no-rows": ([0, 0], 0, 13, 17),  # M = 0
+}
+
+
+def _offsets(sizes, device) -> torch.Tensor:
+    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+def _inputs(sizes, tail, N, K, dtype, device):
+    M, E = sum(sizes) + tail, len(sizes)
+    xs = torch.randn(M, K, dtype=dtype, device=device)
+    w = torch.randn(E, N, K, dtype=dtype, device=device) * K**-0.5
+    return xs, w, _offsets(sizes, device)
+
+
+def _check_forward(out, xs, w, offsets, name="out"):
+    ref_hi = reference.grouped_gemm(xs.double(), w.double(), offsets)
+    ref_lo = reference.grouped_gemm(xs, w, offsets)
+    assert out.dtype == xs.dtype and out.shape == ref_hi.shape
+    assert_close_derived(out, ref_hi, ref_lo, name=name)
+    end = int(offsets[-1]) if offsets.numel() else 0
+    assert (out[end:] == 0).all(), "rows past offsets[-1] must be zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_small_blocks(case, dtype, device):
+    sizes, tail, N, K = CASES[case]
+    xs, w, offsets = _inputs(sizes, tail, N, K, dtype, device)
+    out = nan_empty((xs.shape[0], N), dtype, device)  # every element must be written
+    assert grouped_gemm_fwd(xs, w, offsets, out=out, config=SMALL) is out
+    _check_forward(out, xs, w, offsets)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "sizes, tail, N, K",
+    [
+        # decode-like (M <= 16·E): 16-row tiles, one group longer than a tile, 2 N-tiles, K tail
+        ([1, 0, 3, 20, 2, 0], 1, 70, 130),
+        # prefill-like: 128-row tiles, a group longer than a tile, K tail
+        ([40, 0, 150], 3, 13, 70),
+    ],
+    ids=["decode", "prefill"],
+)
+def test_forward_default_configs(sizes, tail, N, K, dtype, device, request):
+    xs, w, offsets = _inputs(sizes, tail, N, K, dtype, device)
+    decode = xs.shape[0] <= DECODE_ROWS_PER_EXPERT * len(sizes)
+    assert decode == ("decode" in request.node.callspec.id), "the case must take the path it is named after"
+    out = nan_empty((xs.shape[0], N), dtype, device)
+    grouped_gemm_fwd(xs, w, offsets, out=out)
+    _check_forward(out, xs, w, offsets)
+
+
+def test_strided_inputs_and_int64_offsets(device):
+    sizes, N, K = [5, 0, 12, 3], 21, 19
+    M, E = sum(sizes) + 2, len(sizes)
+    xs = torch.randn(K + 3, M, dtype=torch.bfloat16, device=device)[:K].T  # (M, K), column-major
+    w = torch.randn(E, K, N, dtype=torch.bfloat16, device=device).transpose(1, 2)  # (E, N, K), K-stride N
+    out = nan_empty((M, N + 4), torch.bfloat16, device)[:, 2 : N + 2]  # a strided output view
+    offsets = _offsets(sizes, device).long()
+    grouped_gemm_fwd(xs, w, offsets, out=out, config=SMALL)
+    _check_forward(out, xs, w, offsets)
+
+
+def test_public_op_and_validate(device):
+    xs, w, offsets = _inputs([4, 0, 9], 1, 24, 40, torch.bfloat16, device)
+    out = grouped_gemm(xs, w, offsets, validate=True)
+    _check_forward(out, xs, w, offsets)
+    assert torch.equal(torch.ops.moela.grouped_gemm(xs, w, offsets), out)
+
+
+@given(sizes=st.lists(st.integers(0, 20), min_size=1, max_size=6), tail=st.integers(0, 3),
+       N=st.integers(1, 40), K=st.integers(1, 40))
+@settings(max_examples=8)
+def test_forward_properties(sizes, tail, N, K):
+    xs, w, offsets = _inputs(sizes, tail, N, K, torch.bfloat16, "cuda" if torch.cuda.is_available() else "cpu")
+    out = grouped_gemm_fwd(xs, w, offsets, config=SMALL)
+    _check_forward(out, xs, w, offsets)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------
+
+
+def _reference_grads(xs, w, offsets, dy, dtype):
+    """(dX, dW) of the reference by autograd, its inputs cast to ``dtype``."""
+    x = xs.detach().to(dtype).requires_grad_()
+    ww = w.detach().to(dtype).requires_grad_()
+    reference.grouped_gemm(x, ww, offsets).backward(dy.to(dtype))
+    return x.grad, ww.grad
+
+
+def _check_grads(dx, dw, xs, w, offsets, dy, sizes):
+    dx_hi, dw_hi = _reference_grads(xs, w, offsets, dy, torch.float64)
+    dx_lo, dw_lo = _reference_grads(xs, w, offsets, dy, xs.dtype)
+    if dx is not None:
+        assert dx.dtype == xs.dtype
+        assert_close_derived(dx, dx_hi, dx_lo, name="dX")
+        assert (dx[sum(sizes):] == 0).all(), "rows of no group get zero gradient"
+    assert dw.dtype == w.dtype
+    assert_close_derived(dw, dw_hi, dw_lo, name="dW")
+    for e, n in enumerate(sizes):
+        if n == 0:
+            assert (dw[e] == 0).all(), f"empty group {e} must get a zero gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "sizes, tail, N, K",
+    [([3, 0, 70, 1], 2, 13, 17), ([0, 0, 7], 0, 20, 33), ([0, 0], 3, 13, 17)],
+    ids=["ragged-long-group", "leading-empty", "all-tail"],
+)
+def test_autograd_matches_reference(sizes, tail, N, K, dtype, device):
+    xs, w, offsets = _inputs(sizes, tail, N, K, dtype, device)
+    xs.requires_grad_()
+    w.requires_grad_()
+    dy = torch.randn(xs.shape[0], N, dtype=dtype, device=device)
+    out = grouped_gemm(xs, w, offsets)
+    _check_forward(out.detach(), xs.detach(), w.detach(), offsets)
+    out.backward(dy)
+    _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, dy, sizes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dw_small_blocks(dtype, device):
+    sizes, N, K = [3, 0, 37, 1, 0, 20], 29, 35  # several N/K tiles, several row steps per group
+    xs, w, offsets = _inputs(sizes, 2, N, K, dtype, device)
+    dy = torch.randn(xs.shape[0], N, dtype=dtype, device=device)
+    dw = nan_empty(w.shape, dtype, device)
+    assert grouped_gemm_dw(xs, dy, offsets, out=dw, config=SMALL_DW) is dw
+    _check_grads(None, dw, xs, w, offsets, dy, sizes)
+
+
+def test_dw_ignores_nonfinite_rows_of_other_groups(device):
+    """dW[e] reduces over group e's rows only: inf in another group's (or the tail's) dY stays there."""
+    sizes, N, K = [5, 0, 9], 20, 24
+    xs, w, offsets = _inputs(sizes, 3, N, K, torch.bfloat16, device)
+    dy = torch.randn(xs.shape[0], N, dtype=torch.bfloat16, device=device)
+    dy[5:] = float("inf")  # group 2 and the tail
+    xs[5:] = float("nan")
+    dw = grouped_gemm_dw(xs, dy, offsets, config=SMALL_DW)
+    assert torch.isfinite(dw[0]).all() and (dw[1] == 0).all()
+    _, dw_hi = _reference_grads(xs[:5], w, _offsets([5, 0, 0], device), dy[:5], torch.float64)
+    _, dw_lo = _reference_grads(xs[:5], w, _offsets([5, 0, 0], device), dy[:5], torch.bfloat16)
+    assert_close_derived(dw[0], dw_hi[0], dw_lo[0], name="dW[0]")
+
+
+def test_backward_with_expanded_grad(device):
+    """out.sum().backward() hands the op an expanded (stride 0) gradient."""
+    sizes = [4, 6]
+    xs, w, offsets = _inputs(sizes, 1, 12, 20, torch.float32, device)
+    xs.requires_grad_()
+    w.requires_grad_()
+    grouped_gemm(xs, w, offsets).sum().backward()
+    _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, torch.ones(xs.shape[0], 12, device=device), sizes)
+
+
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    """custom_op + explicit fakes trace whole (dynamo + AOTAutograd). On CPU the aot_eager
+    backend keeps this test short (inductor's C++ build takes ~40 s here); the GPU tier
+    compiles with inductor."""
+    xs, w, offsets = _inputs([3, 0, 6], 1, 20, 24, torch.bfloat16, device)
+    xs.requires_grad_()
+    w.requires_grad_()
+
+    def loss(xs, w, offsets):
+        return grouped_gemm(xs, w, offsets).float().square().sum()
+
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    compiled(xs, w, offsets).backward()
+    dx, dw = xs.grad, w.grad
+    xs.grad = w.grad = None
+    loss(xs, w, offsets).backward()
+    torch.testing.assert_close(dx, xs.grad, rtol=0, atol=0)
+    torch.testing.assert_close(dw, w.grad, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+
+
+def test_rejects_bad_input(device):
+    xs, w, off = _inputs([2, 3], 0, 3, 8, torch.float32, device)
+    cases = [
+        (TypeError, "xs", lambda: grouped_gemm(xs.tolist(), w, off)),
+        (ValueError, "xs", lambda: grouped_gemm(xs[:, :7], w, off)),  # K mismatch
+        (ValueError, "xs", lambda: grouped_gemm(xs[0], w, off)),  # rank
+        (TypeError, "xs", lambda: grouped_gemm(xs.double(), w.double(), off)),  # fp64: no kernel
+        (TypeError, "w", lambda: grouped_gemm(xs, w.half(), off)),
+        (ValueError, "w", lambda: grouped_gemm(xs, w[0], off)),
+        (ValueError, "offsets", lambda: grouped_gemm(xs, w, off[:1])),  # wrong length
+        (ValueError, "offsets", lambda: grouped_gemm(xs, w, off[None])),  # wrong rank
+        (TypeError, "offsets", lambda: grouped_gemm(xs, w, off.float())),
+        (TypeError, "offsets", lambda: grouped_gemm(xs, w, off.short())),
+        (ValueError, "offsets", lambda: grouped_gemm(xs, w, off.to("meta"))),  # wrong device
+        (ValueError, "w", lambda: grouped_gemm(xs, w.to("meta"), off)),
+        (ValueError, "out", lambda: grouped_gemm_fwd(xs, w, off, out=torch.empty(5, 4, device=device))),
+        (TypeError, "out", lambda: grouped_gemm_fwd(xs, w, off, out=torch.empty(5, 3, device=device).half())),
+        (TypeError, "dy", lambda: grouped_gemm_dw(xs, torch.randn(5, 3, device=device).half(), off)),
+        (ValueError, "dy", lambda: grouped_gemm_dw(xs, torch.randn(4, 3, device=device), off)),
+    ]
+    for exc, name, call in cases:
+        with pytest.raises(exc, match=name):
+            call()
+
+
+@pytest.mark.parametrize(
+    "bad", [[3, 2], [2, 6], [-1, 5]], ids=["decreasing", "past-M", "negative"]
+)
+def test_validate_checks_offset_values(bad, device):
+    xs, w, _ = _inputs([2, 3], 0, 3, 8, torch.float32, device)
+    off = torch.tensor(bad, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_gemm(xs, w, off, validate=True)
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_gemm_fwd(xs, w, off, validate=True)
+    # Without validate the launch reads no values on the host; it still stays in bounds
+    # (groups are clamped to [0, M]): the result is unspecified but finite.
+    out = grouped_gemm_fwd(xs, w, off, out=torch.zeros(5, 3, device=device), config=SMALL)
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------
+# GPU tier: DeepSeek shapes (skipped without CUDA)
+# ----------------------------------------------------------------------------------------
+
+
+def _gpu_problems() -> list[tuple[str, list[int], int, int]]:
+    """(name, group sizes, N, K): DeepGEMM's grouped shapes and V3 expert GEMMs, from the
+    profiling registry when it exists, else from the V3 config."""
+    try:
+        from moela.profiling.shapes import DEEPGEMM_GROUPED, V3, expert_gemms, group_sizes, moe_dims, routing_ids
+    except ImportError:
+        from moela.reference import ModelArgs
+
+        args = ModelArgs.from_name("deepseek-v3")
+        D, I, k = args.dim, args.moe_inter_dim, args.n_activated_experts
+        E = 32  # the experts one GPU holds at 8-way expert parallelism
+        gen = torch.Generator().manual_seed(0)
+        probs = torch.full((E,), 1.0 / E)
+        out = [("deepgemm 4x8192", [8192] * 4, 4096, 7168), ("deepgemm masked 4x256", [256] * 4, 7168, 2048)]
+        for T in (16, 4096):
+            ids = torch.multinomial(probs.expand(T, E), k, generator=gen)
+            sizes = torch.bincount(ids.flatten(), minlength=E).tolist()
+            out += [(f"v3 up T={T}", sizes, 2 * I, D), (f"v3 down T={T}", sizes, D, I)]
+        return out
+    dims = moe_dims(V3, "v3")
+    out = [(label, [rows] * groups, n, k) for label, groups, rows, n, k in DEEPGEMM_GROUPED]
+    E = 32  # the experts one GPU holds at 8-way expert parallelism (keeps the fp64 reference small)
+    for T in (16, 4096):
+        for load in ("balanced", "zipf"):
+            sizes = group_sizes(routing_ids(T, E, dims.topk, load), E)
+            out += [(f"v3 {label} T={T} {load}", sizes, n, k) for label, n, k in expert_gemms(dims)]
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("problem", _gpu_problems() if torch.cuda.is_available() else [], ids=lambda p: p[0])
+def test_gpu_forward_deepseek_shapes(problem):
+    _, sizes, N, K = problem
+    xs, w, offsets = _inputs(sizes, 0, N, K, torch.bfloat16, "cuda")
+    out = nan_empty((xs.shape[0], N), torch.bfloat16, "cuda")
+    grouped_gemm_fwd(xs, w, offsets, out=out)
+    _check_forward(out, xs, w, offsets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_gradients(dtype):
+    sizes, N, K = [0, 1000, 37, 0, 2500, 5], 2048, 1536
+    xs, w, offsets = _inputs(sizes, 7, N, K, dtype, "cuda")
+    xs.requires_grad_()
+    w.requires_grad_()
+    dy = torch.randn(xs.shape[0], N, dtype=dtype, device="cuda")
+    grouped_gemm(xs, w, offsets).backward(dy)
+    _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, dy, sizes)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_cuda_graph():
+    sizes, N, K = [3, 0, 200, 17], 512, 256
+    xs, w, offsets = _inputs(sizes, 4, N, K, torch.bfloat16, "cuda")
+    xs.requires_grad_()
+    w.requires_grad_()
+    dy = torch.randn(xs.shape[0], N, dtype=torch.bfloat16, device="cuda")
+    grouped_gemm(xs, w, offsets).backward(dy)  # warm-up: autotuning syncs, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grouped_gemm(xs, w, offsets).backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = grouped_gemm_fwd(xs.detach(), w.detach(), offsets)
+    offsets.copy_(_offsets([0, 100, 100, 150], "cuda"))  # new group sizes, same graph
+    graph.replay()
+    _check_forward(out, xs.detach(), w.detach(), offsets)
