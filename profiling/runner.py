@@ -1,0 +1,290 @@
+"""Run the registry: correctness checks of the moela kernels, and benchmarks of every implementation.
+
+:func:`run_check` compares each available moela kernel with its op's truth (the reference) on
+a shape set. :func:`run_bench` times every selected implementation of every problem with the
+device's timer (CUDA events, or the CPU wall clock), checks each output against the truth,
+samples NVML telemetry around each timing, and derives throughput, the fraction of the
+measured ceilings and the speedup over the op's baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .ceilings import ceiling_for
+from .environment import Telemetry
+from .registry import Case, Impl, Op, Unavailable
+from .shapes import Problem
+from .timing import l2_bytes, rotation_sets, time_fns
+
+__all__ = ["BenchSettings", "run_bench", "run_check", "derive", "add_speedups", "interpreter_active"]
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}"[:400] if not isinstance(e, Unavailable) else first[:400]
+
+
+def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="problem", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- derived numbers
+def derive(row: dict[str, Any], ceilings: dict[str, dict[str, Any]], compute: str) -> None:
+    """Add throughput, arithmetic intensity, fractions of the ceilings and the roofline bound."""
+    ms = row.get("median_ms")
+    flops, nbytes = row["flops"], row["bytes"]
+    row["intensity"] = flops / nbytes if nbytes else None
+    if not ms:
+        return
+    s = ms * 1e-3
+    row["tflops"] = flops / s / 1e12 if flops else None
+    row["gbps"] = nbytes / s / 1e9
+    peak = ceiling_for(compute, ceilings) if flops else None
+    bw = ceilings.get("copy", {}).get("value")
+    row["compute_ceiling"] = peak[0] if peak else None
+    row["frac_compute"] = row["tflops"] / peak[1] if peak else None
+    row["frac_bandwidth"] = row["gbps"] / bw if bw else None
+    t_compute = flops / (peak[1] * 1e12) if peak else 0.0
+    t_memory = nbytes / (bw * 1e9) if bw else 0.0
+    if t_compute or t_memory:
+        row["roofline_ms"] = max(t_compute, t_memory) * 1e3
+        row["frac_roofline"] = row["roofline_ms"] / ms
+        row["bound"] = "compute" if t_compute > t_memory else "memory"
+
+
+def add_speedups(rows: list[dict[str, Any]], order: Sequence[str]) -> None:
+    """Speedup of every timed row of one problem over the first of ``order`` that was timed."""
+    timed = {r["impl"]: r for r in rows if r.get("median_ms")}
+    base = next((timed[n] for n in order if n in timed), None)
+    for r in rows:
+        if base is not None and r.get("median_ms"):
+            r["baseline"] = base["impl"]
+            r["speedup"] = base["median_ms"] / r["median_ms"]
+
+
+# ---------------------------------------------------------------------- benchmark
+@dataclass
+class BenchSettings:
+    device: torch.device
+    impls: Sequence[str] | None = None  # None: all; names or kinds ("moela", "reference", "torch")
+    warmup_ms: float = 10.0
+    rep_ms: float = 40.0
+    time_budget_s: float | None = None
+    verify: bool = True
+    progress: bool = True
+    seed: int = 0
+    telemetry: bool = True
+    on_row: Callable[[dict[str, Any]], None] | None = None  # called as each row completes
+    stats: dict[str, Any] = field(default_factory=dict)  # filled: problems run / left out, seconds
+
+
+def _selected(impl: Impl, wanted: Sequence[str] | None) -> bool:
+    if wanted is None:
+        return True
+    return impl.name in wanted or impl.kind in wanted or "all" in wanted
+
+
+def _base_row(op: Op, p: Problem, impl: Impl) -> dict[str, Any]:
+    return {
+        "op": op.name, "set": p.set, "problem": p.name, "series": p.series, "tokens": p.tokens,
+        "params": dict(p.params), "impl": impl.name, "kind": impl.kind, "same_function": impl.same_function,
+        "note": impl.note, "status": "skipped", "reason": "", "flops": None, "bytes": None,
+    }
+
+
+def run_bench(plan: Sequence[tuple[Op, Problem]], ceilings: dict[str, dict[str, Any]],
+              s: BenchSettings) -> list[dict[str, Any]]:
+    """Benchmark every (op, problem) of ``plan``; one row per implementation (run or skipped)."""
+    device = s.device
+    flush = None
+    if device.type == "cuda":
+        l2 = l2_bytes(device)
+        flush = torch.empty(max(256 << 20, 2 * l2), dtype=torch.int8, device=device)
+    telemetry = Telemetry(_nvml_index(device), enabled=s.telemetry and device.type == "cuda")
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    done = 0
+    try:
+        for op, p in _progress(plan, s.progress, "bench"):
+            if s.time_budget_s is not None and time.perf_counter() - start > s.time_budget_s:
+                break
+            problem_rows = _bench_problem(op, p, ceilings, s, telemetry, flush)
+            add_speedups(problem_rows, op.baseline_order)
+            for r in problem_rows:
+                if s.on_row is not None:
+                    s.on_row(r)
+            rows += problem_rows
+            done += 1
+            _free(device)
+    finally:
+        telemetry.close()
+    s.stats.update({"problems_run": done, "problems_left_out": len(plan) - done,
+                    "seconds": time.perf_counter() - start, "telemetry": telemetry.reason or "nvml"})
+    return rows
+
+
+def _nvml_index(device: torch.device) -> int:
+    from .environment import nvml_index
+
+    return nvml_index(device.index or 0) if device.type == "cuda" else 0
+
+
+def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: BenchSettings,
+                   telemetry: Telemetry, flush: torch.Tensor | None) -> list[dict[str, Any]]:
+    device = s.device
+    impls = [i for i in op.impls() if _selected(i, s.impls)]
+    rows = [_base_row(op, p, i) for i in impls]  # in the op's order: moela, reference, baselines
+    order = sorted(range(len(impls)), key=lambda j: impls[j].name != op.truth)  # the truth runs first
+    try:
+        cases = [op.make_case(p, device, s.seed)]
+    except Exception as e:
+        for r in rows:
+            r["status"], r["reason"] = "error", f"inputs: {_reason(e)}"
+        return rows
+    case0 = cases[0]
+    n_sets = 1
+    if device.type == "cuda":
+        n_sets = rotation_sets(case0.bytes, case0.allocated_bytes(), l2_bytes(device))
+    use_flush = flush if n_sets == 0 else None
+    for i in range(1, max(n_sets, 1)):
+        cases.append(op.make_case(p, device, s.seed + i))
+
+    truth_out: Any = None
+    truth_reason = ""
+    if s.verify and not any(i.name == op.truth for i in impls):
+        truth_out, truth_reason = _truth(op, case0)
+
+    for j in order:
+        impl, row = impls[j], rows[j]
+        row.update(flops=case0.flops, bytes=case0.bytes, info=case0.info)
+        try:
+            fns = [impl.prepare(c) for c in cases]
+        except Unavailable as e:
+            row["status"], row["reason"] = "skipped", _reason(e)
+            if impl.name == op.truth:
+                truth_reason = f"{op.truth} skipped: {row['reason']}"
+            continue
+        except Exception as e:
+            row["status"], row["reason"] = "error", f"prepare: {_reason(e)}"
+            continue
+        kind_interp = impl.kind == "moela" and interpreter_active()
+        timer = {"warmup_ms": s.warmup_ms, "rep_ms": s.rep_ms}
+        if impl.kind == "reference":
+            timer["min_reps"] = 1  # the definition can be slow at DeepSeek sizes: don't repeat it much
+        try:
+            with telemetry.around() as samples:
+                timing, out = time_fns(fns, device, interpreter=kind_interp, flush=use_flush, **timer)
+        except Exception as e:
+            row["status"], row["reason"] = "error", _reason(e)
+            if impl.name == op.truth:
+                truth_reason = f"{op.truth} failed: {row['reason']}"
+            _free(device)
+            continue
+        row.update(status="ok", **timing.as_dict(), telemetry=samples.summary())
+        derive(row, ceilings, op.compute)
+        if impl.name == op.truth:
+            truth_out = out if s.verify else None
+        elif s.verify and impl.same_function:
+            _record_check(row, op, out, truth_out, truth_reason)
+        del out, fns
+    return rows
+
+
+def _truth(op: Op, case: Case) -> tuple[Any, str]:
+    try:
+        fn = op.impl(op.truth).prepare(case)
+        return fn(), ""
+    except Exception as e:
+        return None, f"{op.truth}: {_reason(e)}"
+
+
+def _record_check(row: dict[str, Any], op: Op, out: Any, truth_out: Any, truth_reason: str) -> None:
+    if truth_out is None:
+        row["check"] = {"metric": None, "value": None, "tol": None, "ok": None,
+                        "detail": f"not checked: {truth_reason or 'no truth output'}"}
+        return
+    try:
+        row["check"] = op.compare(out, truth_out).as_dict()
+    except Exception as e:
+        row["check"] = {"metric": None, "value": None, "tol": None, "ok": False, "detail": f"compare: {_reason(e)}"}
+
+
+# ---------------------------------------------------------------------- check
+def run_check(plan: Sequence[tuple[Op, Problem]], device: torch.device, impls: Sequence[str] | None = None,
+              progress: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+    """Compare implementations (default: the moela kernels) with each op's truth, once per problem.
+
+    Rows: op, set, problem, impl, status ("pass", "FAIL", "error", "skipped"), check, reason.
+    """
+    wanted = impls if impls is not None else ("moela",)
+    rows: list[dict[str, Any]] = []
+    for op, p in _progress(plan, progress, "check"):
+        candidates = [i for i in op.impls() if _selected(i, wanted) and i.same_function
+                      and i.name != op.truth]
+        if not candidates:
+            continue
+        base = {"op": op.name, "set": p.set, "problem": p.name}
+        prepared: list[tuple[Impl, Any]] = []
+        try:
+            case = op.make_case(p, device, seed)
+        except Exception as e:
+            rows += [{**base, "impl": i.name, "status": "error", "reason": f"inputs: {_reason(e)}"} for i in candidates]
+            continue
+        for impl in candidates:
+            try:
+                prepared.append((impl, impl.prepare(case)))
+            except Unavailable as e:
+                rows.append({**base, "impl": impl.name, "status": "skipped", "reason": _reason(e)})
+            except Exception as e:
+                rows.append({**base, "impl": impl.name, "status": "error", "reason": f"prepare: {_reason(e)}"})
+        if not prepared:
+            continue
+        truth, why = _truth(op, case)
+        for impl, fn in prepared:
+            row = {**base, "impl": impl.name}
+            if truth is None:
+                rows.append({**row, "status": "error", "reason": f"no truth output ({why})"})
+                continue
+            try:
+                out = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                chk = op.compare(out, truth)
+            except Exception as e:
+                rows.append({**row, "status": "error", "reason": _reason(e)})
+                continue
+            rows.append({**row, "status": "pass" if chk.ok else "FAIL", "check": chk.as_dict(),
+                         "reason": chk.detail})
+        del case, truth, prepared
+        _free(device)
+    return rows
+
+
+def fmt_value(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan" if isinstance(v, float) else "-"
+    return f"{v:.2e}" if v and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3g}"
