@@ -28,6 +28,8 @@ setup(
         "numpy",
         "nvidia-ml-py>=12",
         "safetensors>=0.4",
+        "matplotlib>=3.5",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
