@@ -68,45 +68,54 @@ def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int, group_n
 
 
 def _fwd_configs() -> list[triton.Config]:
-    """Prefill-like loads: wgmma-sized tiles. configs[0] is the default (and the interpreter's)."""
+    """Prefill-like loads: wgmma-sized tiles. configs[0] is the default (and the interpreter's).
+
+    Compiled for sm_90 (triton 3.6, bf16), every 16-bit config issues HGMMA with 16-byte
+    cp.async loads and no spills; the shared memory and registers below are ptxas's.
+    """
     return [
-        _cfg(128, 128, 64, 8, 4, 4),  # 32 KB/stage; one warpgroup, 128 fp32 acc registers/thread
-        _cfg(128, 256, 64, 8, 8, 3),  # 48 KB/stage; two warpgroups, each 64×256
-        _cfg(256, 128, 64, 8, 8, 3),
-        _cfg(128, 128, 64, 8, 8, 4),
-        _cfg(128, 128, 128, 8, 8, 3),
-        _cfg(64, 128, 64, 8, 4, 4),  # small groups: less padding per group
+        _cfg(128, 128, 64, 8, 4, 4),  # 128 KB smem, 238 regs: one warpgroup, 64×128 wgmma ×2
+        _cfg(128, 256, 64, 8, 8, 3),  # 144 KB, 228 regs: two warpgroups, each 64×256 (Triton's H100 choice)
+        _cfg(256, 128, 64, 8, 8, 3),  # 144 KB
+        _cfg(128, 128, 64, 8, 4, 3),  # 96 KB: two CTAs per SM overlap one's epilogue with the other's loop
+        _cfg(64, 128, 64, 8, 4, 4),  # small groups waste fewer rows per tile
         _cfg(128, 64, 64, 8, 4, 4),  # small N
         _cfg(64, 256, 64, 8, 4, 3),
+        _cfg(128, 128, 32, 8, 8, 3),  # fp32 (FMA with "ieee"): 64 accumulators per thread, no spills
+        _cfg(64, 64, 64, 8, 4, 3),  # fp32
     ]
 
 
 def _fwd_decode_configs() -> list[triton.Config]:
-    """Decode-like loads (<= 16 rows per expert): weight streaming, deep pipelines."""
+    """Decode-like loads (<= 16 rows per expert): weight streaming (mma.sync; the 16-row tile
+    is below wgmma's 64), long K steps, deep pipelines to keep HBM busy."""
     return [
-        _cfg(16, 64, 128, 8, 4, 4),  # 20 KB/stage
-        _cfg(16, 64, 256, 8, 4, 4),  # 40 KB/stage, 1 CTA/SM with 120 KB in flight
-        _cfg(16, 128, 128, 8, 4, 4),
-        _cfg(16, 32, 256, 8, 4, 4),  # more programs for small N
+        _cfg(16, 64, 128, 8, 4, 4),  # 60 KB smem: three CTAs per SM
+        _cfg(16, 64, 256, 8, 4, 4),  # 120 KB
+        _cfg(16, 128, 128, 8, 4, 4),  # 108 KB
+        _cfg(16, 32, 256, 8, 4, 4),  # more programs when N is small
         _cfg(16, 128, 256, 8, 8, 3),
         _cfg(16, 64, 64, 8, 4, 6),
     ]
 
 
 def _dw_configs() -> list[triton.Config]:
-    """dW tiles (BLOCK_N × BLOCK_K of w[e]), reducing over BLOCK_M rows per step."""
+    """dW tiles (BLOCK_N × BLOCK_K of w[e]), reducing over BLOCK_M rows per step (HGMMA)."""
     return [
-        _cfg(64, 128, 128, 8, 8, 4, "GROUP_N"),  # 32 KB/stage
+        _cfg(64, 128, 128, 8, 8, 4, "GROUP_N"),  # 128 KB smem, 98 regs
         _cfg(64, 128, 128, 8, 4, 4, "GROUP_N"),
-        _cfg(64, 128, 256, 8, 8, 3, "GROUP_N"),
+        _cfg(64, 128, 256, 8, 8, 3, "GROUP_N"),  # 144 KB
         _cfg(64, 256, 128, 8, 8, 3, "GROUP_N"),
         _cfg(32, 128, 128, 8, 4, 5, "GROUP_N"),  # small groups
         _cfg(64, 64, 128, 8, 4, 4, "GROUP_N"),
+        _cfg(16, 64, 64, 8, 4, 3, "GROUP_N"),  # fp32
     ]
 
 
-def _smem_pruner(reduce_dim: str, tile_dims: tuple[str, str]):
-    """early_config_prune: drop configs whose pipeline buffers exceed the shared-memory budget."""
+def _pruner(reduce_dim: str, tile_dims: tuple[str, str], min_reduce_16bit: int):
+    """early_config_prune: pipeline buffers within the shared-memory budget; for 16-bit inputs
+    reduction steps of >= ``min_reduce_16bit`` (the fp32 configs' short K steps are slower
+    there); for fp32 (FMA or TF32) at most 64 accumulators per thread (no spills)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         size = named_args["x_ptr"].element_size()
@@ -115,7 +124,13 @@ def _smem_pruner(reduce_dim: str, tile_dims: tuple[str, str]):
             k = c.kwargs
             return c.num_stages * k[reduce_dim] * (k[tile_dims[0]] + k[tile_dims[1]]) * size
 
-        kept = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+        def fits(c: triton.Config) -> bool:
+            k = c.kwargs
+            if size == 2:
+                return k[reduce_dim] >= min_reduce_16bit
+            return k[tile_dims[0]] * k[tile_dims[1]] <= 64 * 32 * c.num_warps
+
+        kept = [c for c in configs if smem(c) <= _SMEM_BUDGET and fits(c)]
         return kept or [min(configs, key=smem)]
 
     return prune
@@ -138,29 +153,27 @@ def _group_rows(offsets_ptr, e, M):
 
 @triton.jit
 def _locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Virtual M-tile -> (group, first row, end row of the group).
+    """Virtual M-tile -> (group, first row, end row); BLOCK_E > E.
 
-    Tiles are numbered group by group (cdiv(rows, BLOCK_M) each), then the tail
-    [offsets[E-1], M), which gets group = E. first row >= end row: nothing to do.
+    Tiles are numbered group by group, cdiv(rows, BLOCK_M) each; the tail [offsets[E-1], M)
+    comes last as group E. A tile past the last one gets first row == end row == 0. Costs two
+    loads of E offsets, one scan and two reductions per program.
     """
     e = tl.arange(0, BLOCK_E)
-    in_range = e < E
-    ends = tl.load(offsets_ptr + e, mask=in_range, other=0).to(tl.int32)
-    starts = tl.load(offsets_ptr + e - 1, mask=in_range & (e > 0), other=0).to(tl.int32)
+    ends = tl.load(offsets_ptr + e, mask=e < E, other=0).to(tl.int32)
+    ends = tl.where(e == E, M, ends)
+    starts = tl.load(offsets_ptr + e - 1, mask=(e > 0) & (e <= E), other=0).to(tl.int32)
     ends = tl.minimum(tl.maximum(ends, 0), M)
     starts = tl.minimum(tl.maximum(starts, 0), M)
-    tiles = (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M  # 0 for e >= E
-    cum = tl.cumsum(tiles, 0)  # inclusive
-    group = tl.sum((cum <= tile_m).to(tl.int32), 0)  # first group whose tiles reach past tile_m
-    before = tl.sum(tl.where(e < group, tiles, 0), 0)  # tiles of the groups before it
-    start = tl.sum(tl.where(e == group, starts, 0), 0)
-    end = tl.sum(tl.where(e == group, ends, 0), 0)
-    is_tail = group >= E
-    tail_start = tl.sum(tl.where(e == E - 1, ends, 0), 0)  # offsets[E-1] (0 when E == 0)
-    start = tl.where(is_tail, tail_start, start)
-    end = tl.where(is_tail, M, end)
-    group = tl.where(is_tail, E, group)
-    return group, start + (tile_m - before) * BLOCK_M, end
+    tiles = (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M  # 0 for e > E
+    last = tl.cumsum(tiles, 0)  # tiles up to and including group e
+    first = last - tiles
+    mine = (first <= tile_m) & (tile_m < last)  # true for at most one e
+    row_start = starts + (tile_m - first) * BLOCK_M
+    # One reduction for both row bounds (each < 2**31): only the owning group is non-zero.
+    rows = tl.sum(tl.where(mine, (row_start.to(tl.int64) << 32) | ends.to(tl.int64), 0), 0)
+    group = tl.sum(tl.where(mine, e, 0), 0)
+    return group, (rows >> 32).to(tl.int32), rows.to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -198,23 +211,23 @@ def _grouped_gemm_fwd_kernel(
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=out_mask)
         return
 
-    # Rows past the group's end and columns past N are read from valid addresses (wrapped)
-    # and never stored: out[r, n] depends on x[r] and w[e, n] only, so no masks are needed
-    # on them. Only the K tail is masked (with zeros), when K is not a multiple of BLOCK_K.
-    rows = tl.where(offs_m < M, offs_m, M - 1).to(tl.int64)
+    # out[r, n] depends on x[r] and w[e, n] only. Rows past the group's end are masked (no
+    # traffic for the 15 idle rows of a 1-row group in a 16-row decode tile); columns past N
+    # wrap to valid weight rows that are never stored. The K tail is masked with zeros.
+    row_ok = (offs_m < row_end)[:, None]
     cols = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + group.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(x_ptrs)
+            a = tl.load(x_ptrs, mask=row_ok, other=0.0)
             b = tl.load(w_ptrs)
         else:
             k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            a = tl.load(x_ptrs, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -274,15 +287,15 @@ _fwd_heuristic = _even_k(_grouped_gemm_fwd_kernel)  # untuned: launched with an 
 _FWD_KEY = ["N", "K", "stride_wk"]  # stride_wk: w read as stored (forward) or transposed (dX)
 _fwd_tuned = triton.autotune(
     autotune_configs("grouped_gemm_fwd", _fwd_configs()), key=_FWD_KEY,
-    prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"))},
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
 )(_fwd_heuristic)
 _fwd_decode_tuned = triton.autotune(
     autotune_configs("grouped_gemm_fwd_decode", _fwd_decode_configs()), key=_FWD_KEY,
-    prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"))},
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
 )(_fwd_heuristic)
 _dw_tuned = triton.autotune(
     autotune_configs("grouped_gemm_dw", _dw_configs()), key=["N", "K"],
-    prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", ("BLOCK_N", "BLOCK_K"))},
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", ("BLOCK_N", "BLOCK_K"), 32)},
 )(_grouped_gemm_dw_kernel)
 
 
@@ -369,7 +382,7 @@ def grouped_gemm_fwd(
     kernel[grid](
         xs, w, offsets, out, M, N, K, E,
         xs.stride(0), xs.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        BLOCK_E=next_power_of_2(E), DOT_PRECISION=_dot_precision(xs.dtype), **_launch_config(config),
+        BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=_dot_precision(xs.dtype), **_launch_config(config),
     )
     return out
 

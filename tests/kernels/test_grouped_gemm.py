@@ -344,3 +344,34 @@ def test_gpu_no_host_sync_and_cuda_graph():
     offsets.copy_(_offsets([0, 100, 100, 150], "cuda"))  # new group sizes, same graph
     graph.replay()
     _check_forward(out, xs.detach(), w.detach(), offsets)
+
+
+def test_config_lists_and_pruning():
+    """The GPU autotuner's candidates: each list pruned for 16-bit and fp32 inputs keeps configs
+    that fit in shared memory (the interpreter never prunes: it runs configs[0])."""
+    from moela.kernels import grouped_gemm as gg
+
+    class _Arg:  # what the pruner reads of x_ptr
+        def __init__(self, size):
+            self.size = size
+
+        def element_size(self):
+            return self.size
+
+    mn, nk = ("BLOCK_M", "BLOCK_N"), ("BLOCK_N", "BLOCK_K")
+    lists = [
+        (gg._fwd_configs(), gg._pruner("BLOCK_K", mn, 64), "BLOCK_K", mn),
+        (gg._fwd_decode_configs(), gg._pruner("BLOCK_K", mn, 64), "BLOCK_K", mn),
+        (gg._dw_configs(), gg._pruner("BLOCK_M", nk, 32), "BLOCK_M", nk),
+    ]
+    for configs, prune, red, (a, b) in lists:
+        assert len({str(c) for c in configs}) == len(configs), "duplicate configs"
+        for size in (2, 4):
+            kept = prune(configs, {"x_ptr": _Arg(size)})
+            assert kept
+            for c in kept:
+                k = c.kwargs
+                assert c.num_stages * k[red] * (k[a] + k[b]) * size <= gg._SMEM_BUDGET
+                if size == 4:
+                    assert k[a] * k[b] <= 64 * 32 * c.num_warps  # fp32: no register spills
+    assert all(c.kwargs["BLOCK_M"] == 16 for c in gg._fwd_decode_configs())
