@@ -9,8 +9,9 @@ Legend: M rows (grouped by expert, ``xs``), K input features, N output features,
     dW[e]  = dY[rows of e]ᵀ · xs[rows of e]  backward dW    (_grouped_gemm_dw_kernel)
 
 Scheduling without a host sync. The forward grid is an upper bound on the M-tiles,
-``cdiv(M, BLOCK_M) + E`` (the E groups and the tail past ``offsets[E-1]`` each round up by at
-most one tile), times the N-tiles. Every program reads the E offsets from the device, counts
+``min(cdiv(M, BLOCK_M) + E, M)`` (the E groups and the tail past ``offsets[E-1]`` each round up
+by at most one tile; and every tile holds at least one row of its own, which keeps decode
+grids, where E can exceed M, free of idle programs), times the N-tiles. Every program reads the E offsets from the device, counts
 the tiles of each group (``tl.cumsum``) and finds its (group, first row); tiles of the tail
 store zeros, tiles past the last one return at once. The grid depends on shapes only, so a
 launch can be captured in a CUDA graph and traced by ``torch.compile``. The dW grid is
@@ -186,12 +187,12 @@ def _grouped_gemm_fwd_kernel(
 ):
     """out[r, :] = x[r, :] · w[e]ᵀ for the rows r of group e; zeros past offsets[E-1].
 
-    grid: ((cdiv(M, BLOCK_M) + E) * cdiv(N, BLOCK_N),). Each program owns one BLOCK_M × BLOCK_N
+    grid: (min(cdiv(M, BLOCK_M) + E, M) * cdiv(N, BLOCK_N),). Each program owns one BLOCK_M × BLOCK_N
     output tile of one group (M-tiles never straddle groups) and loops over K.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M) + E
+    num_pid_m = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)  # >= the real M-tiles (see the module doc)
     # GROUP_M swizzle: GROUP_M consecutive M-tiles (mostly of one expert) walk the N-tiles
     # together, so a weight tile is read from HBM once and served from L2 to the others.
     width = GROUP_M * num_pid_n
@@ -377,7 +378,7 @@ def grouped_gemm_fwd(
         kernel = _fwd_tuned
 
     def grid(meta: dict) -> tuple[int]:
-        return ((cdiv(M, meta["BLOCK_M"]) + E) * cdiv(N, meta["BLOCK_N"]),)
+        return (min(cdiv(M, meta["BLOCK_M"]) + E, M) * cdiv(N, meta["BLOCK_N"]),)
 
     kernel[grid](
         xs, w, offsets, out, M, N, K, E,

@@ -41,6 +41,7 @@ CASES = {
     "middle-only": ([0, 4, 0], 3, 13, 17),
     "prime-E": ([2, 3, 5, 7, 11], 0, 13, 17),
     "long-group": ([37, 2], 1, 31, 47),  # several M-tiles in one group
+    "one-row-groups": ([1, 1, 0, 1, 1], 1, 13, 17),  # as many tiles as rows: the grid bound is tight
     "all-empty": ([0, 0, 0], 5, 13, 17),  # every row is in the tail
     "no-rows": ([0, 0], 0, 13, 17),  # M = 0
 }
