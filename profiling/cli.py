@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", nargs="+", metavar="RESULT.json", help="one result file, or two to compare")
     r.add_argument("--out", help="folder for report.md and the PNGs (default: <first result>-report/)")
     r.add_argument("--no-plots", action="store_true", help="markdown only")
+    r.add_argument("--ops", nargs="+", metavar="OP", help="report only these ops")
 
     la = parser.subcommands["layers"] = sub.add_parser(
         "layers", help="time the reference MoE and MLA layers of some configs")
@@ -159,7 +160,7 @@ def setup_kernels(device) -> str:
 
 
 def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, default_sets: Sequence[str]):
-    from .registry import all_ops, expand_sets
+    from .registry import all_ops, make_plan
 
     ops = all_ops()
     names = ops_arg or list(ops)
@@ -178,7 +179,7 @@ def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, defau
         bad = [i for i in impls_arg if i not in known_impls]
         if bad:
             parser.error(f"unknown implementation(s) {', '.join(bad)}; known: {', '.join(sorted(known_impls))}")
-    plan = [(op, p) for op in chosen for s in expand_sets(op, sets) for p in op.problems(s)]
+    plan = make_plan(chosen, sets)
     if not plan:
         parser.error(f"the chosen ops have no problems in set(s) {', '.join(sets)}")
     return plan, sets
@@ -344,7 +345,7 @@ def cmd_report(parser, args) -> int:
         except (OSError, ValueError) as e:
             parser.error(f"report: {e}")
     out = args.out or str(Path(args.results[0]).with_suffix("")) + "-report"
-    md, pngs = write_report(args.results, out, plots=not args.no_plots)
+    md, pngs = write_report(args.results, out, plots=not args.no_plots, ops=args.ops)
     print(f"wrote {md}" + "".join(f"\n      {p}" for p in pngs))
     return 0
 

@@ -35,7 +35,7 @@ from .shapes import STANDARD_SETS, Problem, unique_names
 
 __all__ = [
     "NOT_IMPLEMENTED", "Case", "Check", "Impl", "Op", "Unavailable",
-    "all_ops", "get_op", "register", "resolve_kernel", "expand_sets",
+    "all_ops", "get_op", "register", "resolve_kernel", "expand_sets", "make_plan", "SET_PRIORITY",
 ]
 
 NOT_IMPLEMENTED = "not implemented in moela.kernels yet"
@@ -266,6 +266,14 @@ CONTRACT_ORDER = (
 )
 
 
+#: Order in which ``full`` runs the op-specific sets (the anchors' grids first), so that a time
+#: budget cuts the least important problems. Sets not named here run last.
+SET_PRIORITY = (
+    "tiny", "check", "quick", "deepgemm-dense", "deepgemm-grouped", "flashmla-decode", "v3-decode", "v3-prefill",
+    "v3-linear", "deepseek", "v2lite-decode", "v2lite-prefill",
+)
+
+
 def expand_sets(op: Op, names: Sequence[str]) -> list[str]:
     """Set names for ``op`` from CLI words: a set name, ``full`` (its op-specific sets) or ``all``.
 
@@ -282,3 +290,16 @@ def expand_sets(op: Op, names: Sequence[str]) -> list[str]:
             picked = [n] if n in op.shape_sets else []
         out += [s for s in picked if s not in out]
     return out
+
+
+def make_plan(ops: Sequence[Op], words: Sequence[str]) -> list[tuple[Op, Problem]]:
+    """Every (op, problem) the CLI words select, set by set: each word in turn, within a word the
+    sets in ``SET_PRIORITY`` order, within a set the ops in the given order."""
+    entries = []
+    for oi, op in enumerate(ops):
+        for s in expand_sets(op, words):
+            word = next(i for i, w in enumerate(words) if w in (s, "all") or (w == "full" and s in op.full_sets()))
+            prio = SET_PRIORITY.index(s) if s in SET_PRIORITY else len(SET_PRIORITY)
+            entries += [((word, prio, oi, pi), op, p) for pi, p in enumerate(op.problems(s))]
+    entries.sort(key=lambda e: e[0])
+    return [(op, p) for _, op, p in entries]

@@ -304,12 +304,15 @@ def _bandwidth_plot(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> b
     return True
 
 
-def write_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 plots: bool = True) -> tuple[Path, list[Path]]:
-    """Write ``report.md`` (and the PNGs) for one or two result files into ``out_dir``."""
+def write_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, plots: bool = True,
+                 ops: Sequence[str] | None = None) -> tuple[Path, list[Path]]:
+    """Write ``report.md`` (and the PNGs) for one or two result files into ``out_dir``;
+    ``ops`` keeps only those ops' rows."""
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"report takes one or two result files, got {len(paths)}")
     runs = [(_name(p, i, len(paths)), load_results(p)) for i, p in enumerate(paths)]
+    if ops is not None:
+        runs = [(n, {**d, "rows": [r for r in d.get("rows", []) if r["op"] in ops]}) for n, d in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -41,7 +41,10 @@ def _reason(e: BaseException) -> str:
 def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
     if not enabled:
         return items
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a dependency, but a missing progress bar is no reason to stop
+        return items
 
     return tqdm(items, desc=desc, unit="problem", dynamic_ncols=True, leave=False, file=sys.stderr)
 

@@ -1,0 +1,107 @@
+"""FLOP and byte counts, derived throughput, fractions of the ceilings, speedups, timer statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moela.profiling import get_op
+from moela.profiling.runner import add_speedups, derive
+from moela.profiling.shapes import Problem
+from moela.profiling.timing import rotation_sets, summarize, time_cpu
+
+CPU = torch.device("cpu")
+
+
+def case_of(op_name: str, set_name: str, problem_name: str):
+    op = get_op(op_name)
+    p = next(p for p in op.problems(set_name) if p.name == problem_name)
+    return op.make_case(p, CPU, 0)
+
+
+def test_grouped_gemm_counts_only_experts_with_rows():
+    c = case_of("grouped_gemm", "tiny", "empty groups [0,5,0,11] n=48 k=64")
+    M, N, K = 16, 48, 64
+    assert c.flops == 2 * M * N * K
+    assert c.bytes == (M * K + 2 * N * K + M * N) * 2  # 2 of 4 experts have rows, bf16
+    assert c.info["active_experts"] == 2
+
+
+def test_fp8_gemm_counts():
+    c = case_of("fp8_gemm", "tiny", "m=16 n=128 k=256")
+    assert c.flops == 2 * 16 * 128 * 256
+    assert c.bytes == 16 * 256 + 128 * 256 + (16 * 2 + 1 * 2) * 4 + 16 * 128 * 2
+
+
+def test_memory_bound_counts():
+    q = case_of("quant_act", "tiny", "K=200 T=3")
+    assert (q.flops, q.bytes) == (0.0, 3 * 200 * 2 + 3 * 200 + 3 * 2 * 4)
+    p = case_of("permute", "tiny", "tiny T=8")
+    M, D = 8 * 4, 64  # tiny config: k=4, dim=64
+    assert p.bytes == (8 * D + M * D) * 2 + M * 4
+    m = case_of("mla_decode", "tiny", "B=2 L=40 H=4 S=2")
+    assert m.flops == 2 * 2 * 2 * 4 * 40 * (576 + 512)
+    assert m.bytes == (2 * 40 * 576 + 2 * 2 * 4 * 576 + 2 * 2 * 4 * 512) * 2
+
+
+CEILINGS = {"copy": {"value": 1000.0, "unit": "GB/s"}, "matmul_bf16": {"value": 500.0, "unit": "TFLOP/s"},
+            "matmul_fp8": {"value": 1000.0, "unit": "TFLOP/s"}}
+
+
+def test_derive_compute_bound_row():
+    row = {"flops": 1e12, "bytes": 1e9, "median_ms": 4.0}
+    derive(row, CEILINGS, "bf16")
+    assert row["tflops"] == pytest.approx(250.0) and row["gbps"] == pytest.approx(250.0)
+    assert row["frac_compute"] == pytest.approx(0.5) and row["frac_bandwidth"] == pytest.approx(0.25)
+    assert row["roofline_ms"] == pytest.approx(2.0) and row["frac_roofline"] == pytest.approx(0.5)
+    assert row["bound"] == "compute" and row["intensity"] == pytest.approx(1000.0)
+    derive(row, CEILINGS, "fp8")
+    assert row["compute_ceiling"] == "matmul_fp8" and row["frac_compute"] == pytest.approx(0.25)
+
+
+def test_derive_memory_bound_row_without_flops():
+    row = {"flops": 0.0, "bytes": 2e9, "median_ms": 4.0}
+    derive(row, CEILINGS, "none")
+    assert row["tflops"] is None and row["gbps"] == pytest.approx(500.0)
+    assert row["bound"] == "memory" and row["frac_roofline"] == pytest.approx(0.5)
+    bare = {"flops": 1.0, "bytes": 1.0, "median_ms": 1.0}
+    derive(bare, {}, "bf16")  # no ceilings measured: throughput only
+    assert bare["frac_compute"] is None and "frac_roofline" not in bare
+
+
+def test_speedups_use_the_first_baseline_that_ran():
+    rows = [{"impl": "moela", "median_ms": 1.0}, {"impl": "reference", "median_ms": 8.0},
+            {"impl": "torch a", "median_ms": None}, {"impl": "torch b", "median_ms": 2.0}]
+    add_speedups(rows, ("torch a", "torch b", "reference"))
+    assert rows[0]["baseline"] == "torch b" and rows[0]["speedup"] == pytest.approx(2.0)
+    assert rows[1]["speedup"] == pytest.approx(0.25) and "speedup" not in rows[2]
+
+
+def test_summarize_quantiles():
+    t = summarize([5.0, 1.0, 4.0, 2.0, 3.0], "cuda-events", rotation=3)
+    assert (t.median_ms, t.min_ms, t.max_ms, t.mean_ms, t.reps) == (3.0, 1.0, 5.0, 3.0, 5)
+    assert t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(4.2) and t.rotation == 3
+    with pytest.raises(ValueError):
+        summarize([], "cpu-wall")
+
+
+def test_rotation_sets():
+    l2 = 60 << 20
+    assert rotation_sets(10 * l2, 10 * l2, l2) == 1  # far bigger than L2: no rotation
+    assert rotation_sets(l2, l2, l2) == 3  # rotate until 3 L2s are touched
+    assert rotation_sets(1e3, 1e3, l2) == 0  # would need too many sets: flush L2 instead
+    assert rotation_sets(l2 // 2, 4 << 30, l2) == 0  # too much memory per set
+
+
+def test_cpu_timer_labels_and_returns_first_output():
+    calls = []
+    timing, first = time_cpu([lambda: calls.append(1) or len(calls)], rep_ms=1, min_reps=3, max_reps=3)
+    assert first == 1 and len(calls) == 4 and timing.reps == 3 and timing.method == "cpu-wall"
+    t2, _ = time_cpu([lambda: None], rep_ms=1, min_reps=2, max_reps=2, interpreter=True)
+    assert t2.method == "cpu-wall (triton interpreter)"
+
+
+def test_problem_helpers():
+    p = Problem("op", "s", "T=4", {"series": "a", "tokens": 4})
+    assert (p.key, p.series, p.tokens) == ("op/s/T=4", "a", 4)
+    assert Problem("op", "s", "x").tokens is None
