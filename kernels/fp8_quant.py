@@ -15,8 +15,9 @@ interpreter (with ``moela.kernels.interpreter``'s compatibility layer) and on th
 - Special values, as documented in the reference: an all-zero block gets the finite scale
   1e-4/448 and zeros; a block holding NaN gets a NaN scale (so every value of it dequantizes to
   NaN); a block holding ±inf (and no NaN) gets an inf scale, NaN at the inf and ±0 elsewhere.
-  Nothing is ever silently turned into a finite number: NaN survives the amax (a NaN-propagating
-  max, where a GPU's plain ``max`` would drop it) and the clamp (``propagate_nan=ALL``).
+  Nothing is ever silently turned into a finite number: NaN survives the amax (an integer max
+  over the |x| bit patterns, where a GPU's float ``max`` would drop it) and the clamp
+  (``propagate_nan=ALL``).
 - Partial edge blocks (K or N not a multiple of B, any B >= 1) take the amax of the elements
   they hold.
 
@@ -66,8 +67,11 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
-def _max_propagate_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+def _abs_bits(x):
+    """|x| as int32 bits: for non-negative floats the integer order is the float order, and every
+    NaN (sign cleared) sorts above inf, so an integer max of these is a NaN-propagating amax (a
+    GPU's float max drops NaN; a custom-combine tl.reduce would be slow in the interpreter)."""
+    return tl.abs(x).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -139,7 +143,7 @@ def _quant_act_kernel(
 
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    scale = _block_scale(tl.reduce(tl.abs(x), 1, _max_propagate_nan), UE8M0)
+    scale = _block_scale(tl.max(_abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
     q = _saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :] * stride_qk, q, mask=mask)
     tl.store(s_ptr + rows * stride_sr + kb * stride_sk, scale, mask=row_mask)
@@ -167,7 +171,7 @@ def _quant_weight_kernel(
 
     w = tl.load(w_ptr + l * stride_wl + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
     w = w.to(tl.float32)
-    amax = tl.reduce(tl.reduce(tl.abs(w), 1, _max_propagate_nan), 0, _max_propagate_nan)
+    amax = tl.max(tl.max(_abs_bits(w), 1), 0).to(tl.float32, bitcast=True)
     scale = _block_scale(amax, UE8M0)
     q = _saturate_to_fp8(w, scale, q_ptr.dtype.element_ty)
     tl.store(q_ptr + l * stride_ql + rows[:, None] * stride_qn + cols[None, :] * stride_qk, q, mask=mask)
@@ -429,7 +433,7 @@ def dequant_fwd(
     x3 = x.reshape(L, N, K)
     s3 = scale.reshape(L, *((1, scale.shape[0]) if x.ndim == 1 else scale.shape[-2:]))
     o3 = _lead_view(o, L, (N, K), "out")
-    BLOCK_N, BLOCK_K = 32, 128
+    BLOCK_N, BLOCK_K = 64, 128  # 8 KB of e4m3 per program, 16-byte loads
     _dequant_kernel[(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N), L)](
         x3, s3, o3, N, K, *x3.stride(), *s3.stride(), *o3.stride(),
         DIV_N=div_n, DIV_K=div_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
