@@ -8,31 +8,38 @@ Legend: M rows (grouped by expert, ``xs``), K input features, N output features,
     dX[r]  = dY[r] · w[e]                    backward dX    (the same kernel on w.transpose(1, 2))
     dW[e]  = dY[rows of e]ᵀ · xs[rows of e]  backward dW    (_grouped_gemm_dw_kernel)
 
-Scheduling without a host sync. The forward grid is an upper bound on the M-tiles,
-``min(cdiv(M, BLOCK_M) + E, M)`` (the E groups and the tail past ``offsets[E-1]`` each round up
-by at most one tile; and every tile holds at least one row of its own, which keeps decode
-grids, where E can exceed M, free of idle programs), times the N-tiles. Every program reads the E offsets from the device, counts
-the tiles of each group (``tl.cumsum``) and finds its (group, first row); tiles of the tail
-store zeros, tiles past the last one return at once. The grid depends on shapes only, so a
-launch can be captured in a CUDA graph and traced by ``torch.compile``. The dW grid is
-``E × N-tiles × K-tiles``; each program loops over its group's rows (zero rows: zero tile).
+Scheduling without a host sync. The forward grid is an upper bound on the M-tiles times the
+N-tiles: ``min(cdiv(M, BLOCK_M) + E, M)`` M-tiles, since the E groups and the tail past
+``offsets[E-1]`` each round up by at most one tile, and every tile owns at least one row (which
+keeps decode grids, where E exceeds M, free of idle programs). Each program loads the offsets,
+counts each group's tiles (one ``tl.cumsum``) and finds its group and first row; tail tiles
+store zeros, tiles past the last return at once. The grid depends on shapes only: a launch can
+be captured in a CUDA graph and traced by ``torch.compile``. The dW grid is
+``E × N-tiles × K-tiles``; each program reduces over its group's rows (none: a zero tile).
 
-Hopper tuning (reasoned for an H200; not measured, see below). Configs come from functions,
-keyed on N, K and the weight layout (never on M), pruned by shared memory (227 KB/SM):
+Hopper tuning, reasoned for an H200 and checked against ptxas for sm_90 (every 16-bit config
+issues HGMMA, i.e. wgmma, with 16-byte cp.async loads and no spills), not timed. Configs come
+from functions, one list per path, keyed on N, K and the weight layout (never on M), pruned by
+shared memory (227 KB per block). The path is chosen from the average rows per expert M / E
+(shapes only), see ``FWD_PATHS``:
 
-- prefill-like loads: 128×128 and 128×256 tiles with 64-wide K steps (a wgmma is issued by a
-  warpgroup on 64-row slices; 64 bf16 = 128 B rows for the 128 B swizzle), 3-4 stages,
-  GROUP_M = 8 swizzle so consecutive programs share weight tiles in L2;
-- decode-like loads (on average <= 16 rows per expert, judged from the shapes M and E): a
-  16-row M-tile, so each expert's weights are streamed once, with long K steps and 4-5 stages
-  to keep enough bytes in flight to be bound by HBM bandwidth (weights dominate the bytes).
-- The loads are pointer based (cp.async pipelining). TMA descriptors are not used: their gain
-  could not be measured here, ragged group ends would need per-group descriptors or masked
-  stores anyway, and pointer loads keep any stride (dX reads ``w`` transposed).
+- decode (<= 16 rows per expert): 16-row tiles, so each expert's weights stream once, with long
+  K steps and 4-6 stages to keep enough bytes in flight for HBM bandwidth;
+- medium (<= 128): still bound by weight bandwidth (a weight byte feeds rows/expert FLOP, under
+  the ~200 FLOP/B ridge), 64-128-row wgmma tiles;
+- prefill: 128×128 / 128×256 / 256×128 tiles with 64-wide K steps (128-byte rows, wgmma's
+  swizzle), 3-4 stages; a GROUP_M = 8 swizzle lets consecutive programs share weight tiles in L2.
 
-Goals (``torch._grouped_mm`` parity, 85% of dense cuBLAS on 4×8192 n=4096 k=7168, dW at 80%
-of the forward, decode at 70% of copy bandwidth) are unmeasured: no GPU was available while
-this was written. ``MOELA_GROUPED_GEMM_FWD_CONFIG`` (``_DECODE_``, ``_DW_``) pins a config.
+Loads are pointer based (cp.async pipelines). No TMA descriptors: their gain could not be
+measured here, ragged group ends need masked stores or per-group descriptors anyway, and
+pointer loads take any stride (dX reads ``w`` transposed). No fused epilogues (SwiGLU, row
+scale): in prefill the SwiGLU pass is ~6% of the up GEMM's time, in decode ~0, and training
+would have to save or recompute the pre-activations; the row scale is applied by unpermute.
+
+Goals (``torch._grouped_mm`` parity, 85% of dense cuBLAS on 4×8192 n=4096 k=7168, dW at 80% of
+the forward, decode at 70% of copy bandwidth) are unmeasured: no GPU was lent while this was
+written. Pin a config with ``MOELA_GROUPED_GEMM_FWD_{DECODE,MEDIUM,PREFILL}_CONFIG`` or
+``MOELA_GROUPED_GEMM_DW_CONFIG`` (kernels._common).
 """
 
 from __future__ import annotations
@@ -46,13 +53,10 @@ from moela.reference.grouped_gemm import check_offsets
 
 from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
 
-__all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "DECODE_ROWS_PER_EXPERT"]
+__all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
 
 #: Input dtypes of the kernels (float32 accumulation for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: At most this many rows per expert on average (M <= this · E) selects the decode configs.
-DECODE_ROWS_PER_EXPERT = 16
 
 #: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
 _SMEM_BUDGET = 220 * 1024
@@ -83,6 +87,21 @@ def _fwd_configs() -> list[triton.Config]:
         _cfg(128, 64, 64, 8, 4, 4),  # small N
         _cfg(64, 256, 64, 8, 4, 3),
         _cfg(128, 128, 32, 8, 8, 3),  # fp32 (FMA with "ieee"): 64 accumulators per thread, no spills
+        _cfg(64, 64, 64, 8, 4, 3),  # fp32
+    ]
+
+
+def _fwd_medium_configs() -> list[triton.Config]:
+    """17-128 rows per expert on average: still weight-bandwidth bound (a weight byte feeds
+    rows/expert FLOP, under the H200's ~200 FLOP/B ridge), so tiles of 64-128 rows that
+    read each expert's weights about once, and deeper pipelines than prefill."""
+    return [
+        _cfg(64, 128, 64, 8, 4, 4),  # 96 KB smem, 128 regs: two CTAs per SM
+        _cfg(128, 128, 64, 8, 4, 4),
+        _cfg(64, 128, 128, 8, 4, 3),  # 144 KB
+        _cfg(64, 64, 128, 8, 4, 4),  # more programs when few experts are active
+        _cfg(128, 128, 64, 8, 8, 4),
+        _cfg(64, 256, 64, 8, 4, 3),
         _cfg(64, 64, 64, 8, 4, 3),  # fp32
     ]
 
@@ -285,15 +304,19 @@ def _grouped_gemm_dw_kernel(
 
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 _fwd_heuristic = _even_k(_grouped_gemm_fwd_kernel)  # untuned: launched with an explicit config
-_FWD_KEY = ["N", "K", "stride_wk"]  # stride_wk: w read as stored (forward) or transposed (dX)
-_fwd_tuned = triton.autotune(
-    autotune_configs("grouped_gemm_fwd", _fwd_configs()), key=_FWD_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
-)(_fwd_heuristic)
-_fwd_decode_tuned = triton.autotune(
-    autotune_configs("grouped_gemm_fwd_decode", _fwd_decode_configs()), key=_FWD_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
-)(_fwd_heuristic)
+
+#: Forward paths by average rows per expert, ``M / E`` (shapes only, no sync): (name, most rows
+#: per expert, config list). Each has its own autotune cache keyed on N, K and the weight layout
+#: (stride_wk: w as stored in the forward, transposed for dX), so a decode step never runs a
+#: prefill choice. Pin one with ``MOELA_GROUPED_GEMM_FWD_<NAME>_CONFIG``.
+FWD_PATHS = (("decode", 16, _fwd_decode_configs), ("medium", 128, _fwd_medium_configs), ("prefill", None, _fwd_configs))
+_fwd_tuned = {
+    name: triton.autotune(
+        autotune_configs(f"grouped_gemm_fwd_{name}", configs()), key=["N", "K", "stride_wk"],
+        prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
+    )(_fwd_heuristic)
+    for name, _, configs in FWD_PATHS
+}
 _dw_tuned = triton.autotune(
     autotune_configs("grouped_gemm_dw", _dw_configs()), key=["N", "K"],
     prune_configs_by={"early_config_prune": _pruner("BLOCK_M", ("BLOCK_N", "BLOCK_K"), 32)},
@@ -336,6 +359,14 @@ def _check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) ->
         raise ValueError(f"out: expected device {like.device}, got {out.device}")
 
 
+def fwd_path(M: int, E: int) -> str:
+    """The forward path (see ``FWD_PATHS``) of M rows over E experts."""
+    for name, most_rows, _ in FWD_PATHS:
+        if most_rows is None or M <= most_rows * max(E, 1):
+            return name
+    raise AssertionError("the last path takes any M")
+
+
 def _launch_config(config: triton.Config | None) -> dict:
     return {} if config is None else config.all_kwargs()
 
@@ -370,12 +401,7 @@ def grouped_gemm_fwd(
         _check_out(out, (M, N), xs)
     if M == 0 or N == 0:
         return out
-    if config is not None:
-        kernel = _fwd_heuristic
-    elif M <= DECODE_ROWS_PER_EXPERT * max(E, 1):
-        kernel = _fwd_decode_tuned
-    else:
-        kernel = _fwd_tuned
+    kernel = _fwd_heuristic if config is not None else _fwd_tuned[fwd_path(M, E)]
 
     def grid(meta: dict) -> tuple[int]:
         return (min(cdiv(M, meta["BLOCK_M"]) + E, M) * cdiv(N, meta["BLOCK_N"]),)

@@ -9,6 +9,8 @@ accumulation and one rounding, what the kernel must match). The GPU tier runs De
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import triton
@@ -18,7 +20,8 @@ from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference
 from moela.kernels.grouped_gemm import (
-    DECODE_ROWS_PER_EXPERT,
+    FWD_PATHS,
+    fwd_path,
     grouped_gemm,
     grouped_gemm_dw,
     grouped_gemm_fwd,
@@ -81,17 +84,19 @@ def test_forward_small_blocks(case, dtype, device):
 @pytest.mark.parametrize(
     "sizes, tail, N, K",
     [
-        # decode-like (M <= 16·E): 16-row tiles, one group longer than a tile, 2 N-tiles, K tail
+        # decode (<= 16 rows/expert): 16-row tiles, one group longer than a tile, 2 N-tiles, K tail
         ([1, 0, 3, 20, 2, 0], 1, 70, 130),
-        # prefill-like: 128-row tiles, a group longer than a tile, K tail
+        # medium (<= 128 rows/expert): 64-row tiles, a group longer than a tile, K tail
         ([40, 0, 150], 3, 13, 70),
+        # prefill: 128-row tiles, a group longer than a tile
+        ([300], 2, 20, 64),
     ],
-    ids=["decode", "prefill"],
+    ids=["decode", "medium", "prefill"],
 )
 def test_forward_default_configs(sizes, tail, N, K, dtype, device, request):
     xs, w, offsets = _inputs(sizes, tail, N, K, dtype, device)
-    decode = xs.shape[0] <= DECODE_ROWS_PER_EXPERT * len(sizes)
-    assert decode == ("decode" in request.node.callspec.id), "the case must take the path it is named after"
+    path = fwd_path(xs.shape[0], len(sizes))
+    assert request.node.callspec.id.startswith(path), "the case must take the path it is named after"
     out = nan_empty((xs.shape[0], N), dtype, device)
     grouped_gemm_fwd(xs, w, offsets, out=out)
     _check_forward(out, xs, w, offsets)
@@ -350,7 +355,7 @@ def test_gpu_no_host_sync_and_cuda_graph():
 def test_config_lists_and_pruning():
     """The GPU autotuner's candidates: each list pruned for 16-bit and fp32 inputs keeps configs
     that fit in shared memory (the interpreter never prunes: it runs configs[0])."""
-    from moela.kernels import grouped_gemm as gg
+    gg = importlib.import_module("moela.kernels.grouped_gemm")  # the package exports the op under that name
 
     class _Arg:  # what the pruner reads of x_ptr
         def __init__(self, size):
@@ -361,8 +366,7 @@ def test_config_lists_and_pruning():
 
     mn, nk = ("BLOCK_M", "BLOCK_N"), ("BLOCK_N", "BLOCK_K")
     lists = [
-        (gg._fwd_configs(), gg._pruner("BLOCK_K", mn, 64), "BLOCK_K", mn),
-        (gg._fwd_decode_configs(), gg._pruner("BLOCK_K", mn, 64), "BLOCK_K", mn),
+        *((configs(), gg._pruner("BLOCK_K", mn, 64), "BLOCK_K", mn) for _, _, configs in FWD_PATHS),
         (gg._dw_configs(), gg._pruner("BLOCK_M", nk, 32), "BLOCK_M", nk),
     ]
     for configs, prune, red, (a, b) in lists:
