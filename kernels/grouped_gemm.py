@@ -72,7 +72,7 @@ def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int, group_n
                          num_warps=warps, num_stages=stages)
 
 
-def _fwd_configs() -> list[triton.Config]:
+def _fwd_prefill_configs() -> list[triton.Config]:
     """Prefill-like loads: wgmma-sized tiles. configs[0] is the default (and the interpreter's).
 
     Compiled for sm_90 (triton 3.6, bf16), every 16-bit config issues HGMMA with 16-byte
@@ -309,7 +309,11 @@ _fwd_heuristic = _even_k(_grouped_gemm_fwd_kernel)  # untuned: launched with an 
 #: per expert, config list). Each has its own autotune cache keyed on N, K and the weight layout
 #: (stride_wk: w as stored in the forward, transposed for dX), so a decode step never runs a
 #: prefill choice. Pin one with ``MOELA_GROUPED_GEMM_FWD_<NAME>_CONFIG``.
-FWD_PATHS = (("decode", 16, _fwd_decode_configs), ("medium", 128, _fwd_medium_configs), ("prefill", None, _fwd_configs))
+FWD_PATHS = (
+    ("decode", 16, _fwd_decode_configs),
+    ("medium", 128, _fwd_medium_configs),
+    ("prefill", None, _fwd_prefill_configs),
+)
 _fwd_tuned = {
     name: triton.autotune(
         autotune_configs(f"grouped_gemm_fwd_{name}", configs()), key=["N", "K", "stride_wk"],
