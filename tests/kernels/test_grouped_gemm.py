@@ -47,6 +47,7 @@ CASES = {
     "one-row-groups": ([1, 1, 0, 1, 1], 1, 13, 17),  # as many tiles as rows: the grid bound is tight
     "all-empty": ([0, 0, 0], 5, 13, 17),  # every row is in the tail
     "no-rows": ([0, 0], 0, 13, 17),  # M = 0
+    "no-experts": ([], 4, 13, 17),  # E = 0: every row is in the tail
 }
 
 
