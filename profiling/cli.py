@@ -275,7 +275,7 @@ def _environment():
     return collect_environment()
 
 
-def _bench(parser, args, device, sets_default, quick_ceilings: bool):
+def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds: dict[str, str] | None = None):
     from .ceilings import measure_ceilings
     from .runner import BenchSettings, run_bench
 
@@ -290,7 +290,7 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool):
         device=device, impls=args.impls, warmup_ms=getattr(args, "warmup_ms", 10.0), rep_ms=rep_ms,
         time_budget_s=getattr(args, "time_budget", None), verify=not getattr(args, "no_verify", False),
         progress=_progress_enabled(args), seed=getattr(args, "seed", 0),
-        telemetry=not getattr(args, "no_telemetry", False),
+        telemetry=not getattr(args, "no_telemetry", False), skip_kinds=skip_kinds or {},
     )
     print(f"bench on {device}: {len(plan)} problems, sets {', '.join(sets)}")
     rows = run_bench(plan, ceilings, settings)
@@ -434,7 +434,11 @@ def cmd_default(parser, args) -> int:
 
     print(f"\n== quick benchmark ({'tiny' if cpu else 'quick'} shapes)")
     args.ops, args.sets, args.impls = None, None, None
-    rows, ceilings, settings, stats = _bench(parser, args, device, ["tiny" if cpu else "quick"], quick_ceilings=True)
+    # Interpreted kernels were just checked; their CPU times say nothing (`bench` times them anyway).
+    skip = {"moela": "checked above; not timed through the Triton interpreter in the default run "
+                     "(`bench` times it)"} if cpu else None
+    rows, ceilings, settings, stats = _bench(parser, args, device, ["tiny" if cpu else "quick"], quick_ceilings=True,
+                                             skip_kinds=skip)
     print_bench(rows, device.type)
 
     layers: list[dict[str, Any]] = []

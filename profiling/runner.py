@@ -102,6 +102,7 @@ class BenchSettings:
     seed: int = 0
     telemetry: bool = True
     on_row: Callable[[dict[str, Any]], None] | None = None  # called as each row completes
+    skip_kinds: dict[str, str] = field(default_factory=dict)  # impl kind -> reason it is not timed
     stats: dict[str, Any] = field(default_factory=dict)  # filled: problems run / left out, seconds
 
 
@@ -194,10 +195,13 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         except Exception as e:
             row["status"], row["reason"] = "error", f"prepare: {_reason(e)}"
             continue
+        if impl.kind in s.skip_kinds:
+            row["reason"] = s.skip_kinds[impl.kind]
+            continue
         kind_interp = impl.kind == "moela" and interpreter_active()
         timer = {"warmup_ms": s.warmup_ms, "rep_ms": s.rep_ms}
-        if impl.kind == "reference":
-            timer["min_reps"] = 1  # the definition can be slow at DeepSeek sizes: don't repeat it much
+        if impl.kind == "reference" or kind_interp:
+            timer["min_reps"] = 1  # the definition is slow at DeepSeek sizes, the interpreter always
         try:
             with telemetry.around() as samples:
                 timing, out = time_fns(fns, device, interpreter=kind_interp, flush=use_flush, **timer)

@@ -32,6 +32,7 @@ from ._common import (
     grouped_mm_runner,
     need_cuda,
     offsets_of,
+    probed,
     rand_fp8,
     rand_scale,
 )
@@ -88,7 +89,8 @@ def _rowwise(case: Case):
     scale_a = i["xs_s"][:, 0].contiguous()  # (M,) one scale per row
     scale_b = i["w_s"][:, :, 0].repeat_interleave(BLOCK, dim=1)[:, : w.shape[1]].contiguous()  # (E, N)
     wt = w.transpose(-2, -1)  # (E, K, N) column-major
-    return lambda: fn(xs, wt, scale_a, scale_b, offs=offsets, out_dtype=torch.bfloat16)
+    return probed(lambda: fn(xs, wt, scale_a, scale_b, offs=offsets, out_dtype=torch.bfloat16),
+                  "torch._scaled_grouped_mm")
 
 
 def _tiny(set_name: str) -> list[Problem]:
