@@ -109,6 +109,12 @@ class FP8Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .bfloat16() move the e4m3 weight and its float32 scales, never cast them
+        from .quantize import keep_dtype
+
+        return super()._apply(keep_dtype(fn, (self.weight, self.weight_scale_inv)), recurse)
+
     def resolved_backend(self, x: torch.Tensor) -> str:
         """The path ``forward(x)`` takes (see the module docstring for "auto")."""
         if self.backend != "auto":

@@ -25,6 +25,7 @@ from moela.reference.fp8 import quant_weight
 from moela.reference.moe import MLP, swiglu
 
 from .backend import ops_for
+from .quantize import keep_dtype, quantize_linears_
 
 __all__ = ["Gate", "MoE", "sequence_balance_loss"]
 
@@ -128,6 +129,8 @@ class MoE(nn.Module):
             self.w13 = nn.Parameter(w13)
             self.w2 = nn.Parameter(w2)
         self.shared_experts = MLP(D, args.n_shared_experts * I) if args.n_shared_experts else None
+        if self.fp8 and self.shared_experts is not None:
+            quantize_linears_(self.shared_experts, args)
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.register_state_dict_post_hook(_experts_to_checkpoint)
@@ -169,6 +172,11 @@ class MoE(nn.Module):
                 seq = shape[-2] if x.ndim >= 3 else x2.shape[0]
                 self.aux_loss = self.seq_aux_alpha * sequence_balance_loss(self.gate.logits(x2), ids, a, seq)
         return y.view(shape)
+
+    def _apply(self, fn, recurse=True):
+        if self.fp8:  # .to(dtype) / .half() move the FP8 experts but keep their dtypes
+            fn = keep_dtype(fn, (self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv))
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def update_gate_bias(self, rate: float = 1e-3) -> None:

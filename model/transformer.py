@@ -2,7 +2,10 @@
 
 Names follow DeepSeek's checkpoints (``embed``, ``layers.N.attn_norm``, ``layers.N.attn``,
 ``layers.N.ffn_norm``, ``layers.N.ffn``, ``norm``, ``head``): the first ``n_dense_layers``
-blocks use a dense SwiGLU MLP of width ``inter_dim``, the others the MoE layer.
+blocks use a dense SwiGLU MLP of width ``inter_dim``, the others the MoE layer. With
+``args.dtype == "fp8"`` every projection and expert holds e4m3 weights with 128×128
+``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoints); the embedding, norms, gate and head
+stay in the floating dtype.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moela.reference import MLA, MLP, KVCache, ModelArgs, RMSNorm
+from moela.reference import MLP, KVCache, ModelArgs, RMSNorm
 
+from .mla import MLA
 from .moe import MoE
+from .quantize import quantize_linears_
 
 __all__ = ["Block", "Transformer"]
 
@@ -26,7 +31,12 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim)
         self.attn = MLA(args, attn_impl)
         self.ffn_norm = RMSNorm(args.dim)
-        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+        if layer_id < args.n_dense_layers:
+            self.ffn = MLP(args.dim, args.inter_dim)
+            if args.dtype == "fp8":
+                quantize_linears_(self.ffn, args)
+        else:
+            self.ffn = MoE(args)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start_pos, cache)

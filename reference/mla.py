@@ -48,6 +48,7 @@ from ._checks import accumulate_dtype as _acc_dtype
 from ._checks import check_float_tensor as _check_float
 from ._checks import check_int as _check_int
 from .config import ModelArgs
+from .fp8 import FP8_DTYPE, dequant
 
 __all__ = [
     "ATTN_IMPLS",
@@ -348,7 +349,7 @@ class MLA(nn.Module):
         ``args.max_seq_len``.
         """
         max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
-        w = self.wkv_a.weight
+        w = self.kv_norm.weight  # a floating-point parameter in every precision
         dtype = w.dtype if dtype is None else dtype
         device = w.device if device is None else device
         if self.attn_impl == "naive":
@@ -405,7 +406,10 @@ class MLA(nn.Module):
 
     def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
         """Attention in the latent space, wkv_b folded into q and o. Returns (B, S, H, Dv)."""
-        w = rearrange(self.wkv_b.weight, "(h d) c -> h d c", h=self.n_heads)  # (H, Dn + Dv, C)
+        w = self.wkv_b.weight  # (H·(Dn + Dv), C)
+        if w.dtype == FP8_DTYPE:  # an FP8 linear (DeepSeek's fp8 checkpoints): dequantize, as DeepSeek does
+            w = dequant(w, self.wkv_b.weight_scale_inv, out_dtype=q_nope.dtype)
+        w = rearrange(w, "(h d) c -> h d c", h=self.n_heads)  # (H, Dn + Dv, C)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # (H, Dn, C), (H, Dv, C)
         q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # (B, S, H, C)
         if cache is not None:
@@ -437,7 +441,7 @@ class MLA(nn.Module):
             raise ValueError(f"x: expected shape (B, S, {self.dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-        w = self.wkv_a.weight
+        w = self.kv_norm.weight
         if x.dtype != w.dtype:
             raise TypeError(f"x: expected dtype {w.dtype} (the parameters'), got {x.dtype}")
         _check_int("start_pos", start_pos, 0)

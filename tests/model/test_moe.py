@@ -69,9 +69,9 @@ def test_bf16_forward_is_as_close_as_the_reference_is():
 
 def test_fp8_experts_load_quantized_checkpoints_and_stay_close():
     args = ModelArgs.from_name("tiny", backend="reference", dtype="fp8", dim=128, moe_inter_dim=128)
-    model = MoE(args)
-    model.shared_experts.bfloat16()
-    assert model.w13.dtype == torch.float8_e4m3fn and model.w13_scale_inv.shape == (16, 2, 1)
+    model = MoE(args).bfloat16()  # the FP8 experts keep their dtypes
+    assert model.w13.dtype == torch.float8_e4m3fn and model.w13_scale_inv.dtype == torch.float32
+    assert model.w13_scale_inv.shape == (16, 2, 1)
     sd = model.state_dict()
     assert sd["experts.3.w1.weight"].dtype == torch.float8_e4m3fn
     assert sd["experts.3.w1.weight_scale_inv"].shape == (1, 1)
@@ -85,7 +85,9 @@ def test_fp8_experts_load_quantized_checkpoints_and_stay_close():
         bf16.w13.copy_(dequant(model.w13, model.w13_scale_inv))
         bf16.w2.copy_(dequant(model.w2, model.w2_scale_inv))
         bf16.gate.load_state_dict(model.gate.state_dict())
-        bf16.shared_experts.load_state_dict({k: v.float() for k, v in model.shared_experts.state_dict().items()})
+        for name in ("w1", "w2", "w3"):
+            fp8 = getattr(model.shared_experts, name)
+            getattr(bf16.shared_experts, name).weight.copy_(dequant(fp8.weight, fp8.weight_scale_inv))
         x = torch.randn(32, 128)
         assert calc_diff(model(x.bfloat16()).float(), bf16(x)) < 2e-3
     with pytest.raises(ValueError, match="moe_inter_dim"):
