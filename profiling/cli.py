@@ -19,7 +19,9 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -60,6 +62,8 @@ def _add_selection(p: argparse.ArgumentParser, sets_help: str) -> None:
     p.add_argument("--sets", nargs="+", metavar="SET", help=sets_help)
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="implementation names or kinds (moela, reference, torch, all)")
+    p.add_argument("--cpu-large", action="store_true",
+                   help="allow DeepSeek-sized sets on a CPU (gigabytes of inputs; the interpreter takes hours)")
 
 
 def _add_output(p: argparse.ArgumentParser, sub: bool = False) -> None:
@@ -159,7 +163,8 @@ def setup_kernels(device) -> str:
     return "kernels: Triton interpreter (CPU)" if device.type == "cpu" else "kernels: CUDA"
 
 
-def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, default_sets: Sequence[str]):
+def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, default_sets: Sequence[str],
+            device=None, cpu_large: bool = False):
     from .registry import all_ops, make_plan
 
     ops = all_ops()
@@ -180,6 +185,10 @@ def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, defau
         if bad:
             parser.error(f"unknown implementation(s) {', '.join(bad)}; known: {', '.join(sorted(known_impls))}")
     plan = make_plan(chosen, sets)
+    large = sorted({p.set for _, p in plan if p.set != "tiny"})
+    if device is not None and device.type == "cpu" and large and not cpu_large:
+        parser.error(f"shape set(s) {', '.join(large)} are DeepSeek-sized: on a CPU only `tiny` runs "
+                     "(add --cpu-large to try anyway)")
     if not plan:
         parser.error(f"the chosen ops have no problems in set(s) {', '.join(sets)}")
     return plan, sets
@@ -202,7 +211,6 @@ def _opt(v: float | None, fmt: str) -> str:
 
 def print_checks(rows: list[dict[str, Any]]) -> None:
     skipped: dict[tuple[str, str, str], int] = defaultdict(int)
-    shown = 0
     for r in rows:
         if r["status"] == "skipped":
             skipped[(r["op"], r["impl"], r["reason"])] += 1
@@ -211,34 +219,45 @@ def print_checks(rows: list[dict[str, Any]]) -> None:
         value = f"{chk.get('metric')}={chk['value']:.3g} (tol {chk['tol']:.3g})" if chk.get("metric") else ""
         print(f"  {r['status']:<7} {r['op']:<22} {r['impl']:<10} {r['set']}/{r['problem']:<40} {value} "
               f"{r.get('reason', '')}".rstrip())
-        shown += 1
     for (op, impl, reason), n in skipped.items():
         print(f"  {'skip':<7} {op:<22} {impl:<10} ({n} problems) {reason}")
     if not rows:
         print("  nothing to check")
 
 
-def print_bench(rows: list[dict[str, Any]], device_type: str) -> None:
-    if device_type != "cuda":
-        print("  (CPU wall clock; moela kernels through the Triton interpreter: says nothing about GPU speed)")
-    header = (f"  {'op':<20} {'problem':<34} {'impl':<28} {'median':>10} {'TFLOP/s':>8} {'GB/s':>8} "
-              f"{'roof%':>6} {'speedup':>8}  check")
-    print(header)
-    print("  " + "-" * (len(header) - 2))
+BENCH_HEADER = (f"  {'op':<20} {'problem':<40} {'impl':<28} {'median':>10} {'TFLOP/s':>8} {'GB/s':>8} "
+                f"{'roof%':>6} {'speedup':>8}  check")
+
+
+def bench_line(r: dict[str, Any]) -> str | None:
+    """One printed line of a benchmark row (None for skipped rows: they are summarised)."""
+    if r["status"] == "skipped":
+        return None
+    head = f"  {r['op']:<20} {r['problem'][:40]:<40} {r['impl'][:28]:<28}"
+    if r["status"] != "ok":
+        return f"{head} ERROR {r['reason']}"
+    chk = r.get("check") or {}
+    check = {True: "ok", False: "FAIL", None: ""}[chk.get("ok")]
+    roof = None if r.get("frac_roofline") is None else 100 * r["frac_roofline"]
+    return (f"{head} {_fmt_ms(r['median_ms']):>10} {_opt(r.get('tflops'), '.3g'):>8} {_opt(r.get('gbps'), '.3g'):>8} "
+            f"{_opt(roof, '.0f'):>6} {_opt(r.get('speedup'), '.2f'):>8}  {check}")
+
+
+def print_bench(rows: list[dict[str, Any]], device_type: str, lines: bool = True) -> None:
+    """The table of timed rows (``lines=False``: only the skip summary, rows were streamed)."""
+    if lines:
+        if device_type != "cuda":
+            print("  (CPU wall clock; moela kernels through the Triton interpreter: says nothing about GPU speed)")
+        print(BENCH_HEADER)
+        print("  " + "-" * (len(BENCH_HEADER) - 2))
+        for r in rows:
+            line = bench_line(r)
+            if line is not None:
+                print(line)
     skipped: dict[tuple[str, str, str], int] = defaultdict(int)
     for r in rows:
         if r["status"] == "skipped":
             skipped[(r["op"], r["impl"], r["reason"])] += 1
-            continue
-        if r["status"] != "ok":
-            print(f"  {r['op']:<20} {r['problem'][:34]:<34} {r['impl'][:28]:<28} ERROR {r['reason']}")
-            continue
-        chk = r.get("check") or {}
-        check = {True: "ok", False: "FAIL", None: ""}[chk.get("ok")]
-        roof = None if r.get("frac_roofline") is None else 100 * r["frac_roofline"]
-        print(f"  {r['op']:<20} {r['problem'][:34]:<34} {r['impl'][:28]:<28} {_fmt_ms(r['median_ms']):>10} "
-              f"{_opt(r.get('tflops'), '.3g'):>8} {_opt(r.get('gbps'), '.3g'):>8} {_opt(roof, '.0f'):>6} "
-              f"{_opt(r.get('speedup'), '.2f'):>8}  {check}")
     if skipped:
         print("  skipped:")
         for (op, impl, reason), n in skipped.items():
@@ -259,7 +278,8 @@ def cmd_check(parser, args) -> int:
 
     device = resolve_device(parser, args.device)
     print(setup_kernels(device))
-    plan, sets = _select(parser, args.ops, args.sets, args.impls, ["tiny" if device.type == "cpu" else "check"])
+    plan, sets = _select(parser, args.ops, args.sets, args.impls, ["tiny" if device.type == "cpu" else "check"],
+                         device, args.cpu_large)
     print(f"check on {device}, sets {', '.join(sets)}: moela kernels against their references")
     rows = run_check(plan, device, impls=args.impls, progress=_progress_enabled(args))
     print_checks(rows)
@@ -279,7 +299,8 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
     from .ceilings import measure_ceilings
     from .runner import BenchSettings, run_bench
 
-    plan, sets = _select(parser, args.ops, args.sets, args.impls, sets_default)
+    plan, sets = _select(parser, args.ops, args.sets, args.impls, sets_default, device,
+                         getattr(args, "cpu_large", False))
     ceilings: dict[str, Any] = {}
     if not getattr(args, "no_ceilings", False):
         print(f"ceilings on {device}:")
@@ -293,13 +314,34 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
         telemetry=not getattr(args, "no_telemetry", False), skip_kinds=skip_kinds or {},
     )
     print(f"bench on {device}: {len(plan)} problems, sets {', '.join(sets)}")
-    rows = run_bench(plan, ceilings, settings)
+    if not settings.progress:  # a log, not a terminal: every row as soon as it is measured
+        print(BENCH_HEADER, flush=True)
+
+        def stream(row: dict[str, Any]) -> None:
+            line = bench_line(row)
+            if line is not None:
+                print(line, flush=True)
+
+        settings.on_row = stream
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        rows = run_bench(plan, ceilings, settings)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     settings_out = {"device": str(device), "ops": sorted({op.name for op, _ in plan}), "sets": list(sets),
                     "impls": args.impls, "rep_ms": rep_ms, "warmup_ms": settings.warmup_ms,
                     "time_budget_s": settings.time_budget_s, "seed": settings.seed}
     if settings.stats.get("problems_left_out"):
-        print(f"time budget reached: {settings.stats['problems_left_out']} problems not run")
-    return rows, ceilings, settings_out, settings.stats
+        why = "interrupted" if settings.stats.get("interrupted") else "time budget reached"
+        print(f"{why}: {settings.stats['problems_left_out']} problems not run")
+    return rows, ceilings, settings_out, settings.stats, settings.progress
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (e.g. from `timeout`) stops the sweep like Ctrl-C: the rows so far are saved."""
+    raise KeyboardInterrupt
 
 
 def _bench_failed(rows: list[dict[str, Any]]) -> bool:
@@ -325,9 +367,9 @@ def cmd_bench(parser, args) -> int:
     env = _environment()
     print(format_environment(env))
     print(setup_kernels(device))
-    rows, ceilings, settings, stats = _bench(parser, args, device, ["tiny" if device.type == "cpu" else "full"],
-                                            quick_ceilings=False)
-    print_bench(rows, device.type)
+    rows, ceilings, settings, stats, table = _bench(parser, args, device,
+                                                   ["tiny" if device.type == "cpu" else "full"], quick_ceilings=False)
+    print_bench(rows, device.type, lines=table)
     _save(args, {"kind": "bench", "environment": env, "settings": settings, "ceilings": ceilings,
                  "stats": stats, "rows": rows}, "bench")
     return 1 if _bench_failed(rows) else 0
@@ -435,11 +477,10 @@ def cmd_default(parser, args) -> int:
     print(f"\n== quick benchmark ({'tiny' if cpu else 'quick'} shapes)")
     args.ops, args.sets, args.impls = None, None, None
     # Interpreted kernels were just checked; their CPU times say nothing (`bench` times them anyway).
-    skip = {"moela": "checked above; not timed through the Triton interpreter in the default run "
-                     "(`bench` times it)"} if cpu else None
-    rows, ceilings, settings, stats = _bench(parser, args, device, ["tiny" if cpu else "quick"], quick_ceilings=True,
-                                             skip_kinds=skip)
-    print_bench(rows, device.type)
+    skip = {"moela": "not timed through the Triton interpreter in the default run (`bench` times it)"} if cpu else None
+    rows, ceilings, settings, stats, table = _bench(parser, args, device, ["tiny" if cpu else "quick"],
+                                                   quick_ceilings=True, skip_kinds=skip)
+    print_bench(rows, device.type, lines=table)
 
     layers: list[dict[str, Any]] = []
     ok_layers = True

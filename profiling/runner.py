@@ -132,6 +132,7 @@ def run_bench(plan: Sequence[tuple[Op, Problem]], ceilings: dict[str, dict[str, 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     done = 0
+    interrupted = False
     try:
         for op, p in _progress(plan, s.progress, "bench"):
             if s.time_budget_s is not None and time.perf_counter() - start > s.time_budget_s:
@@ -144,9 +145,11 @@ def run_bench(plan: Sequence[tuple[Op, Problem]], ceilings: dict[str, dict[str, 
             rows += problem_rows
             done += 1
             _free(device)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was measured
+        interrupted = True
     finally:
         telemetry.close()
-    s.stats.update({"problems_run": done, "problems_left_out": len(plan) - done,
+    s.stats.update({"problems_run": done, "problems_left_out": len(plan) - done, "interrupted": interrupted,
                     "seconds": time.perf_counter() - start, "telemetry": telemetry.reason or "nvml"})
     return rows
 
@@ -173,9 +176,14 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
     n_sets = 1
     if device.type == "cuda":
         n_sets = rotation_sets(case0.bytes, case0.allocated_bytes(), l2_bytes(device))
+    try:
+        for i in range(1, max(n_sets, 1)):
+            cases.append(op.make_case(p, device, s.seed + i))
+    except torch.OutOfMemoryError:  # no room for more input sets: flush L2 instead
+        del cases[1:]
+        _free(device)
+        n_sets = 0
     use_flush = flush if n_sets == 0 else None
-    for i in range(1, max(n_sets, 1)):
-        cases.append(op.make_case(p, device, s.seed + i))
 
     truth_out: Any = None
     truth_reason = ""

@@ -48,6 +48,13 @@ def test_cuda_requested_without_cuda(capsys):
     assert code == 2 and "CUDA is not available" in err
 
 
+def test_deepseek_sets_refused_on_cpu(capsys):
+    code, _, err = run(capsys, "bench", "--device", "cpu", "--ops", "grouped_gemm", "--sets", "tiny", "v3-decode")
+    assert code == 2 and "v3-decode are DeepSeek-sized: on a CPU only `tiny` runs" in err
+    code, _, err = run(capsys, "check", "--device", "cpu", "--sets", "check")
+    assert code == 2 and "--cpu-large" in err
+
+
 def test_report_errors(capsys, tmp_path):
     code, _, err = run(capsys, "report", str(tmp_path / "missing.json"))
     assert code == 2 and "no such result file" in err
