@@ -243,11 +243,9 @@ def bench_line(r: dict[str, Any]) -> str | None:
             f"{_opt(roof, '.0f'):>6} {_opt(r.get('speedup'), '.2f'):>8}  {check}")
 
 
-def print_bench(rows: list[dict[str, Any]], device_type: str, lines: bool = True) -> None:
+def print_bench(rows: list[dict[str, Any]], lines: bool = True) -> None:
     """The table of timed rows (``lines=False``: only the skip summary, rows were streamed)."""
     if lines:
-        if device_type != "cuda":
-            print("  (CPU wall clock; moela kernels through the Triton interpreter: says nothing about GPU speed)")
         print(BENCH_HEADER)
         print("  " + "-" * (len(BENCH_HEADER) - 2))
         for r in rows:
@@ -314,6 +312,8 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
         telemetry=not getattr(args, "no_telemetry", False), skip_kinds=skip_kinds or {},
     )
     print(f"bench on {device}: {len(plan)} problems, sets {', '.join(sets)}")
+    if device.type != "cuda":
+        print("  (CPU wall clock; moela kernels through the Triton interpreter: says nothing about GPU speed)")
     if not settings.progress:  # a log, not a terminal: every row as soon as it is measured
         print(BENCH_HEADER, flush=True)
 
@@ -369,7 +369,7 @@ def cmd_bench(parser, args) -> int:
     print(setup_kernels(device))
     rows, ceilings, settings, stats, table = _bench(parser, args, device,
                                                    ["tiny" if device.type == "cpu" else "full"], quick_ceilings=False)
-    print_bench(rows, device.type, lines=table)
+    print_bench(rows, lines=table)
     _save(args, {"kind": "bench", "environment": env, "settings": settings, "ceilings": ceilings,
                  "stats": stats, "rows": rows}, "bench")
     return 1 if _bench_failed(rows) else 0
@@ -480,7 +480,7 @@ def cmd_default(parser, args) -> int:
     skip = {"moela": "not timed through the Triton interpreter in the default run (`bench` times it)"} if cpu else None
     rows, ceilings, settings, stats, table = _bench(parser, args, device, ["tiny" if cpu else "quick"],
                                                    quick_ceilings=True, skip_kinds=skip)
-    print_bench(rows, device.type, lines=table)
+    print_bench(rows, lines=table)
 
     layers: list[dict[str, Any]] = []
     ok_layers = True
