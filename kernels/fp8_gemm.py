@@ -155,9 +155,10 @@ def _fp8_gemm_configs(cls: str) -> list[triton.Config]:
     mma.sync path, which is enough for memory-bound decode. Stages × (BLOCK_M + BLOCK_N) × 128 B
     of shared memory stay under Hopper's 227 KB.
     """
-    if cls == "small":  # decode: stream b with many programs and deep pipelines
+    if cls == "small":  # decode: memory-bound on b; many programs (N/16 = 132 for N = 2112), deep pipelines
         configs = [_cfg(16, 64, 4, 4), _cfg(16, 32, 4, 4), _cfg(16, 128, 4, 4), _cfg(32, 64, 4, 5),
-                   _cfg(64, 64, 4, 4), _cfg(16, 64, 4, 6), _cfg(64, 32, 4, 6)]
+                   _cfg(64, 64, 4, 4), _cfg(16, 64, 4, 6), _cfg(64, 32, 4, 6), _cfg(16, 32, 2, 8),
+                   _cfg(16, 16, 1, 8)]
     elif cls == "medium":
         configs = [_cfg(64, 64, 4, 4), _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4), _cfg(32, 64, 4, 5),
                    _cfg(64, 32, 4, 5), _cfg(128, 128, 8, 4)]

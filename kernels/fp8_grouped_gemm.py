@@ -106,7 +106,7 @@ def _fp8_grouped_gemm_configs(cls: str) -> list[triton.Config]:
     rows per expert) waste most of a 64-row tile, so the small class starts at BLOCK_M = 16."""
     if cls == "small":
         configs = [_cfg(16, 64, 4, 4), _cfg(16, 128, 4, 4), _cfg(32, 64, 4, 4), _cfg(16, 32, 4, 5),
-                   _cfg(64, 64, 4, 4)]
+                   _cfg(64, 64, 4, 4), _cfg(16, 32, 2, 8)]
     elif cls == "medium":
         configs = [_cfg(64, 128, 4, 4), _cfg(64, 64, 4, 4), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 4),
                    _cfg(32, 128, 4, 4)]

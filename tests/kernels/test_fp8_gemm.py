@@ -77,6 +77,7 @@ CONFIGS = {  # the code paths a single default config cannot reach
     "vector-b-scales": dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4),
     "scalar-b-scales-32": dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_warps=4),
     "tall-tiles": dict(BLOCK_M=64, BLOCK_N=16, GROUP_M=4, num_warps=4),
+    "decode-16x16": dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=1, num_stages=8),
 }
 
 
