@@ -73,18 +73,19 @@ def test_fp8_gemm_16bit_outputs_and_column_major_scales(out_dtype, device):
     _check(out, a, a_s, b, b_s)
 
 
-CONFIGS = {  # the code paths a single default config cannot reach
-    "vector-b-scales": dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4),
-    "scalar-b-scales-32": dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_warps=4),
-    "tall-tiles": dict(BLOCK_M=64, BLOCK_N=16, GROUP_M=4, num_warps=4),
-    "decode-16x16": dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=1, num_stages=8),
+CONFIGS = {  # the code paths a single default config cannot reach: config, (M, N, K)
+    "vector-b-scales": (dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4), (70, 200, 256)),
+    "scalar-b-scales-32": (dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_warps=4), (70, 200, 256)),
+    "tall-tiles": (dict(BLOCK_M=64, BLOCK_N=16, GROUP_M=4, num_warps=4), (70, 100, 256)),
+    "decode-16x16": (dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=1, num_stages=8), (20, 72, 256)),
 }
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 def test_fp8_gemm_configs(cfg, device):
-    _, _, a, a_s, b, b_s = _operands(70, 200, 256, device)
-    out = fp8_gemm_fwd(a, a_s, b, b_s, torch.float32, config=CONFIGS[cfg], out=nan_empty((70, 200), device=device))
+    config, (M, N, K) = CONFIGS[cfg]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    out = fp8_gemm_fwd(a, a_s, b, b_s, torch.float32, config=config, out=nan_empty((M, N), device=device))
     _check(out, a, a_s, b, b_s)
 
 
