@@ -387,6 +387,8 @@ def cmd_report(parser, args) -> int:
         except (OSError, ValueError) as e:
             parser.error(f"report: {e}")
     out = args.out or str(Path(args.results[0]).with_suffix("")) + "-report"
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        parser.error("report: the plots need matplotlib (pip install matplotlib), or pass --no-plots")
     md, pngs = write_report(args.results, out, plots=not args.no_plots, ops=args.ops)
     print(f"wrote {md}" + "".join(f"\n      {p}" for p in pngs))
     return 0
@@ -395,9 +397,14 @@ def cmd_report(parser, args) -> int:
 def cmd_layers(parser, args) -> int:
     import torch
 
+    from moela.reference import PRESETS
+
     from .environment import format_environment
 
     device = resolve_device(parser, args.device)
+    for name in args.configs:
+        if name not in PRESETS and not Path(name).is_file():
+            parser.error(f"--configs: {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config JSON file")
     print(format_environment(_environment()))
     dtype = getattr(torch, args.dtype)
     ok = _print_layers(args.configs, args.tokens, args.decode_steps, device, dtype, args.reps, parser)[0]

@@ -31,6 +31,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     (["nope"], "invalid choice: 'nope'"),
     (["report"], "the following arguments are required: RESULT.json"),
     (["list", "--ops", "nope"], "unknown op(s) nope"),
+    (["layers", "--configs", "nope"], "'nope' is neither a preset (deepseek-v3"),
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
     code, _, err = run(capsys, *argv)
