@@ -14,6 +14,8 @@ import importlib
 import pytest
 import torch
 from fp8_testing import abs_fp8, assert_gemm_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moela_testing import nan_empty
 
 from moela import reference as ref
@@ -99,6 +101,17 @@ def test_worst_case_tile_count_fits_the_grid(device):
     out = nan_empty((xs.shape[0], 16), torch.float32, device)
     fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
                          config=dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4))
+    _check(out, xs, xs_s, w8, w_s, offsets)
+
+
+@settings(max_examples=8)
+@given(sizes=st.lists(st.integers(0, 20), min_size=0, max_size=6), tail=st.integers(0, 3))
+def test_random_group_sizes_property(sizes, tail):
+    """Any group layout: every row written once, by its own expert (16-row tiles, 32-wide N)."""
+    _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, tail, 32, 128, "cpu")
+    out = nan_empty((xs.shape[0], 32), torch.float32)
+    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
+                         config=dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from fp8_testing import assert_same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moela_testing import nan_empty
 
 from moela import reference as ref
@@ -69,6 +71,20 @@ ACT_CASES = {  # shape, block
 def test_quant_act_bit_exact_shapes(case, fmt, device):
     shape, block = ACT_CASES[case]
     x = _wide(shape, torch.bfloat16, device)
+    q, s = _quant_act_poisoned(x, block, fmt)
+    q_ref, s_ref = ref.quant_act(x, block, fmt)
+    assert_same_bits(s, s_ref, "scale")
+    assert_same_bits(q, q_ref, "q")
+
+
+@settings(max_examples=15)
+@given(
+    rows=st.integers(1, 9), K=st.integers(1, 260), block=st.sampled_from([8, 32, 100, 128]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), fmt=st.sampled_from(FMTS),
+    log_scale=st.floats(-30, 30),
+)
+def test_quant_act_bit_exact_property(rows, K, block, dtype, fmt, log_scale):
+    x = (torch.randn(rows, K) * 2.0**log_scale).to(dtype)
     q, s = _quant_act_poisoned(x, block, fmt)
     q_ref, s_ref = ref.quant_act(x, block, fmt)
     assert_same_bits(s, s_ref, "scale")
