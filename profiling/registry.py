@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .shapes import STANDARD_SETS, Problem, unique_names
+from .shapes import STANDARD_SETS, Problem, duplicate_names
 
 __all__ = [
     "NOT_IMPLEMENTED", "Case", "Check", "Impl", "Op", "Unavailable",
@@ -143,7 +143,7 @@ class Op:
             for p in problems:
                 if p.op != self.name or p.set != set_name:
                     raise ValueError(f"op {self.name!r}: problem {p.key} is filed under set {set_name!r}")
-            dup = unique_names(problems)
+            dup = duplicate_names(problems)
             if dup:
                 raise ValueError(f"op {self.name!r}: set {set_name!r} repeats problem names {dup}")
         if self.compute not in COMPUTE_KINDS:

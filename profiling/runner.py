@@ -9,7 +9,6 @@ measured ceilings and the speedup over the op's baseline measured in the same ru
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -298,8 +297,3 @@ def run_check(plan: Sequence[tuple[Op, Problem]], device: torch.device, impls: S
         _free(device)
     return rows
 
-
-def fmt_value(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "nan" if isinstance(v, float) else "-"
-    return f"{v:.2e}" if v and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3g}"

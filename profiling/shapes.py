@@ -202,10 +202,10 @@ def grouped_problem(op: str, set_name: str, name: str, group_rows: Sequence[int]
 def token_problems(op: str, set_name: str, configs: Iterable[str], tokens: Iterable[int],
                    loads: Iterable[str] = ("balanced",), **extra: Any) -> list[Problem]:
     """A token sweep over configs (``CONFIGS`` keys) and loads: the dispatch ops' problems."""
-    out = []
+    out, loads = [], tuple(loads)
     for cfg in configs:
         for load in loads:
-            suffix = "" if tuple(loads) == ("balanced",) else f" {load}"
+            suffix = "" if loads == ("balanced",) else f" {load}"
             tag = "".join(f" {k}={v}" for k, v in extra.items())
             for t in tokens:
                 out.append(Problem(op, set_name, f"{cfg}{tag} T={t}{suffix}", {
@@ -214,7 +214,7 @@ def token_problems(op: str, set_name: str, configs: Iterable[str], tokens: Itera
     return out
 
 
-def unique_names(problems: Iterable[Problem]) -> Sequence[str]:
+def duplicate_names(problems: Iterable[Problem]) -> Sequence[str]:
     """Names that occur more than once (an op module's registry sanity check)."""
     seen: set[str] = set()
     dup = []

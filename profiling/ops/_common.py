@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moela.reference import FP8_DTYPE, RoutingPlan, calc_diff
+from moela.reference import FP8_DTYPE, calc_diff
 
 from ..registry import Check, Unavailable
 
@@ -140,10 +140,6 @@ def ids_and_weights(tol: float) -> Callable[[Any, Any], Check]:
         return weights_close(w, w_ref)
 
     return compare
-
-
-def plan_fields(plan: RoutingPlan) -> tuple[torch.Tensor, ...]:
-    return tuple(plan)
 
 
 # ------------------------------------------------------------------ torch capabilities
