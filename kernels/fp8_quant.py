@@ -86,7 +86,7 @@ def _ue8m0_ceil(scale):
     0 for m < 4, then 1, 2, 5, 11, 22 for m in [4,8), [8,16), [16,32), [32,64), [64,128).
     Integer ops only, so a GPU computes the same bits (its log2 is approximate). inf and NaN pass
     through. tests/kernels/test_fp8_quant.py checks this against the reference for every
-    exponent and the first 1200 mantissas above each power of two.
+    exponent and the first 1300 mantissas above each power of two.
     """
     bits = scale.to(tl.int32, bitcast=True)
     expo = (bits >> 23) & 0xFF
