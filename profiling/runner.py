@@ -209,6 +209,8 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         timer = {"warmup_ms": s.warmup_ms, "rep_ms": s.rep_ms}
         if impl.kind == "reference" or kind_interp:
             timer["min_reps"] = 1  # the definition is slow at DeepSeek sizes, the interpreter always
+        if impl.kind == "reference" and device.type == "cuda":
+            timer["estimate_from_first"] = True  # nothing to compile: its first call sizes the reps
         try:
             with telemetry.around() as samples:
                 timing, out = time_fns(fns, device, interpreter=kind_interp, flush=use_flush, **timer)

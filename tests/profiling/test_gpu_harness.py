@@ -25,6 +25,10 @@ def test_cuda_timer_statistics_and_modes():
     assert flushed.l2_flush and flushed.median_ms > 0
     rotated, _ = time_cuda([lambda: y.copy_(x), lambda: x.copy_(y)], rep_ms=5)
     assert rotated.rotation == 2
+    calls = []
+    slow, _ = time_cuda([lambda: calls.append(y.copy_(x))], rep_ms=0.001, warmup_ms=0.001, min_reps=1,
+                        estimate_from_first=True)
+    assert slow.reps == 1 and len(calls) == 2  # the first call sized the repetitions
 
 
 def test_ceilings_are_measured():
