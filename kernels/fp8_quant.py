@@ -9,7 +9,7 @@ interpreter (with ``moela.kernels.interpreter``'s compatibility layer) and on th
 
 - ``scale = max(amax, 1e-4) / 448`` in float32 with an IEEE division (``div_rn``; Triton's
   ``/`` on a GPU is an approximate division); ``ue8m0`` scales are ``2**ceil(log2(scale))``
-  computed the way the reference's float32 ``log2`` rounds (see ``_ue8m0_ceil``).
+  computed exactly in integer ops (see ``_ue8m0_ceil``).
 - ``q = saturate(x / scale)``: IEEE division, clamp to ±448 keeping NaN, round to nearest even
   into e4m3.
 - Special values, as documented in the reference: an all-zero block gets the finite scale
@@ -76,27 +76,15 @@ def _abs_bits(x):
 
 @triton.jit
 def _ue8m0_ceil(scale):
-    """``2**ceil(log2(scale))`` exactly as ``reference.fp8.block_scale`` computes it in float32.
-
-    scale = 2**k · (1 + j·2**-23) (positive, normal). For j = 0 it is its own power of two. For
-    j > 0 the exact log2 lies in (k, k+1), but float32 rounds k + log2(1 + j·2**-23) back to k
-    when that excess is under half the float spacing next to k; then the reference keeps 2**k
-    (it does not round up). That happens exactly for j <= limit(m), m = k for k >= 0 and
-    m = -k - 1 for k < 0 (the spacing just inside |k|), limit = floor(2**(floor(log2 m) - 1)·ln 2):
-    0 for m < 4, then 1, 2, 5, 11, 22 for m in [4,8), [8,16), [16,32), [32,64), [64,128).
-    Integer ops only, so a GPU computes the same bits (its log2 is approximate). inf and NaN pass
-    through. tests/kernels/test_fp8_quant.py checks this against the reference for every
-    exponent and the first 1300 mantissas above each power of two.
+    """``2**ceil(log2(scale))`` exactly (``reference.fp8.block_scale``), in integer ops so that a GPU
+    (whose log2 is approximate) computes the same bits: a positive normal float32 is its own power
+    of two when its mantissa bits are zero, else the exponent goes up by one. inf and NaN pass
+    through; an exponent that reaches 255 gives inf, like exp2(128).
     """
     bits = scale.to(tl.int32, bitcast=True)
     expo = (bits >> 23) & 0xFF
-    mant = bits & 0x7FFFFF
-    k = expo - 127
-    m = tl.where(k >= 0, k, -k - 1)
-    limit = tl.where(m >= 64, 22, tl.where(m >= 32, 11, tl.where(m >= 16, 5,
-                     tl.where(m >= 8, 2, tl.where(m >= 4, 1, 0)))))
-    up = (mant > limit).to(tl.int32)
-    rounded = ((expo + up) << 23).to(tl.float32, bitcast=True)  # exponent 255 -> inf, like exp2(128)
+    up = ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    rounded = ((expo + up) << 23).to(tl.float32, bitcast=True)
     return tl.where(expo == 0xFF, scale, rounded)
 
 

@@ -46,7 +46,11 @@ def block_scale(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tenso
         raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
     scale = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
     if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        # exactly the next power of two >= scale (a float32 log2 would round scales a few ulps
+        # above 2**k down to 2**k); inf and NaN stay as they are
+        mantissa, exponent = torch.frexp(scale)  # scale = mantissa · 2**exponent, mantissa in [0.5, 1)
+        up = torch.ldexp(torch.ones_like(scale), exponent)
+        scale = torch.where(~torch.isfinite(scale) | (mantissa == 0.5), scale, up)
     return scale
 
 

@@ -166,9 +166,8 @@ def _block_scale_test_kernel(amax_ptr, scale_ptr, n, BLOCK: tl.constexpr, UE8M0:
 
 @pytest.mark.parametrize("fmt", FMTS, ids=FMT_IDS)
 def test_block_scale_matches_reference_over_every_exponent(fmt, device):
-    """Every amax whose scale is within 1300 float32 ulps above a power of two (all exponents),
-    where the reference's float32 log2 rounds to the integer and keeps 2**k (the quirk
-    ``_ue8m0_ceil`` reproduces), plus random bit patterns over the whole positive range."""
+    """Every amax whose scale is within 1300 float32 ulps of a power of two (all exponents), where
+    rounding up must be exact, plus random bit patterns over the whole positive range."""
     k = torch.arange(-24, 128, dtype=torch.float64)
     base = (448.0 * torch.exp2(k)).float().view(torch.int32)  # amax with scale ~ 2**k
     swept = (base[:, None] + torch.arange(-16, 1300)[None, :]).flatten().to(torch.int32)
@@ -183,14 +182,14 @@ def test_block_scale_matches_reference_over_every_exponent(fmt, device):
     assert_same_bits(scale, block_scale(amax, fmt), "scale")
 
 
-def test_ue8m0_reference_quirk_is_real():
-    """The case the integer emulation exists for: for a scale a few ulps above 2**20 the
-    reference's float32 log2 rounds to exactly 20 and it keeps 2**20 (j <= 5 here), from j = 6 it
-    rounds up; a plain 'round up to a power of two' would differ from the reference."""
+def test_ue8m0_rounds_up_exactly_where_a_float32_log2_would_not():
+    """For a scale a few ulps above 2**20 a float32 log2 rounds to exactly 20 and would keep 2**20,
+    leaving values above 448 to saturate; the reference (and the kernel) round up exactly."""
     s = torch.tensor([2.0**20 * (1 + j * 2.0**-23) for j in (0, 1, 5, 6)], dtype=torch.float32)
     amax = (s.double() * 448).float()
     assert torch.equal(amax / 448, s)
-    assert block_scale(amax, "ue8m0").tolist() == [2.0**20, 2.0**20, 2.0**20, 2.0**21]
+    assert torch.ceil(torch.log2(s[1])) == 20  # the float32 log2 shortcut keeps 2**20
+    assert block_scale(amax, "ue8m0").tolist() == [2.0**20, 2.0**21, 2.0**21, 2.0**21]
 
 
 # ------------------------------------------------------------------------------- quant_weight
