@@ -14,10 +14,10 @@ from .fp8_grouped_gemm import fp8_grouped_gemm
 from .fp8_linear import fp8_linear
 from .fp8_quant import dequant, quant_act, quant_weight
 from .gate import gate, route
-from .grouped_gemm import grouped_gemm
+from .grouped_gemm import grouped_gemm, grouped_gemm_dw
 from .routing import make_routing
 
 __all__ = [
-    "route", "gate", "grouped_gemm", "make_routing",
+    "route", "gate", "grouped_gemm", "grouped_gemm_dw", "make_routing",
     "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
 ]

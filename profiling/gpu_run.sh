@@ -52,7 +52,7 @@ fi
 step pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$LOGS/pytest-gpu.xml"
 step check 60 $PY -m moela.profiling check --no-progress
 step bench $(( BENCH_SECONDS + 90 )) $PY -m moela.profiling bench --no-progress --sets ${MOELA_BENCH_SETS:-full} \
-    --ops grouped_gemm fp8_gemm fp8_grouped_gemm moe_dispatch_combine make_routing permute unpermute gate route \
+    --ops grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine make_routing permute unpermute gate route \
           quant_act mla_decode quant_weight dequant \
     --time-budget "$BENCH_SECONDS" --rep-ms 25 --warmup-ms 5 --out "$WORK" --name bench
 if [ -f "$WORK/bench.json" ]; then

@@ -10,7 +10,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, INT_DTYPES, accumulate_dtype, check_same_device, check_tensor
 
-__all__ = ["grouped_gemm", "check_offsets"]
+__all__ = ["grouped_gemm", "grouped_gemm_dw", "check_offsets"]
 
 
 def check_offsets(offsets: torch.Tensor, num_rows: int) -> None:
@@ -49,3 +49,29 @@ def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> to
         out[start:end] = (xs[start:end].to(acc) @ w[e].to(acc).T).to(xs.dtype)
         start = end
     return out
+
+
+def grouped_gemm_dw(xs: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of :func:`grouped_gemm`: ``dw[e] = dy[rows of e]ᵀ · xs[rows of e]``.
+
+    Args:
+        xs: (M, K) the forward's input rows; dy: (M, N) the output gradient, same dtype.
+        offsets: (E,) cumulative row ends.
+    Returns:
+        (E, N, K) in xs.dtype, accumulated in float32 (float64 for float64); empty groups give 0.
+        (dX needs no op of its own: it is ``grouped_gemm(dy, w.transpose(1, 2), offsets)``.)
+    """
+    check_tensor("xs", xs, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("dy", dy, ndim=2, dtypes=(xs.dtype,))
+    if dy.shape[0] != xs.shape[0]:
+        raise ValueError(f"dy: expected {xs.shape[0]} rows (those of xs), got shape {tuple(dy.shape)}")
+    check_tensor("offsets", offsets, ndim=1, dtypes=INT_DTYPES)
+    check_same_device(xs=xs, dy=dy, offsets=offsets)
+    check_offsets(offsets, xs.shape[0])
+    acc = accumulate_dtype(xs.dtype)
+    dw = torch.zeros(offsets.shape[0], dy.shape[1], xs.shape[1], dtype=acc, device=xs.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        dw[e] = dy[start:end].to(acc).T @ xs[start:end].to(acc)
+        start = end
+    return dw.to(xs.dtype)

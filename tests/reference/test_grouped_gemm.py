@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moela.reference import grouped_gemm
+from moela.reference import grouped_gemm, grouped_gemm_dw
 
 
 def _offsets(sizes):
@@ -63,3 +63,17 @@ def test_grouped_gemm_properties(sizes, N, K):
     group = torch.repeat_interleave(torch.arange(E), torch.tensor(sizes))  # group of each row
     expected = torch.einsum("mk,mnk->mn", xs, w[group])
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_gemm_dw_is_the_autograd_weight_gradient():
+    sizes = [3, 0, 5, 2]
+    E, N, K, M = len(sizes), 6, 7, sum(sizes) + 1
+    xs = torch.randn(M, K, dtype=torch.float64)
+    w = torch.randn(E, N, K, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(M, N, dtype=torch.float64)
+    grouped_gemm(xs, w, _offsets(sizes)).backward(dy)
+    dw = grouped_gemm_dw(xs, dy, _offsets(sizes))
+    torch.testing.assert_close(dw, w.grad, rtol=1e-13, atol=1e-13)
+    assert (dw[1] == 0).all()
+    with pytest.raises(ValueError, match="dy"):
+        grouped_gemm_dw(xs, dy[1:], _offsets(sizes))
