@@ -41,8 +41,11 @@ __all__ = ["permute", "unpermute", "permute_fwd", "unpermute_fwd", "unpermute_bw
 
 #: Rows one padding program owns.
 PAD_ROWS = 32
-#: Columns a padding program zeroes per step (32 rows × 512 columns per store).
-_PAD_BLOCK_D = 512
+
+
+def _pad_block_d(dtype: torch.dtype) -> int:
+    """Columns of a padding program's zero tile: 8 rows × 2 KB (few registers per thread)."""
+    return 2048 // torch.empty(0, dtype=dtype).element_size()
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,12 +66,13 @@ def _copy_configs() -> list[triton.Config]:
 
 
 def _bwd_configs() -> list[triton.Config]:
-    """The combine backward holds a (k, BLOCK_D) float32 tile of ys per step."""
+    """The combine backward holds a (k, BLOCK_D) tile of ys per step (sm_90 ptxas: <= 107
+    registers, no spills, for bf16 / fp32)."""
     return [
-        triton.Config({"BLOCK_D": 512}, num_warps=4),
-        triton.Config({"BLOCK_D": 1024}, num_warps=8),
+        triton.Config({"BLOCK_D": 512}, num_warps=8),
         triton.Config({"BLOCK_D": 256}, num_warps=4),
-        triton.Config({"BLOCK_D": 1024}, num_warps=4),
+        triton.Config({"BLOCK_D": 1024}, num_warps=8),
+        triton.Config({"BLOCK_D": 256}, num_warps=2),
     ]
 
 
@@ -79,17 +83,24 @@ def _bwd_configs() -> list[triton.Config]:
 
 @triton.jit
 def _zero_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pad_pid,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zero the rows of ``[pad_pid·BLOCK_R, +BLOCK_R)`` whose ``row_to_token`` is -1."""
+                       BLOCK_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zero the rows of ``[pad_pid·BLOCK_R, +BLOCK_R)`` whose ``row_to_token`` is -1.
+
+    Programs without padding rows return after one load; the others store (SUB_R, BLOCK_D)
+    zero tiles (small tiles: few registers, so the copy programs keep their occupancy).
+    """
     r = pad_pid * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = tl.load(row_to_token_ptr + r, mask=r < M, other=0)
-    pad = (r < M) & (tok < 0)
-    if tl.max(pad.to(tl.int32), 0) > 0:
-        zeros = tl.zeros([BLOCK_R, BLOCK_D], out_ptr.dtype.element_ty)
-        base = out_ptr + r.to(tl.int64)[:, None] * stride_o
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            tl.store(base + cols[None, :], zeros, mask=pad[:, None] & (cols < D)[None, :])
+    if tl.max(((r < M) & (tok < 0)).to(tl.int32), 0) > 0:
+        zeros = tl.zeros([SUB_R, BLOCK_D], out_ptr.dtype.element_ty)
+        for sub in tl.static_range(BLOCK_R // SUB_R):
+            rs = pad_pid * BLOCK_R + sub * SUB_R + tl.arange(0, SUB_R)
+            pad = (rs < M) & (tl.load(row_to_token_ptr + rs, mask=rs < M, other=0) < 0)
+            if tl.max(pad.to(tl.int32), 0) > 0:
+                base = out_ptr + rs.to(tl.int64)[:, None] * stride_o
+                for d0 in range(0, D, BLOCK_D):
+                    cols = d0 + tl.arange(0, BLOCK_D)
+                    tl.store(base + cols[None, :], zeros, mask=pad[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -123,7 +134,7 @@ def _scatter_rows_kernel(
         dst = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
         tl.store(dst, v, mask=(rows >= 0)[:, None] & cmask[None, :])
     else:
-        _zero_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pid - T * NC, BLOCK_R, PAD_BLOCK_D)
+        _zero_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pid - T * NC, BLOCK_R, 8, PAD_BLOCK_D)
 
 
 @triton.jit
@@ -184,7 +195,7 @@ def _combine_bwd_kernel(
             tl.store(dys_ptr + rows.to(tl.int64)[:, None] * stride_dys + cols[None, :], g, mask=m2)
         tl.store(dw_ptr + t * K + j, tl.where(valid, dw, 0).to(dw_ptr.dtype.element_ty), mask=j < K)
     else:
-        _zero_padding_rows(row_to_token_ptr, dys_ptr, M, D, stride_dys, pid - T, BLOCK_R, PAD_BLOCK_D)
+        _zero_padding_rows(row_to_token_ptr, dys_ptr, M, D, stride_dys, pid - T, BLOCK_R, 8, PAD_BLOCK_D)
 
 
 _COPY_KEY = ["D", "K"]
@@ -282,7 +293,7 @@ def permute_fwd(
         x, x if topk_weights is None else topk_weights, slot_to_row, row_to_token, out,
         T, D, M, x.stride(0), out.stride(0),
         K=K, K_P=next_power_of_2(K), HAS_W=topk_weights is not None, IS_F64=x.dtype == torch.float64,
-        BLOCK_R=PAD_ROWS, PAD_BLOCK_D=_PAD_BLOCK_D, **_NO_FMA, **_launch(config),
+        BLOCK_R=PAD_ROWS, PAD_BLOCK_D=_pad_block_d(x.dtype), **_NO_FMA, **_launch(config),
     )
     return out
 
@@ -352,8 +363,8 @@ def unpermute_bwd(
     kernel = _combine_bwd_tuned if config is None else _combine_bwd_kernel
     kernel[(T + cdiv(M, PAD_ROWS),)](
         dy, ys, topk_weights, slot_to_row, row_to_token, dys, dw, T, D, M, dy.stride(0), ys.stride(0), dys.stride(0),
-        K=K, K_P=next_power_of_2(K), IS_F64=ys.dtype == torch.float64, BLOCK_R=PAD_ROWS, PAD_BLOCK_D=_PAD_BLOCK_D,
-        **_NO_FMA, **_launch(config),
+        K=K, K_P=next_power_of_2(K), IS_F64=ys.dtype == torch.float64, BLOCK_R=PAD_ROWS,
+        PAD_BLOCK_D=_pad_block_d(ys.dtype), **_NO_FMA, **_launch(config),
     )
     return dys, dw
 

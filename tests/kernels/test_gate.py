@@ -90,6 +90,18 @@ def test_route_float64_and_float16(variant, device):
         _check(w, ids, logits, bias if bias is None else bias.to(dtype), kw)
 
 
+def test_route_scale_is_applied_in_the_weights_precision(device):
+    """route_scale reaches the kernel as the bits of a double: exact in float64, rounded once in float32."""
+    logits = torch.randn(5, 16, device=device)
+    for rs in (0.0, 1 / 3, -2.5, 5e-324):
+        for dtype in (torch.float32, torch.float64):
+            kw = dict(topk=3, score_func="sigmoid", route_scale=rs)
+            w, ids = route(logits.to(dtype), None, **kw)
+            w_ref, ids_ref = reference.route(logits.to(dtype), None, **kw)
+            assert torch.equal(ids, ids_ref)
+            torch.testing.assert_close(w, w_ref, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
 @pytest.mark.parametrize("block_t", [1, 4])
 def test_other_block_sizes_and_T1(block_t, device):
     config = triton.Config({"BLOCK_T": block_t}, num_warps=1)
