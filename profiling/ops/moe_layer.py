@@ -1,0 +1,159 @@
+"""The whole MoE layer (routed experts + shared experts), forward and forward+backward.
+
+moe_layer:          ``moela.model.MoE`` (gate -> plan -> permute -> grouped GEMMs -> combine)
+moe_layer_fwd_bwd:  the same plus ``backward`` of a random output gradient (router and experts)
+
+against the reference loop (``moela.reference.MoE``, with the same weights) and a torch-native
+composition: ``torch.topk`` routing, argsort + index_select dispatch, ``torch._grouped_mm`` and
+``index_add_`` combine (no host sync).
+
+FLOPs: 3 expert GEMMs (``6·T·k·D·I``) plus the shared experts (``6·T·D·I_shared``) plus the router
+(``2·T·D·E``); ×3 with the backward. Bytes: the weights of the experts that receive tokens (the
+floor of a decode step), the shared experts', x and y.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moela.reference import MoE as ReferenceMoE
+
+from ..registry import Case, Impl, Op, Unavailable, register
+from ..shapes import CONFIGS, DECODE_TOKENS, PREFILL_TOKENS, Problem, token_problems
+from ._common import close, generator, grouped_mm, probed, randn
+from ._dispatch import topk_ids
+
+_DTYPE = torch.bfloat16
+
+
+def _layer(p: Problem, device: torch.device, seed: int):
+    from moela.model import MoE
+
+    args = CONFIGS[p.params["config"]].replace(backend="triton")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        layer = MoE(args).to(_DTYPE)
+    gen = generator(device, seed)
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.copy_(randn(t.shape, t.dtype, device, gen, std=t.shape[-1] ** -0.5 if t.ndim > 1 else 0.1))
+    return args, layer
+
+
+def make_case(p: Problem, device: torch.device, seed: int) -> Case:
+    args, layer = _layer(p, device, seed)
+    T, D, E, k, I = p.params["tokens"], args.dim, args.n_routed_experts, args.n_activated_experts, args.moe_inter_dim
+    x = randn((T, D), _DTYPE, device, generator(device, seed + 1))
+    backward = p.params.get("backward", False)
+    shared = args.n_shared_experts * I
+    flops = 2.0 * T * (3 * k * D * I + 3 * D * shared + D * E) * (3 if backward else 1)
+    active = int(torch.unique(topk_ids(p, "cpu")[topk_ids(p, "cpu") >= 0]).numel())
+    es = torch.finfo(_DTYPE).bits // 8
+    nbytes = float((active * 3 * D * I + 3 * D * shared + E * D + 2 * T * D) * es)
+    layer.train(backward)
+    return Case(p, {"x": x, "layer": layer, "args": args, "backward": backward}, flops=flops, bytes=nbytes,
+                info={"tokens": T, "experts": E, "active_experts": active})
+
+
+def _run(fn, x: torch.Tensor, backward: bool):
+    """``fn(x)``, or ``fn(x).backward(dy)`` returning (y, dx): what one timed call does."""
+    if not backward:
+        return lambda: fn(x)
+    xg = x.detach().requires_grad_(True)
+    dy = torch.randn_like(x)
+
+    def run():
+        xg.grad = None
+        y = fn(xg)
+        y.backward(dy)
+        return y.detach(), xg.grad
+
+    return run
+
+
+def _moela_layer():
+    """The moela layer's forward (moela.model.MoE on the Triton kernels), once every op it uses exists."""
+    import moela.kernels as kernels
+
+    missing = [n for n in ("route", "make_routing", "permute", "unpermute", "grouped_gemm") if not hasattr(kernels, n)]
+    if missing:
+        raise Unavailable(f"moela.kernels lacks {', '.join(missing)}")
+
+    def run(inputs: dict) -> object:
+        return inputs["run"]()
+
+    return run
+
+
+def _signature(case: Case) -> tuple[tuple, dict]:
+    i = case.inputs
+    if "run" not in i:
+        i["run"] = _run(i["layer"], i["x"], i["backward"])
+    return (i,), {}
+
+
+def _reference(case: Case):
+    i = case.inputs
+    ref = ReferenceMoE(i["args"]).to(device=i["x"].device, dtype=_DTYPE)
+    ref.load_state_dict(i["layer"].state_dict())
+    return _run(ref, i["x"], i["backward"])
+
+
+def _torch_native(case: Case):
+    """topk routing, argsort dispatch, torch's grouped GEMM, index_add_ combine."""
+    fn, name = grouped_mm()
+    i = case.inputs
+    layer, a = i["layer"], i["args"]
+    if layer.fp8:
+        raise Unavailable("bf16 composition only")
+    E, k, I = a.n_routed_experts, a.n_activated_experts, a.moe_inter_dim
+    w13t, w2t = layer.w13.transpose(1, 2), layer.w2.transpose(1, 2)  # (E, D, 2I), (E, I, D)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weights, ids = layer.gate(x)  # the same routing as the layer
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        xs = x.index_select(0, order // k)
+        h = fn(xs, w13t, offs=offsets)
+        act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        ys = fn(act, w2t, offs=offsets) * weights.reshape(-1)[order, None].to(x.dtype)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order // k, ys.float())
+        return (y + layer.shared_experts(x).float()).to(x.dtype)
+
+    run = _run(forward, i["x"], i["backward"])
+    return probed(run, f"{name} composition")
+
+
+def _sets(op: str, backward: bool) -> dict[str, list[Problem]]:
+    kw = {"backward": True} if backward else {}
+    return {
+        "tiny": token_problems(op, "tiny", ["tiny"], [4, 32], **kw),
+        "check": token_problems(op, "check", ["tiny"], [1, 64], ["balanced", "zipf"], **kw),
+        "quick": token_problems(op, "quick", ["v2lite"], [64, 4096], **kw),
+        "v3-decode": token_problems(op, "v3-decode", ["v3"], DECODE_TOKENS, **kw),
+        "v3-prefill": token_problems(op, "v3-prefill", ["v3"], PREFILL_TOKENS[:1], **kw),
+        "v2lite-decode": token_problems(op, "v2lite-decode", ["v2lite"], DECODE_TOKENS, **kw),
+        "v2lite-prefill": token_problems(op, "v2lite-prefill", ["v2lite"], PREFILL_TOKENS, **kw),
+    }
+
+
+for _name, _backward in (("moe_layer", False), ("moe_layer_fwd_bwd", True)):
+    register(Op(
+        name=_name,
+        summary="MoE layer " + ("forward + backward" if _backward else "forward") + " (routed + shared), bf16",
+        make_case=make_case,
+        signature=_signature,
+        reference=None,
+        reference_missing="see the 'reference loop' baseline",
+        shape_sets=_sets(_name, _backward),
+        compare=close(1e-3),
+        kernel=_moela_layer,
+        baselines=(
+            Impl("reference loop", _reference, note="moela.reference.MoE: a Python loop over experts"),
+            Impl("torch native", _torch_native, note="argsort + index_select + grouped_mm + index_add_"),
+        ),
+        baseline_order=("torch native", "reference loop"),
+        truth="reference loop",
+        compute="bf16",
+    ))
