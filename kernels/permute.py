@@ -4,6 +4,7 @@ Legend: T tokens, k slots per token, D hidden dim, M = ``plan.max_rows`` rows gr
 expert, ``plan`` a ``RoutingPlan`` (``moela.kernels.routing.make_routing``).
 
     permute    xs[slot_to_row[t, j]] = x[t]; padding rows 0             (_scatter_rows_kernel)
+               or FP8: quant_act(xs) with one quantization per token      (_scatter_rows_fp8_kernel)
     unpermute  y[t] = Σ_j w[t, j] · ys[slot_to_row[t, j]], j = 0..k-1    (_combine_kernel)
     backward   permute:   dx = unpermute(dxs, plan)  (unweighted combine)
                unpermute: dys[row(t, j)] = w[t, j] · dy[t] (0 on padding rows),
@@ -35,9 +36,10 @@ from moela.reference._checks import FLOAT_DTYPES, check_same_device, check_tenso
 from moela.reference.dispatch import RoutingPlan
 
 from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from .fp8_quant import FP8_DTYPE, _abs_bits, _block_scale, _saturate_to_fp8, check_fp8_capability, check_scale_fmt
 from .routing import check_plan, validate_plan
 
-__all__ = ["permute", "unpermute", "permute_fwd", "unpermute_fwd", "unpermute_bwd", "PAD_ROWS"]
+__all__ = ["permute", "unpermute", "permute_fwd", "permute_fp8_fwd", "unpermute_fwd", "unpermute_bwd", "PAD_ROWS"]
 
 #: Rows one padding program owns.
 PAD_ROWS = 32
@@ -82,17 +84,18 @@ def _bwd_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _zero_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pad_pid,
+def _fill_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pad_pid, fill,
                        BLOCK_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zero the rows of ``[pad_pid·BLOCK_R, +BLOCK_R)`` whose ``row_to_token`` is -1.
+    """Write ``fill`` to columns [0, D) of the rows of ``[pad_pid·BLOCK_R, +BLOCK_R)`` whose
+    ``row_to_token`` is -1.
 
     Programs without padding rows return after one load; the others store (SUB_R, BLOCK_D)
-    zero tiles (small tiles: few registers, so the copy programs keep their occupancy).
+    tiles (small tiles: few registers, so the copy programs keep their occupancy).
     """
     r = pad_pid * BLOCK_R + tl.arange(0, BLOCK_R)
     tok = tl.load(row_to_token_ptr + r, mask=r < M, other=0)
     if tl.max(((r < M) & (tok < 0)).to(tl.int32), 0) > 0:
-        zeros = tl.zeros([SUB_R, BLOCK_D], out_ptr.dtype.element_ty)
+        vals = (tl.zeros([SUB_R, BLOCK_D], tl.float32) + fill).to(out_ptr.dtype.element_ty)
         for sub in tl.static_range(BLOCK_R // SUB_R):
             rs = pad_pid * BLOCK_R + sub * SUB_R + tl.arange(0, SUB_R)
             pad = (rs < M) & (tl.load(row_to_token_ptr + rs, mask=rs < M, other=0) < 0)
@@ -100,7 +103,7 @@ def _zero_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pad_pid,
                 base = out_ptr + rs.to(tl.int64)[:, None] * stride_o
                 for d0 in range(0, D, BLOCK_D):
                     cols = d0 + tl.arange(0, BLOCK_D)
-                    tl.store(base + cols[None, :], zeros, mask=pad[:, None] & (cols < D)[None, :])
+                    tl.store(base + cols[None, :], vals, mask=pad[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -134,7 +137,43 @@ def _scatter_rows_kernel(
         dst = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
         tl.store(dst, v, mask=(rows >= 0)[:, None] & cmask[None, :])
     else:
-        _zero_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pid - T * NC, BLOCK_R, 8, PAD_BLOCK_D)
+        _fill_padding_rows(row_to_token_ptr, out_ptr, M, D, stride_o, pid - T * NC, 0.0, BLOCK_R, 8, PAD_BLOCK_D)
+
+
+@triton.jit
+def _scatter_rows_fp8_kernel(
+    x_ptr, slot_to_row_ptr, row_to_token_ptr, q_ptr, s_ptr,
+    T, D, M, num_kb, stride_x, stride_q, stride_s,
+    K: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK_P2: tl.constexpr, NKB: tl.constexpr, UE8M0: tl.constexpr,
+    BLOCK_R: tl.constexpr, PAD_BLOCK_D: tl.constexpr, PAD_BLOCK_S: tl.constexpr,
+):
+    """permute with 1×QBLOCK e4m3 quantization: ``quant_act(permute(x))`` with one quantization per token.
+
+    grid: (T·cdiv(num_kb, NKB) + cdiv(M, BLOCK_R),). Program ``t·NC + c`` quantizes blocks
+    ``[c·NKB, (c+1)·NKB)`` of token t (``fp8_quant``'s amax / scale / saturation, bit for bit)
+    and stores values and scales to the token's k rows; the last programs write the padding
+    rows: zeros with the scale of an all-zero block, as ``quant_act`` of a zero row.
+    """
+    pid = tl.program_id(0)
+    NC = tl.cdiv(num_kb, NKB)
+    if pid < T * NC:
+        t = (pid // NC).to(tl.int64)
+        kb = (pid % NC) * NKB + tl.arange(0, NKB)
+        inner = tl.arange(0, QBLOCK_P2)
+        cols = kb[:, None] * QBLOCK + inner[None, :]
+        mask = (kb < num_kb)[:, None] & (inner < QBLOCK)[None, :] & (cols < D)
+        x = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = _block_scale(tl.max(_abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
+        q = _saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
+        for j in tl.static_range(K):
+            row = tl.load(slot_to_row_ptr + t * K + j).to(tl.int64)
+            tl.store(q_ptr + row * stride_q + cols, q, mask=mask & (row >= 0))
+            tl.store(s_ptr + row * stride_s + kb, scale, mask=(kb < num_kb) & (row >= 0))
+    else:
+        pad = pid - T * NC
+        _fill_padding_rows(row_to_token_ptr, q_ptr, M, D, stride_q, pad, 0.0, BLOCK_R, 8, PAD_BLOCK_D)
+        zero_scale = _block_scale(tl.zeros([1, 1], tl.float32), UE8M0)
+        _fill_padding_rows(row_to_token_ptr, s_ptr, M, num_kb, stride_s, pad, zero_scale, BLOCK_R, 8, PAD_BLOCK_S)
 
 
 @triton.jit
@@ -195,11 +234,23 @@ def _combine_bwd_kernel(
             tl.store(dys_ptr + rows.to(tl.int64)[:, None] * stride_dys + cols[None, :], g, mask=m2)
         tl.store(dw_ptr + t * K + j, tl.where(valid, dw, 0).to(dw_ptr.dtype.element_ty), mask=j < K)
     else:
-        _zero_padding_rows(row_to_token_ptr, dys_ptr, M, D, stride_dys, pid - T, BLOCK_R, 8, PAD_BLOCK_D)
+        _fill_padding_rows(row_to_token_ptr, dys_ptr, M, D, stride_dys, pid - T, 0.0, BLOCK_R, 8, PAD_BLOCK_D)
+
+
+def _fp8_configs() -> list[triton.Config]:
+    """NKB quantization blocks per program (8 × 128 = 1024 columns)."""
+    return [
+        triton.Config({"NKB": 8}, num_warps=4),
+        triton.Config({"NKB": 16}, num_warps=8),
+        triton.Config({"NKB": 4}, num_warps=4),
+        triton.Config({"NKB": 8}, num_warps=8),
+    ]
 
 
 _COPY_KEY = ["D", "K"]
 _scatter_tuned = triton.autotune(autotune_configs("permute", _copy_configs()), key=_COPY_KEY)(_scatter_rows_kernel)
+_scatter_fp8_tuned = triton.autotune(autotune_configs("permute_fp8", _fp8_configs()), key=["D", "K", "QBLOCK"])(
+    _scatter_rows_fp8_kernel)
 _combine_tuned = triton.autotune(autotune_configs("unpermute", _copy_configs()), key=_COPY_KEY)(_combine_kernel)
 _combine_bwd_tuned = triton.autotune(autotune_configs("unpermute_bwd", _bwd_configs()), key=_COPY_KEY)(
     _combine_bwd_kernel)
@@ -298,6 +349,51 @@ def permute_fwd(
     return out
 
 
+def permute_fp8_fwd(
+    x: torch.Tensor,
+    slot_to_row: torch.Tensor,
+    row_to_token: torch.Tensor,
+    block: int = 128,
+    scale_fmt: str | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the quantizing scatter: ``(q (M, D) e4m3, scale (M, ceil(D/block)) f32)``.
+
+    Bit for bit ``quant_act(permute(x), block, scale_fmt)``: each token is quantized once and its
+    values and scales are copied to its k rows; padding rows hold zeros and the scale of a zero
+    block. ``out`` / ``scale_out``: optional contiguous buffers; every element is written.
+    """
+    _check_permute(x, slot_to_row, row_to_token)
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"block: expected a positive int, got {block!r}")
+    check_scale_fmt(scale_fmt)
+    check_kernel_device("x", x)
+    check_fp8_capability("x", x.device)
+    (T, D), (_, K), M = x.shape, slot_to_row.shape, row_to_token.shape[0]
+    num_kb = cdiv(D, block)
+    q = x.new_empty(M, D, dtype=FP8_DTYPE) if out is None else out
+    s = x.new_empty(M, num_kb, dtype=torch.float32) if scale_out is None else scale_out
+    for name, buf, shape, dtype in (("out", q, (M, D), FP8_DTYPE), ("scale_out", s, (M, num_kb), torch.float32)):
+        check_tensor(name, buf, dtypes=(dtype,), shape=shape)
+        if buf.device != x.device or not buf.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor on {x.device}")
+    if M == 0 or D == 0:
+        return q, s
+    x = _rowmajor(x)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (T * cdiv(num_kb, meta["NKB"]) + cdiv(M, PAD_ROWS),)
+
+    _scatter_fp8_tuned[grid](
+        x, slot_to_row, row_to_token, q, s, T, D, M, num_kb, x.stride(0), q.stride(0), s.stride(0),
+        K=K, QBLOCK=block, QBLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0", BLOCK_R=PAD_ROWS,
+        PAD_BLOCK_D=1024, PAD_BLOCK_S=64,
+    )
+    return q, s
+
+
 def unpermute_fwd(
     ys: torch.Tensor,
     slot_to_row: torch.Tensor,
@@ -385,6 +481,20 @@ def _(x: torch.Tensor, slot_to_row: torch.Tensor, row_to_token: torch.Tensor) ->
     return x.new_empty(row_to_token.shape[0], x.shape[1])
 
 
+@torch.library.custom_op("moela::permute_fp8", mutates_args=())
+def _permute_fp8_op(x: torch.Tensor, slot_to_row: torch.Tensor, row_to_token: torch.Tensor, block: int,
+                    scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return permute_fp8_fwd(x, slot_to_row, row_to_token, block, scale_fmt)
+
+
+@_permute_fp8_op.register_fake
+def _(x, slot_to_row, row_to_token, block, scale_fmt):
+    _check_permute(x, slot_to_row, row_to_token)
+    check_scale_fmt(scale_fmt)
+    M = row_to_token.shape[0]
+    return x.new_empty(M, x.shape[1], dtype=FP8_DTYPE), x.new_empty(M, cdiv(x.shape[1], block), dtype=torch.float32)
+
+
 @torch.library.custom_op("moela::unpermute", mutates_args=())
 def _unpermute_op(ys: torch.Tensor, slot_to_row: torch.Tensor, row_to_token: torch.Tensor,
                   topk_weights: torch.Tensor | None) -> torch.Tensor:
@@ -440,7 +550,10 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
-def permute(x: torch.Tensor, plan: RoutingPlan, *, validate: bool = False) -> torch.Tensor:
+def permute(
+    x: torch.Tensor, plan: RoutingPlan, *, validate: bool = False, fp8: bool = False, block: int = 128,
+    scale_fmt: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gather tokens into expert-sorted rows: ``x (T, D) -> xs (M, D)``; padding rows are 0.
 
     Same contract as ``moela.reference.permute`` (Triton, differentiable, no host sync).
@@ -449,6 +562,9 @@ def permute(x: torch.Tensor, plan: RoutingPlan, *, validate: bool = False) -> to
         x: (T, D) fp16/bf16/fp32/fp64 on CUDA (or CPU under the interpreter).
         plan: the ``RoutingPlan`` of the tokens (``moela.kernels.routing.make_routing``).
         validate: also check the plan's values (synchronises with the device).
+        fp8: emit FP8 rows instead: ``(q (M, D) float8_e4m3fn, scale (M, ceil(D/block)) float32)``,
+            bit for bit ``quant_act(permute(x, plan), block, scale_fmt)`` (each token quantized
+            once, for its k rows; no gradient). block / scale_fmt: as in ``quant_act``.
     Returns:
         (M, D) in x's dtype, ``M = plan.max_rows``; row ``slot_to_row[t, j]`` holds ``x[t]``.
         Backward: ``dx[t] = Σ_j dxs[slot_to_row[t, j]]`` (the unweighted combine).
@@ -459,11 +575,14 @@ def permute(x: torch.Tensor, plan: RoutingPlan, *, validate: bool = False) -> to
         xs = permute(x, plan)               # (M, D), grouped by expert
         ys = grouped_gemm(xs, w, plan.offsets)
         y = unpermute(ys, plan, weights)    # (T, D)
+        q, s = permute(x, plan, fp8=True)   # for fp8_grouped_gemm(q, s, ...)
     """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     plan = check_plan(plan, x.shape[0], x.device)
     if validate:
         validate_plan(plan)
+    if fp8:
+        return _permute_fp8_op(x, plan.slot_to_row, plan.row_to_token, block, scale_fmt)
     return _permute_op(x, plan.slot_to_row, plan.row_to_token)
 
 

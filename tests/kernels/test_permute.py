@@ -19,7 +19,7 @@ import triton
 from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference
-from moela.kernels.permute import permute, permute_fwd, unpermute, unpermute_bwd, unpermute_fwd
+from moela.kernels.permute import permute, permute_fp8_fwd, permute_fwd, unpermute, unpermute_bwd, unpermute_fwd
 from moela.kernels.routing import make_routing
 from moela.reference import RoutingPlan
 
@@ -127,6 +127,47 @@ def test_repeated_runs_are_identical(device):
                                                                           plan.row_to_token, w.nan_to_num(0)))
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
         assert all(torch.equal(a, b) for a, b in zip(again[2], first[2], strict=True))
+
+
+# (case, quantization block, scale format, dtype): D = 300 / 37 leave partial last blocks
+FP8_CASES = {
+    "align4-block128-bf16": ("align4-invalid", 128, None, torch.bfloat16, 300),
+    "minus-one-ue8m0-fp32": ("ids-of-minus-one", 128, "ue8m0", torch.float32, 256),
+    "prime-E-block32-fp64": ("prime-E-odd-D", 32, None, torch.float64, 77),
+    "T1-block7-fp16": ("T1", 7, None, torch.float16, 37),
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on the NaN / inf inputs
+@pytest.mark.parametrize("name", list(FP8_CASES))
+def test_permute_fp8_is_quant_act_of_permute_bitwise(name, device):
+    case, block, fmt, dtype, D = FP8_CASES[name]
+    T, k, E, align, invalid, _ = CASES[case]
+    ids = _ids(T, k, E, invalid, device)
+    plan = reference.make_routing(ids, E, align)
+    x = (torch.randn(T, D, device=device) * 3).to(dtype)
+    x[0, : min(D, block)] = 0  # an all-zero block: the floored scale
+    if T > 2:
+        x[1, 3], x[2, -1] = float("nan"), float("inf")  # specials, as quant_act treats them
+    q_ref, s_ref = reference.quant_act(reference.permute(x, plan), block, fmt)
+    q = nan_empty(q_ref.shape, q_ref.dtype, device)
+    s = nan_empty(s_ref.shape, s_ref.dtype, device)
+    permute_fp8_fwd(x, plan.slot_to_row, plan.row_to_token, block, fmt, out=q, scale_out=s)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))
+    q2, s2 = permute(x, plan, fp8=True, block=block, scale_fmt=fmt)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(s2.view(torch.int32), s.view(torch.int32))
+
+
+def test_permute_fp8_checks_and_fake(device):
+    plan, x, _ = _problem("align4-invalid", torch.bfloat16, device)
+    with pytest.raises(ValueError, match="scale_fmt"):
+        permute(x, plan, fp8=True, scale_fmt="e5m2")
+    with pytest.raises(ValueError, match="block: expected a positive int, got 0"):
+        permute_fp8_fwd(x, plan.slot_to_row, plan.row_to_token, 0)
+    torch.library.opcheck(torch.ops.moela.permute_fp8.default, (x, plan.slot_to_row, plan.row_to_token, 128, None),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,6 +323,9 @@ def test_gpu_deepseek_shapes(T, k, E, D):
     ys = torch.randn(plan.max_rows, D, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(T, k, device="cuda")
     assert torch.equal(unpermute(ys, plan, w), reference.unpermute(ys, plan, w))
+    q, s = permute(x, plan, fp8=True)
+    q_ref, s_ref = reference.quant_act(reference.permute(x, plan))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
 
 
 @pytest.mark.gpu
