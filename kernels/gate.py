@@ -22,7 +22,8 @@ inputs upcast to float32: cuBLAS on a GPU) and calls ``route``.
 Same ids as the reference, bit for bit. Ties in the selection values go to the lower index
 exactly as in the reference; beyond that, ids can only differ where two scores lie within
 rounding of each other, so the scores are computed the way torch computes them on CUDA:
-``exp`` is libdevice's (what ``std::exp`` calls in torch's kernels), divisions are IEEE
+``exp`` is libdevice's (what ``std::exp`` calls in torch's kernels; launched without
+Triton's flush-to-zero libdevice variant, as torch is built), divisions are IEEE
 (``div_rn``; Triton's ``/`` is approximate on a GPU), the sigmoid is ``1 / (1 + exp(-x))``
 (torch's CUDA formula) and the softmax denominator is summed in the order of torch's CUDA
 warp softmax (``softmax_warp_forward``, E <= 1024: lane l sums elements ``l, l + W, ...``
@@ -285,7 +286,7 @@ def route_fwd(
         WS=WS, ITERS=E_P // WS, LOG_WS=WS.bit_length() - 1,
         SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None, HAS_GROUPS=n_groups > 1,
         IS_F64=acc == torch.float64, PRECISE=not interpreter_active(),
-        enable_fp_fusion=False, **({} if config is None else config.all_kwargs()),
+        enable_fp_fusion=False, enable_reflect_ftz=False, **({} if config is None else config.all_kwargs()),
     )
     return weights, ids
 
