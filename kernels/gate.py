@@ -258,18 +258,27 @@ def route_fwd(
     topk_groups: int = 1,
     score_func: str = "softmax",
     route_scale: float = 1.0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the routing kernel: (topk_weights (T, k) float32/float64, topk_ids (T, k) int32).
 
+    ``out``: optional contiguous ``(weights, ids)`` buffers; every element is written.
     ``config``: launch with this BLOCK_T / num_warps instead of the autotuned ones.
     """
     _check_route_args(logits, bias, topk, n_groups, topk_groups, score_func, route_scale)
     check_kernel_device("logits", logits)
     T, E = logits.shape
     acc = accumulate_dtype(logits.dtype)
-    weights = torch.empty(T, topk, dtype=acc, device=logits.device)
-    ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
+    if out is None:
+        weights = torch.empty(T, topk, dtype=acc, device=logits.device)
+        ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
+    else:
+        weights, ids = out
+        for name, buf, dtype in (("out[0]", weights, acc), ("out[1]", ids, torch.int32)):
+            check_tensor(name, buf, dtypes=(dtype,), shape=(T, topk))
+            if buf.device != logits.device or not buf.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor on {logits.device}")
     if T == 0:
         return weights, ids
     if logits.stride(1) != 1:

@@ -439,20 +439,24 @@ def unpermute_bwd(
     row_to_token: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the combine's backward with weight gradients: ``(dys (M, D) in ys's dtype, dw (T, k) in w's dtype)``.
 
     ``dys[row(t, j)] = w[t, j]·dy[t]`` (0 on padding rows), ``dw[t, j] = <dy[t], ys[row(t, j)]>``
-    in float32 (float64 for float64 ys), 0 for skipped slots.
+    in float32 (float64 for float64 ys), 0 for skipped slots. ``out``: optional ``(dys, dw)``
+    buffers; every element is written.
     """
     _check_unpermute(ys, slot_to_row, row_to_token, topk_weights)
     check_tensor("dy", dy, dtypes=(ys.dtype,), shape=(slot_to_row.shape[0], ys.shape[1]))
     check_same_device(ys=ys, dy=dy)
     check_kernel_device("ys", ys)
     (T, K), (M, D) = slot_to_row.shape, ys.shape
-    dys = ys.new_empty(M, D)
-    dw = topk_weights.new_empty(T, K)
+    if out is None:
+        dys, dw = ys.new_empty(M, D), topk_weights.new_empty(T, K)
+    else:
+        dys, dw = _check_out(out[0], (M, D), ys), _check_out(out[1], (T, K), topk_weights)
     if T + M == 0:
         return dys, dw
     dy, ys = _rowmajor(dy), _rowmajor(ys)

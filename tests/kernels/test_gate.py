@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from moela_testing import assert_close_derived
+from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference
 from moela.kernels.gate import gate, route, route_fwd
@@ -77,7 +77,9 @@ def _check(w, ids, logits, bias, kw):
 def test_route_equals_reference(variant, kind, dtype, device):
     logits, bias = _inputs(variant, 37, kind, dtype, device)
     kw = _kwargs(variant)
-    _check(*route(logits, bias, **kw), logits, bias, kw)
+    out = (nan_empty((37, kw["topk"]), torch.float32, device), nan_empty((37, kw["topk"]), torch.int32, device))
+    assert all(a is b for a, b in zip(route_fwd(logits, bias, **kw, out=out), out, strict=True))
+    _check(*out, logits, bias, kw)
 
 
 @pytest.mark.parametrize("variant", ["v3-small", "v2-lite"])

@@ -227,9 +227,12 @@ def test_unpermute_bwd_launcher_writes_every_element(device):
     plan, x, w = _problem("align4-invalid", torch.float32, device)
     w = w.nan_to_num(0.3)
     ys = _ys(plan, x.shape[1], torch.float32, device).nan_to_num(1.0)
+    ref = unpermute_bwd(x, ys, plan.slot_to_row, plan.row_to_token, w)
     for config in CONFIGS.values():
-        dys, dw = unpermute_bwd(x, ys, plan.slot_to_row, plan.row_to_token, w, config=config)
-        assert not dys.isnan().any() and not dw.isnan().any()
+        out = (nan_empty(ys.shape, ys.dtype, device), nan_empty(w.shape, w.dtype, device))
+        dys, dw = unpermute_bwd(x, ys, plan.slot_to_row, plan.row_to_token, w, out=out, config=config)
+        assert dys is out[0] and dw is out[1]
+        assert torch.equal(dys, ref[0]) and not dw.isnan().any()
         assert (dys[plan.row_to_token < 0] == 0).all()
 
 
