@@ -335,6 +335,8 @@ def permute_fwd(
     if out.numel() == 0:
         return out
     x = _rowmajor(x)
+    slot_to_row, row_to_token = slot_to_row.contiguous(), row_to_token.contiguous()
+    topk_weights = None if topk_weights is None else topk_weights.contiguous()
     kernel = _scatter_tuned if config is None else _scatter_rows_kernel
 
     def grid(meta: dict) -> tuple[int]:
@@ -382,6 +384,7 @@ def permute_fp8_fwd(
     if M == 0 or D == 0:
         return q, s
     x = _rowmajor(x)
+    slot_to_row, row_to_token = slot_to_row.contiguous(), row_to_token.contiguous()
 
     def grid(meta: dict) -> tuple[int]:
         return (T * cdiv(num_kb, meta["NKB"]) + cdiv(M, PAD_ROWS),)
@@ -420,6 +423,8 @@ def unpermute_fwd(
     if out.numel() == 0:
         return out
     ys = _rowmajor(ys)
+    slot_to_row = slot_to_row.contiguous()
+    topk_weights = None if topk_weights is None else topk_weights.contiguous()
     kernel = _combine_tuned if config is None else _combine_kernel
 
     def grid(meta: dict) -> tuple[int]:
@@ -457,9 +462,13 @@ def unpermute_bwd(
         dys, dw = ys.new_empty(M, D), topk_weights.new_empty(T, K)
     else:
         dys, dw = _check_out(out[0], (M, D), ys), _check_out(out[1], (T, K), topk_weights)
+        if not dw.is_contiguous():
+            raise ValueError(f"out: expected a contiguous dw buffer, got strides {dw.stride()}")
     if T + M == 0:
         return dys, dw
     dy, ys = _rowmajor(dy), _rowmajor(ys)
+    slot_to_row, row_to_token = slot_to_row.contiguous(), row_to_token.contiguous()
+    topk_weights = topk_weights.contiguous()
     kernel = _combine_bwd_tuned if config is None else _combine_bwd_kernel
     kernel[(T + cdiv(M, PAD_ROWS),)](
         dy, ys, topk_weights, slot_to_row, row_to_token, dys, dw, T, D, M, dy.stride(0), ys.stride(0), dys.stride(0),

@@ -117,6 +117,24 @@ def test_edge_plans(device):
         assert torch.equal(unpermute(ys, plan, w), reference.unpermute(ys, plan, w))
 
 
+def test_strided_inputs(device):
+    """Non-contiguous x, ys, weights and plan tensors give the same results (copied where needed)."""
+    plan, x, w = _problem("align4-invalid", torch.float32, device)
+    w = w.nan_to_num(0.5)
+    ys = _ys(plan, x.shape[1], torch.float32, device)
+    x_t = x.t().contiguous().t()  # column-major
+    w_t = w.t().contiguous().t()
+    ys_wide = torch.zeros(ys.shape[0], 2 * ys.shape[1], device=device)[:, ::2]  # column stride 2
+    ys_wide.copy_(ys)
+    s2r_t = plan.slot_to_row.t().contiguous().t()
+    assert torch.equal(permute_fwd(x_t, s2r_t, plan.row_to_token), reference.permute(x, plan))
+    assert torch.equal(unpermute_fwd(ys_wide, s2r_t, w_t), reference.unpermute(ys, plan, w))
+    dy = torch.randn_like(x)
+    dys, dw = unpermute_bwd(dy.t().contiguous().t(), ys_wide.nan_to_num(0), s2r_t, plan.row_to_token, w_t)
+    ref = unpermute_bwd(dy, ys.nan_to_num(0), plan.slot_to_row, plan.row_to_token, w)
+    assert torch.equal(dys, ref[0]) and torch.equal(dw, ref[1])
+
+
 def test_repeated_runs_are_identical(device):
     plan, x, w = _problem("ids-of-minus-one", torch.bfloat16, device)
     ys = _ys(plan, x.shape[1], torch.bfloat16, device)
