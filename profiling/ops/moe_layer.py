@@ -51,16 +51,17 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
     es = torch.finfo(_DTYPE).bits // 8
     nbytes = float((active * 3 * D * I + 3 * D * shared + E * D + 2 * T * D) * es)
     layer.train(backward)
-    return Case(p, {"x": x, "layer": layer, "args": args, "backward": backward}, flops=flops, bytes=nbytes,
+    dy = randn((T, D), _DTYPE, device, generator(device, seed + 2)) if backward else None
+    return Case(p, {"x": x, "dy": dy, "layer": layer, "args": args, "backward": backward}, flops=flops, bytes=nbytes,
                 info={"tokens": T, "experts": E, "active_experts": active})
 
 
-def _run(fn, x: torch.Tensor, backward: bool):
+def _run(fn, inputs: dict):
     """``fn(x)``, or ``fn(x).backward(dy)`` returning (y, dx): what one timed call does."""
-    if not backward:
+    x, dy = inputs["x"], inputs["dy"]
+    if not inputs["backward"]:
         return lambda: fn(x)
     xg = x.detach().requires_grad_(True)
-    dy = torch.randn_like(x)
 
     def run():
         xg.grad = None
@@ -88,7 +89,7 @@ def _moela_layer():
 def _signature(case: Case) -> tuple[tuple, dict]:
     i = case.inputs
     if "run" not in i:
-        i["run"] = _run(i["layer"], i["x"], i["backward"])
+        i["run"] = _run(i["layer"], i)
     return (i,), {}
 
 
@@ -96,7 +97,7 @@ def _reference(case: Case):
     i = case.inputs
     ref = ReferenceMoE(i["args"]).to(device=i["x"].device, dtype=_DTYPE)
     ref.load_state_dict(i["layer"].state_dict())
-    return _run(ref, i["x"], i["backward"])
+    return _run(ref, i)
 
 
 def _torch_native(case: Case):
@@ -121,7 +122,7 @@ def _torch_native(case: Case):
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order // k, ys.float())
         return (y + layer.shared_experts(x).float()).to(x.dtype)
 
-    run = _run(forward, i["x"], i["backward"])
+    run = _run(forward, i)
     return probed(run, f"{name} composition")
 
 
