@@ -6,12 +6,18 @@ CPU), and whose ``dtype`` picks bf16 or fp8 expert weights. ``state_dict()`` key
 DeepSeek's; Hugging Face names load through :func:`load_checkpoint`.
 """
 
+from moela.reference import RMSNorm
+
 from .backend import BACKENDS, ops_for
 from .checkpoint import CheckpointKeyError, load_checkpoint, save_checkpoint
+from .linear import FP8Linear
+from .mla import MLA
 from .moe import Gate, MoE, sequence_balance_loss
+from .quantize import quantize_linears_
 from .transformer import Block, Transformer
 
 __all__ = [
     "BACKENDS", "ops_for", "CheckpointKeyError", "load_checkpoint", "save_checkpoint",
-    "Gate", "MoE", "sequence_balance_loss", "Block", "Transformer",
+    "Gate", "MoE", "sequence_balance_loss", "MLA", "FP8Linear", "RMSNorm", "quantize_linears_",
+    "Block", "Transformer",
 ]

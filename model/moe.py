@@ -152,15 +152,14 @@ class MoE(nn.Module):
 
         weights, ids = self.gate(x2)
         plan = ops.make_routing(ids, a.n_routed_experts)
-        xs = ops.permute(x2, plan)  # (M, D)
         I = a.moe_inter_dim
-        if self.fp8:
-            q, s = ops.quant_act(xs)
+        if self.fp8:  # activations quantized while they are dispatched (one quantization per token)
+            q, s = ops.permute(x2, plan, fp8=True, scale_fmt=a.scale_fmt)  # (M, D) e4m3, (M, D/128)
             h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, plan.offsets, out_dtype=x.dtype)
-            act = swiglu(h[:, :I], h[:, I:])
-            q, s = ops.quant_act(act)
+            q, s = ops.quant_act(swiglu(h[:, :I], h[:, I:]), 128, a.scale_fmt)
             ys = ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, plan.offsets, out_dtype=x.dtype)
         else:
+            xs = ops.permute(x2, plan)  # (M, D)
             h = ops.grouped_gemm(xs, self.w13, plan.offsets)  # (M, 2I)
             ys = ops.grouped_gemm(swiglu(h[:, :I], h[:, I:]).contiguous(), self.w2, plan.offsets)  # (M, D)
         y = ops.unpermute(ys, plan, weights)  # (T, D)

@@ -97,8 +97,14 @@ def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1) -> Rout
     )
 
 
-def permute(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """Gather tokens into expert-sorted rows: ``x (T, D) -> xs (M, D)``; padding rows are 0."""
+def permute(
+    x: torch.Tensor, plan: RoutingPlan, *, fp8: bool = False, block: int = 128, scale_fmt: str | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gather tokens into expert-sorted rows: ``x (T, D) -> xs (M, D)``; padding rows are 0.
+
+    With ``fp8=True`` the rows come out quantized for the FP8 grouped GEMM:
+    ``quant_act(permute(x, plan), block, scale_fmt)`` -> (e4m3 (M, D), scale (M, ceil(D/block))).
+    """
     check_tensor("x", x, ndim=2)
     T = plan.slot_to_row.shape[0]
     if x.shape[0] != T:
@@ -106,6 +112,10 @@ def permute(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     xs = torch.zeros(plan.max_rows, x.shape[1], dtype=x.dtype, device=x.device)
     rows = plan.row_to_token >= 0
     xs[rows] = x[plan.row_to_token[rows].long()]
+    if fp8:
+        from .fp8 import quant_act
+
+        return quant_act(xs, block, scale_fmt)
     return xs
 
 

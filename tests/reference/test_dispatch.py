@@ -151,3 +151,14 @@ def test_plan_properties(T, k, E, align, invalid):
     x = torch.randn(T, 5, dtype=torch.float64)
     y = unpermute(permute(x, plan), plan)
     torch.testing.assert_close(y, x * (ids >= 0).sum(-1, keepdim=True), rtol=1e-14, atol=1e-14)
+
+
+def test_permute_fp8_is_quant_act_of_the_rows():
+    from moela.reference import quant_act
+
+    T, k, E, D = 9, 2, 5, 256
+    plan = make_routing(_ids(T, k, E), E, align=4)
+    x = torch.randn(T, D, dtype=torch.bfloat16)
+    q, s = permute(x, plan, fp8=True, scale_fmt="ue8m0")
+    q_ref, s_ref = quant_act(permute(x, plan), 128, "ue8m0")
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
