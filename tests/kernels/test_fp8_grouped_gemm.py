@@ -32,7 +32,6 @@ except ImportError:  # ANCHORS.md's grouped shapes: (label, groups, rows per gro
 
 # triton 3.6's interpreter turns a loop bound computed in the kernel into a Python int through a
 # 1-element array, which numpy 2.3 deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def _operands(sizes, tail, N, K, device, dtype=torch.bfloat16, offsets_dtype=torch.int32):

@@ -18,8 +18,6 @@ from moela.kernels.fp8_grouped_gemm import fp8_grouped_gemm
 from moela.kernels.fp8_linear import fp8_linear
 from moela.kernels.fp8_quant import dequant, quant_act, quant_weight
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
 
 def _weights(N, K, device, bias=True):
     w = (torch.randn(N, K, device=device) * K**-0.5).bfloat16()

@@ -21,8 +21,6 @@ from moela import reference
 from moela.kernels.gate import gate, route, route_fwd
 from moela.reference import ModelArgs
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
 # name -> (E, topk, n_groups, topk_groups, score_func, has bias, route_scale)
 VARIANTS = {
     "v3-small": (32, 8, 8, 4, "sigmoid", True, 2.5),

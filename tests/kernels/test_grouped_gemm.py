@@ -29,7 +29,6 @@ from moela.kernels.grouped_gemm import (
 
 # triton 3.6's interpreter turns a runtime loop bound (here: group row ranges read from the
 # device) into a Python int through a 1-element array, which numpy 2.3 deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DTYPE_IDS = ["bf16", "fp16", "fp32"]

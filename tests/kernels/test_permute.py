@@ -23,8 +23,6 @@ from moela.kernels.permute import permute, permute_fp8_fwd, permute_fwd, unpermu
 from moela.kernels.routing import make_routing
 from moela.reference import RoutingPlan
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 DTYPE_IDS = ["bf16", "fp16", "fp32", "fp64"]
 CONFIGS = {"default": None, "block16": triton.Config({"BLOCK_D": 16}, num_warps=4)}

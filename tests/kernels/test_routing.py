@@ -23,7 +23,6 @@ from moela.reference import RoutingPlan, max_rows
 
 # triton 3.6's interpreter turns runtime loop bounds into Python ints through 1-element arrays,
 # which numpy 2.3 deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 POISON = 0x5EED5EED  # no plan holds this value
 

@@ -13,8 +13,6 @@ from moela import reference as ref
 from moela.model import linear as linear_module
 from moela.model.linear import FP8Linear
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
 
 def _linear(K=256, N=192, bias=True, device="cpu"):
     return nn.Linear(K, N, bias=bias, device=device, dtype=torch.bfloat16)
