@@ -21,7 +21,6 @@ from torch import nn
 
 from moela.reference import ModelArgs
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_tensor
-from moela.reference.fp8 import quant_weight
 from moela.reference.moe import MLP, swiglu
 
 from .backend import ops_for
@@ -118,7 +117,8 @@ class MoE(nn.Module):
         w13, w2 = torch.empty(E, 2 * I, D), torch.empty(E, D, I)
         nn.init.normal_(w13, std=D**-0.5)
         nn.init.normal_(w2, std=I**-0.5)
-        if self.fp8:
+        if self.fp8:  # quantized by the kernels when built on a GPU (V3's experts: 11e9 weights)
+            quant_weight = ops_for(args.backend if w13.is_cuda else "reference", w13.device).quant_weight
             q13, s13 = quant_weight(w13)
             q2, s2 = quant_weight(w2)
             self.w13 = nn.Parameter(q13, requires_grad=False)

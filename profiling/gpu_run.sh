@@ -53,7 +53,7 @@ step pytest 150 $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$LOGS/py
 step check 60 $PY -m moela.profiling check --no-progress
 step bench $(( BENCH_SECONDS + 90 )) $PY -m moela.profiling bench --no-progress --sets ${MOELA_BENCH_SETS:-full} \
     --ops grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine make_routing permute unpermute gate route \
-          quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd quant_weight dequant \
+          quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd moe_layer_fp8 quant_weight dequant \
     --time-budget "$BENCH_SECONDS" --rep-ms 25 --warmup-ms 5 --out "$WORK" --name bench
 if [ -f "$WORK/bench.json" ]; then
     step report 60 $PY -m moela.profiling report "$WORK/bench.json" --out "$WORK/report"

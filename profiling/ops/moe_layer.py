@@ -29,14 +29,16 @@ _DTYPE = torch.bfloat16
 def _layer(p: Problem, device: torch.device, seed: int):
     from moela.model import MoE
 
-    args = CONFIGS[p.params["config"]].replace(backend="triton")
+    args = CONFIGS[p.params["config"]].replace(backend="triton", dtype=p.params.get("precision", "bf16"),
+                                               **p.params.get("dims", {}))
     torch.manual_seed(seed)
     with torch.device(device):
-        layer = MoE(args).to(_DTYPE)
+        layer = MoE(args).to(_DTYPE)  # FP8 experts keep their dtype (and are random already)
     gen = generator(device, seed)
     with torch.no_grad():
-        for t in layer.parameters():
-            t.copy_(randn(t.shape, t.dtype, device, gen, std=t.shape[-1] ** -0.5 if t.ndim > 1 else 0.1))
+        for name, t in layer.named_parameters():
+            if t.dtype != torch.float8_e4m3fn and not name.endswith("scale_inv"):
+                t.copy_(randn(t.shape, t.dtype, device, gen, std=t.shape[-1] ** -0.5 if t.ndim > 1 else 0.1))
     return args, layer
 
 
@@ -158,3 +160,65 @@ for _name, _backward in (("moe_layer", False), ("moe_layer_fwd_bwd", True)):
         truth="reference loop",
         compute="bf16",
     ))
+
+
+def _reference_ops(case: Case):
+    """The same FP8 layer on moela.reference's ops (quant_act, fp8_grouped_gemm...): the truth."""
+    from moela.model import MoE
+
+    i = case.inputs
+    with torch.device(i["x"].device):
+        ref = MoE(i["args"].replace(backend="reference")).to(_DTYPE)
+    ref.load_state_dict(i["layer"].state_dict())
+    ref.train(i["backward"])
+    return _run(ref, i)
+
+
+def _bf16_layer(case: Case):
+    """The bf16 moela layer of the same shapes (the FP8 variant's speedup is over this)."""
+    from moela.model import MoE
+
+    i = case.inputs
+    with torch.device(i["x"].device):
+        layer = MoE(i["args"].replace(dtype="bf16")).to(_DTYPE).eval()
+    return _run(layer, i)
+
+
+_FP8_DIMS = {"dim": 128, "moe_inter_dim": 128}  # the tiny config with 128×128 weight blocks
+
+
+def _fp8_sets(op: str) -> dict[str, list[Problem]]:
+    def tiny(set_name: str, tokens: list[int]) -> list[Problem]:
+        return [Problem(op, set_name, f"tiny-128 T={t}", {"series": "tiny-128", "tokens": t, "config": "tiny",
+                                                           "load": "balanced", "precision": "fp8", "dims": _FP8_DIMS})
+                for t in tokens]
+
+    kw = {"precision": "fp8"}
+    return {
+        "tiny": tiny("tiny", [4, 32]),
+        "check": tiny("check", [1, 64]),
+        "quick": token_problems(op, "quick", ["v2lite"], [64, 4096], **kw),
+        "v3-decode": token_problems(op, "v3-decode", ["v3"], DECODE_TOKENS, **kw),
+        "v3-prefill": token_problems(op, "v3-prefill", ["v3"], PREFILL_TOKENS[:1], **kw),
+        "v2lite-prefill": token_problems(op, "v2lite-prefill", ["v2lite"], PREFILL_TOKENS, **kw),
+    }
+
+
+register(Op(
+    name="moe_layer_fp8",
+    summary="MoE layer forward with FP8 experts (quantize in permute, FP8 grouped GEMMs), bf16 in/out",
+    make_case=make_case,
+    signature=_signature,
+    reference=None,
+    reference_missing="see the 'reference ops' baseline",
+    shape_sets=_fp8_sets("moe_layer_fp8"),
+    compare=close(1e-3),
+    kernel=_moela_layer,
+    baselines=(
+        Impl("reference ops", _reference_ops, note="the same layer on moela.reference's FP8 ops"),
+        Impl("moela bf16", _bf16_layer, same_function=False, note="moela.model.MoE with bf16 experts"),
+    ),
+    baseline_order=("moela bf16", "reference ops"),
+    truth="reference ops",
+    compute="fp8",
+))
