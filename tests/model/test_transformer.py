@@ -90,3 +90,12 @@ def test_fp8_model_is_close_to_its_dequantized_twin():
     with torch.no_grad():
         # measured ~1e-4 (the activations' e4m3 rounding); DeepGEMM's bar for one GEMM is 1e-3
         assert calc_diff(fp8(tokens).float(), twin(tokens).float()) < 1e-3
+
+
+def test_decoding_past_the_cache_raises():
+    model = _model()
+    caches = model.new_caches(1, 8)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 8)), 0, caches)
+        with pytest.raises(ValueError, match="max_seq_len|past"):
+            model(torch.randint(0, 256, (1, 1)), 8, caches)
