@@ -121,5 +121,7 @@ def test_bad_input_raises():
         model(torch.randn(3, 63))
     with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
         model(torch.randn(3, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x: expected device cpu"):
+        model(torch.randn(3, 64, device="meta"))
     with pytest.raises(ValueError, match="backend"):
         MoE(ModelArgs.from_name("tiny").replace(backend="cuda"))
