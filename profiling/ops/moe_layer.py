@@ -216,7 +216,8 @@ register(Op(
     kernel=_moela_layer,
     baselines=(
         Impl("reference ops", _reference_ops, note="the same layer on moela.reference's FP8 ops"),
-        Impl("moela bf16", _bf16_layer, same_function=False, note="moela.model.MoE with bf16 experts"),
+        Impl("moela bf16", _bf16_layer, kind="moela", same_function=False,
+             note="moela.model.MoE with bf16 experts"),
     ),
     baseline_order=("moela bf16", "reference ops"),
     truth="reference ops",
