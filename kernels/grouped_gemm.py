@@ -333,10 +333,20 @@ _dw_tuned = triton.autotune(
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch: TF32 tensor cores only where torch allows them for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # Triton's default; ignored for 16-bit inputs
+    """fp32 inputs follow torch: TF32 tensor cores only where torch allows them for matmuls.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9): once a user sets TF32
+    through that API (or ``torch.backends.fp32_precision``), reading the legacy ``allow_tf32``
+    raises a RuntimeError ("mix of the legacy and new APIs"); the new getter also reflects
+    settings made through the legacy API and ``set_float32_matmul_precision``.
+    """
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; ignored for 16-bit inputs
+    try:
+        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9: only the legacy flag exists
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
 
 
 def _check_offsets_arg(offsets: object, E: int, device: torch.device) -> None:

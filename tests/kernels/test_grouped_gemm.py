@@ -21,6 +21,7 @@ from moela_testing import assert_close_derived, nan_empty
 from moela import reference
 from moela.kernels.grouped_gemm import (
     FWD_PATHS,
+    _dot_precision,
     fwd_path,
     grouped_gemm,
     grouped_gemm_dw,
@@ -205,6 +206,34 @@ def test_backward_with_expanded_grad(device):
     w.requires_grad_()
     grouped_gemm(xs, w, offsets).sum().backward()
     _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, torch.ones(xs.shape[0], 12, device=device), sizes)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_fp32_follows_torch_fp32_precision_api(precision, device):
+    """torch >= 2.9's ``torch.backends.cuda.matmul.fp32_precision``: once it is set, reading the
+    legacy ``allow_tf32`` raises ("mix of the legacy and new APIs"), so the launchers read the new
+    flag, and the kernels use TF32 exactly when torch's matmuls do. The references run under the
+    same setting: the derived bound is torch's error at that precision."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous = matmul.fp32_precision
+    except AttributeError:
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    matmul.fp32_precision = precision
+    try:
+        assert _dot_precision(torch.float32) == precision
+        assert _dot_precision(torch.bfloat16) == "tf32"  # Triton's default, ignored for 16-bit dots
+        sizes = [3, 0, 5]
+        xs, w, offsets = _inputs(sizes, 1, 13, 17, torch.float32, device)
+        xs.requires_grad_()
+        w.requires_grad_()
+        dy = torch.randn(xs.shape[0], 13, device=device)
+        out = grouped_gemm(xs, w, offsets)
+        out.backward(dy)
+        _check_forward(out.detach(), xs.detach(), w.detach(), offsets)
+        _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, dy, sizes)
+    finally:
+        matmul.fp32_precision = previous
 
 
 def test_torch_compile_fullgraph_forward_and_backward(device):
