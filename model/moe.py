@@ -32,7 +32,12 @@ _BLOCK = 128
 
 
 class Gate(nn.Module):
-    """Router weights with DeepSeek's names: ``weight (E, D)``, ``bias (E,)`` float32 or None."""
+    """Router weights with DeepSeek's names: ``weight (E, D)``, ``bias (E,)`` float32 or None.
+
+    The bias stays float32 whatever the module is cast to (DeepSeek builds it in float32, Hugging
+    Face keeps ``e_score_correction_bias`` in float32): a bf16 bias would round checkpoint values
+    and swallow ``update_gate_bias`` steps smaller than its ulp.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -44,6 +49,11 @@ class Gate(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def _apply(self, fn, recurse=True):
+        if self.bias is not None:  # .bfloat16() / .to(dtype) move the float32 selection bias, never cast it
+            fn = keep_dtype(fn, (self.bias,))
+        return super()._apply(fn, recurse)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, D) -> (T, E) router logits in float32 (float64 for float64 input), as the reference."""
         acc = accumulate_dtype(x.dtype)
@@ -53,7 +63,8 @@ class Gate(nn.Module):
         """x (T, D) -> topk_weights (T, k) float32, topk_ids (T, k) int32.
 
         The ids come from the backend's routing; the weights are recomputed with torch from the
-        chosen ids when gradients are needed, so the router trains through any backend.
+        chosen ids when the logits need gradients (through the gate weight or through x), so the
+        router trains, and x gets the routing weights' gradient, through any backend.
         """
         a = self.args
         logits = self.logits(x)
@@ -63,7 +74,7 @@ class Gate(nn.Module):
             n_groups=a.n_expert_groups, topk_groups=a.n_limited_groups, score_func=a.score_func,
             route_scale=a.route_scale,
         )
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        if torch.is_grad_enabled() and logits.requires_grad:
             weights = _route_weights(logits, ids, a.score_func, a.route_scale)
         return weights, ids
 
@@ -173,9 +184,11 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _apply(self, fn, recurse=True):
-        if self.fp8:  # .to(dtype) / .half() move the FP8 experts but keep their dtypes
-            fn = keep_dtype(fn, (self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv))
-        return super()._apply(fn, recurse)
+        # .to(dtype) / .half() move the FP8 experts but keep their dtypes, and the float32 load
+        # counts of update_gate_bias (bf16 counts are inexact past 256 tokens per expert)
+        keep = (self.expert_load, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv) if self.fp8 else \
+            (self.expert_load,)
+        return super()._apply(keep_dtype(fn, keep), recurse)
 
     @torch.no_grad()
     def update_gate_bias(self, rate: float = 1e-3) -> None:

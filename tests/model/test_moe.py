@@ -22,8 +22,8 @@ def _pair(dtype=torch.float64, **overrides):
 def test_state_dict_speaks_deepseek_names():
     ref, model = _pair()
     assert set(model.state_dict()) == set(ref.state_dict())
-    for k, v in ref.state_dict().items():
-        assert torch.equal(model.state_dict()[k].to(v.dtype), v), k
+    for k, v in ref.state_dict().items():  # the reference's values in the layer's dtypes (gate.bias: float32)
+        assert torch.equal(model.state_dict()[k], v.to(model.state_dict()[k].dtype)), k
     assert model.w13.shape == (16, 64, 64) and model.w2.shape == (16, 64, 32)
 
 
@@ -125,3 +125,37 @@ def test_bad_input_raises():
         model(torch.randn(3, 64, device="meta"))
     with pytest.raises(ValueError, match="backend"):
         MoE(ModelArgs.from_name("tiny").replace(backend="cuda"))
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
+def test_gate_bias_stays_float32_through_dtype_casts(cast):
+    """DeepSeek (and HF's e_score_correction_bias) keep the selection bias in float32: a bf16
+    bias would round checkpoint values and swallow ``update_gate_bias`` steps below its ulp."""
+    args = ModelArgs.from_name("tiny", backend="reference")
+    layer = getattr(MoE(args), cast)()
+    assert layer.gate.bias.dtype == torch.float32
+    assert layer.gate.weight.dtype == layer.w13.dtype == getattr(torch, cast if cast != "half" else "float16")
+    model = MoE(args).bfloat16()
+    assert model.expert_load.dtype == torch.float32  # token counts: exact in float32, not in bf16 past 256
+    model.load_state_dict({**model.state_dict(), "gate.bias": torch.full((16,), 1 + 2**-12)})
+    assert (model.gate.bias == 1 + 2**-12).all()  # not rounded to bf16's 1.0
+    model.expert_load[0] = 1.0  # expert 0 over the mean load: its bias goes down by the rate
+    model.update_gate_bias(1e-3)
+    # one float32 rounding (ulp 2**-23 below 2); bf16 (ulp 2**-8) would have kept 1.0
+    torch.testing.assert_close(model.gate.bias[0], torch.tensor(1 + 2**-12 - 1e-3), rtol=0, atol=2**-23)
+    assert not model.gate.bias.requires_grad
+
+
+def test_frozen_router_still_passes_the_routing_gradient_to_x():
+    """A frozen gate.weight (e.g. fine-tuning the experts only) must not cut d y / d x through the
+    routing weights: the reference differentiates them with respect to x."""
+    ref, model = _pair()
+    for layer in (ref, model):
+        layer.gate.weight.requires_grad_(False)
+    x = torch.randn(2, 7, 64, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    dy = torch.randn(2, 7, 64, dtype=torch.float64)
+    ref(x).backward(dy)
+    model(x2).backward(dy)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-11, atol=1e-11)
+    assert model.gate.weight.grad is None
