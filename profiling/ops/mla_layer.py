@@ -6,7 +6,8 @@ torch SDPA:     the naive form with its attention through ``F.scaled_dot_product
 
 Prefill: B=1, S tokens from position 0, causal. Decode: one new token per sequence after a
 cache of L tokens (filled with random latents, never zeros). FLOPs: the projections plus the
-attention of the absorbed form; bytes: the weights, the cache read and x/y. moela has no MLA
+attention of the absorbed form over the (query, key) pairs the causal mask keeps (S(S+1)/2 per
+head in prefill, L+1 in decode); bytes: the weights, the cache read and x/y. moela has no MLA
 attention kernel yet: this measures the layer as ``moela.model`` runs it today.
 """
 
@@ -66,7 +67,8 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
         inputs["cache"] = cache
     proj = 2.0 * B * S * sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.ndim == 2)
     keys = S if mode == "prefill" else L + 1
-    attn = 2.0 * B * S * H * keys * (C + R + C)
+    pairs = S * (S + 1) // 2 if mode == "prefill" else keys  # (query, key) pairs: causal prefill sees the past
+    attn = 2.0 * B * H * pairs * (C + R + C)
     cache_bytes = B * keys * (C + R) * 2 if mode == "decode" else 0
     weight_bytes = sum(v.numel() * v.element_size() for v in state.values())
     return Case(p, inputs, flops=proj + attn, bytes=float(weight_bytes + cache_bytes + 2 * x.numel() * 2))

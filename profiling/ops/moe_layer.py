@@ -9,7 +9,10 @@ composition: ``torch.topk`` routing, argsort + index_select dispatch, ``torch._g
 
 FLOPs: 3 expert GEMMs (``6·T·k·D·I``) plus the shared experts (``6·T·D·I_shared``) plus the router
 (``2·T·D·E``); ×3 with the backward. Bytes: the weights of the experts that receive tokens (the
-floor of a decode step), the shared experts', x and y.
+floor of a decode step; in their stored dtype, FP8 experts with their scales), the shared experts'
+and the router's, x and y; with the backward also dy, dx and the gradients of those weights. The
+tokens are routed by the layer's own gate on random x (the problem's ``load`` does not steer it),
+so the active experts are counted from that routing.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from __future__ import annotations
 import torch
 
 from moela.reference import MoE as ReferenceMoE
+from moela.reference import gate as ref_gate
 
 from ..registry import Case, Impl, Op, Unavailable, register
 from ..shapes import CONFIGS, DECODE_TOKENS, PREFILL_TOKENS, Problem, token_problems
 from ._common import close, generator, grouped_mm, probed, randn
-from ._dispatch import topk_ids
 
 _DTYPE = torch.bfloat16
 
@@ -42,6 +45,10 @@ def _layer(p: Problem, device: torch.device, seed: int):
     return args, layer
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def make_case(p: Problem, device: torch.device, seed: int) -> Case:
     args, layer = _layer(p, device, seed)
     T, D, E, k, I = p.params["tokens"], args.dim, args.n_routed_experts, args.n_activated_experts, args.moe_inter_dim
@@ -49,9 +56,14 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
     backward = p.params.get("backward", False)
     shared = args.n_shared_experts * I
     flops = 2.0 * T * (3 * k * D * I + 3 * D * shared + D * E) * (3 if backward else 1)
-    active = int(torch.unique(topk_ids(p, "cpu")[topk_ids(p, "cpu") >= 0]).numel())
-    es = torch.finfo(_DTYPE).bits // 8
-    nbytes = float((active * 3 * D * I + 3 * D * shared + E * D + 2 * T * D) * es)
+    with torch.no_grad():  # the experts the layer's gate picks for x (outside any timed region)
+        ids = ref_gate(x, layer.gate.weight, layer.gate.bias, args)[1]
+    active = int(torch.unique(ids).numel())
+    expert = [layer.w13[0], layer.w2[0]] + ([layer.w13_scale_inv[0], layer.w2_scale_inv[0]] if layer.fp8 else [])
+    shared_w = list(layer.shared_experts.parameters()) if layer.shared_experts is not None else []
+    weights = active * _nbytes(expert) + _nbytes(shared_w) + _nbytes([layer.gate.weight])
+    bias = _nbytes([layer.gate.bias]) if layer.gate.bias is not None else 0  # read, never differentiated
+    nbytes = float(weights * (2 if backward else 1) + bias + (4 if backward else 2) * T * D * x.element_size())
     layer.train(backward)
     dy = randn((T, D), _DTYPE, device, generator(device, seed + 2)) if backward else None
     return Case(p, {"x": x, "dy": dy, "layer": layer, "args": args, "backward": backward}, flops=flops, bytes=nbytes,
@@ -98,6 +110,8 @@ def _signature(case: Case) -> tuple[tuple, dict]:
 def _reference(case: Case):
     i = case.inputs
     ref = ReferenceMoE(i["args"]).to(device=i["x"].device, dtype=_DTYPE)
+    if ref.gate.bias is not None:  # the layer's float32 selection bias, not rounded to bf16 (other routing)
+        ref.gate.bias.data = ref.gate.bias.data.float()
     ref.load_state_dict(i["layer"].state_dict())
     return _run(ref, i)
 

@@ -105,3 +105,63 @@ def test_problem_helpers():
     p = Problem("op", "s", "T=4", {"series": "a", "tokens": 4})
     assert (p.key, p.series, p.tokens) == ("op/s/T=4", "a", 4)
     assert Problem("op", "s", "x").tokens is None
+
+
+def _moe_layer_bytes(c, backward=False):
+    """Hand count: active experts' w1/w2/w3 (+ 128x128 scales), shared experts, router; x, y (dy, dx)."""
+    from moela.reference import gate
+
+    layer, x = c.inputs["layer"], c.inputs["x"]
+    a = layer.args
+    D, I, E = a.dim, a.moe_inter_dim, a.n_routed_experts
+    active = gate(x, layer.gate.weight, layer.gate.bias, a)[1].unique().numel()
+    assert c.info["active_experts"] == active  # the experts the layer's own gate picks for x
+    if layer.fp8:  # e4m3 values, one float32 scale per 128x128 block: (2I/128)(D/128) + (D/128)(I/128)
+        expert = 3 * D * I + 3 * (D // 128) * (I // 128) * 4
+    else:
+        expert = 3 * D * I * 2
+    shared = expert * a.n_shared_experts
+    weights = active * expert + shared + E * D * 2
+    T = x.shape[0]
+    return weights * (2 if backward else 1) + E * 4 + (4 if backward else 2) * T * D * 2
+
+
+def test_moe_layer_counts():
+    c = case_of("moe_layer", "tiny", "tiny T=4")
+    T, D, I, E, k = 4, 64, 32, 16, 4  # tiny: one shared expert of width I
+    assert c.flops == 2 * T * (3 * k * D * I + 3 * D * I + D * E)
+    assert c.bytes == _moe_layer_bytes(c)
+    b = case_of("moe_layer_fwd_bwd", "tiny", "tiny backward=True T=4")
+    assert b.flops == 3 * c.flops
+    assert b.bytes == _moe_layer_bytes(b, backward=True)  # + weight gradients written, dy read, dx written
+    f = case_of("moe_layer_fp8", "tiny", "tiny-128 T=4")
+    assert f.inputs["layer"].w13.element_size() == 1
+    assert f.bytes == _moe_layer_bytes(f)  # FP8 experts: 1 byte per weight, not bf16's 2
+
+
+def test_mla_layer_counts_the_causal_pairs():
+    for name, mode, B, S, keys in (("tiny prefill S=8", "prefill", 1, 8, None), ("tiny decode B=2 L=12", "decode", 2,
+                                                                                   1, 13)):
+        c = case_of("mla_layer", "tiny", name)
+        a = c.inputs["args"]
+        H, C, R = a.n_heads, a.kv_lora_rank, a.qk_rope_head_dim
+        proj = 2 * B * S * sum(v.numel() for k, v in c.inputs["state"].items() if k.endswith("weight") and v.ndim == 2)
+        pairs = S * (S + 1) // 2 if mode == "prefill" else S * keys  # query i of a prefill sees keys 0..i
+        assert c.flops == proj + 2 * B * H * pairs * (2 * C + R), name
+
+
+def test_moe_layer_truth_routes_with_the_layers_float32_bias():
+    """The reference loop (the truth) must select with the layer's float32 bias, not a bf16 copy."""
+    from moela.model import MoE
+
+    op = get_op("moe_layer")
+    c = case_of("moe_layer", "tiny", "tiny T=4")
+    layer, x = c.inputs["layer"], c.inputs["x"]
+    with torch.no_grad():
+        layer.gate.weight.zero_()  # equal scores: the bias alone decides
+        layer.gate.bias.copy_(1 + torch.arange(16) * 2.0**-12)  # distinct in float32, all 1.0 in bf16
+    truth = op.impl(op.truth).prepare(c)()
+    same = MoE(layer.args.replace(backend="reference")).to(torch.bfloat16)
+    same.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert op.compare(truth, same(x)).ok
