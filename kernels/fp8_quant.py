@@ -127,7 +127,8 @@ def _quant_act_kernel(
     cols = kb * BLOCK + inner
     row_mask = rows < R
     mask = row_mask[:, None] & ((inner < BLOCK) & (cols < K))[None, :]
-    rows = rows.to(tl.int64)
+    # int64 offsets: rows · stride or cols · stride pass 2**31 for large or transposed inputs
+    rows, cols, kb = rows.to(tl.int64), cols.to(tl.int64), kb.to(tl.int64)
 
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
@@ -156,6 +157,8 @@ def _quant_weight_kernel(
     rows = nb * BLOCK + inner
     cols = kb * BLOCK + inner
     mask = ((inner < BLOCK) & (rows < N))[:, None] & ((inner < BLOCK) & (cols < K))[None, :]
+    # int64 offsets: one (N, K) matrix may span more than 2**31 elements (or have such strides)
+    rows, cols = rows.to(tl.int64), cols.to(tl.int64)
 
     w = tl.load(w_ptr + l * stride_wl + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
     w = w.to(tl.float32)
@@ -163,7 +166,7 @@ def _quant_weight_kernel(
     scale = _block_scale(amax, UE8M0)
     q = _saturate_to_fp8(w, scale, q_ptr.dtype.element_ty)
     tl.store(q_ptr + l * stride_ql + rows[:, None] * stride_qn + cols[None, :] * stride_qk, q, mask=mask)
-    tl.store(s_ptr + l * stride_sl + nb * stride_sn + kb * stride_sk, scale)
+    tl.store(s_ptr + l * stride_sl + nb.to(tl.int64) * stride_sn + kb.to(tl.int64) * stride_sk, scale)
 
 
 @triton.jit
@@ -181,6 +184,7 @@ def _dequant_kernel(
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
+    rows, cols = rows.to(tl.int64), cols.to(tl.int64)  # offsets may pass 2**31 (large N·K, strides)
     q = tl.load(q_ptr + l * stride_ql + rows[:, None] * stride_qn + cols[None, :] * stride_qk, mask=mask, other=0.0)
     s = tl.load(
         s_ptr + l * stride_sl + (rows // DIV_N)[:, None] * stride_sn + (cols // DIV_K)[None, :] * stride_sk,

@@ -267,6 +267,53 @@ def test_dequant_round_trip_of_quant_act(device):
     assert_same_bits(dequant(q, s, 128, torch.bfloat16), ref.dequant(q, s, 128, torch.bfloat16))
 
 
+# --------------------------------------------------------------------------- 64-bit offsets
+
+_S = 2**30  # a row or column stride that puts element 2 of a dim 2**31 elements away
+
+
+def _huge_fp8_buffer(device, tmp_path):
+    """4 GiB + a page of zero e4m3: on the CPU a sparse file mapped into memory (only the pages a
+    test touches take memory or disk), on a GPU plain device memory."""
+    n = 4 * _S + 4096
+    if device == "cpu":
+        path = tmp_path / "huge.bin"
+        with open(path, "wb") as f:
+            f.truncate(n)
+        return torch.from_file(str(path), shared=True, size=n, dtype=torch.uint8).view(FP8_DTYPE)
+    return torch.zeros(n, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+
+
+def test_element_offsets_past_2_31(device, tmp_path):
+    """A matrix spanning more than 2**31 elements (emulated by views with a 2**30 stride placed
+    2**31 elements into a 4 GiB buffer): an int32 row · stride or col · stride wraps to the
+    start of the buffer, reading zeros there or writing there instead of at the element."""
+    buf = _huge_fp8_buffer(device, tmp_path)
+
+    def view(shape, stride):
+        return buf.as_strided(shape, stride, storage_offset=2 * _S)
+
+    # dequant reads rows 2**30 apart
+    vals = (torch.randn(3, 128, device=device) * 10).to(FP8_DTYPE)
+    x = view((3, 128), (_S, 1))
+    x.copy_(vals)
+    scale = torch.rand(1, 1, device=device) + 0.5
+    assert_same_bits(dequant_fwd(x, scale), ref.dequant(vals, scale), "dequant")
+    # quant_weight writes rows 2**30 apart
+    w = torch.randn(3, 128, device=device)
+    q = view((3, 128), (_S, 1))
+    q.copy_(nan_empty((3, 128), FP8_DTYPE, device))
+    quant_weight_fwd(w, out=q)
+    assert_same_bits(q, ref.quant_weight(w)[0], "quant_weight")
+    # quant_act writes columns 2**30 apart
+    a = torch.randn(2, 3, device=device)
+    q = view((2, 3), (1, _S))
+    q.copy_(nan_empty((2, 3), FP8_DTYPE, device))
+    quant_act_fwd(a, out=q)
+    assert_same_bits(q, ref.quant_act(a)[0], "quant_act")
+    assert (buf[:4096].view(torch.uint8) == 0).all(), "a wrapped offset wrote to the start of the buffer"
+
+
 # ------------------------------------------------------------------------------------- errors
 
 def test_bad_inputs_raise_naming_the_argument(device):
