@@ -12,10 +12,12 @@ Each group's rows are computed exactly like ``fp8_gemm`` (same per-block promoti
 loop), as in the reference.
 
 Scheduling without a host sync: the grid is an upper bound on the number of row tiles,
-``cdiv(M, BLOCK_M) + E`` (Σ_g ceil(count_g / BLOCK_M) over the E groups and the tail of rows
-past offsets[E-1] is below it), times the column tiles. Every program loads the E offsets as one
-vector, turns them into per-group tile counts and their cumulative sum, and finds its group and
-row tile with one comparison and a few reductions (no table in memory, no extra launch).
+``min(cdiv(M, BLOCK_M) + E, M)`` (Σ_g ceil(count_g / BLOCK_M) over the E groups and the tail of
+rows past offsets[E-1] is below ``cdiv(M, BLOCK_M) + E``, and every tile holds at least one row,
+so a decode step with more experts than rows launches no idle row tiles), times the column
+tiles. Every program loads the E offsets as one vector, turns them into per-group tile counts
+and their cumulative sum, and finds its group and row tile with one comparison and a few
+reductions (no table in memory, no extra launch).
 Programs past the real tile count exit at once; they come last in launch order. Tail tiles
 store zeros without a K loop. Offsets are clamped to [0, M] in the kernel, so malformed offsets
 never make it read or write out of bounds (their result is unspecified); ``validate=True`` checks
@@ -57,7 +59,7 @@ def _fp8_grouped_gemm_kernel(
     SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """grid: ((cdiv(M, BLOCK_M) + E) * cdiv(N, BLOCK_N),); BLOCK_E = next_power_of_2(E + 1).
+    """grid: (_row_tiles(M, E, BLOCK_M) * cdiv(N, BLOCK_N),); BLOCK_E = next_power_of_2(E + 1).
 
     Group g < E holds rows [offsets[g-1], offsets[g]) and uses w[g]; group E holds the rows past
     offsets[E-1] (written as zeros). Program -> (row tile t over all groups, column tile), t ->
@@ -65,7 +67,7 @@ def _fp8_grouped_gemm_kernel(
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    t, pid_n = _grouped_tile_order(pid, tl.cdiv(M, BLOCK_M) + E, num_pid_n, GROUP_M)
+    t, pid_n = _grouped_tile_order(pid, tl.minimum(tl.cdiv(M, BLOCK_M) + E, M), num_pid_n, GROUP_M)
 
     g = tl.arange(0, BLOCK_E)
     ends = tl.load(offsets_ptr + g, mask=g < E, other=M).to(tl.int32)
@@ -114,6 +116,12 @@ def _fp8_grouped_gemm_configs(cls: str) -> list[triton.Config]:
         configs = [_cfg(128, 128, 8, 4), _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 3),
                    _cfg(64, 256, 8, 3), _cfg(128, 128, 8, 5)]
     return autotune_configs("fp8_grouped_gemm", configs)
+
+
+def _row_tiles(M: int, E: int, block_m: int) -> int:
+    """The grid's row tiles: at least the real ones, Σ_g ceil(count_g / BLOCK_M) over the E groups
+    and the tail (module docstring); the kernel's ``num_pid_m``."""
+    return min(cdiv(M, block_m) + E, M)
 
 
 _KEY = ["N", "K", "SCALE_BLOCK"]
@@ -178,12 +186,12 @@ def fp8_grouped_gemm_fwd(
             *xs.stride(), *xs_s.stride(), *w.stride(), *w_s.stride(), *out.stride())
     consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
     if config is None:
-        grid = lambda meta: ((cdiv(M, meta["BLOCK_M"]) + E) * cdiv(N, meta["BLOCK_N"]),)
+        grid = lambda meta: (_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _TUNED[m_class(cdiv(M, max(E, 1)))][grid](*args, **consts)
     else:
         meta = dict(config)
         meta.setdefault("GROUP_M", 8)
-        grid = ((cdiv(M, meta["BLOCK_M"]) + E) * cdiv(N, meta["BLOCK_N"]),)
+        grid = (_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _fp8_grouped_gemm_kernel[grid](*args, **consts, **meta)
     return out
 

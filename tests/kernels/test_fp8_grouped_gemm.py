@@ -103,6 +103,27 @@ def test_worst_case_tile_count_fits_the_grid(device):
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
+def test_decode_grid_launches_no_idle_row_tiles(monkeypatch, device):
+    """More experts than rows (a decode step): the grid has at most one row tile per row, not
+    cdiv(M, BLOCK_M) + E of them (E - 1 idle ones per column tile here), and one-row groups
+    (as many tiles as rows: the bound is tight) are all written."""
+    kernel, launched = fp8_grouped_gemm_module._fp8_grouped_gemm_kernel, []
+
+    class _RecordGrid:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fp8_grouped_gemm_module, "_fp8_grouped_gemm_kernel", _RecordGrid())
+    sizes = [1, 0, 1, 1, 0, 0, 1] + [0] * 25  # E = 32, four one-row groups and a one-row tail
+    _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 1, 32, 128, device)
+    out = nan_empty((5, 32), torch.float32, device)
+    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
+                         config=dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4))
+    assert launched == [(5 * 2,)], "row tiles: min(cdiv(M, BLOCK_M) + E, M) = 5, times 2 column tiles"
+    _check(out, xs, xs_s, w8, w_s, offsets)
+
+
 @settings(max_examples=8)
 @given(sizes=st.lists(st.integers(0, 20), min_size=0, max_size=6), tail=st.integers(0, 3))
 def test_random_group_sizes_property(sizes, tail):
