@@ -70,15 +70,25 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
                 info={"tokens": T, "experts": E, "active_experts": active})
 
 
-def _run(fn, inputs: dict):
-    """``fn(x)``, or ``fn(x).backward(dy)`` returning (y, dx): what one timed call does."""
+def _run(fn, inputs: dict, module: torch.nn.Module | None = None):
+    """``fn(x)``, or ``fn(x).backward(dy)`` returning (y, dx): what one timed call does.
+
+    With the backward, the gradients of ``module``'s parameters (``fn`` itself when it is a
+    module) are dropped before each call, as ``zero_grad(set_to_none=True)`` does in a training
+    step: otherwise every call after the first would also accumulate into the previous call's
+    gradients (for stacked experts a read and a write of every expert's gradient).
+    """
     x, dy = inputs["x"], inputs["dy"]
     if not inputs["backward"]:
         return lambda: fn(x)
     xg = x.detach().requires_grad_(True)
+    module = fn if module is None else module
+    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
 
     def run():
         xg.grad = None
+        for p in params:
+            p.grad = None
         y = fn(xg)
         y.backward(dy)
         return y.detach(), xg.grad
@@ -138,7 +148,7 @@ def _torch_native(case: Case):
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order // k, ys.float())
         return (y + layer.shared_experts(x).float()).to(x.dtype)
 
-    run = _run(forward, i)
+    run = _run(forward, i, layer)
     return probed(run, f"{name} composition")
 
 

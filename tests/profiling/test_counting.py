@@ -165,3 +165,20 @@ def test_moe_layer_truth_routes_with_the_layers_float32_bias():
     same.load_state_dict(layer.state_dict())
     with torch.no_grad():
         assert op.compare(truth, same(x)).ok
+
+
+def test_moe_layer_fwd_bwd_timed_call_does_not_accumulate_gradients():
+    """Each timed call is one forward + backward: the parameters' gradients of a call are that
+    call's, not the sum over the calls before it (an extra pass over every expert's gradient)."""
+    op = get_op("moe_layer_fwd_bwd")
+    c = case_of("moe_layer_fwd_bwd", "tiny", "tiny backward=True T=4")
+    layer = c.inputs["layer"]
+    layer.args = layer.gate.args = layer.args.replace(backend="reference")  # what is timed, not the kernels
+    fn = op.impl("moela").prepare(c)
+    y, dx = fn()
+    once = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    assert {"w13", "w2", "gate.weight"} <= set(once)
+    y2, dx2 = fn()
+    assert torch.equal(y2, y) and torch.equal(dx2, dx)
+    for n, g in once.items():
+        assert torch.equal(layer.get_parameter(n).grad, g), n
