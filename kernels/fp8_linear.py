@@ -22,7 +22,7 @@ import torch
 from moela.kernels._common import cdiv
 from moela.kernels.fp8_gemm import check_fp8_block, fp8_gemm_fwd
 from moela.kernels.fp8_quant import FP8_DTYPE, check_scale_fmt, empty_col_major_scales, quant_act_fwd
-from moela.reference._checks import check_tensor
+from moela.reference._checks import check_same_device, check_tensor
 
 __all__ = ["fp8_linear", "fp8_linear_fwd", "X_DTYPES"]
 
@@ -45,6 +45,8 @@ def _check(x, weight, weight_scale_inv, bias, scale_fmt, block):
     check_tensor("weight_scale_inv", weight_scale_inv, dtypes=(torch.float32,), shape=(cdiv(N, block), K // block))
     if bias is not None:
         check_tensor("bias", bias, dtypes=X_DTYPES, shape=(N,))
+    # here, not in fp8_gemm, whose messages would name its own arguments ("b", "b_s")
+    check_same_device(x=x, weight=weight, weight_scale_inv=weight_scale_inv, bias=bias)
     return N, K
 
 

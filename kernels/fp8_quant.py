@@ -494,4 +494,5 @@ def dequant(x: torch.Tensor, scale: torch.Tensor, block: int = 128,
 
 @dequant.register_fake
 def _(x, scale, block=128, out_dtype=torch.float32):
+    check_same_device(x=x, scale=scale)  # a meta scale dispatches here: never a silent empty result
     return x.new_empty(x.shape, dtype=out_dtype)

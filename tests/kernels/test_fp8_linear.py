@@ -75,6 +75,10 @@ def test_bad_inputs_raise_naming_the_argument(device):
         fp8_linear(x, w8, w_s, b, "fp32")
     with pytest.raises(ValueError, match="weight: expected in_features to be a multiple of block=128"):
         fp8_linear(x[:, :200], w8[:, :200], w_s, b)
+    with pytest.raises(ValueError, match="weight: expected device"):
+        fp8_linear(x, w8.to("meta"), w_s, b)
+    with pytest.raises(ValueError, match="weight_scale_inv: expected device"):
+        fp8_linear(x, w8, w_s.to("meta"), b)
 
 
 def test_fp8_ops_under_torch_compile_fullgraph(device):

@@ -347,6 +347,8 @@ def test_bad_inputs_raise_naming_the_argument(device):
         dequant(x, s)
     with pytest.raises(TypeError, match="out_dtype"):
         dequant(q, s, 128, torch.int32)
+    with pytest.raises(ValueError, match="scale: expected device"):
+        dequant(q, s.to("meta"))  # the meta (fake) kernel runs: it must check too
 
 
 def test_fp8_capability_check(monkeypatch):
