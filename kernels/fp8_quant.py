@@ -418,12 +418,13 @@ def dequant_fwd(
     for d in range(max(x.ndim - 2, 0)):
         if divs[d] != 1:
             scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, shape[d])
-    # (L, N, K) views; a 1-D x is one row.
-    N, K = (1, shape[0]) if x.ndim == 1 else shape[-2:]
-    div_n, div_k = (1, divs[0]) if x.ndim == 1 else divs[-2:]
+    # (L, N, K) views; a 1-D x is one row, a 0-D x one element (as in the reference).
+    pad = (1,) * max(2 - x.ndim, 0)
+    N, K = (*pad, *shape)[-2:]
+    div_n, div_k = ([1] * len(pad) + divs)[-2:]
     L = math.prod(shape[:-2])
     x3 = x.reshape(L, N, K)
-    s3 = scale.reshape(L, *((1, scale.shape[0]) if x.ndim == 1 else scale.shape[-2:]))
+    s3 = scale.reshape(L, *(*pad, *scale.shape)[-2:])
     o3 = _lead_view(o, L, (N, K), "out")
     BLOCK_N, BLOCK_K = 64, 128  # 8 KB of e4m3 per program, 16-byte loads
     _dequant_kernel[(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N), L)](

@@ -261,6 +261,16 @@ def test_dequant_bit_exact(case, out_dtype, device):
     assert_same_bits(out, ref.dequant(x, scale, block, out_dtype), "dequant")
 
 
+def test_dequant_of_a_scalar(device):
+    """A 0-D value with a 0-D scale, as the reference allows (no (L, N, K) view to unpack)."""
+    x = torch.tensor(3.0, device=device).to(FP8_DTYPE)
+    scale = torch.tensor(0.25, device=device)
+    out = nan_empty((), torch.float32, device)
+    assert dequant_fwd(x, scale, out=out) is out
+    assert_same_bits(out, ref.dequant(x, scale), "dequant")
+    assert_same_bits(dequant(x, scale, 128, torch.bfloat16), ref.dequant(x, scale, 128, torch.bfloat16))
+
+
 def test_dequant_round_trip_of_quant_act(device):
     x = _wide((4, 3, 256), torch.float32, device)
     q, s = quant_act(x)
