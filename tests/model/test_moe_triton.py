@@ -69,11 +69,13 @@ def test_triton_backend_compiles_fullgraph(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])  # the V3 preset is fp8: bf16 experts (grouped_gemm) named here
 @pytest.mark.parametrize("tokens", [16, 4096])
-def test_v3_size_layer_no_host_sync_and_cuda_graph(tokens):
+def test_v3_size_layer_no_host_sync_and_cuda_graph(tokens, dtype):
     from moela.profiling.shapes import V3
 
-    args = V3.replace(backend="triton", n_routed_experts=32, n_expert_groups=8, n_limited_groups=4)  # 8-way EP
+    args = V3.replace(backend="triton", n_routed_experts=32, n_expert_groups=8, n_limited_groups=4,  # 8-way EP
+                      dtype=dtype)
     layer = MoE(args).to(device="cuda", dtype=torch.bfloat16).eval()
     ref = MoE(args.replace(backend="reference")).to(device="cuda", dtype=torch.bfloat16).eval()
     ref.load_state_dict(layer.state_dict())
