@@ -132,7 +132,8 @@ class FP8Linear(nn.Module):
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.scale_fmt, self.block)
         if backend == "dequant":
             w = reference.dequant(self.weight, self.weight_scale_inv, self.block, out_dtype=x.dtype)
-            return F.linear(x, w, self.bias)
+            # the bias keeps the layer's dtype (bf16 by default); the other paths add it in float32
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
         q, s = reference.quant_act(x2, self.block, self.scale_fmt)
         y = reference.fp8_gemm(q, s, self.weight, self.weight_scale_inv, torch.float32, self.block)

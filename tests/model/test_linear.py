@@ -62,6 +62,18 @@ def test_triton_and_reference_paths_agree_and_match_the_bf16_linear(device):
         assert ref.calc_diff(out, y) < 1e-3
 
 
+def test_every_path_takes_an_input_dtype_other_than_the_bias_dtype(device):
+    """The bias keeps the layer's dtype (bf16 here); a float32 input gives a float32 output on every
+    path (the dequant path's F.linear needs the bias cast to x's dtype)."""
+    lin = _linear(device=device)
+    x = torch.randn(3, 256, device=device)
+    y = torch.nn.functional.linear(x, lin.weight.float(), lin.bias.float()).detach()
+    for b in ("triton", "reference", "dequant"):
+        out = FP8Linear.from_linear(lin, backend=b)(x)
+        assert out.dtype == torch.float32, b
+        assert ref.calc_diff(out, y) < 1e-3, b
+
+
 def test_auto_backend_resolution(monkeypatch):
     layer = FP8Linear(256, 128)
     assert layer.resolved_backend(torch.zeros(1, 256)) == "reference"
