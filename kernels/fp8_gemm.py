@@ -239,6 +239,7 @@ def fp8_gemm_fwd(
         check_same_device(a=a, out=out)
     if M == 0 or N == 0:
         return out
+    bias = None if bias is None else bias.contiguous()  # the kernel indexes it flat
     args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, M, N, K,
             *a.stride(), *a_s.stride(), *b.stride(), *b_s.stride(), *out.stride())
     consts = dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None)

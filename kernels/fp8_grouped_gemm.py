@@ -182,6 +182,7 @@ def fp8_grouped_gemm_fwd(
         check_same_device(xs=xs, out=out)
     if M == 0 or N == 0:
         return out
+    offsets = offsets.contiguous()  # the kernel indexes it flat
     args = (xs, xs_s, w, w_s, offsets, out, M, N, K, E,
             *xs.stride(), *xs_s.stride(), *w.stride(), *w_s.stride(), *out.stride())
     consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))

@@ -415,6 +415,7 @@ def grouped_gemm_fwd(
         _check_out(out, (M, N), xs)
     if M == 0 or N == 0:
         return out
+    offsets = offsets.contiguous()  # the kernel indexes it flat
     kernel = _fwd_heuristic if config is not None else _fwd_tuned[fwd_path(M, E)]
 
     def grid(meta: dict) -> tuple[int]:
@@ -459,6 +460,7 @@ def grouped_gemm_dw(
         _check_out(out, (E, N, K), xs)
     if out.numel() == 0:
         return out
+    offsets = offsets.contiguous()  # the kernel indexes it flat
     kernel = _dw_tuned if config is None else _grouped_gemm_dw_kernel
 
     def grid(meta: dict) -> tuple[int]:

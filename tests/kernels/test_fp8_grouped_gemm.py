@@ -92,6 +92,18 @@ def test_fp8_grouped_gemm_configs(cfg, device):
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
+def test_strided_offsets(device):
+    """A strided (non-contiguous) offsets view: the kernel indexes offsets flat, the launcher makes
+    them contiguous."""
+    sizes = [5, 0, 15, 13]
+    _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 7, 64, 128, device, offsets_dtype=torch.int64)
+    strided = torch.stack([offsets, torch.full_like(offsets, xs.shape[0])], 1)[:, 0]
+    assert strided.stride() == (2,)
+    out = nan_empty((xs.shape[0], 64), torch.float32, device)
+    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, strided, torch.float32, out=out)
+    _check(out, xs, xs_s, w8, w_s, offsets)
+
+
 def test_worst_case_tile_count_fits_the_grid(device):
     """Every group one row longer than a tile, plus a one-row tail: Σ ceil(count/BLOCK_M) reaches
     its maximum relative to cdiv(M, BLOCK_M) + E, and every tile must still run."""

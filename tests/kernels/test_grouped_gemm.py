@@ -109,9 +109,15 @@ def test_strided_inputs_and_int64_offsets(device):
     xs = torch.randn(K + 3, M, dtype=torch.bfloat16, device=device)[:K].T  # (M, K), column-major
     w = torch.randn(E, K, N, dtype=torch.bfloat16, device=device).transpose(1, 2)  # (E, N, K), K-stride N
     out = nan_empty((M, N + 4), torch.bfloat16, device)[:, 2 : N + 2]  # a strided output view
-    offsets = _offsets(sizes, device).long()
+    # a strided int64 view (the kernels index offsets flat: the launchers make them contiguous)
+    offsets = torch.stack([_offsets(sizes, device).long(), torch.full((E,), M, device=device)], 1)[:, 0]
+    assert offsets.stride() == (2,)
     grouped_gemm_fwd(xs, w, offsets, out=out, config=SMALL)
     _check_forward(out, xs, w, offsets)
+    dy = torch.randn(N + 1, M, dtype=torch.bfloat16, device=device)[:N].T  # (M, N), column-major
+    dw = nan_empty((E, N, K), torch.bfloat16, device)
+    grouped_gemm_dw(xs, dy, offsets, out=dw, config=SMALL_DW)
+    _check_grads(None, dw, xs, w, offsets, dy, sizes)
 
 
 def test_public_op_and_validate(device):
