@@ -247,6 +247,24 @@ def check_scale_fmt(scale_fmt: object) -> None:
         raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
 
 
+def _check_act_args(x: object, block: object, scale_fmt: object) -> None:
+    """quant_act's argument checks (the launcher and the fake): no values read."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_positive_int("block", block)
+    check_scale_fmt(scale_fmt)
+    if x.ndim == 0:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+
+
+def _check_weight_args(w: object, block: object, scale_fmt: object) -> None:
+    """quant_weight's argument checks (the launcher and the fake): no values read."""
+    check_tensor("w", w, dtypes=FLOAT_DTYPES)
+    check_positive_int("block", block)
+    check_scale_fmt(scale_fmt)
+    if w.ndim < 2:
+        raise ValueError(f"w: expected at least 2 dimensions (..., N, K), got shape {tuple(w.shape)}")
+
+
 def _check_out(name: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor):
     if out is None:
         return
@@ -291,11 +309,7 @@ def quant_act_fwd(
     strides (e.g. ``empty_col_major_scales`` for 2-D ``x``). ``config`` (e.g. ``{"BLOCK_R": 16,
     "num_warps": 4}``) bypasses autotuning.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_positive_int("block", block)
-    check_scale_fmt(scale_fmt)
-    if x.ndim == 0:
-        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    _check_act_args(x, block, scale_fmt)
     _check_device("x", x)
     K = x.shape[-1]
     num_kb = cdiv(K, block)
@@ -336,11 +350,7 @@ def quant_weight_fwd(
     scale_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the block×block quantizer: ``w (..., N, K) -> (e4m3, scale (..., Nb, Kb) f32)``."""
-    check_tensor("w", w, dtypes=FLOAT_DTYPES)
-    check_positive_int("block", block)
-    check_scale_fmt(scale_fmt)
-    if w.ndim < 2:
-        raise ValueError(f"w: expected at least 2 dimensions (..., N, K), got shape {tuple(w.shape)}")
+    _check_weight_args(w, block, scale_fmt)
     _check_device("w", w)
     N, K = w.shape[-2:]
     nb, kb = cdiv(N, block), cdiv(K, block)
@@ -459,7 +469,7 @@ def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
 
 @quant_act.register_fake
 def _(x, block=128, scale_fmt=None):
-    check_scale_fmt(scale_fmt)
+    _check_act_args(x, block, scale_fmt)  # the launcher's errors, also while tracing
     K = x.shape[-1]
     return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:-1], cdiv(K, block)), dtype=torch.float32)
 
@@ -479,7 +489,7 @@ def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None
 
 @quant_weight.register_fake
 def _(w, block=128, scale_fmt=None):
-    check_scale_fmt(scale_fmt)
+    _check_weight_args(w, block, scale_fmt)
     N, K = w.shape[-2:]
     return (w.new_empty(w.shape, dtype=FP8_DTYPE),
             w.new_empty((*w.shape[:-2], cdiv(N, block), cdiv(K, block)), dtype=torch.float32))

@@ -386,6 +386,23 @@ def test_every_quant_launcher_checks_the_capability(monkeypatch, device):
             call()
 
 
+def test_fakes_raise_the_launchers_errors(device):
+    """Tracing (torch.compile) runs the fakes first: they raise the launchers' named errors, not a
+    ZeroDivisionError or an unpacking error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 256, device=device)
+        with pytest.raises(ValueError, match="block: expected a positive int"):
+            quant_act(x, 0)
+        with pytest.raises(ValueError, match="block: expected a positive int"):
+            quant_weight(x, 0)
+        with pytest.raises(ValueError, match="w: expected at least 2 dimensions"):
+            quant_weight(x[0])
+        with pytest.raises(ValueError, match="x: expected at least 1 dimension"):
+            quant_act(x[0, 0])
+
+
 def test_ops_have_fake_implementations(device):
     x = torch.randn(2, 3, 256, device=device, dtype=torch.bfloat16)
     # (opcheck's test_schema multiplies fp8 tensors, which torch cannot do on the CPU)
