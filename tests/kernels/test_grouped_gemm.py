@@ -214,32 +214,54 @@ def test_backward_with_expanded_grad(device):
     _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, torch.ones(xs.shape[0], 12, device=device), sizes)
 
 
+def _assert_tf32_close(out, exact, mag, n, name):
+    """TF32 keeps 10 of float32's 23 mantissa bits (rounded or truncated: each operand within
+    2**-10 relative), so each product is within 2**-9 + 2**-20 of exact (and exact in float32);
+    float32 accumulation of n of them adds γ_n = n·u / (1 - n·u), u = 2**-24, of Σ|a·b| = mag."""
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    bound = ((2.0**-9 + 2.0**-20) * (1 + gamma) + gamma) * mag
+    err = (out.detach().double() - exact).abs()
+    assert not out.isnan().any(), f"{name}: NaN"
+    assert (err <= bound).all(), f"{name}: max error {float(err.max()):.3g} past the TF32 bound"
+
+
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
 def test_fp32_follows_torch_fp32_precision_api(precision, device):
     """torch >= 2.9's ``torch.backends.cuda.matmul.fp32_precision``: once it is set, reading the
     legacy ``allow_tf32`` raises ("mix of the legacy and new APIs"), so the launchers read the new
-    flag, and the kernels use TF32 exactly when torch's matmuls do. The references run under the
-    same setting: the derived bound is torch's error at that precision."""
+    flag; the kernels use TF32 exactly when torch's matmuls may. "ieee": the usual derived check;
+    "tf32": within the TF32 error bound (exact fp32 under the interpreter, which ignores it)."""
     matmul = torch.backends.cuda.matmul
     try:
         previous = matmul.fp32_precision
     except AttributeError:
         pytest.skip("torch < 2.9 has no fp32_precision API")
+    sizes, N, K = [3, 0, 5], 13, 17
+    xs, w, offsets = _inputs(sizes, 1, N, K, torch.float32, device)
+    xs.requires_grad_()
+    w.requires_grad_()
+    dy = torch.randn(xs.shape[0], N, device=device)
     matmul.fp32_precision = precision
     try:
         assert _dot_precision(torch.float32) == precision
         assert _dot_precision(torch.bfloat16) == "tf32"  # Triton's default, ignored for 16-bit dots
-        sizes = [3, 0, 5]
-        xs, w, offsets = _inputs(sizes, 1, 13, 17, torch.float32, device)
-        xs.requires_grad_()
-        w.requires_grad_()
-        dy = torch.randn(xs.shape[0], 13, device=device)
         out = grouped_gemm(xs, w, offsets)
         out.backward(dy)
-        _check_forward(out.detach(), xs.detach(), w.detach(), offsets)
-        _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, dy, sizes)
     finally:
         matmul.fp32_precision = previous
+    x0, w0 = xs.detach(), w.detach()
+    if precision == "ieee":
+        _check_forward(out.detach(), x0, w0, offsets)
+        _check_grads(xs.grad, w.grad, x0, w0, offsets, dy, sizes)
+        return
+    x64, w64, dy64 = x0.double(), w0.double(), dy.double()
+    n = max(xs.shape[0], N, K)  # the longest reduction (K forward, N for dX, a group's rows for dW)
+    _assert_tf32_close(out, reference.grouped_gemm(x64, w64, offsets),
+                       reference.grouped_gemm(x64.abs(), w64.abs(), offsets), n, "out")
+    _assert_tf32_close(xs.grad, reference.grouped_gemm(dy64, w64.transpose(1, 2), offsets),
+                       reference.grouped_gemm(dy64.abs(), w64.abs().transpose(1, 2), offsets), n, "dX")
+    _assert_tf32_close(w.grad, reference.grouped_gemm_dw(x64, dy64, offsets),
+                       reference.grouped_gemm_dw(x64.abs(), dy64.abs(), offsets), n, "dW")
 
 
 def test_torch_compile_fullgraph_forward_and_backward(device):
