@@ -239,9 +239,10 @@ def _roofline_plot(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> bo
     if not any(per_run):
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(10.5 * len(runs), 5.5), squeeze=False, sharey=True)
     ops = list(dict.fromkeys(r["op"] for rows in per_run for r in rows))
-    colors = {op: f"C{i % 10}" for i, op in enumerate(ops)}
+    palette = plt.get_cmap("tab20")  # one color per op (more than 10 ops: tab10 would repeat)
+    colors = {op: palette(i % 20) for i, op in enumerate(ops)}
     for j, ((name, data), rows) in enumerate(zip(runs, per_run, strict=True)):
         ax = axes[0][j]
         xs = [r["intensity"] for r in rows] or [1.0]
@@ -265,9 +266,9 @@ def _roofline_plot(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> bo
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"roofline ({name})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the points
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # keeps the legend beside the axes
     plt.close(fig)
     return True
 
