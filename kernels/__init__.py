@@ -15,10 +15,11 @@ from .fp8_linear import fp8_linear
 from .fp8_quant import dequant, quant_act, quant_weight
 from .gate import gate, route
 from .grouped_gemm import grouped_gemm, grouped_gemm_dw
+from .mla_decode import mla_decode
 from .permute import permute, unpermute
 from .routing import make_routing
 
 __all__ = [
     "route", "gate", "grouped_gemm", "grouped_gemm_dw", "make_routing", "permute", "unpermute",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode",
 ]
