@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from moela import reference as ref
 
 from ..registry import Case, Impl, Op, register
-from ..shapes import CONFIGS, DECODE_TOKENS, PREFILL_TOKENS, Problem, token_problems
+from ..shapes import CONFIGS, Problem
 from ._common import generator, ids_and_weights, randn
+from ._dispatch import token_sets
 
 OP = "gate"
 
@@ -48,15 +49,7 @@ def _linear_topk(case: Case):
     return run
 
 
-SETS = {
-    "tiny": token_problems(OP, "tiny", ["tiny"], [8, 33]),
-    "check": token_problems(OP, "check", ["v3", "v2lite"], [64, 1000]),
-    "quick": token_problems(OP, "quick", ["v3"], [128, 16384]),
-    "v3-decode": token_problems(OP, "v3-decode", ["v3"], DECODE_TOKENS),
-    "v3-prefill": token_problems(OP, "v3-prefill", ["v3"], PREFILL_TOKENS),
-    "v2lite-decode": token_problems(OP, "v2lite-decode", ["v2lite"], DECODE_TOKENS),
-    "v2lite-prefill": token_problems(OP, "v2lite-prefill", ["v2lite"], PREFILL_TOKENS),
-}
+SETS = token_sets(OP)
 
 register(Op(
     name=OP,

@@ -17,9 +17,9 @@ import torch
 from moela import reference as ref
 
 from ..registry import Case, Impl, Op, register, resolve_kernel
-from ..shapes import CONFIGS, DECODE_TOKENS, LOADS, PREFILL_TOKENS, Problem, token_problems
+from ..shapes import CONFIGS, LOADS, Problem
 from ._common import close, generator, randn
-from ._dispatch import topk_ids, topk_weights
+from ._dispatch import token_sets, topk_ids, topk_weights
 
 OP = "moe_dispatch_combine"
 
@@ -69,15 +69,7 @@ def _torch_native(case: Case):
     return run
 
 
-SETS = {
-    "tiny": token_problems(OP, "tiny", ["tiny"], [8, 33]),
-    "check": token_problems(OP, "check", ["v3", "v2lite"], [64, 1000], LOADS),
-    "quick": token_problems(OP, "quick", ["v3"], [128, 16384]),
-    "v3-decode": token_problems(OP, "v3-decode", ["v3"], DECODE_TOKENS, LOADS),
-    "v3-prefill": token_problems(OP, "v3-prefill", ["v3"], PREFILL_TOKENS, LOADS),
-    "v2lite-decode": token_problems(OP, "v2lite-decode", ["v2lite"], DECODE_TOKENS, LOADS),
-    "v2lite-prefill": token_problems(OP, "v2lite-prefill", ["v2lite"], PREFILL_TOKENS, LOADS),
-}
+SETS = token_sets(OP, LOADS)
 
 register(Op(
     name=OP,
