@@ -178,3 +178,48 @@ def seed_for(nodeid: str) -> int:
     """The per-test seed: a stable 32-bit hash of the pytest node id (same on every run and
     machine, different between tests)."""
     return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:4], "little")
+
+
+# ------------------------------------------------------------------------------- routing
+def random_topk_ids(T: int, k: int, E: int, invalid_frac: float = 0.0, device="cpu") -> torch.Tensor:
+    """(T, k) int32: k distinct experts per token (DeepSeek's top-k), a fraction of slots set to -1
+    (experts on another rank)."""
+    ids = torch.rand(T, max(E, k)).argsort(-1)[:, :k] % max(E, 1)
+    if invalid_frac:
+        ids[torch.rand(T, k) < invalid_frac] = -1
+    return ids.to(device=device, dtype=torch.int32)
+
+
+def check_plan_invariants(plan, ids: torch.Tensor, E: int, align: int) -> None:
+    """A RoutingPlan's own invariants, independent of any implementation: counts, padded offsets,
+    one row per valid slot inside its expert's segment, maps that invert each other, padding rows,
+    (token, slot) order inside every expert, int32 everywhere."""
+    from moela.reference import RoutingPlan, max_rows
+
+    T, k = ids.shape
+    ids = ids.long().cpu()
+    plan = RoutingPlan(*(t.cpu() for t in plan))
+    for t in plan:
+        assert t.dtype == torch.int32
+    valid = (ids >= 0) & (ids < E)
+    n_valid = int(valid.sum())
+    counts = plan.tokens_per_expert.long()
+    assert counts.tolist() == torch.bincount(ids[valid], minlength=E).tolist()
+    padded = (counts + align - 1) // align * align
+    assert plan.offsets.tolist() == padded.cumsum(0).tolist()  # offsets end at valid slots + padding
+    assert plan.max_rows == max_rows(T, k, E, align) >= (int(plan.offsets[-1]) if E else 0)
+    rows = plan.slot_to_row[valid].long()
+    assert (plan.slot_to_row[~valid] == -1).all()  # skipped slots have no row
+    assert rows.unique().numel() == n_valid  # every valid slot exactly one row
+    starts = plan.offsets.long() - padded
+    e = ids[valid]
+    assert ((rows >= starts[e]) & (rows < starts[e] + counts[e])).all()
+    flat = torch.arange(T * k).view(T, k)[valid]
+    assert (plan.row_to_slot[rows].long() == flat).all()  # the maps invert each other
+    assert (plan.row_to_token[rows].long() == flat // k).all()
+    assert int((plan.row_to_slot >= 0).sum()) == n_valid  # every other row is padding
+    assert ((plan.row_to_token >= 0) == (plan.row_to_slot >= 0)).all()
+    assert ((plan.row_to_slot == -1) | (plan.row_to_slot >= 0)).all()
+    for ex in range(E):  # stable: (token, slot) order inside every expert
+        seg = plan.row_to_slot[int(starts[ex]): int(starts[ex]) + int(counts[ex])]
+        assert (seg.diff() > 0).all()

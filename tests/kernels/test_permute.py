@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from moela_testing import assert_close_derived, nan_empty
+from moela_testing import assert_close_derived, nan_empty, random_topk_ids
 
 from moela import reference
 from moela.kernels.permute import permute, permute_fp8_fwd, permute_fwd, unpermute, unpermute_bwd, unpermute_fwd
@@ -40,16 +40,11 @@ CASE_CONFIG = {"T1": "default", "prime-E-odd-D": "block16", "k1": "default", "id
                "align4-invalid": "block16"}
 
 
-def _ids(T, k, E, invalid_frac=0.0, device="cpu"):
-    ids = torch.rand(T, max(E, k)).argsort(-1)[:, :k] % E
-    if invalid_frac:
-        ids[torch.rand(T, k) < invalid_frac] = -1
-    return ids.to(device=device, dtype=torch.int32)
 
 
 def _problem(case, dtype, device):
     T, k, E, align, invalid, D = CASES[case]
-    ids = _ids(T, k, E, invalid, device)
+    ids = random_topk_ids(T, k, E, invalid, device)
     plan = reference.make_routing(ids, E, align)
     x = torch.randn(T, D, device=device).to(dtype)  # float64: float32 values (exact sums of k)
     w = torch.rand(T, k, device=device) + 0.5
@@ -159,7 +154,7 @@ FP8_CASES = {
 def test_permute_fp8_is_quant_act_of_permute_bitwise(name, device):
     case, block, fmt, dtype, D = FP8_CASES[name]
     T, k, E, align, invalid, _ = CASES[case]
-    ids = _ids(T, k, E, invalid, device)
+    ids = random_topk_ids(T, k, E, invalid, device)
     plan = reference.make_routing(ids, E, align)
     x = (torch.randn(T, D, device=device) * 3).to(dtype)
     x[0, : min(D, block)] = 0  # an all-zero block: the floored scale
@@ -294,7 +289,7 @@ def test_opcheck(device):
 
 def test_compile_fullgraph_forward_and_backward(device):
     T, k, E, D = 6, 3, 5, 20
-    ids = _ids(T, k, E, 0.2, device)
+    ids = random_topk_ids(T, k, E, 0.2, device)
     x = torch.randn(T, D, device=device, requires_grad=True)
     w = torch.rand(T, k, device=device, requires_grad=True)
 
@@ -335,7 +330,7 @@ def _gpu_cases():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,k,E,D", _gpu_cases() if torch.cuda.is_available() else [])
 def test_gpu_deepseek_shapes(T, k, E, D):
-    ids = _ids(T, k, E, 0.05, "cuda")
+    ids = random_topk_ids(T, k, E, 0.05, "cuda")
     plan = make_routing(ids, E, 128 if T >= 4096 else 1)
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(permute(x, plan), reference.permute(x, plan))
@@ -351,7 +346,7 @@ def test_gpu_deepseek_shapes(T, k, E, D):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bf16", "fp32", "fp64"])
 def test_gpu_gradients(dtype):
     T, k, E, D = 512, 8, 64, 2048
-    ids = _ids(T, k, E, 0.05, "cuda")
+    ids = random_topk_ids(T, k, E, 0.05, "cuda")
     plan = make_routing(ids, E, 16)
     x = torch.randn(T, D, device="cuda").to(dtype)
     ys = torch.randn(plan.max_rows, D, device="cuda").to(dtype)
@@ -373,7 +368,7 @@ def test_gpu_gradients(dtype):
 @pytest.mark.gpu
 def test_gpu_no_host_sync_and_cuda_graph():
     T, k, E, D = 256, 8, 256, 7168
-    ids = _ids(T, k, E, 0.0, "cuda")
+    ids = random_topk_ids(T, k, E, 0.0, "cuda")
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(T, k, device="cuda")
 
@@ -391,7 +386,7 @@ def test_gpu_no_host_sync_and_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         plan, y = step()
-    ids.copy_(_ids(T, k, E, 0.0, "cuda"))
+    ids.copy_(random_topk_ids(T, k, E, 0.0, "cuda"))
     graph.replay()
     ref_plan = reference.make_routing(ids, E, 1)
     assert torch.equal(y, reference.unpermute(reference.permute(x, ref_plan), ref_plan, w))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moela_testing import check_plan_invariants, random_topk_ids
 
 from moela import reference
 from moela.kernels.routing import (
@@ -31,12 +32,6 @@ SCHEDULES = {"one-launch": dict(small_max_slots=SMALL_MAX_SLOTS), "sort-scan-sca
                                                                                          sort_block=16)}
 
 
-def _ids(T, k, E, invalid_frac=0.0, device="cpu"):
-    """k distinct experts per token (DeepSeek's top-k), a fraction of slots set to -1."""
-    ids = torch.rand(T, max(E, k)).argsort(-1)[:, :k] % E
-    if invalid_frac:
-        ids[torch.rand(T, k) < invalid_frac] = -1
-    return ids.to(device=device, dtype=torch.int32)
 
 
 def _poisoned(T, k, E, align, device):
@@ -52,33 +47,6 @@ def _plan(ids, E, align, schedule):
     return RoutingPlan(*got)
 
 
-def check_invariants(plan, ids, E, align):
-    """The plan's own invariants, independent of the reference."""
-    T, k = ids.shape
-    ids = ids.long().cpu()
-    plan = RoutingPlan(*(t.cpu() for t in plan))
-    valid = (ids >= 0) & (ids < E)
-    n_valid = int(valid.sum())
-    assert int(plan.tokens_per_expert.sum()) == n_valid
-    padded = (plan.tokens_per_expert.long() + align - 1) // align * align
-    assert plan.offsets.tolist() == padded.cumsum(0).tolist()  # offsets end at valid slots + padding
-    assert plan.max_rows == max_rows(T, k, E, align) >= (int(plan.offsets[-1]) if E else 0)
-    rows = plan.slot_to_row[valid].long()
-    assert (plan.slot_to_row[~valid] == -1).all()  # skipped slots have no row
-    assert rows.unique().numel() == n_valid  # every valid slot exactly one row
-    starts = plan.offsets.long() - padded
-    e = ids[valid]
-    assert ((rows >= starts[e]) & (rows < starts[e] + plan.tokens_per_expert.long()[e])).all()
-    flat = torch.arange(T * k).view(T, k)[valid]
-    assert (plan.row_to_slot[rows].long() == flat).all()  # the maps invert each other
-    assert (plan.row_to_token[rows].long() == flat // k).all()
-    assert int((plan.row_to_slot >= 0).sum()) == n_valid  # every other row is padding
-    assert ((plan.row_to_token >= 0) == (plan.row_to_slot >= 0)).all()
-    assert ((plan.row_to_slot == -1) | (plan.row_to_slot >= 0)).all()
-    for ex in range(E):  # stable: (token, slot) order inside every expert
-        seg = plan.row_to_slot[int(starts[ex]): int(starts[ex]) + int(plan.tokens_per_expert[ex])]
-        assert (seg.diff() > 0).all()
-    validate_plan(plan)
 
 
 def _assert_same_plan(plan, ref):
@@ -105,10 +73,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_plan_equals_reference(case, schedule, device):
     T, k, E, align, invalid = CASES[case]
-    ids = _ids(T, k, E, invalid, device)
+    ids = random_topk_ids(T, k, E, invalid, device)
     plan = _plan(ids, E, align, schedule)
     _assert_same_plan(plan, reference.make_routing(ids, E, align))
-    check_invariants(plan, ids, E, align)
+    check_plan_invariants(plan, ids, E, align)
+    validate_plan(plan)
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -119,7 +88,8 @@ def test_all_tokens_to_one_expert_and_empty_experts(schedule, device):
     assert plan.tokens_per_expert.tolist() == [0, 0, 0, 0, T, 0]
     assert plan.offsets.tolist() == [0, 0, 0, 0, T, T]
     assert plan.slot_to_row.view(-1).tolist() == list(range(T))
-    check_invariants(plan, ids, E, 1)
+    check_plan_invariants(plan, ids, E, 1)
+    validate_plan(plan)
     ids = torch.full((9, 3), -1, dtype=torch.int32, device=device)  # every expert remote
     plan = _plan(ids, E, 4, schedule)
     assert plan.offsets.tolist() == [0] * E and (plan.row_to_token == -1).all() and (plan.slot_to_row == -1).all()
@@ -136,7 +106,7 @@ def test_int64_ids_outside_the_range_are_skipped(schedule, device):
 
 def test_both_schedules_and_repeated_runs_are_identical(device):
     T, k, E, align = 30, 4, 9, 4
-    ids = _ids(T, k, E, 0.2, device)
+    ids = random_topk_ids(T, k, E, 0.2, device)
     ids[::7] = 3  # hot expert
     first = _plan(ids, E, align, "one-launch")
     for schedule in SCHEDULES:
@@ -169,7 +139,7 @@ def test_public_op_validate_and_checks(device):
 
 
 def test_validate_plan_finds_inconsistencies(device):
-    ids = _ids(6, 2, 4, 0.2, device)
+    ids = random_topk_ids(6, 2, 4, 0.2, device)
     plan = make_routing(ids, 4)
     validate_plan(plan)
     broken = plan._replace(row_to_token=plan.row_to_token.clone())
@@ -188,7 +158,7 @@ def test_validate_plan_finds_inconsistencies(device):
 
 
 def test_fake_and_compile(device):
-    ids = _ids(5, 3, 7, 0.2, device)
+    ids = random_topk_ids(5, 3, 7, 0.2, device)
     torch.library.opcheck(torch.ops.moela.make_routing.default, (ids, 7, 2))
     compiled = torch.compile(lambda i: tuple(make_routing(i, 7, 2)), fullgraph=True, backend="aot_eager")
     _assert_same_plan(compiled(ids), reference.make_routing(ids, 7, 2))
@@ -219,7 +189,7 @@ def _gpu_cases():
 @pytest.mark.parametrize("T,k,E,align", _gpu_cases() if torch.cuda.is_available() else [])
 def test_gpu_deepseek_shapes(T, k, E, align):
     for invalid in (0.0, 0.1):
-        ids = _ids(T, k, E, invalid, "cuda")
+        ids = random_topk_ids(T, k, E, invalid, "cuda")
         plan = make_routing(ids, E, align)
         _assert_same_plan(plan, reference.make_routing(ids, E, align))
         validate_plan(plan)
@@ -228,7 +198,7 @@ def test_gpu_deepseek_shapes(T, k, E, align):
 @pytest.mark.gpu
 def test_gpu_no_host_sync_and_cuda_graph():
     for T in (64, 4096):  # both schedules
-        ids = _ids(T, 8, 256, 0.05, "cuda")
+        ids = random_topk_ids(T, 8, 256, 0.05, "cuda")
         make_routing(ids, 256, 128)  # warm-up: autotuning syncs, once
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -239,6 +209,6 @@ def test_gpu_no_host_sync_and_cuda_graph():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             plan = make_routing(ids, 256, 128)
-        ids.copy_(_ids(T, 8, 256, 0.05, "cuda"))  # new ids, same graph
+        ids.copy_(random_topk_ids(T, 8, 256, 0.05, "cuda"))  # new ids, same graph
         graph.replay()
         _assert_same_plan(plan, reference.make_routing(ids, 256, 128))

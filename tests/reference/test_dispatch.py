@@ -4,46 +4,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from moela_testing import check_plan_invariants, random_topk_ids
 
-from moela.reference import make_routing, max_rows, permute, unpermute
-
-
-def _ids(T, k, E, invalid_frac=0.0):
-    """Random distinct experts per token; a fraction of slots set to -1 (remote experts)."""
-    ids = torch.rand(T, max(E, k)).argsort(-1)[:, :k] % E
-    if invalid_frac:
-        ids[torch.rand(T, k) < invalid_frac] = -1
-    return ids.to(torch.int32)
-
-
-def check_plan_invariants(plan, ids, E, align):
-    T, k = ids.shape
-    valid = (ids >= 0) & (ids < E)
-    counts = torch.bincount(ids[valid].long(), minlength=E)
-    assert plan.tokens_per_expert.tolist() == counts.tolist()
-    padded = (counts + align - 1) // align * align
-    assert plan.offsets.tolist() == torch.cumsum(padded, 0).tolist()
-    assert plan.max_rows == max_rows(T, k, E, align) >= int(plan.offsets[-1])
-    # every valid slot has exactly one row, inside its expert's segment; skipped slots have none
-    rows = plan.slot_to_row[valid].long()
-    assert (plan.slot_to_row[~valid] == -1).all()
-    assert rows.unique().numel() == rows.numel()
-    starts = plan.offsets.long() - padded
-    e = ids[valid].long()
-    assert ((rows >= starts[e]) & (rows < starts[e] + counts[e])).all()
-    # the maps invert each other
-    flat = torch.arange(T * k).view(T, k)[valid]
-    assert (plan.row_to_slot[rows].long() == flat).all()
-    assert (plan.row_to_token[rows].long() == flat // k).all()
-    assert int((plan.row_to_token >= 0).sum()) == int(valid.sum())
-    assert ((plan.row_to_token >= 0) == (plan.row_to_slot >= 0)).all()
-    # stable: inside an expert, rows follow the (token, slot) order
-    for ex in range(E):
-        seg = plan.row_to_slot[int(starts[ex]): int(starts[ex] + counts[ex])]
-        assert (seg.diff() > 0).all()
-    for t in (plan.tokens_per_expert, plan.offsets, plan.slot_to_row, plan.row_to_token, plan.row_to_slot):
-        assert t.dtype == torch.int32
-
+from moela.reference import make_routing, permute, unpermute
 
 CASES = {
     "T1": (1, 8, 16, 1, 0.0),
@@ -58,7 +21,7 @@ CASES = {
 
 @pytest.mark.parametrize("T,k,E,align,invalid", list(CASES.values()), ids=list(CASES))
 def test_plan_invariants(T, k, E, align, invalid):
-    ids = _ids(T, k, E, invalid)
+    ids = random_topk_ids(T, k, E, invalid)
     check_plan_invariants(make_routing(ids, E, align), ids, E, align)
 
 
@@ -101,7 +64,7 @@ def test_permute_then_unpermute_with_unit_weights_and_k1_is_identity(dtype):
     T, E, D = 33, 7, 24
     x = torch.randn(T, D).to(dtype)
     for align in (1, 8):
-        plan = make_routing(_ids(T, 1, E), E, align)
+        plan = make_routing(random_topk_ids(T, 1, E), E, align)
         xs = permute(x, plan)
         assert (xs[plan.row_to_token < 0] == 0).all()
         assert torch.equal(unpermute(xs, plan, torch.ones(T, 1)), x)
@@ -110,7 +73,7 @@ def test_permute_then_unpermute_with_unit_weights_and_k1_is_identity(dtype):
 
 def test_unpermute_is_the_weighted_sum_and_skips_invalid_slots():
     T, k, E, D = 21, 4, 9, 16
-    ids = _ids(T, k, E, invalid_frac=0.25)
+    ids = random_topk_ids(T, k, E, invalid_frac=0.25)
     plan = make_routing(ids, E, align=2)
     x = torch.randn(T, D, dtype=torch.float64)
     w = torch.rand(T, k, dtype=torch.float64)
@@ -132,7 +95,7 @@ def test_unpermute_accumulates_in_float32_for_bf16():
 
 
 def test_permute_and_unpermute_reject_bad_input():
-    plan = make_routing(_ids(5, 2, 4), 4)
+    plan = make_routing(random_topk_ids(5, 2, 4), 4)
     with pytest.raises(ValueError, match="x"):
         permute(torch.randn(6, 3), plan)
     with pytest.raises(ValueError, match="ys"):
@@ -145,7 +108,7 @@ def test_permute_and_unpermute_reject_bad_input():
        invalid=st.sampled_from([0.0, 0.2]))
 def test_plan_properties(T, k, E, align, invalid):
     k = min(k, E)
-    ids = _ids(T, k, E, invalid)
+    ids = random_topk_ids(T, k, E, invalid)
     plan = make_routing(ids, E, align)
     check_plan_invariants(plan, ids, E, align)
     x = torch.randn(T, 5, dtype=torch.float64)
@@ -157,7 +120,7 @@ def test_permute_fp8_is_quant_act_of_the_rows():
     from moela.reference import quant_act
 
     T, k, E, D = 9, 2, 5, 256
-    plan = make_routing(_ids(T, k, E), E, align=4)
+    plan = make_routing(random_topk_ids(T, k, E), E, align=4)
     x = torch.randn(T, D, dtype=torch.bfloat16)
     q, s = permute(x, plan, fp8=True, scale_fmt="ue8m0")
     q_ref, s_ref = quant_act(permute(x, plan), 128, "ue8m0")
