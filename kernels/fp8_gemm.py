@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune_configs, cdiv, check_kernel_device
+from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device
 from moela.kernels.fp8_quant import FP8_DTYPE, check_fp8_capability
 from moela.reference._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -170,7 +170,7 @@ def _fp8_gemm_configs(cls: str) -> list[triton.Config]:
 
 _KEY = ["N", "K", "SCALE_BLOCK", "HAS_BIAS"]
 _TUNED = {
-    cls: triton.autotune(configs=_fp8_gemm_configs(cls), key=_KEY)(_fp8_gemm_kernel)
+    cls: autotune(configs=_fp8_gemm_configs(cls), key=_KEY)(_fp8_gemm_kernel)
     for cls in ("small", "medium", "large")
 }
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 from moela.kernels.fp8_gemm import (
     _cfg,
     _fp8_block_scaled_tile,
@@ -126,7 +126,7 @@ def _row_tiles(M: int, E: int, block_m: int) -> int:
 
 _KEY = ["N", "K", "SCALE_BLOCK"]
 _TUNED = {
-    cls: triton.autotune(configs=_fp8_grouped_gemm_configs(cls), key=_KEY)(_fp8_grouped_gemm_kernel)
+    cls: autotune(configs=_fp8_grouped_gemm_configs(cls), key=_KEY)(_fp8_grouped_gemm_kernel)
     for cls in ("small", "medium", "large")
 }
 

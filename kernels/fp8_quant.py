@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 from moela.reference._checks import FLOAT_DTYPES, check_positive_int, check_same_device, check_tensor
 from moela.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, SCALE_FMTS
 
@@ -207,7 +207,7 @@ def _quant_act_configs() -> list[triton.Config]:
     ])
 
 
-_quant_act_tuned = triton.autotune(configs=_quant_act_configs(), key=["K", "BLOCK"])(_quant_act_kernel)
+_quant_act_tuned = autotune(configs=_quant_act_configs(), key=["K", "BLOCK"])(_quant_act_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

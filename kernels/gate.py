@@ -55,7 +55,7 @@ from moela.kernels.interpreter import interpreter_active
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_positive_int, check_same_device, check_tensor
 from moela.reference.config import ModelArgs
 
-from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 
 __all__ = ["route", "gate", "route_fwd", "MAX_EXPERTS", "SCORE_FUNCS"]
 
@@ -209,7 +209,7 @@ def _route_fwd_kernel(
     tl.store(ids_ptr + o, out_i, mask=m2)
 
 
-_route_tuned = triton.autotune(
+_route_tuned = autotune(
     autotune_configs("route", _route_configs()), key=["E", "TOPK", "N_GROUPS", "TOPK_GROUPS", "T_CLASS"],
 )(_route_fwd_kernel)
 

@@ -51,7 +51,7 @@ import triton.language as tl
 from moela.reference._checks import INT_DTYPES, check_same_device, check_tensor
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 
 __all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
 
@@ -315,13 +315,13 @@ FWD_PATHS = (
     ("prefill", None, _fwd_prefill_configs),
 )
 _fwd_tuned = {
-    name: triton.autotune(
+    name: autotune(
         autotune_configs(f"grouped_gemm_fwd_{name}", configs()), key=["N", "K", "stride_wk"],
         prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
     )(_fwd_heuristic)
     for name, _, configs in FWD_PATHS
 }
-_dw_tuned = triton.autotune(
+_dw_tuned = autotune(
     autotune_configs("grouped_gemm_dw", _dw_configs()), key=["N", "K"],
     prune_configs_by={"early_config_prune": _pruner("BLOCK_M", ("BLOCK_N", "BLOCK_K"), 32)},
 )(_grouped_gemm_dw_kernel)

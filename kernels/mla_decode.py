@@ -36,7 +36,7 @@ import triton.language as tl
 
 from moela.reference._checks import check_same_device, check_tensor
 
-from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 from .grouped_gemm import _dot_precision
 
 __all__ = ["mla_decode", "mla_decode_fwd", "num_splits_for", "KERNEL_DTYPES"]
@@ -210,7 +210,7 @@ def _mla_decode_combine_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=dv_ok)
 
 
-_fwd_tuned = triton.autotune(
+_fwd_tuned = autotune(
     configs=autotune_configs("mla_decode", _configs()), key=["H", "S", "Dk", "V_DIM"], prune_configs_by={
         "early_config_prune": _prune},
 )(_mla_decode_fwd_kernel)

@@ -35,7 +35,7 @@ import triton.language as tl
 from moela.reference._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from moela.reference.dispatch import RoutingPlan
 
-from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 from .fp8_quant import FP8_DTYPE, _abs_bits, _block_scale, _saturate_to_fp8, check_fp8_capability, check_scale_fmt
 from .routing import check_plan, validate_plan
 
@@ -248,11 +248,11 @@ def _fp8_configs() -> list[triton.Config]:
 
 
 _COPY_KEY = ["D", "K"]
-_scatter_tuned = triton.autotune(autotune_configs("permute", _copy_configs()), key=_COPY_KEY)(_scatter_rows_kernel)
-_scatter_fp8_tuned = triton.autotune(autotune_configs("permute_fp8", _fp8_configs()), key=["D", "K", "QBLOCK"])(
+_scatter_tuned = autotune(autotune_configs("permute", _copy_configs()), key=_COPY_KEY)(_scatter_rows_kernel)
+_scatter_fp8_tuned = autotune(autotune_configs("permute_fp8", _fp8_configs()), key=["D", "K", "QBLOCK"])(
     _scatter_rows_fp8_kernel)
-_combine_tuned = triton.autotune(autotune_configs("unpermute", _copy_configs()), key=_COPY_KEY)(_combine_kernel)
-_combine_bwd_tuned = triton.autotune(autotune_configs("unpermute_bwd", _bwd_configs()), key=_COPY_KEY)(
+_combine_tuned = autotune(autotune_configs("unpermute", _copy_configs()), key=_COPY_KEY)(_combine_kernel)
+_combine_bwd_tuned = autotune(autotune_configs("unpermute_bwd", _bwd_configs()), key=_COPY_KEY)(
     _combine_bwd_kernel)
 
 # No FMA contraction: the combine multiplies, rounds, then adds, like the reference.

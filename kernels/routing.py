@@ -41,7 +41,7 @@ import triton.language as tl
 from moela.reference._checks import INT_DTYPES, check_positive_int, check_tensor
 from moela.reference.dispatch import RoutingPlan, max_rows
 
-from ._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
 
 __all__ = [
     "make_routing", "make_routing_fwd", "check_plan", "validate_plan", "validate_ids",
@@ -215,13 +215,13 @@ def _warps(*ws: int) -> list[triton.Config]:
 
 
 # Latency-bound kernels: only the warp count is tuned, keyed on the block sizes (never on T).
-_small_tuned = triton.autotune(autotune_configs("routing_small", _warps(4, 8, 2)), key=["BLOCK_N", "E_P"])(
+_small_tuned = autotune(autotune_configs("routing_small", _warps(4, 8, 2)), key=["BLOCK_N", "E_P"])(
     _routing_small_kernel)
-_sort_tuned = triton.autotune(autotune_configs("routing_sort", _warps(4, 8)), key=["BLOCK_N", "E_P"])(
+_sort_tuned = autotune(autotune_configs("routing_sort", _warps(4, 8)), key=["BLOCK_N", "E_P"])(
     _routing_sort_kernel)
-_scan_tuned = triton.autotune(autotune_configs("routing_scan", _warps(8, 4, 16)), key=["BLOCK_B", "E_P"])(
+_scan_tuned = autotune(autotune_configs("routing_scan", _warps(8, 4, 16)), key=["BLOCK_B", "E_P"])(
     _routing_scan_kernel)
-_scatter_tuned = triton.autotune(autotune_configs("routing_scatter", _warps(4, 8)), key=["BLOCK_N", "E_P"])(
+_scatter_tuned = autotune(autotune_configs("routing_scatter", _warps(4, 8)), key=["BLOCK_N", "E_P"])(
     _routing_scatter_kernel)
 
 

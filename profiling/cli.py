@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time spent repeating each measurement (default: 40 on CUDA, 100 on CPU)")
     b.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
                    help="stop starting new problems after this long (the results say how many were left out)")
+    b.add_argument("--interleave", action="store_true",
+                   help="ops take turns (each op's first problem, then each op's second, ...): with --time-budget, "
+                        "every op keeps its most important problems")
     b.add_argument("--no-ceilings", action="store_true", help="do not measure the ceilings first")
     b.add_argument("--no-verify", action="store_true", help="do not check outputs against the reference")
     b.add_argument("--no-telemetry", action="store_true", help="no NVML sampling around the timings")
@@ -164,7 +167,7 @@ def setup_kernels(device) -> str:
 
 
 def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, default_sets: Sequence[str],
-            device=None, cpu_large: bool = False):
+            device=None, cpu_large: bool = False, interleave: bool = False):
     from .registry import all_ops, make_plan
 
     ops = all_ops()
@@ -184,7 +187,7 @@ def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, defau
         bad = [i for i in impls_arg if i not in known_impls]
         if bad:
             parser.error(f"unknown implementation(s) {', '.join(bad)}; known: {', '.join(sorted(known_impls))}")
-    plan = make_plan(chosen, sets)
+    plan = make_plan(chosen, sets, interleave=interleave)
     large = sorted({p.set for _, p in plan if p.set != "tiny"})
     if device is not None and device.type == "cpu" and large and not cpu_large:
         parser.error(f"shape set(s) {', '.join(large)} are DeepSeek-sized: on a CPU only `tiny` runs "
@@ -298,7 +301,7 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
     from .runner import BenchSettings, run_bench
 
     plan, sets = _select(parser, args.ops, args.sets, args.impls, sets_default, device,
-                         getattr(args, "cpu_large", False))
+                         getattr(args, "cpu_large", False), getattr(args, "interleave", False))
     ceilings: dict[str, Any] = {}
     if not getattr(args, "no_ceilings", False):
         print(f"ceilings on {device}:")
@@ -332,7 +335,8 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
             signal.signal(signal.SIGTERM, previous)
     settings_out = {"device": str(device), "ops": sorted({op.name for op, _ in plan}), "sets": list(sets),
                     "impls": args.impls, "rep_ms": rep_ms, "warmup_ms": settings.warmup_ms,
-                    "time_budget_s": settings.time_budget_s, "seed": settings.seed}
+                    "time_budget_s": settings.time_budget_s, "seed": settings.seed,
+                    "interleave": bool(getattr(args, "interleave", False))}
     if settings.stats.get("problems_left_out"):
         why = "interrupted" if settings.stats.get("interrupted") else "time budget reached"
         print(f"{why}: {settings.stats['problems_left_out']} problems not run")

@@ -292,9 +292,14 @@ def expand_sets(op: Op, names: Sequence[str]) -> list[str]:
     return out
 
 
-def make_plan(ops: Sequence[Op], words: Sequence[str]) -> list[tuple[Op, Problem]]:
+def make_plan(ops: Sequence[Op], words: Sequence[str], interleave: bool = False) -> list[tuple[Op, Problem]]:
     """Every (op, problem) the CLI words select, set by set: each word in turn, within a word the
-    sets in ``SET_PRIORITY`` order, within a set the ops in the given order."""
+    sets in ``SET_PRIORITY`` order, within a set the ops in the given order.
+
+    ``interleave``: the ops take turns instead (every op's first problem, then every op's
+    second, ..., each op's problems in the order above), so that a time budget that cuts the
+    sweep short leaves every op its most important problems rather than some ops none.
+    """
     entries = []
     for oi, op in enumerate(ops):
         for s in expand_sets(op, words):
@@ -302,4 +307,13 @@ def make_plan(ops: Sequence[Op], words: Sequence[str]) -> list[tuple[Op, Problem
             prio = SET_PRIORITY.index(s) if s in SET_PRIORITY else len(SET_PRIORITY)
             entries += [((word, prio, oi, pi), op, p) for pi, p in enumerate(op.problems(s))]
     entries.sort(key=lambda e: e[0])
-    return [(op, p) for _, op, p in entries]
+    plan = [(op, p) for _, op, p in entries]
+    if interleave:
+        rank: dict[str, int] = {}
+        keyed = []
+        for op, p in plan:
+            keyed.append(((rank.get(op.name, 0), ops.index(op)), op, p))
+            rank[op.name] = rank.get(op.name, 0) + 1
+        keyed.sort(key=lambda e: e[0])
+        plan = [(op, p) for _, op, p in keyed]
+    return plan

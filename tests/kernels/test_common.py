@@ -3,8 +3,11 @@
 import pytest
 import torch
 import triton
+import triton.language as tl
+import triton.testing
 
-from moela.kernels._common import autotune_configs, cdiv, check_kernel_device, next_power_of_2, parse_config
+from moela.kernels import _common
+from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, parse_config
 
 CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 128}, num_warps=8)]
 
@@ -37,3 +40,32 @@ def test_small_math_and_device_check(monkeypatch):
         check_kernel_device("x", torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     check_kernel_device("x", torch.zeros(1))
+
+
+def test_autotune_times_configs_with_moela_short_bench(monkeypatch):
+    """Every tuned kernel gets moela's do_bench: warm-up and repetitions from the environment."""
+
+    @triton.jit
+    def _noop(x_ptr, BLOCK_M: tl.constexpr):
+        pass
+
+    tuner = autotune(CONFIGS, key=["BLOCK_M"])(_noop)
+    assert tuner.configs == CONFIGS and tuner.do_bench is _common._tuning_bench
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        seen.update(warmup=warmup, rep=rep, quantiles=quantiles, result=fn())
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert _common._tuning_bench(lambda: "ran", (0.5, 0.2, 0.8)) == [1.0, 1.0, 1.0]
+    assert seen == {"warmup": 5.0, "rep": 25.0, "quantiles": (0.5, 0.2, 0.8), "result": "ran"}
+    monkeypatch.setenv("MOELA_AUTOTUNE_WARMUP_MS", "2")
+    monkeypatch.setenv("MOELA_AUTOTUNE_REP_MS", "10.5")
+    _common._tuning_bench(lambda: None, (0.5,))
+    assert (seen["warmup"], seen["rep"]) == (2.0, 10.5)
+    for bad in ("fast", "0", "-3"):
+        monkeypatch.setenv("MOELA_AUTOTUNE_REP_MS", bad)
+        with pytest.raises(ValueError, match=f"MOELA_AUTOTUNE_REP_MS.*{bad}"):
+            _common._tuning_bench(lambda: None, (0.5,))

@@ -91,6 +91,19 @@ def test_expand_sets_and_plan_order():
     assert sets.index("deepgemm-dense") < sets.index("v3-decode") < sets.index("v2lite-prefill")
 
 
+def test_interleaved_plan_gives_every_op_its_first_problems():
+    ops = [get_op("fp8_gemm"), get_op("grouped_gemm"), get_op("quant_weight")]
+    plan = make_plan(ops, ["full"])
+    mixed = make_plan(ops, ["full"], interleave=True)
+    assert sorted(map(id, (p for _, p in plan))) == sorted(map(id, (p for _, p in mixed)))  # same problems
+    for op in ops:  # each op's own order is kept
+        assert [p for o, p in mixed if o is op] == [p for o, p in plan if o is op]
+    assert [o.name for o, _ in mixed[:6]] == ["fp8_gemm", "grouped_gemm", "quant_weight"] * 2
+    # the first 3 * 5 problems hold all five of quant_weight's: a budget cuts none of them
+    assert sum(o.name == "quant_weight" for o, _ in mixed[:15]) == 5
+    assert sum(o.name == "quant_weight" for o, _ in plan[:15]) == 0
+
+
 def test_missing_kernel_is_a_skip_and_a_present_one_resolves(monkeypatch, fake_op):
     with pytest.raises(Unavailable, match=NOT_IMPLEMENTED):
         resolve_kernel("zz_no_such_op")
