@@ -61,6 +61,11 @@ $PY -m pip list > "$LOGS/pip-list.txt" 2>&1
 if [ -z "${MOELA_SKIP_INSTALL:-}" ]; then
     step install 45 $PY -m pip install --no-deps --no-build-isolation -e .
 fi
+if ! (cd /tmp && $PY -c "import moela.kernels") > /dev/null 2>&1; then  # no install: import the checkout as moela
+    mkdir -p "$WORK/path" && ln -sfn "$(pwd)" "$WORK/path/moela"
+    export PYTHONPATH="$WORK/path${PYTHONPATH:+:$PYTHONPATH}"
+    echo "moela not importable after the install: using PYTHONPATH=$PYTHONPATH" | tee -a "$SUMMARY"
+fi
 
 OPS="grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine make_routing permute
      unpermute gate route quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd moe_layer_fp8 quant_weight dequant"
