@@ -6,7 +6,8 @@ exactly one config is used (the interpreter cannot autotune more than one).
 
 Pinning a config: ``MOELA_<KERNEL>_CONFIG="BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,num_warps=4,num_stages=4"``
 (names are the kernel's constexprs plus ``num_warps``/``num_stages``). ``MOELA_AUTOTUNE=0``
-keeps only the first (default) config of every kernel.
+times nothing: every kernel runs the first of its configs that its pruner keeps for the inputs
+(configs[0] unless, say, float32 operands would overflow its shared memory).
 
 Tuning cost: :func:`autotune` is ``triton.autotune`` timing each config for
 ``MOELA_AUTOTUNE_REP_MS`` (default 25) after ``MOELA_AUTOTUNE_WARMUP_MS`` (default 5) instead
@@ -23,7 +24,9 @@ import triton
 
 from moela.kernels.interpreter import interpreter_active
 
-__all__ = ["autotune", "autotune_configs", "parse_config", "check_kernel_device", "cdiv", "next_power_of_2"]
+__all__ = [
+    "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "next_power_of_2",
+]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -51,15 +54,21 @@ def parse_config(spec: str, env_var: str = "config") -> triton.Config:
 def autotune_configs(name: str, configs: list[triton.Config]) -> list[triton.Config]:
     """The configs ``triton.autotune`` should try for kernel ``name`` (see the module docstring).
 
-    ``configs[0]`` is the default: the one used under the interpreter and with MOELA_AUTOTUNE=0.
+    ``configs[0]`` is the default: the one used under the interpreter (and, with
+    MOELA_AUTOTUNE=0, the first one :func:`autotune`'s pruning keeps).
     """
     env_var = f"MOELA_{name.upper()}_CONFIG"
     pinned = os.environ.get(env_var)
     if pinned:
         return [parse_config(pinned, env_var)]
-    if interpreter_active() or os.environ.get("MOELA_AUTOTUNE", "1") == "0":
+    if interpreter_active():
         return configs[:1]
     return configs
+
+
+def autotune_off() -> bool:
+    """``MOELA_AUTOTUNE=0``: run each kernel's first fitting config, time nothing."""
+    return os.environ.get("MOELA_AUTOTUNE", "1") == "0"
 
 
 def _env_ms(name: str, default: float) -> float:
@@ -83,9 +92,28 @@ def _tuning_bench(kernel_call, quantiles):
                     rep=_env_ms("MOELA_AUTOTUNE_REP_MS", 25.0), quantiles=quantiles)
 
 
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` with moela's shorter per-config timing (see the module docstring)."""
-    return triton.autotune(configs=configs, key=key, do_bench=_tuning_bench, **kwargs)
+def _untimed(kernel_call, quantiles):
+    """The do_bench of MOELA_AUTOTUNE=0: the pruning left one config, nothing to compare."""
+    return [0.0] * len(quantiles)
+
+
+def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None, **kwargs):
+    """``triton.autotune`` with moela's shorter per-config timing (see the module docstring).
+
+    With ``MOELA_AUTOTUNE=0`` (read here, when the kernel module is imported) the kernel's
+    ``early_config_prune`` still runs on each new key, and only its first survivor is kept
+    and run, untimed.
+    """
+    do_bench = _tuning_bench
+    if len(configs) > 1 and autotune_off():
+        early = (prune_configs_by or {}).get("early_config_prune")
+
+        def first_fit(cfgs, named_args, **kw):
+            return (early(cfgs, named_args, **kw) if early is not None else cfgs)[:1]
+
+        prune_configs_by = {**(prune_configs_by or {}), "early_config_prune": first_fit}
+        do_bench = _untimed
+    return triton.autotune(configs=configs, key=key, do_bench=do_bench, prune_configs_by=prune_configs_by, **kwargs)
 
 
 def check_kernel_device(name: str, t: torch.Tensor) -> None:

@@ -261,13 +261,17 @@ def _grouped_gemm_dw_kernel(
     M, N, K, E,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COMPENSATED: tl.constexpr,
 ):
     """dw[e] = dy[rows of e]ᵀ · x[rows of e] (zeros for an empty group).
 
     grid: (E * cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K),). Programs are ordered expert by expert;
     each owns one BLOCK_N × BLOCK_K tile of dw[e] and reduces over the group's rows,
     BLOCK_M at a time. Within an expert a GROUP_N swizzle keeps the dy and x slabs in L2.
+    COMPENSATED (float32 with IEEE dots): each BLOCK_M-row product is added to the running sum
+    with Kahan's compensation, so a group of thousands of rows costs about one rounding per
+    block product rather than one per row block (cuBLAS's float32 accuracy; 16-bit inputs
+    accumulate in float32 already far below their own precision).
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -288,6 +292,7 @@ def _grouped_gemm_dw_kernel(
     cols_n = (offs_n % N).to(tl.int64)
     cols_k = (offs_k % K).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    comp = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # Kahan: what acc lost so far (negated)
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         # The rows are the reduction: both operands are zero outside the group (a row of
@@ -296,7 +301,13 @@ def _grouped_gemm_dw_kernel(
         rows = offs_m.to(tl.int64)[:, None]
         dy = tl.load(dy_ptr + rows * stride_dym + cols_n[None, :] * stride_dyn, mask=in_group, other=0.0)
         x = tl.load(x_ptr + rows * stride_xm + cols_k[None, :] * stride_xk, mask=in_group, other=0.0)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+        if COMPENSATED:
+            y = tl.dot(tl.trans(dy), x, input_precision=DOT_PRECISION) - comp
+            t = acc + y
+            comp = (t - acc) - y
+            acc = t
+        else:
+            acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
     dw_ptrs = dw_ptr + e.to(tl.int64) * stride_dwe
     dw_ptrs += offs_n[:, None].to(tl.int64) * stride_dwn + offs_k[None, :] * stride_dwk
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
@@ -462,6 +473,7 @@ def grouped_gemm_dw(
         return out
     offsets = offsets.contiguous()  # the kernel indexes it flat
     kernel = _dw_tuned if config is None else _grouped_gemm_dw_kernel
+    precision = _dot_precision(xs.dtype)  # "ieee" only for float32 without TF32
 
     def grid(meta: dict) -> tuple[int]:
         return (E * cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),)
@@ -469,7 +481,7 @@ def grouped_gemm_dw(
     kernel[grid](
         xs, dy, offsets, out, M, N, K, E,
         xs.stride(0), xs.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        DOT_PRECISION=_dot_precision(xs.dtype), **_launch_config(config),
+        DOT_PRECISION=precision, COMPENSATED=precision == "ieee", **_launch_config(config),
     )
     return out
 

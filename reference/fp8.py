@@ -44,7 +44,10 @@ def block_scale(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tenso
     """float32 scale of a block from its float32 amax (see the module docstring)."""
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
-    scale = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
+    # The quotient in float64, rounded once to float32: the correctly rounded float32 quotient on
+    # every device (torch on CUDA divides by a Python scalar as a multiplication by its
+    # reciprocal, which is 1 ulp off for about a third of float32 amaxes).
+    scale = (amax.float().clamp_min(AMAX_FLOOR).double() / FP8_MAX).float()
     if scale_fmt == "ue8m0":
         # exactly the next power of two >= scale (a float32 log2 would round scales a few ulps
         # above 2**k down to 2**k); inf and NaN stay as they are

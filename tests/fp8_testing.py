@@ -93,6 +93,8 @@ def assert_gemm_close(
     assert torch.equal(nan_o, nan_r), (
         f"{label}NaN at {int((nan_o != nan_r).sum())} positions where the reference has none (or the reverse)"
     )
+    if torch.is_tensor(extra):  # the comparison runs on the CPU, in float64
+        extra = extra.detach().cpu().double()
     bound = gemm_error_bound(mag.detach().cpu(), num_kb, block, out.device.type) + extra
     bound = bound + HALF_ULP[out.dtype] * (r.abs() + bound)
     finite = ~nan_r

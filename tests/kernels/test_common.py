@@ -12,13 +12,34 @@ from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel
 CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 128}, num_warps=8)]
 
 
-def test_one_config_under_the_interpreter_or_when_autotune_is_off(monkeypatch):
+def test_one_config_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("MOELA_AUTOTUNE", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert autotune_configs("foo", CONFIGS) == CONFIGS[:1]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert autotune_configs("foo", CONFIGS) == CONFIGS
+    monkeypatch.setenv("MOELA_AUTOTUNE", "0")  # handled by autotune(): the pruner still chooses
+    assert autotune_configs("foo", CONFIGS) == CONFIGS
+
+
+def test_autotune_off_runs_the_first_config_the_pruner_keeps(monkeypatch):
+    @triton.jit
+    def _noop(x_ptr, BLOCK_M: tl.constexpr):
+        pass
+
+    def too_big_for_fp32(configs, named_args, **kwargs):  # a kernel's pruner: drops BLOCK_M=64 here
+        return [c for c in configs if c.kwargs["BLOCK_M"] != named_args["drop"]]
+
     monkeypatch.setenv("MOELA_AUTOTUNE", "0")
-    assert autotune_configs("foo", CONFIGS) == CONFIGS[:1]
+    tuner = autotune(CONFIGS, key=["BLOCK_M"], prune_configs_by={"early_config_prune": too_big_for_fp32})(_noop)
+    assert tuner.do_bench is _common._untimed and tuner.do_bench(lambda: 1 / 0, (0.5, 0.2)) == [0.0, 0.0]
+    assert tuner.early_config_prune(CONFIGS, {"drop": 64}) == [CONFIGS[1]]
+    assert tuner.early_config_prune(CONFIGS, {"drop": 0}) == [CONFIGS[0]]
+    plain = autotune(CONFIGS, key=["BLOCK_M"])(_noop)
+    assert plain.early_config_prune(CONFIGS, {}) == [CONFIGS[0]]
+    monkeypatch.delenv("MOELA_AUTOTUNE")
+    tuned = autotune(CONFIGS, key=["BLOCK_M"], prune_configs_by={"early_config_prune": too_big_for_fp32})(_noop)
+    assert tuned.do_bench is _common._tuning_bench and tuned.early_config_prune is too_big_for_fp32
 
 
 def test_env_pins_one_config(monkeypatch):

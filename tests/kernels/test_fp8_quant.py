@@ -84,7 +84,8 @@ def test_quant_act_bit_exact_shapes(case, fmt, device):
     log_scale=st.floats(-30, 30),
 )
 def test_quant_act_bit_exact_property(rows, K, block, dtype, fmt, log_scale):
-    x = (torch.randn(rows, K) * 2.0**log_scale).to(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # hypothesis: no fixtures
+    x = (torch.randn(rows, K, device=device) * 2.0**log_scale).to(dtype)
     q, s = _quant_act_poisoned(x, block, fmt)
     q_ref, s_ref = ref.quant_act(x, block, fmt)
     assert_same_bits(s, s_ref, "scale")

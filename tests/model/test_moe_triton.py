@@ -61,11 +61,17 @@ def test_triton_backend_fp8_experts(device):
 
 
 def test_triton_backend_compiles_fullgraph(device):
-    layer = _pair(torch.float32, device)["triton"].eval()
+    layers = _pair(torch.float32, device)
+    layer = layers["triton"].eval()
     x = torch.randn(7, 32, device=device)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+        y = compiled(x)
+        if device == "cpu":  # aot_eager runs the same ops: the same bits
+            torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+        else:  # inductor fuses the pointwise ops around the kernels (other roundings): derived bound
+            exact, ref32 = layers["exact"].eval()(x.double()), layers["reference"].eval()(x)
+            assert_close_derived(y, exact, ref32, name="compiled y")
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moela.reference import FP8_DTYPE, calc_diff, dequant, fp8_gemm, fp8_grouped_gemm, quant_act, quant_weight
+from moela.reference import FP8_DTYPE, calc_diff, dequant, fp8, fp8_gemm, fp8_grouped_gemm, quant_act, quant_weight
 
 
 def e4m3_bound(x, scale_full):
@@ -178,3 +178,18 @@ def test_quant_act_properties(lead, kb, tail, scale_fmt, log_mag):
     assert s.shape == (lead, math.ceil(K / block)) and s.isfinite().all() and (s > 0).all()
     err = (dequant(q, s, block).double() - x.double()).abs()
     assert (err <= e4m3_bound(x, _full_act_scale(s, K, block))).all()
+
+
+def test_block_scale_is_the_correctly_rounded_quotient_on_every_device(device):
+    """scale = amax / 448 rounded once (what the kernels' div_rn computes). torch on CUDA divides
+    by a Python scalar as a product with its reciprocal, 1 ulp off for many amaxes; the
+    reference must not depend on that."""
+    amax = torch.rand(100_000, device=device) * 2.0 ** torch.randint(-10, 20, (100_000,), device=device)
+    amax = amax.clamp_min(fp8.AMAX_FLOOR)
+    exact = (amax.double() / 448.0).float().cpu()  # float64 quotient: one rounding to float32
+    ieee = (amax.cpu() / torch.full((amax.numel(),), 448.0)).view(torch.int32)  # CPU tensor-tensor division
+    assert torch.equal(exact.view(torch.int32), ieee)
+    got = fp8.block_scale(amax).cpu()
+    assert torch.equal(got.view(torch.int32), ieee)
+    by_reciprocal = (amax * torch.tensor(1 / 448.0, device=device)).cpu()
+    assert not torch.equal(by_reciprocal.view(torch.int32), ieee)  # what the reference must not do
