@@ -21,7 +21,7 @@ from moela.reference import FP8_DTYPE
 
 from .timing import time_fns
 
-__all__ = ["measure_ceilings", "ceiling_for", "COMPUTE_CEILINGS"]
+__all__ = ["measure_ceilings", "ceiling_for", "spin_up", "COMPUTE_CEILINGS"]
 
 #: Compute kind of an op -> ceilings to compare it with, first present wins.
 COMPUTE_CEILINGS = {
@@ -85,10 +85,30 @@ def _guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"skipped": f"{type(e).__name__}: {first}"[:300]}
 
 
+def spin_up(device: torch.device, seconds: float) -> float:
+    """Keep the GPU busy with bf16 matmuls for about ``seconds`` so that its clocks leave idle
+    (an idle H200 sits at 345 MHz, and a few ms of warm-up time the ramp, not the chip: the first
+    H200 run measured 676 TFLOP/s for a matmul that reached 780 later in the same run).
+    Returns the seconds spent."""
+    import time
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            torch.matmul(a, a)
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def measure_ceilings(device: torch.device, quick: bool = False) -> dict[str, dict[str, Any]]:
-    """Measure the ceilings of ``device`` now (a few seconds on a GPU, about one on a CPU)."""
+    """Measure the ceilings of ``device`` now (a few seconds on a GPU, about one on a CPU).
+
+    On a GPU the clocks are first spun up (:func:`spin_up`, 1 s) and every ceiling warms up
+    for 200 ms before its timed repetitions."""
     if device.type == "cuda":
-        timer = {"rep_ms": 100.0 if not quick else 30.0, "warmup_ms": 25.0}
+        spin_up(device, 1.0 if not quick else 0.3)
+        timer = {"rep_ms": 100.0 if not quick else 30.0, "warmup_ms": 200.0 if not quick else 50.0, "max_warm": 1000}
         n = 8192 if not quick else 4096
         out = {
             "copy": _guard(lambda: _copy(1 << 30, device, **timer)),

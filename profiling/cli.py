@@ -337,6 +337,10 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
                     "impls": args.impls, "rep_ms": rep_ms, "warmup_ms": settings.warmup_ms,
                     "time_budget_s": settings.time_budget_s, "seed": settings.seed,
                     "interleave": bool(getattr(args, "interleave", False))}
+    by_op = settings.stats.get("seconds_by_op") or {}
+    if by_op:
+        top = ", ".join(f"{k} {v:.1f}" for k, v in list(by_op.items())[:8])
+        print(f"seconds by op (inputs, compiling, tuning, timing, checks): {top}")
     if settings.stats.get("problems_left_out"):
         why = "interrupted" if settings.stats.get("interrupted") else "time budget reached"
         print(f"{why}: {settings.stats['problems_left_out']} problems not run")

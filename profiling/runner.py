@@ -130,13 +130,16 @@ def run_bench(plan: Sequence[tuple[Op, Problem]], ceilings: dict[str, dict[str, 
     telemetry = Telemetry(_nvml_index(device), enabled=s.telemetry and device.type == "cuda")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    wall: dict[str, float] = {}  # op -> seconds spent on its problems (inputs, compiling, timing, checks)
     done = 0
     interrupted = False
     try:
         for op, p in _progress(plan, s.progress, "bench"):
             if s.time_budget_s is not None and time.perf_counter() - start > s.time_budget_s:
                 break
+            t0 = time.perf_counter()
             problem_rows = _bench_problem(op, p, ceilings, s, telemetry, flush)
+            wall[op.name] = wall.get(op.name, 0.0) + time.perf_counter() - t0
             add_speedups(problem_rows, op.baseline_order)
             for r in problem_rows:
                 if s.on_row is not None:
@@ -149,7 +152,8 @@ def run_bench(plan: Sequence[tuple[Op, Problem]], ceilings: dict[str, dict[str, 
     finally:
         telemetry.close()
     s.stats.update({"problems_run": done, "problems_left_out": len(plan) - done, "interrupted": interrupted,
-                    "seconds": time.perf_counter() - start, "telemetry": telemetry.reason or "nvml"})
+                    "seconds": time.perf_counter() - start, "telemetry": telemetry.reason or "nvml",
+                    "seconds_by_op": {k: round(v, 3) for k, v in sorted(wall.items(), key=lambda kv: -kv[1])}})
     return rows
 
 
@@ -165,6 +169,7 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
     impls = [i for i in op.impls() if _selected(i, s.impls)]
     rows = [_base_row(op, p, i) for i in impls]  # in the op's order: moela, reference, baselines
     order = sorted(range(len(impls)), key=lambda j: impls[j].name != op.truth)  # the truth runs first
+    t_setup = time.perf_counter()
     try:
         cases = [op.make_case(p, device, s.seed)]
     except Exception as e:
@@ -183,6 +188,7 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         _free(device)
         n_sets = 0
     use_flush = flush if n_sets == 0 else None
+    setup_s = time.perf_counter() - t_setup
 
     truth_out: Any = None
     truth_reason = ""
@@ -192,6 +198,8 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
     for j in order:
         impl, row = impls[j], rows[j]
         row.update(flops=case0.flops, bytes=case0.bytes, info=case0.info)
+        t_impl = time.perf_counter()
+        row["wall_s"] = {"setup": round(setup_s, 4)}  # the problem's inputs (shared by its rows)
         try:
             fns = [impl.prepare(c) for c in cases]
         except Unavailable as e:
@@ -211,6 +219,8 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             timer["min_reps"] = 1  # the definition is slow at DeepSeek sizes, the interpreter always
         if impl.kind == "reference" and device.type == "cuda":
             timer["estimate_from_first"] = True  # nothing to compile: its first call sizes the reps
+        t_time = time.perf_counter()
+        row["wall_s"]["prepare"] = round(t_time - t_impl, 4)
         try:
             with telemetry.around() as samples:
                 timing, out = time_fns(fns, device, interpreter=kind_interp, flush=use_flush, **timer)
@@ -220,6 +230,7 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
                 truth_reason = f"{op.truth} failed: {row['reason']}"
             _free(device)
             continue
+        row["wall_s"]["timing"] = round(time.perf_counter() - t_time, 4)  # first call (compile, tuning) included
         row.update(status="ok", **timing.as_dict(), telemetry=samples.summary())
         derive(row, ceilings, op.compute)
         if impl.name == op.truth:

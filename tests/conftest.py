@@ -69,6 +69,15 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _release_cuda_memory():
+    """Give the caching allocator's free blocks back after each test: test processes that share
+    one GPU (pytest-xdist) need each other's memory for the DeepSeek-sized tests."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
 def seed(request: pytest.FixtureRequest) -> int:
     """Seed torch (CPU and CUDA), random and numpy from a stable hash of the test's node id."""
     value = seed_for(request.node.nodeid)

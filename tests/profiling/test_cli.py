@@ -68,14 +68,17 @@ def test_report_errors(capsys, tmp_path):
 
 
 def test_bench_saves_and_reports(capsys, tmp_path):
-    code, out, _ = run(capsys, "bench", "--ops", "route", "permute", "--sets", "tiny", "--impls", "reference",
-                       "torch", "--rep-ms", "1", "--out", str(tmp_path), "--name", "r", "--no-progress",
+    code, out, _ = run(capsys, "bench", "--device", "cpu", "--ops", "route", "permute", "--sets", "tiny", "--impls",
+                       "reference", "torch", "--rep-ms", "1", "--out", str(tmp_path), "--name", "r", "--no-progress",
                        "--interleave")
     assert code == 0, out
     assert "ceilings on cpu" in out and "CPU wall clock" in out and "torch index_select" in out
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.csv").exists()
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["settings"]["interleave"] is True
+    assert set(data["stats"]["seconds_by_op"]) == {"route", "permute"} and "seconds by op" in out
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert ok and all({"setup", "prepare", "timing"} <= set(r["wall_s"]) for r in ok)
     assert [r["op"] for r in data["rows"] if r["impl"] == "reference"][:2] == ["route", "permute"]
     code, out, _ = run(capsys, "report", str(tmp_path / "r.json"), "--no-plots", "--out", str(tmp_path / "rep"))
     assert code == 0 and (tmp_path / "rep" / "report.md").exists()
