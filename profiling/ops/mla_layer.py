@@ -35,7 +35,8 @@ def problem(set_name: str, config: str, mode: str, batch: int, tokens: int) -> P
 
 
 def _layer(cls, args, impl: str, state, device):
-    layer = cls(args, attn_impl=impl).to(device=device, dtype=_DTYPE).eval()
+    with torch.device(device):  # built where it runs (no CPU initialisation of the weights)
+        layer = cls(args, attn_impl=impl).to(_DTYPE).eval()
     layer.load_state_dict(state)
     return layer
 

@@ -119,7 +119,8 @@ def _signature(case: Case) -> tuple[tuple, dict]:
 
 def _reference(case: Case):
     i = case.inputs
-    ref = ReferenceMoE(i["args"]).to(device=i["x"].device, dtype=_DTYPE)
+    with torch.device(i["x"].device):  # built where it runs: V3's 11G expert weights initialised on the GPU
+        ref = ReferenceMoE(i["args"]).to(_DTYPE)
     if ref.gate.bias is not None:  # the layer's float32 selection bias, not rounded to bf16 (other routing)
         ref.gate.bias.data = ref.gate.bias.data.float()
     ref.load_state_dict(i["layer"].state_dict())
