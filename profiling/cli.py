@@ -212,16 +212,21 @@ def _opt(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def print_checks(rows: list[dict[str, Any]]) -> None:
+def check_line(r: dict[str, Any]) -> str:
+    chk = r.get("check") or {}
+    value = f"{chk.get('metric')}={chk['value']:.3g} (tol {chk['tol']:.3g})" if chk.get("metric") else ""
+    return (f"  {r['status']:<7} {r['op']:<22} {r['impl']:<10} {r['set']}/{r['problem']:<40} {value} "
+            f"{r.get('reason', '')}").rstrip()
+
+
+def print_checks(rows: list[dict[str, Any]], lines: bool = True) -> None:
+    """Every checked row (unless ``lines`` is False: they were streamed), then the skips summarised."""
     skipped: dict[tuple[str, str, str], int] = defaultdict(int)
     for r in rows:
         if r["status"] == "skipped":
             skipped[(r["op"], r["impl"], r["reason"])] += 1
-            continue
-        chk = r.get("check") or {}
-        value = f"{chk.get('metric')}={chk['value']:.3g} (tol {chk['tol']:.3g})" if chk.get("metric") else ""
-        print(f"  {r['status']:<7} {r['op']:<22} {r['impl']:<10} {r['set']}/{r['problem']:<40} {value} "
-              f"{r.get('reason', '')}".rstrip())
+        elif lines:
+            print(check_line(r))
     for (op, impl, reason), n in skipped.items():
         print(f"  {'skip':<7} {op:<22} {impl:<10} ({n} problems) {reason}")
     if not rows:
@@ -282,8 +287,10 @@ def cmd_check(parser, args) -> int:
     plan, sets = _select(parser, args.ops, args.sets, args.impls, ["tiny" if device.type == "cpu" else "check"],
                          device, args.cpu_large)
     print(f"check on {device}, sets {', '.join(sets)}: moela kernels against their references")
-    rows = run_check(plan, device, impls=args.impls, progress=_progress_enabled(args))
-    print_checks(rows)
+    progress = _progress_enabled(args)
+    stream = None if progress else (lambda r: r["status"] != "skipped" and print(check_line(r), flush=True))
+    rows = run_check(plan, device, impls=args.impls, progress=progress, on_row=stream)
+    print_checks(rows, lines=progress)
     bad = [r for r in rows if r["status"] in ("FAIL", "error")]
     print(f"check: {sum(r['status'] == 'pass' for r in rows)} passed, {len(bad)} failed or errored, "
           f"{sum(r['status'] == 'skipped' for r in rows)} skipped")

@@ -262,51 +262,63 @@ def _record_check(row: dict[str, Any], op: Op, out: Any, truth_out: Any, truth_r
 
 # ---------------------------------------------------------------------- check
 def run_check(plan: Sequence[tuple[Op, Problem]], device: torch.device, impls: Sequence[str] | None = None,
-              progress: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+              progress: bool = True, seed: int = 0,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Compare implementations (default: the moela kernels) with each op's truth, once per problem.
 
     Rows: op, set, problem, impl, status ("pass", "FAIL", "error", "skipped"), check, reason.
+    ``on_row`` is called with each row once its problem is done (a log sees progress).
     """
     wanted = impls if impls is not None else ("moela",)
     rows: list[dict[str, Any]] = []
     for op, p in _progress(plan, progress, "check"):
-        candidates = [i for i in op.impls() if _selected(i, wanted) and i.same_function
-                      and i.name != op.truth]
-        if not candidates:
-            continue
-        base = {"op": op.name, "set": p.set, "problem": p.name}
-        prepared: list[tuple[Impl, Any]] = []
-        try:
-            case = op.make_case(p, device, seed)
-        except Exception as e:
-            rows += [{**base, "impl": i.name, "status": "error", "reason": f"inputs: {_reason(e)}"} for i in candidates]
-            continue
-        for impl in candidates:
-            try:
-                prepared.append((impl, impl.prepare(case)))
-            except Unavailable as e:
-                rows.append({**base, "impl": impl.name, "status": "skipped", "reason": _reason(e)})
-            except Exception as e:
-                rows.append({**base, "impl": impl.name, "status": "error", "reason": f"prepare: {_reason(e)}"})
-        if not prepared:
-            continue
-        truth, why = _truth(op, case)
-        for impl, fn in prepared:
-            row = {**base, "impl": impl.name}
-            if truth is None:
-                rows.append({**row, "status": "error", "reason": f"no truth output ({why})"})
-                continue
-            try:
-                out = fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                chk = op.compare(out, truth)
-            except Exception as e:
-                rows.append({**row, "status": "error", "reason": _reason(e)})
-                continue
-            rows.append({**row, "status": "pass" if chk.ok else "FAIL", "check": chk.as_dict(),
-                         "reason": chk.detail})
-        del case, truth, prepared
-        _free(device)
+        before = len(rows)
+        _check_problem(op, p, device, wanted, seed, rows)
+        if on_row is not None:
+            for r in rows[before:]:
+                on_row(r)
     return rows
+
+
+def _check_problem(op: Op, p: Problem, device: torch.device, wanted: Sequence[str], seed: int,
+                   rows: list[dict[str, Any]]) -> None:
+    """Append the check rows of one problem to ``rows``."""
+    candidates = [i for i in op.impls() if _selected(i, wanted) and i.same_function
+                  and i.name != op.truth]
+    if not candidates:
+        return
+    base = {"op": op.name, "set": p.set, "problem": p.name}
+    prepared: list[tuple[Impl, Any]] = []
+    try:
+        case = op.make_case(p, device, seed)
+    except Exception as e:
+        rows += [{**base, "impl": i.name, "status": "error", "reason": f"inputs: {_reason(e)}"} for i in candidates]
+        return
+    for impl in candidates:
+        try:
+            prepared.append((impl, impl.prepare(case)))
+        except Unavailable as e:
+            rows.append({**base, "impl": impl.name, "status": "skipped", "reason": _reason(e)})
+        except Exception as e:
+            rows.append({**base, "impl": impl.name, "status": "error", "reason": f"prepare: {_reason(e)}"})
+    if not prepared:
+        return
+    truth, why = _truth(op, case)
+    for impl, fn in prepared:
+        row = {**base, "impl": impl.name}
+        if truth is None:
+            rows.append({**row, "status": "error", "reason": f"no truth output ({why})"})
+            continue
+        try:
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            chk = op.compare(out, truth)
+        except Exception as e:
+            rows.append({**row, "status": "error", "reason": _reason(e)})
+            continue
+        rows.append({**row, "status": "pass" if chk.ok else "FAIL", "check": chk.as_dict(),
+                     "reason": chk.detail})
+    del case, truth, prepared
+    _free(device)
 
