@@ -21,6 +21,11 @@
 # when the budget cuts it short, every op keeps its most important problems.
 # Step limits add up to under 10 minutes (one device-tool command). A dry run of the plumbing on a
 # CPU: MOELA_SKIP_INSTALL=1 MOELA_BENCH_SETS=tiny MOELA_SKIP_TESTS=1 profiling/gpu_run.sh /tmp/x 20
+#
+# Knobs for a shorter run (defaults: the whole suite, every op, the `full` sets):
+#   MOELA_TESTS="tests/kernels ..."  pytest targets     MOELA_TEST_LIMIT=170  MOELA_TEST_WORKERS=8
+#   MOELA_BENCH_OPS="op ..."         ops to benchmark   MOELA_BENCH_SETS="set ..." (full)
+#   MOELA_WARM_LIMIT=165  MOELA_SKIP_CHECK=1  MOELA_SKIP_TESTS=1  MOELA_SKIP_WARMUP=1  MOELA_SKIP_INSTALL=1
 set -uo pipefail
 
 OUT=${1:?usage: profiling/gpu_run.sh OUTDIR [BENCH_SECONDS]}
@@ -59,7 +64,7 @@ nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
 $PY -m pip list > "$LOGS/pip-list.txt" 2>&1
 
 if [ -z "${MOELA_SKIP_INSTALL:-}" ]; then
-    step install 45 $PY -m pip install --no-deps --no-build-isolation -e .
+    step install 30 $PY -m pip install --no-deps --no-build-isolation -e .
 fi
 if ! (cd /tmp && $PY -c "import moela.kernels") > /dev/null 2>&1; then  # no install: import the checkout as moela
     mkdir -p "$WORK/path" && ln -sfn "$(pwd)" "$WORK/path/moela"
@@ -67,18 +72,25 @@ if ! (cd /tmp && $PY -c "import moela.kernels") > /dev/null 2>&1; then  # no ins
     echo "moela not importable after the install: using PYTHONPATH=$PYTHONPATH" | tee -a "$SUMMARY"
 fi
 
-OPS="grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine make_routing permute
-     unpermute gate route quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd moe_layer_fp8 quant_weight dequant"
+OPS=${MOELA_BENCH_OPS:-"grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine
+     make_routing permute unpermute gate route quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd moe_layer_fp8
+     quant_weight dequant"}
 # Background warm-up: the moela kernels alone at the benchmark's problems, timed for a millisecond,
-# split so that each process compiles different kernels.
-WARM_GROUPS=("grouped_gemm" "grouped_gemm_dx" "grouped_gemm_dw" "fp8_gemm" "fp8_grouped_gemm"
-             "mla_decode mla_layer quant_act quant_weight dequant"
-             "moe_layer moe_layer_fwd_bwd moe_layer_fp8 moe_dispatch_combine make_routing permute unpermute gate route")
+# split so that each process compiles different kernels (one op per process when there are few).
+read -r -a OP_LIST <<< "$(echo $OPS)"
+if [ -n "${MOELA_BENCH_OPS:-}" ] && [ "${#OP_LIST[@]}" -le 8 ]; then
+    WARM_GROUPS=("${OP_LIST[@]}")
+else
+    WARM_GROUPS=("grouped_gemm" "grouped_gemm_dx" "grouped_gemm_dw" "fp8_gemm" "fp8_grouped_gemm"
+                 "mla_decode mla_layer quant_act quant_weight dequant"
+                 "moe_layer moe_layer_fwd_bwd moe_layer_fp8 moe_dispatch_combine make_routing permute unpermute gate route")
+fi
 WARM_PIDS=()
 if [ -z "${MOELA_SKIP_WARMUP:-}" ]; then
     for i in "${!WARM_GROUPS[@]}"; do
         # shellcheck disable=SC2086
-        timeout --kill-after=10 165 $PY -m moela.profiling bench --no-progress --sets $SETS --ops ${WARM_GROUPS[$i]} \
+        timeout --kill-after=5 "${MOELA_WARM_LIMIT:-165}" $PY -m moela.profiling bench --no-progress --sets $SETS \
+            --ops ${WARM_GROUPS[$i]} \
             --impls moela --no-verify --no-ceilings --no-telemetry --no-save --rep-ms 1 --warmup-ms 1 \
             > "$LOGS/warm-$i.log" 2>&1 &
         WARM_PIDS+=($!)
@@ -88,9 +100,10 @@ fi
 if [ -z "${MOELA_SKIP_TESTS:-}" ]; then
     # correctness needs no autotuning: one (default) config per kernel keeps compile time down
     PYTEST_ARGS=(-rfE -p no:cacheprovider --junitxml="$LOGS/pytest.xml" --durations=15)
-    if $PY -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8 -v); else PYTEST_ARGS+=(-q); fi
-    $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 120)
-    step pytest 170 env MOELA_AUTOTUNE=0 $PY -m pytest "${PYTEST_ARGS[@]}"
+    if $PY -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "${MOELA_TEST_WORKERS:-8}" -v); else PYTEST_ARGS+=(-q); fi
+    $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 90)
+    # shellcheck disable=SC2086
+    step pytest "${MOELA_TEST_LIMIT:-170}" env MOELA_AUTOTUNE=0 $PY -m pytest "${PYTEST_ARGS[@]}" ${MOELA_TESTS:-}
 fi
 if [ "${#WARM_PIDS[@]}" -gt 0 ]; then
     WARM_RCS=""
@@ -99,12 +112,12 @@ if [ "${#WARM_PIDS[@]}" -gt 0 ]; then
         "$(cat "$LOGS"/warm-*.log | grep -c ' moela ') timed rows" | tee -a "$SUMMARY"
 fi
 
-step check 60 $PY -m moela.profiling check --no-progress
+[ -z "${MOELA_SKIP_CHECK:-}" ] && step check 60 $PY -m moela.profiling check --no-progress
 # shellcheck disable=SC2086
-step bench $(( BENCH_SECONDS + 40 )) $PY -m moela.profiling bench --no-progress --sets $SETS --ops $OPS --interleave \
+step bench $(( BENCH_SECONDS + 25 )) $PY -m moela.profiling bench --no-progress --sets $SETS --ops $OPS --interleave \
     --time-budget "$BENCH_SECONDS" --rep-ms 25 --warmup-ms 5 --out "$WORK" --name bench
 if [ -f "$WORK/bench.json" ]; then
-    step report 40 $PY -m moela.profiling report "$WORK/bench.json" --out "$WORK/report"
+    step report 25 $PY -m moela.profiling report "$WORK/bench.json" --out "$WORK/report"
     cp "$WORK/bench.json" "$WORK/bench.csv" "$OUT/"
     [ -f "$WORK/report/report.md" ] && cp "$WORK/report/report.md" "$OUT/"
     [ -f "$WORK/report/roofline.png" ] && cp "$WORK/report/roofline.png" "$OUT/"
@@ -116,7 +129,7 @@ fi
 
 {
     echo; echo "== pytest (tail)"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest.log" 2>/dev/null | grep -v PASSED | tail -n 40
-    echo; echo "== check (tail)"; tail -n 40 "$LOGS/check.log"
+    [ -f "$LOGS/check.log" ] && { echo; echo "== check (tail)"; tail -n 40 "$LOGS/check.log"; }
     echo; echo "== bench (tail)"; tail -n 60 "$LOGS/bench.log"
 } >> "$SUMMARY" 2>&1
 tar czf "$OUT/logs.tar.gz" -C "$LOGS" .

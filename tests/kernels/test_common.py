@@ -70,6 +70,7 @@ def test_autotune_times_configs_with_moela_short_bench(monkeypatch):
     def _noop(x_ptr, BLOCK_M: tl.constexpr):
         pass
 
+    monkeypatch.delenv("MOELA_AUTOTUNE", raising=False)
     tuner = autotune(CONFIGS, key=["BLOCK_M"])(_noop)
     assert tuner.configs == CONFIGS and tuner.do_bench is _common._tuning_bench
 
