@@ -85,11 +85,21 @@ else
                  "mla_decode mla_layer quant_act quant_weight dequant"
                  "moe_layer moe_layer_fwd_bwd moe_layer_fp8 moe_dispatch_combine make_routing permute unpermute gate route")
 fi
+sets_for() {  # the words of $SETS that mean something to the ops named (the CLI refuses the others)
+    $PY -c 'import sys
+from moela.profiling.registry import all_ops
+ops = all_ops()
+known = {s for n in sys.argv[2:] for s in ops[n].shape_sets} | {"full", "all"}
+print(" ".join(w for w in sys.argv[1].split() if w in known))' "$SETS" "$@"
+}
 WARM_PIDS=()
 if [ -z "${MOELA_SKIP_WARMUP:-}" ]; then
     for i in "${!WARM_GROUPS[@]}"; do
         # shellcheck disable=SC2086
-        timeout --kill-after=5 "${MOELA_WARM_LIMIT:-165}" $PY -m moela.profiling bench --no-progress --sets $SETS \
+        WSETS=$(sets_for ${WARM_GROUPS[$i]})
+        [ -z "$WSETS" ] && continue
+        # shellcheck disable=SC2086
+        timeout --kill-after=5 "${MOELA_WARM_LIMIT:-165}" $PY -m moela.profiling bench --no-progress --sets $WSETS \
             --ops ${WARM_GROUPS[$i]} \
             --impls moela --no-verify --no-ceilings --no-telemetry --no-save --rep-ms 1 --warmup-ms 1 \
             > "$LOGS/warm-$i.log" 2>&1 &
@@ -103,7 +113,7 @@ if [ -z "${MOELA_SKIP_TESTS:-}" ]; then
     if $PY -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "${MOELA_TEST_WORKERS:-8}" -v); else PYTEST_ARGS+=(-q); fi
     $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 90)
     # shellcheck disable=SC2086
-    step pytest "${MOELA_TEST_LIMIT:-170}" env MOELA_AUTOTUNE=0 $PY -m pytest "${PYTEST_ARGS[@]}" ${MOELA_TESTS:-}
+    step pytest "${MOELA_TEST_LIMIT:-170}" env MOELA_AUTOTUNE=0 MOELA_FAILURE_LOG="$LOGS/pytest-failures.log" $PY -m pytest "${PYTEST_ARGS[@]}" ${MOELA_TESTS:-}
 fi
 if [ "${#WARM_PIDS[@]}" -gt 0 ]; then
     WARM_RCS=""
@@ -129,6 +139,7 @@ fi
 
 {
     echo; echo "== pytest (tail)"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest.log" 2>/dev/null | grep -v PASSED | tail -n 40
+    [ -f "$LOGS/pytest-failures.log" ] && { echo; echo "== pytest failures (first lines)"; grep -E "^====|^E " "$LOGS/pytest-failures.log" | head -n 60; }
     [ -f "$LOGS/check.log" ] && { echo; echo "== check (tail)"; tail -n 40 "$LOGS/check.log"; }
     echo; echo "== bench (tail)"; tail -n 60 "$LOGS/bench.log"
 } >> "$SUMMARY" 2>&1

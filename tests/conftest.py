@@ -55,6 +55,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """``MOELA_FAILURE_LOG=path``: append each failure's traceback to ``path`` as it happens, so a
+    run cut short by a time limit (the one-shot GPU script) still says why tests failed."""
+    path = os.environ.get("MOELA_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     import triton
 

@@ -153,7 +153,7 @@ def test_quant_act_empty_and_scale_layouts(device):
     s3 = to_col_major(torch.ones(2, 3, 4))
     assert s3.stride() == (12, 1, 3)
     with pytest.raises(ValueError, match="scale_out: its leading dims must flatten"):
-        quant_act_fwd(torch.randn(3, 2, 256, device=device), scale_out=to_col_major(torch.ones(3, 2, 2)))
+        quant_act_fwd(torch.randn(3, 2, 256, device=device), scale_out=to_col_major(torch.ones(3, 2, 2, device=device)))
 
 
 # ------------------------------------------------------------------------- ue8m0 and the scale
