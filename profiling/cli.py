@@ -273,7 +273,9 @@ def print_bench(rows: list[dict[str, Any]], lines: bool = True) -> None:
 def print_ceilings(ceilings: dict[str, dict[str, Any]]) -> None:
     for name, c in ceilings.items():
         if "value" in c:
-            print(f"  {name:<22} {c['value']:>10.4g} {c['unit']:<8} ({c['what']}, {_fmt_ms(c['median_ms'])})")
+            runs = c.get("attempts", [])
+            tries = f"; best of {', '.join(f'{v:.4g}' for v in runs)}" if len(runs) > 1 else ""
+            print(f"  {name:<22} {c['value']:>10.4g} {c['unit']:<8} ({c['what']}, {_fmt_ms(c['median_ms'])}{tries})")
         else:
             print(f"  {name:<22} skipped: {c['skipped']}")
 
@@ -310,11 +312,12 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
     plan, sets = _select(parser, args.ops, args.sets, args.impls, sets_default, device,
                          getattr(args, "cpu_large", False), getattr(args, "interleave", False))
     ceilings: dict[str, Any] = {}
+    rep_ms = getattr(args, "rep_ms", None) or (40.0 if device.type == "cuda" else 100.0)
     if not getattr(args, "no_ceilings", False):
         print(f"ceilings on {device}:")
-        ceilings = measure_ceilings(device, quick=quick_ceilings)
+        ceilings = measure_ceilings(device, quick=quick_ceilings, warmup_ms=getattr(args, "warmup_ms", 10.0),
+                                    rep_ms=rep_ms)
         print_ceilings(ceilings)
-    rep_ms = getattr(args, "rep_ms", None) or (40.0 if device.type == "cuda" else 100.0)
     settings = BenchSettings(
         device=device, impls=args.impls, warmup_ms=getattr(args, "warmup_ms", 10.0), rep_ms=rep_ms,
         time_budget_s=getattr(args, "time_budget", None), verify=not getattr(args, "no_verify", False),

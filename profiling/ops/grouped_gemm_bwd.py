@@ -27,15 +27,17 @@ def _sets_for(op: str) -> dict[str, list[Problem]]:
 
 
 def make_case(p: Problem, device: torch.device, seed: int) -> Case:
+    """dX reads dY, the active experts' weights and writes dX; dW reads dY and X and writes all
+    of dW (E·N·K: the zeros of the experts without rows are part of the result)."""
     fwd = forward_case(p, device, seed)
     i = fwd.inputs
     M, K = i["xs"].shape
     E, N, _ = i["w"].shape
     dy = randn((M, N), i["xs"].dtype, device, generator(device, seed + 1))
     es = i["xs"].element_size()
-    active = fwd.info["active_experts"]
+    weights = (E if p.op == "grouped_gemm_dw" else fwd.info["active_experts"]) * N * K
     return Case(p, {**i, "dy": dy, "wt": i["w"].transpose(1, 2)}, flops=fwd.flops,
-                bytes=float((M * N + active * N * K + M * K) * es), info=fwd.info)
+                bytes=float((M * N + weights + M * K) * es), info=fwd.info)
 
 
 def _dw_loop(case: Case):

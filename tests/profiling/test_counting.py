@@ -27,6 +27,31 @@ def test_grouped_gemm_counts_only_experts_with_rows():
     assert c.info["active_experts"] == 2
 
 
+def test_grouped_gemm_backward_counts():
+    """dX reads only the active experts' weights; dW writes every expert's gradient (zeros too)."""
+    M, N, K, E = 16, 48, 64, 4
+    dx = case_of("grouped_gemm_dx", "tiny", "empty groups [0,5,0,11] n=48 k=64")
+    dw = case_of("grouped_gemm_dw", "tiny", "empty groups [0,5,0,11] n=48 k=64")
+    assert dx.bytes == (M * N + 2 * N * K + M * K) * 2
+    assert dw.bytes == (M * N + E * N * K + M * K) * 2
+    assert dx.flops == dw.flops == 2 * M * N * K
+
+
+def test_chunked_calc_diff_matches_calc_diff_and_counts_non_finite():
+    from moela.profiling.ops._common import chunked_calc_diff
+    from moela.reference import calc_diff
+
+    x = torch.randn(1000, 37)
+    y = x + 1e-3 * torch.randn_like(x)
+    whole, bad = chunked_calc_diff(x, y, chunk=1 << 30)
+    assert bad == 0 and whole == pytest.approx(calc_diff(x, y), rel=1e-9, abs=1e-15)
+    assert chunked_calc_diff(x, y, chunk=777)[0] == pytest.approx(whole, rel=1e-9, abs=1e-15)
+    y[3, 4], x[5, 6], x[7, 8] = float("nan"), float("inf"), float("nan")  # ref NaN: skipped; out inf/NaN: counted
+    _, bad = chunked_calc_diff(x, y, chunk=100)
+    assert bad == 2  # (close() fails on these before reading the diff)
+    assert chunked_calc_diff(torch.zeros(5), torch.zeros(5)) == (0.0, 0)
+
+
 def test_fp8_gemm_counts():
     c = case_of("fp8_gemm", "tiny", "m=16 n=128 k=256")
     assert c.flops == 2 * 16 * 128 * 256
@@ -182,3 +207,14 @@ def test_moe_layer_fwd_bwd_timed_call_does_not_accumulate_gradients():
     assert torch.equal(y2, y) and torch.equal(dx2, dx)
     for n, g in once.items():
         assert torch.equal(layer.get_parameter(n).grad, g), n
+
+
+def test_ceiling_keeps_the_best_of_its_attempts():
+    from moela.profiling import ceilings
+
+    runs = iter([{"value": 1.0, "median_ms": 2.0}, {"value": 3.0, "median_ms": 1.0}, {"value": 2.0, "median_ms": 1.5}])
+    best = ceilings._best(lambda: next(runs), 3)
+    assert best["value"] == 3.0 and best["median_ms"] == 1.0 and best["attempts"] == [1.0, 3.0, 2.0]
+    calls = []
+    assert ceilings._best(lambda: calls.append(1) or {"skipped": "no FP8"}, 3) == {"skipped": "no FP8"}
+    assert len(calls) == 1  # a skipped ceiling is not retried
