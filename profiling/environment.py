@@ -41,7 +41,13 @@ def _version(dist: str) -> str:
 
 
 def git_ref() -> str:
-    """``<sha>[-dirty]`` of the checkout moela runs from, or "unknown" outside a git tree."""
+    """``<sha>[-dirty]`` of the checkout moela runs from, or "unknown" outside a git tree.
+
+    ``MOELA_GIT_REF`` overrides it: for a copy of a working tree whose ``.git`` is not the
+    tree's (the remote GPU machine of the 2026-11-28 runs reported the session's first commit).
+    """
+    if os.environ.get("MOELA_GIT_REF", "").strip():
+        return os.environ["MOELA_GIT_REF"].strip()
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=_REPO, capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()

@@ -26,6 +26,7 @@
 #   MOELA_TESTS="tests/kernels ..."  pytest targets     MOELA_TEST_LIMIT=170  MOELA_TEST_WORKERS=8
 #   MOELA_BENCH_OPS="op ..."         ops to benchmark   MOELA_BENCH_SETS="set ..." (full)
 #   MOELA_WARM_LIMIT=165  MOELA_SKIP_CHECK=1  MOELA_SKIP_TESTS=1  MOELA_SKIP_WARMUP=1  MOELA_SKIP_INSTALL=1
+#   MOELA_GIT_REF=<sha>   the ref to record, where the copy's .git is not the tree's (the device tool's)
 set -uo pipefail
 
 OUT=${1:?usage: profiling/gpu_run.sh OUTDIR [BENCH_SECONDS]}
@@ -55,7 +56,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a timeout, log to LOGS/NAME
 }
 
 {
-    echo "moela GPU run: $(date -u +%FT%TZ), git $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+    echo "moela GPU run: $(date -u +%FT%TZ), git ${MOELA_GIT_REF:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
         --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
     echo "cpus: $(nproc)"

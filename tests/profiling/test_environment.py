@@ -112,3 +112,12 @@ def test_environment_on_this_machine():
         assert key in env
     text = format_environment(env)
     assert "torch" in text and "NVML" in text
+
+
+def test_git_ref_override(monkeypatch):
+    from moela.profiling.environment import git_ref
+
+    monkeypatch.setenv("MOELA_GIT_REF", "abc123def456")
+    assert git_ref() == "abc123def456"
+    monkeypatch.setenv("MOELA_GIT_REF", " ")
+    assert git_ref() != " "
