@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--interleave", action="store_true",
                    help="ops take turns (each op's first problem, then each op's second, ...): with --time-budget, "
                         "every op keeps its most important problems")
+    b.add_argument("--graphs", action="store_true",
+                   help="CUDA: also time CUDA-graph replays of every non-reference row under 1 ms (device time "
+                        "without the host's launch work, as in a graph-captured decode step)")
     b.add_argument("--no-ceilings", action="store_true", help="do not measure the ceilings first")
     b.add_argument("--no-verify", action="store_true", help="do not check outputs against the reference")
     b.add_argument("--no-telemetry", action="store_true", help="no NVML sampling around the timings")
@@ -247,8 +250,11 @@ def bench_line(r: dict[str, Any]) -> str | None:
     chk = r.get("check") or {}
     check = {True: "ok", False: "FAIL", None: ""}[chk.get("ok")]
     roof = None if r.get("frac_roofline") is None else 100 * r["frac_roofline"]
+    graph = r.get("graph") or {}
+    replay = (f"  graph {_fmt_ms(graph['median_ms'])}" if "median_ms" in graph
+              else f"  graph: {graph['reason'][:60]}" if "reason" in graph else "")
     return (f"{head} {_fmt_ms(r['median_ms']):>10} {_opt(r.get('tflops'), '.3g'):>8} {_opt(r.get('gbps'), '.3g'):>8} "
-            f"{_opt(roof, '.0f'):>6} {_opt(r.get('speedup'), '.2f'):>8}  {check}")
+            f"{_opt(roof, '.0f'):>6} {_opt(r.get('speedup'), '.2f'):>8}  {check}{replay}")
 
 
 def print_bench(rows: list[dict[str, Any]], lines: bool = True) -> None:
@@ -323,6 +329,7 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
         time_budget_s=getattr(args, "time_budget", None), verify=not getattr(args, "no_verify", False),
         progress=_progress_enabled(args), seed=getattr(args, "seed", 0),
         telemetry=not getattr(args, "no_telemetry", False), skip_kinds=skip_kinds or {},
+        graphs=getattr(args, "graphs", False),
     )
     print(f"bench on {device}: {len(plan)} problems, sets {', '.join(sets)}")
     if device.type != "cuda":
@@ -346,7 +353,7 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
     settings_out = {"device": str(device), "ops": sorted({op.name for op, _ in plan}), "sets": list(sets),
                     "impls": args.impls, "rep_ms": rep_ms, "warmup_ms": settings.warmup_ms,
                     "time_budget_s": settings.time_budget_s, "seed": settings.seed,
-                    "interleave": bool(getattr(args, "interleave", False))}
+                    "interleave": bool(getattr(args, "interleave", False)), "graphs": settings.graphs}
     by_op = settings.stats.get("seconds_by_op") or {}
     if by_op:
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(by_op.items())[:8])

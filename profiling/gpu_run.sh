@@ -125,7 +125,7 @@ fi
 
 [ -z "${MOELA_SKIP_CHECK:-}" ] && step check 60 $PY -m moela.profiling check --no-progress
 # shellcheck disable=SC2086
-step bench $(( BENCH_SECONDS + 25 )) $PY -m moela.profiling bench --no-progress --sets $SETS --ops $OPS --interleave \
+step bench $(( BENCH_SECONDS + 25 )) $PY -m moela.profiling bench --no-progress --sets $SETS --ops $OPS --interleave --graphs \
     --time-budget "$BENCH_SECONDS" --rep-ms 25 --warmup-ms 5 --out "$WORK" --name bench
 if [ -f "$WORK/bench.json" ]; then
     step report 25 $PY -m moela.profiling report "$WORK/bench.json" --out "$WORK/report"

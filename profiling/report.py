@@ -48,6 +48,8 @@ def _cell(row: dict[str, Any] | None) -> str:
     parts = [_time(row.get("median_ms")), _rate(row)]
     if row.get("frac_roofline") is not None:
         parts.append(f"{100 * row['frac_roofline']:.0f}%")
+    if (row.get("graph") or {}).get("median_ms"):
+        parts.append(f"graph {_time(row['graph']['median_ms'])}")
     chk = row.get("check") or {}
     mark = " ✗" if chk.get("ok") is False else ""
     return " · ".join(p for p in parts if p) + mark
@@ -102,8 +104,10 @@ def markdown(runs: Sequence[tuple[str, dict[str, Any]]], plots: Sequence[str] = 
                 by_op[r["op"]].append({**r, "status": "absent", "_only_b": True})
 
     lines += ["", "Cells: median time · throughput · fraction of the roofline (the larger of FLOPs / measured "
-                  "matmul rate and bytes / measured copy bandwidth, over the time); ✗ = output differs from the "
-                  "reference." + (f" Two runs: {names[0]} → {names[1]} (×speedup of {names[1]})." if other else "")]
+                  "matmul rate and bytes / measured copy bandwidth, over the time) · graph: the median of "
+                  "CUDA-graph replays (bench --graphs: device time without the host's launch work); ✗ = output "
+                  "differs from the reference."
+              + (f" Two runs: {names[0]} → {names[1]} (×speedup of {names[1]})." if other else "")]
     for op, rows in by_op.items():
         impls = list(dict.fromkeys(r["impl"] for r in rows))
         problems = list(dict.fromkeys((r["set"], r["problem"]) for r in rows))

@@ -9,6 +9,7 @@ measured ceilings and the speedup over the op's baseline measured in the same ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from .ceilings import ceiling_for
 from .environment import Telemetry
 from .registry import Case, Impl, Op, Unavailable
 from .shapes import Problem
-from .timing import l2_bytes, rotation_sets, time_fns
+from .timing import l2_bytes, rotation_sets, time_cuda_graphs, time_fns
 
 __all__ = ["BenchSettings", "run_bench", "run_check", "derive", "add_speedups", "interpreter_active"]
 
@@ -101,6 +102,8 @@ class BenchSettings:
     seed: int = 0
     telemetry: bool = True
     on_row: Callable[[dict[str, Any]], None] | None = None  # called as each row completes
+    graphs: bool = False  # CUDA: also time CUDA-graph replays of the rows faster than graph_below_ms
+    graph_below_ms: float = 1.0
     skip_kinds: dict[str, str] = field(default_factory=dict)  # impl kind -> reason it is not timed
     stats: dict[str, Any] = field(default_factory=dict)  # filled: problems run / left out, seconds
 
@@ -233,12 +236,25 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         row["wall_s"]["timing"] = round(time.perf_counter() - t_time, 4)  # first call (compile, tuning) included
         row.update(status="ok", **timing.as_dict(), telemetry=samples.summary())
         derive(row, ceilings, op.compute)
+        if s.graphs and device.type == "cuda" and impl.kind != "reference" and timing.median_ms < s.graph_below_ms:
+            row["graph"] = _graph_timing(fns, timer, use_flush)
         if impl.name == op.truth:
             truth_out = out if s.verify else None
         elif s.verify and impl.same_function:
             _record_check(row, op, out, truth_out, truth_reason)
         del out, fns
     return rows
+
+
+def _graph_timing(fns: Sequence[Callable[[], Any]], timer: dict[str, Any], flush: torch.Tensor | None) -> dict:
+    """``{"median_ms", "p20_ms", "p80_ms", "reps"}`` of CUDA-graph replays, or ``{"reason"}``."""
+    try:
+        t = time_cuda_graphs(fns, warmup_ms=timer["warmup_ms"], rep_ms=timer["rep_ms"], flush=flush)
+        return {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps}
+    except Exception as e:  # not capturable (a host sync, say): the eager time stands alone
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+        return {"reason": _reason(e)}
 
 
 def _truth(op: Op, case: Case) -> tuple[Any, str]:

@@ -10,6 +10,11 @@ the call when its start event runs: the times are GPU time, launch latency shows
 exceeds that head start (many small launches). Statistics: median, 20th/80th percentiles,
 min, max, mean.
 
+CUDA graphs (:func:`time_cuda_graphs`, ``bench --graphs``): each input set's call captured once
+into a CUDA graph and the replays timed the same way: the device time of calls whose eager
+time is mostly the host's launch work (decode-sized ops), as a CUDA-graph-captured decode step
+sees them.
+
 CPU (:func:`time_cpu`): ``time.perf_counter`` around each call after one warm-up call. Such
 numbers (and the Triton interpreter's) say nothing about GPU speed; ``Timing.method`` says
 which timer was used and every report prints it.
@@ -26,7 +31,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "time_cuda", "time_cpu", "time_fns", "rotation_sets", "l2_bytes", "summarize"]
+__all__ = [
+    "Timing", "time_cuda", "time_cuda_graphs", "time_cpu", "time_fns", "rotation_sets", "l2_bytes", "summarize",
+]
 
 #: Rotate until the input sets together exceed this many L2s.
 ROTATE_L2_MULTIPLE = 3
@@ -152,6 +159,41 @@ def time_cuda(
     torch.cuda.synchronize()
     times = [a.elapsed_time(b) for a, b in zip(starts, ends, strict=True)]
     return summarize(times, "cuda-events", rotation=len(fns), l2_flush=flush is not None), first
+
+
+def time_cuda_graphs(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    warmup_ms: float = 10.0,
+    rep_ms: float = 40.0,
+    min_reps: int = 3,
+    max_reps: int = 200,
+    flush: torch.Tensor | None = None,
+) -> Timing:
+    """Time CUDA-graph replays of ``fns`` (already run eagerly: compiled and tuned).
+
+    Each callable is warmed on a side stream (as torch's graph docs ask), captured into its own
+    graph, then the replays are timed with events like :func:`time_cuda`'s calls. Raises what the
+    capture raises (a host synchronisation inside ``fn``, say); the caller records the reason.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = []
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g)
+    torch.cuda.synchronize()
+    timing, _ = time_cuda([g.replay for g in graphs], warmup_ms=warmup_ms, rep_ms=rep_ms, min_reps=min_reps,
+                          max_reps=max_reps, flush=flush)
+    timing.method = "cuda-graph replay"
+    return timing
 
 
 def time_cpu(

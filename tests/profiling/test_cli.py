@@ -70,12 +70,13 @@ def test_report_errors(capsys, tmp_path):
 def test_bench_saves_and_reports(capsys, tmp_path):
     code, out, _ = run(capsys, "bench", "--device", "cpu", "--ops", "route", "permute", "--sets", "tiny", "--impls",
                        "reference", "torch", "--rep-ms", "1", "--out", str(tmp_path), "--name", "r", "--no-progress",
-                       "--interleave")
+                       "--interleave", "--graphs")
     assert code == 0, out
     assert "ceilings on cpu" in out and "CPU wall clock" in out and "torch index_select" in out
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.csv").exists()
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["settings"]["interleave"] is True
+    assert data["settings"]["interleave"] is True and data["settings"]["graphs"] is True
+    assert not any("graph" in r for r in data["rows"])  # CUDA graphs: a GPU-only measurement
     assert set(data["stats"]["seconds_by_op"]) == {"route", "permute"} and "seconds by op" in out
     ok = [r for r in data["rows"] if r["status"] == "ok"]
     assert ok and all({"setup", "prepare", "timing"} <= set(r["wall_s"]) for r in ok)
@@ -119,3 +120,17 @@ def test_module_entry_point_help():
     assert r.returncode == 0
     for cmd in ("check", "bench", "report", "layers", "list"):
         assert cmd in r.stdout
+
+
+def test_bench_line_and_report_cell_show_graph_replays():
+    from moela.profiling.cli import bench_line
+    from moela.profiling.report import _cell
+
+    row = {"status": "ok", "op": "permute", "problem": "v3 T=1", "impl": "moela", "median_ms": 0.078,
+           "tflops": None, "gbps": 1.0, "frac_roofline": 0.01, "speedup": 0.3, "check": {"ok": True},
+           "graph": {"median_ms": 0.0061, "p20_ms": 0.006, "p80_ms": 0.0062, "reps": 50}}
+    assert bench_line(row).endswith("ok  graph 6.1 us") and "graph 6.1 µs" in _cell(row)
+    row["graph"] = {"reason": "RuntimeError: operation not permitted when stream is capturing"}
+    assert "graph: RuntimeError" in bench_line(row) and "graph" not in _cell(row)
+    del row["graph"]
+    assert "graph" not in bench_line(row)

@@ -8,8 +8,8 @@ import torch
 from moela.profiling import get_op
 from moela.profiling.ceilings import measure_ceilings
 from moela.profiling.registry import make_plan
-from moela.profiling.runner import BenchSettings, run_bench
-from moela.profiling.timing import l2_bytes, time_cuda
+from moela.profiling.runner import BenchSettings, _graph_timing, run_bench
+from moela.profiling.timing import l2_bytes, time_cuda, time_cuda_graphs
 
 pytestmark = pytest.mark.gpu
 
@@ -46,3 +46,26 @@ def test_one_benchmark_problem_on_cuda():
     assert {r["impl"] for r in ok} >= {"reference", "torch loop"}
     assert all(r["method"] == "cuda-events" and r["tflops"] > 0 and r["frac_roofline"] > 0 for r in ok)
     assert all(r["check"]["ok"] for r in ok if r["same_function"] and r["impl"] != "reference")
+
+
+def test_cuda_graph_replays_and_uncapturable_calls():
+    x = torch.randn(1 << 12, device="cuda")
+    y = torch.empty_like(x)
+    t = time_cuda_graphs([lambda: y.copy_(x)], rep_ms=5)
+    assert t.method == "cuda-graph replay" and t.reps >= 3 and t.median_ms > 0
+    x.fill_(3.0)
+    t = time_cuda_graphs([lambda: y.copy_(x * 2)], rep_ms=1)  # replays run on the current data
+    assert torch.equal(y, torch.full_like(y, 6.0))
+    bad = _graph_timing([lambda: float(x.sum())], {"warmup_ms": 1, "rep_ms": 1}, None)  # a host sync
+    assert set(bad) == {"reason"} and bad["reason"]
+    torch.cuda.synchronize()
+    assert float((x + 1).sum()) == 4.0 * x.numel()  # the device is still usable
+
+
+def test_bench_graphs_times_small_rows():
+    plan = make_plan([get_op("route")], ["tiny"])[:1]
+    s = BenchSettings(torch.device("cuda"), impls=["moela", "torch"], rep_ms=5, progress=False, graphs=True,
+                      telemetry=False)
+    rows = [r for r in run_bench(plan, {}, s) if r["status"] == "ok"]
+    assert rows and all("graph" in r for r in rows)
+    assert any("median_ms" in r["graph"] for r in rows)
