@@ -25,7 +25,8 @@ import triton
 from moela.kernels.interpreter import interpreter_active
 
 __all__ = [
-    "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "next_power_of_2",
+    "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "m_bucket",
+    "next_power_of_2",
 ]
 
 
@@ -35,6 +36,12 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def m_bucket(M: int) -> int:
+    """An autotune key's bucket of a row count: the next power of two, at least 16 (so that every
+    bucket is one Triton specialization: divisible by 16)."""
+    return max(16, next_power_of_2(M))
 
 
 def parse_config(spec: str, env_var: str = "config") -> triton.Config:

@@ -24,7 +24,8 @@ never make it read or write out of bounds (their result is unspecified); ``valid
 them (a host sync) and raises.
 
 Configs: three lists chosen by the mean rows per expert (``fp8_gemm.m_class(ceil(M / E))``),
-autotuned keyed on (N, K); ``MOELA_FP8_GROUPED_GEMM_CONFIG`` pins one.
+autotuned keyed on (N, K, M's power-of-two bucket: see ``_common.m_bucket``);
+``MOELA_FP8_GROUPED_GEMM_CONFIG`` pins one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from moela.kernels._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    m_bucket,
+    next_power_of_2,
+)
 from moela.kernels.fp8_gemm import (
     _cfg,
     _fp8_block_scaled_tile,
@@ -56,6 +64,7 @@ def _fp8_grouped_gemm_kernel(
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_cm, stride_cn,
+    M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -124,7 +133,7 @@ def _row_tiles(M: int, E: int, block_m: int) -> int:
     return min(cdiv(M, block_m) + E, M)
 
 
-_KEY = ["N", "K", "SCALE_BLOCK"]
+_KEY = ["N", "K", "SCALE_BLOCK", "M_BUCKET"]
 _TUNED = {
     cls: autotune(configs=_fp8_grouped_gemm_configs(cls), key=_KEY)(_fp8_grouped_gemm_kernel)
     for cls in ("small", "medium", "large")
@@ -184,7 +193,7 @@ def fp8_grouped_gemm_fwd(
         return out
     offsets = offsets.contiguous()  # the kernel indexes it flat
     args = (xs, xs_s, w, w_s, offsets, out, M, N, K, E,
-            *xs.stride(), *xs_s.stride(), *w.stride(), *w_s.stride(), *out.stride())
+            *xs.stride(), *xs_s.stride(), *w.stride(), *w_s.stride(), *out.stride(), m_bucket(M))
     consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
     if config is None:
         grid = lambda meta: (_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)

@@ -18,9 +18,12 @@ be captured in a CUDA graph and traced by ``torch.compile``. The dW grid is
 ``E × N-tiles × K-tiles``; each program reduces over its group's rows (none: a zero tile).
 
 Hopper tuning, reasoned for an H200 and checked against ptxas for sm_90 (every 16-bit config
-issues HGMMA, i.e. wgmma, with 16-byte cp.async loads and no spills), not timed. Configs come
-from functions, one list per path, keyed on N, K and the weight layout (never on M), pruned by
-shared memory (227 KB per block). The path is chosen from the average rows per expert M / E
+issues HGMMA, i.e. wgmma, with 16-byte cp.async loads and no spills). Configs come from
+functions, one list per path, keyed on N, K, the weight layout and ``M_BUCKET`` (M rounded up to
+a power of two, at least 16: a few tunings per shape rather than one per token count; the H200
+run of 2026-11-28 showed why M matters: DeepGEMM's masked 4×256 problem ran 3× slower than
+torch on the config tuned for the 8×4096 problem of the same N and K), pruned by shared memory
+(227 KB per block). The path is chosen from the average rows per expert M / E
 (shapes only), see ``FWD_PATHS``:
 
 - decode (<= 16 rows per expert): 16-row tiles, so each expert's weights stream once, with long
@@ -51,7 +54,7 @@ import triton.language as tl
 from moela.reference._checks import INT_DTYPES, check_same_device, check_tensor
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, m_bucket, next_power_of_2
 
 __all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
 
@@ -201,6 +204,7 @@ def _grouped_gemm_fwd_kernel(
     x_ptr, w_ptr, offsets_ptr, out_ptr,
     M, N, K, E,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    M_BUCKET,  # autotune key only: max(16, next_power_of_2(M))
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -317,9 +321,9 @@ _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 _fwd_heuristic = _even_k(_grouped_gemm_fwd_kernel)  # untuned: launched with an explicit config
 
 #: Forward paths by average rows per expert, ``M / E`` (shapes only, no sync): (name, most rows
-#: per expert, config list). Each has its own autotune cache keyed on N, K and the weight layout
-#: (stride_wk: w as stored in the forward, transposed for dX), so a decode step never runs a
-#: prefill choice. Pin one with ``MOELA_GROUPED_GEMM_FWD_<NAME>_CONFIG``.
+#: per expert, config list). Each has its own autotune cache keyed on N, K, the weight layout
+#: (stride_wk: w as stored in the forward, transposed for dX) and M's power-of-two bucket, so a
+#: decode step never runs a prefill choice. Pin one with ``MOELA_GROUPED_GEMM_FWD_<NAME>_CONFIG``.
 FWD_PATHS = (
     ("decode", 16, _fwd_decode_configs),
     ("medium", 128, _fwd_medium_configs),
@@ -327,7 +331,7 @@ FWD_PATHS = (
 )
 _fwd_tuned = {
     name: autotune(
-        autotune_configs(f"grouped_gemm_fwd_{name}", configs()), key=["N", "K", "stride_wk"],
+        autotune_configs(f"grouped_gemm_fwd_{name}", configs()), key=["N", "K", "stride_wk", "M_BUCKET"],
         prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
     )(_fwd_heuristic)
     for name, _, configs in FWD_PATHS
@@ -435,7 +439,8 @@ def grouped_gemm_fwd(
     kernel[grid](
         xs, w, offsets, out, M, N, K, E,
         xs.stride(0), xs.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=_dot_precision(xs.dtype), **_launch_config(config),
+        m_bucket(M), BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=_dot_precision(xs.dtype),
+        **_launch_config(config),
     )
     return out
 

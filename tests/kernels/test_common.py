@@ -7,7 +7,15 @@ import triton.language as tl
 import triton.testing
 
 from moela.kernels import _common
-from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, parse_config
+from moela.kernels._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    m_bucket,
+    next_power_of_2,
+    parse_config,
+)
 
 CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 128}, num_warps=8)]
 
@@ -91,3 +99,14 @@ def test_autotune_times_configs_with_moela_short_bench(monkeypatch):
         monkeypatch.setenv("MOELA_AUTOTUNE_REP_MS", bad)
         with pytest.raises(ValueError, match=f"MOELA_AUTOTUNE_REP_MS.*{bad}"):
             _common._tuning_bench(lambda: None, (0.5,))
+
+
+def test_m_bucket_and_the_grouped_gemm_keys():
+    """The grouped GEMMs tune per power-of-two bucket of M (>= 16: one Triton specialization)."""
+    import importlib
+
+    assert [m_bucket(m) for m in (0, 1, 15, 16, 17, 1024, 1025)] == [16, 16, 16, 16, 32, 1024, 2048]
+    gg = importlib.import_module("moela.kernels.grouped_gemm")
+    fg = importlib.import_module("moela.kernels.fp8_grouped_gemm")
+    assert all("M_BUCKET" in tuner.keys for tuner in gg._fwd_tuned.values())
+    assert all("M_BUCKET" in tuner.keys for tuner in fg._TUNED.values())
