@@ -308,7 +308,9 @@ def _grouped_gemm_dw_kernel(
         if COMPENSATED:
             y = tl.dot(tl.trans(dy), x, input_precision=DOT_PRECISION) - comp
             t = acc + y
-            comp = (t - acc) - y
+            # once a sum overflows, inf - inf would turn the compensation (and the result) into
+            # NaN: an infinite sum keeps no compensation, as the plain sum would stay inf
+            comp = tl.where(tl.abs(t) < float("inf"), (t - acc) - y, 0.0)
             acc = t
         else:
             acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)

@@ -17,8 +17,8 @@
 # Copy bench.json/report.md into profiling/results/ (see its README) to keep them.
 #
 # Time: the tests (correctness only, one config per kernel) run while seven background processes
-# compile and tune every kernel at the benchmark's shapes (Triton's on-disk cache keeps the
-# binaries), so the timed benchmark spends its budget timing. The benchmark interleaves the ops:
+# compile every kernel config at the benchmark's shapes (Triton's on-disk cache keeps the
+# binaries; the benchmark still tunes, on a quiet GPU, but compiles nothing). The benchmark interleaves the ops:
 # when the budget cuts it short, every op keeps its most important problems.
 # Step limits add up to under 10 minutes (one device-tool command). A dry run of the plumbing on a
 # CPU: MOELA_SKIP_INSTALL=1 MOELA_BENCH_SETS=tiny MOELA_SKIP_TESTS=1 profiling/gpu_run.sh /tmp/x 20
@@ -88,22 +88,21 @@ else
                  "mla_decode mla_layer quant_act quant_weight dequant"
                  "moe_layer moe_layer_fwd_bwd moe_layer_fp8 moe_dispatch_combine make_routing permute unpermute gate route")
 fi
-sets_for() {  # the words of $SETS that mean something to the ops named (the CLI refuses the others)
-    $PY -c 'import sys
+WARM_PIDS=()
+trap 'kill "${WARM_PIDS[@]}" 2> /dev/null' EXIT  # the warm-ups' timeouts run in their own process groups
+if [ -z "${MOELA_SKIP_WARMUP:-}" ]; then
+    # one line per group: the words of $SETS its ops know (the CLI refuses the others), one Python start
+    mapfile -t WARM_SETS < <($PY -c 'import sys
 from moela.profiling.registry import all_ops
 ops = all_ops()
-known = {s for n in sys.argv[2:] for s in ops[n].shape_sets} | {"full", "all"}
-print(" ".join(w for w in sys.argv[1].split() if w in known))' "$SETS" "$@"
-}
-WARM_PIDS=()
-if [ -z "${MOELA_SKIP_WARMUP:-}" ]; then
+for group in sys.argv[2:]:
+    known = {s for n in group.split() for s in ops[n].shape_sets} | {"full", "all"}
+    print(" ".join(w for w in sys.argv[1].split() if w in known))' "$SETS" "${WARM_GROUPS[@]}")
     for i in "${!WARM_GROUPS[@]}"; do
+        [ -z "${WARM_SETS[$i]:-}" ] && continue
         # shellcheck disable=SC2086
-        WSETS=$(sets_for ${WARM_GROUPS[$i]})
-        [ -z "$WSETS" ] && continue
-        # shellcheck disable=SC2086
-        timeout --kill-after=5 "${MOELA_WARM_LIMIT:-165}" $PY -m moela.profiling bench --no-progress --sets $WSETS \
-            --ops ${WARM_GROUPS[$i]} \
+        timeout --kill-after=5 "${MOELA_WARM_LIMIT:-165}" $PY -m moela.profiling bench --no-progress \
+            --sets ${WARM_SETS[$i]} --ops ${WARM_GROUPS[$i]} \
             --impls moela --no-verify --no-ceilings --no-telemetry --no-save --rep-ms 1 --warmup-ms 1 \
             > "$LOGS/warm-$i.log" 2>&1 &
         WARM_PIDS+=($!)

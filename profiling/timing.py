@@ -184,9 +184,12 @@ def time_cuda_graphs(
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graphs = []
+    capture = torch.cuda.Stream()
     for fn in fns:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        # The outer context restores the caller's stream even when the capture fails (a failed
+        # capture_end raises before torch.cuda.graph would restore it).
+        with torch.cuda.stream(capture), torch.cuda.graph(g, stream=capture):
             fn()
         graphs.append(g)
     torch.cuda.synchronize()

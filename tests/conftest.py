@@ -59,7 +59,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """``MOELA_FAILURE_LOG=path``: append each failure's traceback to ``path`` as it happens, so a
     run cut short by a time limit (the one-shot GPU script) still says why tests failed."""
     path = os.environ.get("MOELA_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # xdist: the controller writes
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 

@@ -204,6 +204,20 @@ def test_dw_ignores_nonfinite_rows_of_other_groups(device):
     assert_close_derived(dw[0], dw_hi[0], dw_lo[0], name="dW[0]")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, discarded
+def test_dw_fp32_overflow_stays_inf(device):
+    """The fp32 dW's compensated sum: a sum that overflows (an inf row, or finite rows whose sum
+    passes float32's range) is inf, as the plain sum is, never inf - inf = NaN."""
+    sizes, N, K = [40, 32], 16, 16  # several row blocks (16 rows) of SMALL_DW per group
+    xs, _, offsets = _inputs(sizes, 0, N, K, torch.float32, device)
+    xs = xs.abs() + 0.5
+    dy = torch.rand(xs.shape[0], N, device=device) + 0.5
+    dy[3] = float("inf")  # group 0: inf from its first row block on
+    xs[40:], dy[40:] = 1.0, 1.5e37  # group 1: each 16-row block sums to 2.4e38, the two to inf
+    dw = grouped_gemm_dw(xs, dy, offsets, config=SMALL_DW)
+    assert torch.isposinf(dw).all(), f"{int(torch.isnan(dw).sum())} NaN, {int(torch.isfinite(dw).sum())} finite"
+
+
 def test_backward_with_expanded_grad(device):
     """out.sum().backward() hands the op an expanded (stride 0) gradient."""
     sizes = [4, 6]
