@@ -24,8 +24,8 @@ a power of two, at least 16: a few tunings per shape rather than one per token c
 run of 2026-11-28 showed why M matters: DeepGEMM's masked 4×256 problem ran 3× slower than
 torch on the config tuned for the 8×4096 problem of the same N and K), pruned by shared memory
 (227 KB per block). Tuning synchronises with the device: before capturing a CUDA graph, run
-each shape once eagerly (a new key met inside a capture fails it), as with any Triton autotuner. The path is chosen from the average rows per expert M / E
-(shapes only), see ``FWD_PATHS``:
+each shape once eagerly (a new key met inside a capture fails it), as with any Triton autotuner.
+The path is chosen from the average rows per expert M / E (shapes only), see ``FWD_PATHS``:
 
 - decode (<= 16 rows per expert): 16-row tiles, so each expert's weights stream once, with long
   K steps and 4-6 stages to keep enough bytes in flight for HBM bandwidth;

@@ -158,6 +158,11 @@ def _notes(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         stats = data.get("stats", {})
         if stats.get("problems_left_out"):
             out.append(f"- time budget: {stats['problems_left_out']} problems not run")
+        for what, why in (stats.get("graph_not_capturable") or {}).items():
+            out.append(f"- CUDA graph replay not timed for {what}: {why}")
+        if stats.get("seconds_by_op"):
+            spent = ", ".join(f"{op} {sec:.0f} s" for op, sec in stats["seconds_by_op"].items())
+            out.append(f"- wall time by op (inputs, compiling, tuning, timing, checks): {spent}")
         tel = [r["telemetry"] for r in data.get("rows", []) if r.get("telemetry")]
         if tel:
             throttled = sum(1 for t in tel if t.get("throttled"))

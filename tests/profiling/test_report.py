@@ -38,8 +38,11 @@ def saved_run(tmp_path_factory):
                  "power_w_max": 690.0, "temperature_c_max": 70, "memory_used_gib_max": 10.0, "throttled": True,
                  "throttle_reasons": ["SwPowerCap"]}
     faster[1] = {**faster[1], "telemetry": telemetry}
+    faster[2] = {**faster[2], "graph": {"median_ms": 0.0042, "p20_ms": 0.004, "p80_ms": 0.0044, "reps": 40}}
+    stats = {"problems_run": len(plan), "seconds_by_op": {"grouped_gemm": 12.3, "quant_act": 1.0},
+             "graph_not_capturable": {"quant_act / reference": "RuntimeError: capture invalidated"}}
     b = save_results({"kind": "bench", "environment": {**env, "device": "NVIDIA H200"}, "ceilings": CEILINGS,
-                      "rows": faster}, out, "b")
+                      "rows": faster, "stats": stats}, out, "b")
     return rows, a, b
 
 
@@ -78,6 +81,9 @@ def test_report_of_two_runs_side_by_side(saved_run, tmp_path):
     assert "A: a" in text and "B: b" in text and "NVIDIA H200" in text
     assert "(×2.00)" in text  # B took half the time
     assert "check failed" in text and "throttled during 1 of 1" in text and "SwPowerCap" in text
+    assert "graph 4.2 µs" in text  # B's third row: its CUDA-graph replay time
+    assert "wall time by op (inputs, compiling, tuning, timing, checks): grouped_gemm 12 s, quant_act 1 s" in text
+    assert "CUDA graph replay not timed for quant_act / reference: RuntimeError: capture invalidated" in text
     md, pngs = write_report([a_json, b_json], tmp_path / "qa", ops=["quant_act"])
     assert "## quant_act" in md.read_text() and "## grouped_gemm" not in md.read_text()
     assert {p.name for p in pngs} == {"throughput-quant_act.png", "bandwidth.png"}
