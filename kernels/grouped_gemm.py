@@ -205,7 +205,7 @@ def _grouped_gemm_fwd_kernel(
     x_ptr, w_ptr, offsets_ptr, out_ptr,
     M, N, K, E,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-    M_BUCKET,  # autotune key only: max(16, next_power_of_2(M))
+    M_BUCKET,  # autotune key only: _common.m_bucket(M)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):

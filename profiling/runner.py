@@ -154,9 +154,6 @@ def run_bench(plan: Sequence[tuple[Op, Problem]], ceilings: dict[str, dict[str, 
         interrupted = True
     finally:
         telemetry.close()
-    failed = s.stats.pop("graph_failed", {})
-    if failed:
-        s.stats["graph_not_capturable"] = {f"{o} / {i}": why for (o, i), why in failed.items()}
     s.stats.update({"problems_run": done, "problems_left_out": len(plan) - done, "interrupted": interrupted,
                     "seconds": time.perf_counter() - start, "telemetry": telemetry.reason or "nvml",
                     "seconds_by_op": {k: round(v, 3) for k, v in sorted(wall.items(), key=lambda kv: -kv[1])}})
@@ -239,11 +236,12 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         row["wall_s"]["timing"] = round(time.perf_counter() - t_time, 4)  # first call (compile, tuning) included
         row.update(status="ok", **timing.as_dict(), telemetry=samples.summary())
         derive(row, ceilings, op.compute)
+        not_capturable = s.stats.setdefault("graph_not_capturable", {})  # "op / impl" -> why
         if (s.graphs and device.type == "cuda" and impl.kind != "reference" and timing.median_ms < s.graph_below_ms
-                and (op.name, impl.name) not in s.stats.setdefault("graph_failed", {})):
+                and f"{op.name} / {impl.name}" not in not_capturable):
             row["graph"] = _graph_timing(fns, timer, use_flush)
-            if "reason" in row["graph"]:  # not capturable: not tried again for this op's other problems
-                s.stats["graph_failed"][(op.name, impl.name)] = row["graph"]["reason"]
+            if "reason" in row["graph"]:  # not tried again for this op's other problems
+                not_capturable[f"{op.name} / {impl.name}"] = row["graph"]["reason"]
         if impl.name == op.truth:
             truth_out = out if s.verify else None
         elif s.verify and impl.same_function:

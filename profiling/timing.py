@@ -110,7 +110,6 @@ def time_cuda(
     rep_ms: float = 40.0,
     min_reps: int = 3,
     max_reps: int = 200,
-    max_warm: int = 100,
     flush: torch.Tensor | None = None,
     estimate_from_first: bool = False,
 ) -> tuple[Timing, Any]:
@@ -146,7 +145,7 @@ def time_cuda(
         one(0, s, e)
         torch.cuda.synchronize()
     estimate = max(s.elapsed_time(e), 1e-3)
-    n_warm = min(max_warm, int(warmup_ms / estimate))
+    n_warm = min(100, int(warmup_ms / estimate))
     n_rep = max(min_reps, min(max_reps, int(rep_ms / estimate)))
     for i in range(n_warm):
         if flush is not None:
