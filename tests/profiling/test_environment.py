@@ -117,7 +117,9 @@ def test_environment_on_this_machine():
 def test_git_ref_override(monkeypatch):
     from moela.profiling.environment import git_ref
 
+    monkeypatch.delenv("MOELA_GIT_REF", raising=False)
+    own = git_ref()  # the checkout's sha, or "unknown" outside a git tree
     monkeypatch.setenv("MOELA_GIT_REF", "abc123def456")
-    assert git_ref() == "abc123def456"
-    monkeypatch.setenv("MOELA_GIT_REF", " ")
-    assert git_ref() != " "
+    assert git_ref() == "abc123def456" != own
+    monkeypatch.setenv("MOELA_GIT_REF", " ")  # blank: the checkout's own ref again
+    assert git_ref() == own
