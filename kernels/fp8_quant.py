@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
 from moela.reference._checks import FLOAT_DTYPES, check_positive_int, check_same_device, check_tensor
 from moela.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, SCALE_FMTS
 
@@ -450,6 +450,18 @@ def dequant_fwd(
 
 
 @torch.library.custom_op("moela::quant_act", mutates_args=())
+def _quant_act_op(x: torch.Tensor, block: int = 128,
+                  scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_act_fwd(x, block, scale_fmt)
+
+
+@_quant_act_op.register_fake
+def _(x, block=128, scale_fmt=None):
+    _check_act_args(x, block, scale_fmt)  # the launcher's errors, also while tracing
+    K = x.shape[-1]
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:-1], cdiv(K, block)), dtype=torch.float32)
+
+
 def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """1×block e4m3 quantization of the last dim, bit-exact with ``moela.reference.quant_act``.
 
@@ -464,17 +476,25 @@ def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
 
         q, s = quant_act(torch.randn(4, 7168, device="cuda", dtype=torch.bfloat16))
     """
-    return quant_act_fwd(x, block, scale_fmt)
-
-
-@quant_act.register_fake
-def _(x, block=128, scale_fmt=None):
-    _check_act_args(x, block, scale_fmt)  # the launcher's errors, also while tracing
-    K = x.shape[-1]
-    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:-1], cdiv(K, block)), dtype=torch.float32)
+    if run_direct(x):  # eager, nothing to record: the launcher itself (same bits)
+        return quant_act_fwd(x, block, scale_fmt)
+    return _quant_act_op(x, block, scale_fmt)
 
 
 @torch.library.custom_op("moela::quant_weight", mutates_args=())
+def _quant_weight_op(w: torch.Tensor, block: int = 128,
+                     scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_weight_fwd(w, block, scale_fmt)
+
+
+@_quant_weight_op.register_fake
+def _(w, block=128, scale_fmt=None):
+    _check_weight_args(w, block, scale_fmt)
+    N, K = w.shape[-2:]
+    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
+            w.new_empty((*w.shape[:-2], cdiv(N, block), cdiv(K, block)), dtype=torch.float32))
+
+
 def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """block×block e4m3 quantization, bit-exact with ``moela.reference.quant_weight``.
 
@@ -484,26 +504,27 @@ def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None
         ``(q like w in float8_e4m3fn, scale (..., ceil(N/B), ceil(K/B)) float32)`` — DeepSeek's
         checkpoint pair ``(weight, weight_scale_inv)``.
     """
-    return quant_weight_fwd(w, block, scale_fmt)
-
-
-@quant_weight.register_fake
-def _(w, block=128, scale_fmt=None):
-    _check_weight_args(w, block, scale_fmt)
-    N, K = w.shape[-2:]
-    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
-            w.new_empty((*w.shape[:-2], cdiv(N, block), cdiv(K, block)), dtype=torch.float32))
+    if run_direct(w):  # eager, nothing to record: the launcher itself (same bits)
+        return quant_weight_fwd(w, block, scale_fmt)
+    return _quant_weight_op(w, block, scale_fmt)
 
 
 @torch.library.custom_op("moela::dequant", mutates_args=())
+def _dequant_op(x: torch.Tensor, scale: torch.Tensor, block: int = 128,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequant_fwd(x, scale, block, out_dtype)
+
+
+@_dequant_op.register_fake
+def _(x, scale, block=128, out_dtype=torch.float32):
+    check_same_device(x=x, scale=scale)  # a meta scale dispatches here: never a silent empty result
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
 def dequant(x: torch.Tensor, scale: torch.Tensor, block: int = 128,
             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x.float() * scale`` with the scale broadcast over its blocks (activation or weight layout),
     cast to ``out_dtype``; bit-exact with ``moela.reference.dequant``."""
-    return dequant_fwd(x, scale, block, out_dtype)
-
-
-@dequant.register_fake
-def _(x, scale, block=128, out_dtype=torch.float32):
-    check_same_device(x=x, scale=scale)  # a meta scale dispatches here: never a silent empty result
-    return x.new_empty(x.shape, dtype=out_dtype)
+    if run_direct(x, scale):  # eager, nothing to record: the launcher itself (same bits)
+        return dequant_fwd(x, scale, block, out_dtype)
+    return _dequant_op(x, scale, block, out_dtype)

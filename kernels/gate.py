@@ -55,7 +55,7 @@ from moela.kernels.interpreter import interpreter_active
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_positive_int, check_same_device, check_tensor
 from moela.reference.config import ModelArgs
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
 
 __all__ = ["route", "gate", "route_fwd", "MAX_EXPERTS", "SCORE_FUNCS"]
 
@@ -384,6 +384,9 @@ def route(
 
         w, ids = route(logits, bias, topk=8, n_groups=8, topk_groups=4, score_func="sigmoid", route_scale=2.5)
     """
+    if run_direct(logits, bias):  # eager, nothing to record: the launcher itself (same bits)
+        return route_fwd(logits, bias, topk=topk, n_groups=n_groups, topk_groups=topk_groups, score_func=score_func,
+                         route_scale=float(route_scale))
     return _route_op(logits, bias, topk, n_groups, topk_groups, score_func, float(route_scale))
 
 

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from moela.reference._checks import check_same_device, check_tensor
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
 from .grouped_gemm import _dot_precision
 
 __all__ = ["mla_decode", "mla_decode_fwd", "num_splits_for", "KERNEL_DTYPES"]
@@ -362,5 +362,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim
     >>> mla_decode(q, kv, 576 ** -0.5).shape
     torch.Size([2, 1, 16, 512])
     """
+    if run_direct(q, kv):  # eager: the launcher itself (no dispatch layers); it checks the inputs
+        return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim)
     _check_inputs(q, kv, softmax_scale, v_dim)
     return _mla_decode_op(q, kv, float(softmax_scale), v_dim)

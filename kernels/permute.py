@@ -35,7 +35,7 @@ import triton.language as tl
 from moela.reference._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from moela.reference.dispatch import RoutingPlan
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
 from .fp8_quant import FP8_DTYPE, _abs_bits, _block_scale, _saturate_to_fp8, check_fp8_capability, check_scale_fmt
 from .routing import check_plan, validate_plan
 
@@ -594,8 +594,13 @@ def permute(
     plan = check_plan(plan, x.shape[0], x.device)
     if validate:
         validate_plan(plan)
+    direct = run_direct(x, plan.slot_to_row, plan.row_to_token)  # eager, nothing to record: the launchers
     if fp8:
+        if direct:
+            return permute_fp8_fwd(x, plan.slot_to_row, plan.row_to_token, block, scale_fmt)
         return _permute_fp8_op(x, plan.slot_to_row, plan.row_to_token, block, scale_fmt)
+    if direct:
+        return permute_fwd(x, plan.slot_to_row, plan.row_to_token)
     return _permute_op(x, plan.slot_to_row, plan.row_to_token)
 
 
@@ -620,4 +625,7 @@ def unpermute(ys: torch.Tensor, plan: RoutingPlan, topk_weights: torch.Tensor | 
     plan = check_plan(plan, device=ys.device)
     if validate:
         validate_plan(plan)
+    if run_direct(ys, plan.slot_to_row, plan.row_to_token, topk_weights):  # eager, nothing to record
+        _check_unpermute(ys, plan.slot_to_row, plan.row_to_token, topk_weights)
+        return unpermute_fwd(ys, plan.slot_to_row, topk_weights)
     return _unpermute_op(ys, plan.slot_to_row, plan.row_to_token, topk_weights)

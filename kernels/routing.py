@@ -41,7 +41,7 @@ import triton.language as tl
 from moela.reference._checks import INT_DTYPES, check_positive_int, check_tensor
 from moela.reference.dispatch import RoutingPlan, max_rows
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
 
 __all__ = [
     "make_routing", "make_routing_fwd", "check_plan", "validate_plan", "validate_ids",
@@ -419,4 +419,6 @@ def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1, *, vali
     _check_args(topk_ids, n_experts, align)
     if validate:
         validate_ids(topk_ids, n_experts)
+    if run_direct(topk_ids):  # eager: the launchers themselves (no dispatch layers)
+        return RoutingPlan(*make_routing_fwd(topk_ids, n_experts, align))
     return RoutingPlan(*_make_routing_op(topk_ids, n_experts, align))

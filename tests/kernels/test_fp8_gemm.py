@@ -179,7 +179,8 @@ def test_launcher_checks_the_fp8_capability(monkeypatch, device):
 
 def test_fake_implementation(device):
     _, _, a, a_s, b, b_s = _operands(4, 64, 128, device)
-    torch.library.opcheck(fp8_gemm, (a, a_s, b, b_s, torch.bfloat16, 128), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moela.fp8_gemm.default, (a, a_s, b, b_s, torch.bfloat16, 128),
+                          test_utils=("test_faketensor",))
 
 
 # ------------------------------------------------------------------------------------ GPU tier

@@ -206,7 +206,8 @@ def test_launcher_checks_the_fp8_capability(monkeypatch, device):
 
 def test_fake_implementation(device):
     _, _, xs, xs_s, w8, w_s, offsets = _operands([3, 2], 1, 64, 128, device)
-    torch.library.opcheck(fp8_grouped_gemm, (xs, xs_s, w8, w_s, offsets), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moela.fp8_grouped_gemm.default, (xs, xs_s, w8, w_s, offsets),
+                          test_utils=("test_faketensor",))
 
 
 # ------------------------------------------------------------------------------------ GPU tier

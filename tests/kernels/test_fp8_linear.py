@@ -97,7 +97,8 @@ def test_fp8_ops_under_torch_compile_fullgraph(device):
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     want = f(x)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    torch.library.opcheck(fp8_linear, (x, w8, w_s, b, None, 128), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moela.fp8_linear.default, (x, w8, w_s, b, None, 128),
+                          test_utils=("test_faketensor",))
 
 
 @pytest.mark.gpu

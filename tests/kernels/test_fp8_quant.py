@@ -407,10 +407,10 @@ def test_fakes_raise_the_launchers_errors(device):
 def test_ops_have_fake_implementations(device):
     x = torch.randn(2, 3, 256, device=device, dtype=torch.bfloat16)
     # (opcheck's test_schema multiplies fp8 tensors, which torch cannot do on the CPU)
-    torch.library.opcheck(quant_act, (x, 128, "ue8m0"), test_utils=("test_faketensor",))
-    torch.library.opcheck(quant_weight, (x, 128, None), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moela.quant_act.default, (x, 128, "ue8m0"), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moela.quant_weight.default, (x, 128, None), test_utils=("test_faketensor",))
     q, s = ref.quant_act(x)
-    torch.library.opcheck(dequant, (q, s, 128, torch.bfloat16), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.moela.dequant.default, (q, s, 128, torch.bfloat16), test_utils=("test_faketensor",))
 
 
 # ------------------------------------------------------------------------------------ GPU tier

@@ -1,0 +1,119 @@
+"""The eager fast path: public ops call their launchers directly when nothing needs the torch.library op.
+
+``run_direct`` decides; these tests pin down both sides of that decision: plain eager inference
+never enters the custom ops (the MoE layer included), and everything that needs them (autograd,
+dispatch modes, fake/meta tensors, functorch, compile) still goes through them.
+"""
+
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moela.kernels as K
+from moela.kernels._common import run_direct
+from moela.model import MoE
+from moela.reference import ModelArgs
+
+# every torch.library op behind a public function: (kernel module, attribute); the package
+# re-exports functions under some module names, hence import_module
+OPS = [
+    ("grouped_gemm", "_grouped_gemm_op"), ("permute", "_permute_op"), ("permute", "_permute_fp8_op"),
+    ("permute", "_unpermute_op"), ("routing", "_make_routing_op"), ("gate", "_route_op"),
+    ("mla_decode", "_mla_decode_op"), ("fp8_gemm", "_fp8_gemm_op"), ("fp8_grouped_gemm", "_fp8_grouped_gemm_op"),
+    ("fp8_linear", "_fp8_linear_op"), ("fp8_quant", "_quant_act_op"), ("fp8_quant", "_quant_weight_op"),
+    ("fp8_quant", "_dequant_op"),
+]
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def ops_forbidden(monkeypatch):
+    """Every custom op behind a public function raises when called: only launchers may run."""
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"{name} was called: the eager fast path was not taken")
+        return raiser
+
+    for module, attr in OPS:
+        monkeypatch.setattr(importlib.import_module(f"moela.kernels.{module}"), attr, forbid(attr))
+
+
+def test_run_direct_decision():
+    x = torch.randn(3, 4)
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    assert run_direct(x, None, torch.zeros(3, dtype=torch.int32))
+    with torch.no_grad():
+        assert run_direct(x, p)  # a Parameter is a plain tensor; no grad mode, nothing to record
+    assert not run_direct(x, p)  # grad mode and an input that requires grad: autograd needs the op
+    with torch.inference_mode():
+        assert run_direct(x, p)
+    assert not run_direct(x.to("meta"))  # meta tensors: the op's fake implementation
+    assert not run_direct(x, "not a tensor")  # the op's checks name it
+    with _OpLog():
+        assert not run_direct(x)  # dispatch modes (FlopCounterMode, FakeTensorMode...) must see the op
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not run_direct(fake)  # a tensor subclass
+    seen = []
+    torch.func.vmap(lambda t: seen.append(run_direct(t)) or t)(x)
+    assert seen == [False]
+
+
+def test_the_eager_moe_layer_never_enters_a_custom_op(ops_forbidden):
+    args = ModelArgs.from_name("tiny", dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2,
+                               n_expert_groups=2, n_limited_groups=1, backend="triton")
+    layer = MoE(args)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y).all()
+    with pytest.raises(AssertionError, match="fast path was not taken"):  # training: autograd needs the ops
+        layer(x.requires_grad_())
+
+
+def test_the_eager_fp8_layer_never_enters_a_custom_op(ops_forbidden):
+    args = ModelArgs.from_name("tiny", dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2,
+                               n_expert_groups=1, n_limited_groups=1, backend="triton", dtype="fp8")
+    layer = MoE(args).to(torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y.float()).all()
+
+
+def test_direct_and_op_paths_give_the_same_bits():
+    """The op path (forced by a dispatch mode) and the direct path run the same launcher."""
+    xs = torch.randn(9, 32, dtype=torch.bfloat16)
+    w = torch.randn(3, 16, 32, dtype=torch.bfloat16)
+    offsets = torch.tensor([4, 4, 8], dtype=torch.int32)
+    out = torch.full((9, 16), float("nan"), dtype=torch.bfloat16)
+    out.copy_(K.grouped_gemm(xs, w, offsets))
+    log = _OpLog()
+    with log:
+        via_op = K.grouped_gemm(xs, w, offsets)
+    assert "moela.grouped_gemm.default" in log.names
+    assert torch.equal(out, via_op)
+    q, s = K.quant_act(xs.float())
+    with log:
+        q_op, s_op = K.quant_act(xs.float())
+    assert "moela.quant_act.default" in log.names
+    assert torch.equal(q.view(torch.uint8), q_op.view(torch.uint8)) and torch.equal(s, s_op)
+
+
+def test_meta_tensors_still_get_shapes():
+    """The fp8 ops accept meta tensors (their fake implementations); the fast path must not take them."""
+    q, s = K.quant_act(torch.empty(4, 256, device="meta"))
+    assert q.shape == (4, 256) and s.shape == (4, 2) and q.device.type == "meta"
