@@ -1,21 +1,57 @@
 """Drop-in MLA layer: DeepSeek-V3's Multi-head Latent Attention with a KV cache.
 
-moela has no attention kernel yet: the attention math is the reference's (naive or absorbed
-form, YaRN RoPE, latent cache, chunked prefill and decode; ``moela.reference.mla``). What this
-module adds is the precision: with ``args.dtype == "fp8"`` every projection (``wq``/``wq_a``,
-``wq_b``, ``wkv_a``, ``wkv_b``, ``wo``) is an :class:`~moela.model.linear.FP8Linear` holding
-e4m3 weights and 128×128 ``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoint), activations
-quantized on the fly; the absorbed form dequantizes ``wkv_b`` as DeepSeek does.
+The layer is the reference's (naive or absorbed form, YaRN RoPE, latent cache, chunked prefill
+and decode; ``moela.reference.mla``) with two additions:
+
+- Decode on the kernels: in the absorbed form, a step of at most ``DECODE_MAX_TOKENS`` new
+  tokens per sequence over a cache runs its attention through ``moela.kernels.mla_decode``
+  (FlashMLA's problem: one latent head shared by all query heads) when ``args.backend`` picks
+  the kernels ("triton", or "auto" on CUDA) and no gradient is recorded. The cache this module
+  builds (:meth:`MLA.new_cache`, a :class:`LatentCache`) keeps the latent ``kv`` (C columns)
+  and the rotary key ``pe`` (R columns) side by side in one (batch, T_max, C + R) buffer, the
+  kernel's layout; ``kv`` and ``pe`` are views of it, so the reference's code writes it
+  unchanged. Another cache (the reference layer's two buffers), prefill (more new tokens than
+  that) and training run the reference's attention.
+- Precision: with ``args.dtype == "fp8"`` every projection (``wq``/``wq_a``, ``wq_b``,
+  ``wkv_a``, ``wkv_b``, ``wo``) is an :class:`~moela.model.linear.FP8Linear` holding e4m3
+  weights and 128×128 ``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoint), activations
+  quantized on the fly; the absorbed form dequantizes ``wkv_b`` as DeepSeek does.
 """
 
 from __future__ import annotations
 
+import torch
+from einops import einsum
+
 from moela.reference import MLA as _ReferenceMLA
 from moela.reference import KVCache, ModelArgs
+from moela.reference._checks import check_int, check_tensor
 
+from .backend import ops_for
 from .quantize import quantize_linears_
 
-__all__ = ["MLA", "KVCache"]
+__all__ = ["MLA", "KVCache", "LatentCache", "DECODE_MAX_TOKENS"]
+
+#: The most new tokens per sequence a step may have to run on the decode kernel (decode, and
+#: speculative/multi-token-prediction steps); longer steps are prefill chunks.
+DECODE_MAX_TOKENS = 16
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LatentCache(KVCache):
+    """The absorbed form's cache in the decode kernel's layout: ``latent`` (batch, T_max, C + R)
+    holds the latent ``kv`` in its first C columns and the rotary key ``pe`` in the last R;
+    ``cache["kv"]`` and ``cache["pe"]`` are views of it, so the reference's code writes it as
+    any :class:`KVCache`."""
+
+    def __init__(self, latent: torch.Tensor, kv_lora_rank: int):
+        check_tensor("latent", latent, ndim=3)
+        if not 0 < kv_lora_rank < latent.shape[-1]:
+            raise ValueError(f"kv_lora_rank: expected 0 < kv_lora_rank < {latent.shape[-1]} (latent's last dim), "
+                             f"got {kv_lora_rank}")
+        super().__init__({"kv": latent[..., :kv_lora_rank], "pe": latent[..., kv_lora_rank:]})
+        self.latent = latent
 
 
 class MLA(_ReferenceMLA):
@@ -25,11 +61,58 @@ class MLA(_ReferenceMLA):
 
         attn = MLA(ModelArgs.from_name("tiny")).bfloat16()
         cache = attn.new_cache(batch=1)
-        y = attn(x[:, :8], 0, cache)      # prefill 8 tokens
-        y = attn(x[:, 8:9], 8, cache)     # decode the 9th
+        y = attn(x[:, :8], 0, cache)      # prefill 8 tokens (reference math)
+        with torch.no_grad():
+            y = attn(x[:, 8:9], 8, cache)  # decode the 9th (moela.kernels.mla_decode on CUDA)
     """
 
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
         super().__init__(args, attn_impl)
         if args.dtype == "fp8":
             quantize_linears_(self, args)
+
+    def new_cache(
+        self,
+        batch: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A zeroed cache; absorbed form: a :class:`LatentCache` (``kv`` and ``pe`` are the two
+        column ranges of one (batch, T_max, C + R) buffer, which the decode kernel reads in
+        place). Otherwise as the reference's ``new_cache``."""
+        if self.attn_impl != "absorb":
+            return super().new_cache(batch, max_seq_len, dtype, device)
+        max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
+        check_int("batch", batch, 1)
+        check_int("max_seq_len", max_seq_len, 1)
+        w = self.kv_norm.weight
+        C = self.kv_lora_rank
+        buf = torch.zeros(batch, max_seq_len, C + self.qk_rope_head_dim, dtype=w.dtype if dtype is None else dtype,
+                          device=w.device if device is None else device)
+        return LatentCache(buf, C)
+
+    def _decode_kernel(self, q_nope: torch.Tensor, cache: KVCache | None):
+        """``moela.kernels.mla_decode`` when this step may run on it, else None."""
+        if cache is None or q_nope.shape[1] > DECODE_MAX_TOKENS or q_nope.dtype not in _KERNEL_DTYPES:
+            return None
+        if torch.is_grad_enabled() and q_nope.requires_grad:  # the kernel has no backward
+            return None
+        if not isinstance(cache, LatentCache):  # two separate buffers (the reference's cache)
+            return None
+        ops = ops_for(self.args.backend, q_nope.device)  # the references have no decode kernel: their math
+        if ops.__name__ != "moela.kernels":
+            return None
+        return ops.mla_decode
+
+    def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
+        mla_decode = self._decode_kernel(q_nope, cache)
+        if mla_decode is None:
+            return super()._attend_absorbed(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
+        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # (H, Dn, C), (H, Dv, C)
+        q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # (B, S, H, C)
+        cache.update(start_pos, kv=kv, pe=k_pe)  # writes the two column ranges of cache.latent
+        latent = cache.latent[: q_nope.shape[0], : start_pos + q_nope.shape[1]]  # (B, T, C + R)
+        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, S, H, C + R), the kernel's query
+        o_lat = mla_decode(q, latent, self.softmax_scale, v_dim=self.kv_lora_rank)  # (B, S, H, C)
+        return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")

@@ -404,13 +404,17 @@ class MLA(nn.Module):
         p = self._softmax(scores, start_pos, key_start).to(v.dtype)  # (B, S, H, T)
         return einsum(p, v, "b s h t, b t h d -> b s h d")
 
-    def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
-        """Attention in the latent space, wkv_b folded into q and o. Returns (B, S, H, Dv)."""
+    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b split per head: ``w_uk`` (H, Dn, C) folds into q, ``w_uv`` (H, Dv, C) into o."""
         w = self.wkv_b.weight  # (H·(Dn + Dv), C)
         if w.dtype == FP8_DTYPE:  # an FP8 linear (DeepSeek's fp8 checkpoints): dequantize, as DeepSeek does
-            w = dequant(w, self.wkv_b.weight_scale_inv, out_dtype=q_nope.dtype)
+            w = dequant(w, self.wkv_b.weight_scale_inv, out_dtype=dtype)
         w = rearrange(w, "(h d) c -> h d c", h=self.n_heads)  # (H, Dn + Dv, C)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # (H, Dn, C), (H, Dv, C)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
+        """Attention in the latent space, wkv_b folded into q and o. Returns (B, S, H, Dv)."""
+        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # (H, Dn, C), (H, Dv, C)
         q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # (B, S, H, C)
         if cache is not None:
             kv, k_pe = cache.update(start_pos, kv=kv, pe=k_pe)  # (B, T, C), (B, T, R)

@@ -1,14 +1,15 @@
 """The MLA layer (projections, RoPE, cache, attention), prefill and decode, bf16.
 
-moela:          ``moela.model.MLA`` in the absorbed form (latent cache), as a model runs it
+moela:          ``moela.model.MLA`` in the absorbed form (latent cache), as a model runs it: decode
+                attention on ``moela.kernels.mla_decode`` (the cache's fused C + R layout),
+                prefill on the reference's math
 reference:      ``moela.reference.MLA`` in the naive form (per-head k/v cache)
 torch SDPA:     the naive form with its attention through ``F.scaled_dot_product_attention``
 
 Prefill: B=1, S tokens from position 0, causal. Decode: one new token per sequence after a
 cache of L tokens (filled with random latents, never zeros). FLOPs: the projections plus the
 attention of the absorbed form over the (query, key) pairs the causal mask keeps (S(S+1)/2 per
-head in prefill, L+1 in decode); bytes: the weights, the cache read and x/y. moela has no MLA
-attention kernel yet: this measures the layer as ``moela.model`` runs it today.
+head in prefill, L+1 in decode); bytes: the weights, the cache read and x/y.
 """
 
 from __future__ import annotations

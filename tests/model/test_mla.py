@@ -1,0 +1,150 @@
+"""moela.model.MLA: decode steps on the mla_decode kernel (interpreted on CPU) against the reference layer.
+
+The kernel path runs when the backend picks the kernels, no gradient is recorded, the step has
+at most DECODE_MAX_TOKENS new tokens and the cache is the fused (C + R)-column buffer that
+MLA.new_cache builds; everything else runs the reference's attention.
+"""
+
+import pytest
+import torch
+from moela_testing import assert_close_derived
+
+import moela.kernels as K
+from moela.model import MLA
+from moela.model.mla import DECODE_MAX_TOKENS, LatentCache
+from moela.reference import MLA as ReferenceMLA
+from moela.reference import ModelArgs
+
+
+def _layers(dtype, device, **overrides):
+    """The same weights in moela.model.MLA (triton backend, `dtype`), the reference layer in
+    `dtype` and the reference in float64."""
+    args = ModelArgs.from_name("tiny", backend="triton", **overrides)
+    torch.manual_seed(0)
+    exact = ReferenceMLA(args).to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in exact.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else p.shape[-1] ** -0.5)
+    model, ref = MLA(args).to(device=device, dtype=dtype), ReferenceMLA(args).to(device=device, dtype=dtype)
+    model.load_state_dict(exact.state_dict())
+    ref.load_state_dict(exact.state_dict())
+    return model.eval(), ref.eval(), exact.eval()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+
+    def counting(q, kv, softmax_scale, *, v_dim=512):
+        calls.append((tuple(q.shape), tuple(kv.shape)))
+        return real(q, kv, softmax_scale, v_dim=v_dim)
+
+    real = K.mla_decode
+    monkeypatch.setattr(K, "mla_decode", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_steps_run_the_kernel_and_match_the_reference(dtype, device, kernel_calls):
+    model, ref, exact = _layers(dtype, device)
+    B, P = 3, DECODE_MAX_TOKENS + 1  # a prefill longer than a decode step
+    x = torch.randn(B, P + 3, model.dim, device=device, dtype=torch.float64)
+    caches = [layer.new_cache(B, P + 4) for layer in (model, ref, exact)]
+    assert isinstance(caches[0], LatentCache) and not isinstance(caches[1], LatentCache)
+    with torch.no_grad():
+        for layer, cache in zip((model, ref, exact), caches, strict=True):
+            layer(x[:, :P].to(cache.dtype), 0, cache)  # prefill: reference math everywhere
+        assert kernel_calls == []
+        for start, s in ((P, 1), (P + 1, 2)):  # a decode step, then a two-token (MTP-like) step
+            ys = [layer(x[:, start:start + s].to(c.dtype), start, c) for layer, c in zip((model, ref, exact), caches,
+                                                                                        strict=True)]
+            assert_close_derived(ys[0], ys[2], ys[1], name=f"y at {start}")
+    C, R = model.kv_lora_rank, model.qk_rope_head_dim
+    assert kernel_calls == [((B, 1, model.n_heads, C + R), (B, P + 1, C + R)),
+                            ((B, 2, model.n_heads, C + R), (B, P + 3, C + R))]
+
+
+def test_reference_cache_gradients_and_prefill_take_the_reference_path(device, kernel_calls):
+    model, ref, _ = _layers(torch.float32, device)
+    x = torch.randn(2, DECODE_MAX_TOKENS + 2, model.dim, device=device)
+    separate = ref.new_cache(2, 32)  # kv and pe in two buffers: not the kernel's layout
+    with torch.no_grad():
+        model(x[:, :4], 0, separate)
+        model(x[:, 4:5], 4, separate)
+        model(x, 0, model.new_cache(2, 32))  # more than DECODE_MAX_TOKENS new tokens: prefill
+    cache = model.new_cache(2, 32)
+    y = model(x[:, :1], 0, cache)  # grad mode with parameters that need grads: the kernel has no backward
+    y.sum().backward()
+    assert model.wkv_b.weight.grad is not None
+    assert kernel_calls == []
+
+
+def test_reference_backend_never_runs_the_kernel(device, kernel_calls):
+    args = ModelArgs.from_name("tiny", backend="reference")
+    layer = MLA(args).to(device).eval()
+    cache = layer.new_cache(1, 8)
+    with torch.no_grad():
+        layer(torch.randn(1, 1, args.dim, device=device), 0, cache)
+    assert kernel_calls == []
+
+
+def test_latent_cache_is_the_reference_cache_in_one_buffer(device):
+    model, ref, _ = _layers(torch.float32, device)
+    cache = model.new_cache(2, 5)
+    C, R = model.kv_lora_rank, model.qk_rope_head_dim
+    assert cache.names == ("kv", "pe") and cache["kv"].shape == (2, 5, C) and cache["pe"].shape == (2, 5, R)
+    assert cache.latent.shape == (2, 5, C + R) and cache.dtype == torch.float32
+    kv, pe = torch.randn(2, 3, C, device=device), torch.randn(2, 3, R, device=device)
+    cache.update(1, kv=kv, pe=pe)
+    assert torch.equal(cache.latent[:, 1:4, :C], kv) and torch.equal(cache.latent[:, 1:4, C:], pe)
+    assert torch.count_nonzero(cache.latent[:, 0]) == 0 and torch.count_nonzero(cache.latent[:, 4]) == 0
+    cache.reset()
+    assert torch.count_nonzero(cache.latent) == 0
+    naive = MLA(model.args, attn_impl="naive").new_cache(2, 5)
+    assert naive.names == ("k", "v") and not isinstance(naive, LatentCache)
+    with pytest.raises(ValueError, match="batch"):
+        model.new_cache(0, 5)
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        LatentCache(torch.zeros(1, 4, 8), 8)
+
+
+def test_decode_step_compiles_fullgraph(device):
+    model, _, _ = _layers(torch.float32, device)
+    x = torch.randn(2, 3, model.dim, device=device)
+    caches = [model.new_cache(2, 8) for _ in range(2)]
+    step = torch.compile(model, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    with torch.no_grad():
+        for cache in caches:
+            model(x[:, :2], 0, cache)
+        y = step(x[:, 2:], 2, caches[0])
+        expected = model(x[:, 2:], 2, caches[1])
+    if device == "cpu":  # aot_eager runs the same ops: the same bits
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(y, expected)
+    assert torch.equal(caches[0].latent, caches[1].latent)
+
+
+@pytest.mark.gpu
+def test_gpu_v3_decode_layer_on_the_kernel():
+    from moela.profiling.shapes import V3
+
+    args = V3.replace(backend="auto", dtype="bf16", max_seq_len=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MLA(args).to(torch.bfloat16).eval()
+        ref = ReferenceMLA(args).to(torch.bfloat16).eval()
+        exact = ReferenceMLA(args).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in exact.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else p.shape[-1] ** -0.5)
+    model.load_state_dict(exact.state_dict())
+    ref.load_state_dict(exact.state_dict())
+    B, P = 2, 512
+    x = torch.randn(B, P + 1, args.dim, device="cuda", dtype=torch.float64)
+    caches = [layer.new_cache(B, P + 1) for layer in (model, ref, exact)]
+    with torch.no_grad():
+        for layer, cache in zip((model, ref, exact), caches, strict=True):
+            layer(x[:, :P].to(cache.dtype), 0, cache)
+        ys = [layer(x[:, P:].to(c.dtype), P, c) for layer, c in zip((model, ref, exact), caches, strict=True)]
+    assert_close_derived(ys[0], ys[2], ys[1], name="y")
