@@ -39,7 +39,7 @@ from moela.reference._checks import check_same_device, check_tensor
 from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
 from .grouped_gemm import _dot_precision
 
-__all__ = ["mla_decode", "mla_decode_fwd", "num_splits_for", "KERNEL_DTYPES"]
+__all__ = ["mla_decode", "mla_decode_fwd", "num_splits_for", "validate_seqlens", "KERNEL_DTYPES"]
 
 #: Input dtypes of the kernels (float32 softmax and accumulation for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,15 +101,18 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 @triton.jit
 def _mla_decode_fwd_kernel(
-    q_ptr, kv_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, seqlens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     H, S, L, Dk, V_DIM, scale_log2, chunk,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kd,
     stride_ob, stride_os, stride_oh, stride_od,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
-    HAS_ROPE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQLENS: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attention of one BLOCK_H tile of query rows over one cache chunk.
+
+    HAS_SEQLENS: sequence b holds ``seqlens[b]`` keys (clamped into [0, L]) instead of L; its
+    queries sit at the last S of them. Chunks past a sequence's end hold no key of it.
 
     grid: (B * cdiv(S·H, BLOCK_H), NUM_SPLITS). Program (b·tiles + t, s) owns rows
     [t·BLOCK_H, (t+1)·BLOCK_H) of sequence b and keys [s·chunk, (s+1)·chunk). With one split it
@@ -125,11 +128,15 @@ def _mla_decode_fwd_kernel(
     row_ok = rows < R
     tok = rows // H
     head = rows % H
-    limit = L - S + tok  # the last key each row sees (causal among the new tokens)
+    if HAS_SEQLENS:  # this sequence's length; out-of-range values never address memory
+        seq_len = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int32), 0), L)
+    else:
+        seq_len = L
+    limit = seq_len - S + tok  # the last key each row sees (causal among the new tokens)
 
     key_start = split * chunk
     last_tok = (tl.minimum((pid % tiles) * BLOCK_H + BLOCK_H, R) - 1) // H
-    key_end = tl.minimum(tl.minimum(key_start + chunk, L), L - S + last_tok + 1)
+    key_end = tl.minimum(tl.minimum(key_start + chunk, seq_len), seq_len - S + last_tok + 1)
 
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < V_DIM
@@ -187,7 +194,8 @@ def _mla_decode_combine_kernel(
 ):
     """o = Σ_s 2^(lse_s - max) · o_s / Σ_s 2^(lse_s - max) for one query row.
 
-    grid: (B * S·H,). Every row sees key 0 in split 0, so at least one lse is finite.
+    grid: (B * S·H,). A row that saw no key at all (every lse -inf: only with a cache_seqlens
+    entry below S) gets zeros.
     """
     pid = tl.program_id(0)
     R = S * H
@@ -197,7 +205,9 @@ def _mla_decode_combine_kernel(
     offs_s = tl.arange(0, BLOCK_SPLITS)
     lse = tl.load(lse_ptrs + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
     m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no key anywhere: every weight below is 0
     denom = tl.sum(tl.exp2(lse - m), 0)
+    denom = tl.where(denom > 0, denom, 1.0)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < V_DIM
     o = tl.zeros((BLOCK_DV,), dtype=tl.float32)
@@ -242,6 +252,24 @@ def _check_inputs(q: object, kv: object, softmax_scale: object, v_dim: object) -
     check_kernel_device("q", q)
 
 
+def _check_seqlens(cache_seqlens: object, q: torch.Tensor) -> None:
+    """cache_seqlens: None or a (B,) int32/int64 tensor on q's device; reads no values."""
+    if cache_seqlens is None:
+        return
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), shape=(q.shape[0],))
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens: expected device {q.device} (that of q), got {cache_seqlens.device}")
+
+
+def validate_seqlens(cache_seqlens: torch.Tensor, S: int, L: int) -> None:
+    """Raise ValueError unless every ``S <= cache_seqlens[b] <= L`` (reads the values: a sync)."""
+    bad = (cache_seqlens < S) | (cache_seqlens > L)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"cache_seqlens: expected lengths in [S={S}, L={L}] (the new tokens are in the cache), "
+                         f"got {int(cache_seqlens[b])} for sequence {b}")
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -273,6 +301,8 @@ def mla_decode_fwd(
     softmax_scale: float,
     *,
     v_dim: int = 512,
+    cache_seqlens: torch.Tensor | None = None,
+    validate: bool = False,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: triton.Config | None = None,
@@ -284,13 +314,20 @@ def mla_decode_fwd(
         kv: (B, L, Dk) same dtype, any strides: the latent cache, new tokens included.
         softmax_scale: multiplies q·kᵀ before the softmax.
         v_dim: the values are kv[..., :v_dim].
+        cache_seqlens: optional (B,) int32/int64: sequence b holds its first ``cache_seqlens[b]``
+            keys (in [S, L]) and its queries sit at the last S of them; kv is then a fixed-size
+            cache buffer (the splits still come from L: shapes only).
+        validate: check the cache_seqlens values (synchronises with the device).
         out: optional (B, S, H, v_dim) buffer of q's dtype; every element is written.
         num_splits: split-K count (default: ``num_splits_for``, from shapes and the SM count).
         config: launch with these block sizes instead of the autotuned ones (tests, sweeps).
     """
     _check_inputs(q, kv, softmax_scale, v_dim)
+    _check_seqlens(cache_seqlens, q)
     B, S, H, Dk = q.shape
     L = kv.shape[1]
+    if validate and cache_seqlens is not None:
+        validate_seqlens(cache_seqlens, S, L)
     if out is None:
         out = torch.empty(B, S, H, v_dim, dtype=q.dtype, device=q.device)
     else:
@@ -319,10 +356,11 @@ def mla_decode_fwd(
         return (B * cdiv(R, meta["BLOCK_H"]), num_splits)
 
     kernel[grid](
-        q, kv, out, part_o, part_lse,
+        q, kv, q if cache_seqlens is None else cache_seqlens.contiguous(), out, part_o, part_lse,
         H, S, L, Dk, v_dim, float(softmax_scale) * _LOG2E, chunk,
         *q.stride(), *kv.stride(), *out.stride(),
-        BLOCK_DV=block_dv, BLOCK_DR=block_dr, HAS_ROPE=Dk > v_dim, NUM_SPLITS=num_splits,
+        BLOCK_DV=block_dv, BLOCK_DR=block_dr, HAS_ROPE=Dk > v_dim, HAS_SEQLENS=cache_seqlens is not None,
+        NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(q.dtype), **({} if config is None else config.all_kwargs()),
     )
     if num_splits > 1:
@@ -339,30 +377,44 @@ def mla_decode_fwd(
 
 
 @torch.library.custom_op("moela::mla_decode", mutates_args=())
-def _mla_decode_op(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, v_dim: int) -> torch.Tensor:
-    return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim)
+def _mla_decode_op(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, v_dim: int,
+                   cache_seqlens: torch.Tensor | None, validate: bool) -> torch.Tensor:
+    return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim, cache_seqlens=cache_seqlens, validate=validate)
 
 
 @_mla_decode_op.register_fake
-def _(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, v_dim: int) -> torch.Tensor:
+def _(q, kv, softmax_scale, v_dim, cache_seqlens, validate):
     _check_inputs(q, kv, softmax_scale, v_dim)
+    _check_seqlens(cache_seqlens, q)
     B, S, H, _ = q.shape
     return q.new_empty(B, S, H, v_dim)
 
 
-def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim: int = 512) -> torch.Tensor:
+def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim: int = 512,
+               cache_seqlens: torch.Tensor | None = None, validate: bool = False) -> torch.Tensor:
     """MLA decode attention, absorbed form: o (B, S, H, v_dim) in q's dtype.
 
     q: (B, S, H, Dk) fp16/bf16/fp32 (Dk = kv_lora_rank + rope dim, 576 for DeepSeek), query i
     at position L - S + i; kv: (B, L, Dk) the latent cache (one head for all H), keys all Dk
     columns, values the first ``v_dim``. Query i sees keys 0..L-S+i; float32 softmax.
 
+    cache_seqlens: optional (B,) int32/int64 lengths (FlashMLA's ``cache_seqlens``): sequence b
+    holds its first ``cache_seqlens[b]`` keys, in [S, L], and its queries sit at the last S of
+    them, so kv can be a fixed-size cache buffer whose shape stays the same from step to step
+    (one CUDA graph, one compilation); the values are read on the device only. ``validate``
+    checks them (a host sync). Out-of-range lengths are clamped into [0, L] (never out of
+    bounds); a row that then sees no key gets zeros.
+
     >>> q = torch.randn(2, 1, 16, 576, dtype=torch.bfloat16, device="cuda")
     >>> kv = torch.randn(2, 4096, 576, dtype=torch.bfloat16, device="cuda")
     >>> mla_decode(q, kv, 576 ** -0.5).shape
     torch.Size([2, 1, 16, 512])
+    >>> lens = torch.tensor([17, 4000], dtype=torch.int32, device="cuda")  # two sequences of a batch
+    >>> mla_decode(q, kv, 576 ** -0.5, cache_seqlens=lens).shape
+    torch.Size([2, 1, 16, 512])
     """
-    if run_direct(q, kv):  # eager: the launcher itself (no dispatch layers); it checks the inputs
-        return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim)
+    if run_direct(q, kv, cache_seqlens):  # eager: the launcher itself (no dispatch layers); it checks the inputs
+        return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim, cache_seqlens=cache_seqlens, validate=validate)
     _check_inputs(q, kv, softmax_scale, v_dim)
-    return _mla_decode_op(q, kv, float(softmax_scale), v_dim)
+    _check_seqlens(cache_seqlens, q)
+    return _mla_decode_op(q, kv, float(softmax_scale), v_dim, cache_seqlens, validate)

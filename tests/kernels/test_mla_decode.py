@@ -99,6 +99,68 @@ def test_split_k(dtype, device):
     check(mla_decode(q, kv, scale, v_dim=v_dim), q, kv, scale, v_dim, name="default")
 
 
+def _ragged(B, L, H, S, Dk, dtype, device, lens):
+    """q, a fixed-size cache buffer whose slots past each sequence's length hold NaN (never read),
+    and the lengths as an int32 tensor."""
+    q, kv = inputs(B, L, H, S, Dk, dtype, device)
+    for b, n in enumerate(lens):
+        kv[b, n:] = float("nan")
+    return q, kv, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cache_seqlens_attend_to_each_sequences_prefix(num_splits, dtype, device):
+    """Each sequence b sees its first cache_seqlens[b] keys; the rest of the buffer is never read
+    (NaN there); the splits come from the buffer's length, so trailing splits are empty."""
+    B, L, H, S, Dk, v_dim = 4, 300, 3, 2, 40, 32
+    lens = [2, 45, 300, 129]  # S (only the new tokens), mid-split, the whole buffer, a split boundary
+    q, kv, seqlens = _ragged(B, L, H, S, Dk, dtype, device, lens)
+    scale = Dk**-0.5
+    o = mla_decode_fwd(q, kv, scale, v_dim=v_dim, cache_seqlens=seqlens, num_splits=num_splits,
+                       out=nan_empty((B, S, H, v_dim), dtype, device))
+    for b, n in enumerate(lens):
+        check(o[b:b + 1], q[b:b + 1], kv[b:b + 1, :n], scale, v_dim, name=f"sequence {b} ({n} keys)")
+
+
+def test_cache_seqlens_public_op_int64_and_validation(device):
+    B, L, H, S, Dk, v_dim = 2, 20, 2, 1, 40, 32
+    q, kv, seqlens = _ragged(B, L, H, S, Dk, torch.bfloat16, device, [7, 20])
+    o = mla_decode(q, kv, 0.2, v_dim=v_dim, cache_seqlens=seqlens.long(), validate=True)
+    for b, n in enumerate((7, 20)):
+        check(o[b:b + 1], q[b:b + 1], kv[b:b + 1, :n], 0.2, v_dim)
+    for bad in ([0, 20], [7, 21]):  # fewer keys than new tokens; past the buffer
+        with pytest.raises(ValueError, match="cache_seqlens: expected lengths in"):
+            mla_decode(q, kv, 0.2, v_dim=v_dim, cache_seqlens=torch.tensor(bad, device=device), validate=True)
+
+
+def test_cache_seqlens_out_of_range_never_read_out_of_bounds(device):
+    """Without validation, lengths are clamped into [0, L]: a row that sees no key gets zeros,
+    a length past the buffer reads the whole buffer (and no further)."""
+    B, L, H, S, Dk, v_dim = 3, 12, 2, 2, 40, 32
+    q, kv = inputs(B, L, H, S, Dk, torch.float32, device)
+    lens = torch.tensor([-5, 1, 1000], dtype=torch.int32, device=device)
+    for splits in (1, 2):
+        o = mla_decode_fwd(q, kv, 0.3, v_dim=v_dim, cache_seqlens=lens, num_splits=splits,
+                           out=nan_empty((B, S, H, v_dim), torch.float32, device))
+        assert torch.count_nonzero(o[0]) == 0  # no key at all
+        assert torch.count_nonzero(o[1, 0]) == 0  # token 0 of a 1-key sequence sees nothing
+        check(o[1:2, 1:], q[1:2, 1:], kv[1:2, :1], 0.3, v_dim, name="the one key")
+        check(o[2:], q[2:], kv[2:], 0.3, v_dim, name="clamped to L")
+
+
+def test_cache_seqlens_errors(device):
+    q, kv = inputs(2, 4, 2, 1, 40, torch.bfloat16, device)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        mla_decode(q, kv, 1.0, v_dim=32, cache_seqlens=torch.ones(2, device=device))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        mla_decode(q, kv, 1.0, v_dim=32, cache_seqlens=torch.ones(3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        mla_decode(q, kv, 1.0, v_dim=32, cache_seqlens=torch.ones(2, dtype=torch.int32, device="meta"))
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        mla_decode(q, kv, 1.0, v_dim=32, cache_seqlens=[4, 4])
+
+
 def test_split_heuristic_invariants():
     """Shapes only; no split when the tiles fill the SMs or the cache is short; bounded."""
     F = FLASHMLA_DECODE
@@ -164,6 +226,14 @@ def test_torch_compile(device):
 
     torch.testing.assert_close(f(q, kv), mla_decode(q, kv, Dk**-0.5, v_dim=v_dim) * 2, rtol=0, atol=0)
 
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def g(q, kv, lens):
+        return mla_decode(q, kv, Dk**-0.5, v_dim=v_dim, cache_seqlens=lens)
+
+    lens = torch.tensor([5, 17], dtype=torch.int32, device=device)
+    torch.testing.assert_close(g(q, kv, lens), mla_decode(q, kv, Dk**-0.5, v_dim=v_dim, cache_seqlens=lens),
+                               rtol=0, atol=0)
+
 
 FLASHMLA = [
     pytest.param(FLASHMLA_DECODE["batch"], L, H, S, id=f"B{FLASHMLA_DECODE['batch']}-L{L}-H{H}-S{S}")
@@ -181,3 +251,30 @@ def test_flashmla_shapes(B, L, H, S, device):
     q, kv = inputs(B, L, H, S, Dk, torch.bfloat16, device)
     out = nan_empty((B, S, H, v_dim), torch.bfloat16, device)
     check(mla_decode_fwd(q, kv, Dk**-0.5, v_dim=v_dim, out=out), q, kv, Dk**-0.5, v_dim)
+
+
+@pytest.mark.gpu
+def test_gpu_cache_seqlens_in_one_cuda_graph():
+    """FlashMLA's serving shape: a fixed cache buffer, ragged lengths read on the device; one
+    captured graph replays for new lengths; no host sync."""
+    B, L, H, S = 8, 4096, 16, 1
+    Dk, v_dim = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
+    lens = [1, 100, 4096, 2000, 129, 3000, 64, 4095]
+    q, kv, seqlens = _ragged(B, L, H, S, Dk, torch.bfloat16, "cuda", lens)
+    scale = Dk**-0.5
+    o = mla_decode(q, kv, scale, v_dim=v_dim, cache_seqlens=seqlens)  # autotuning happens here, eagerly
+    for b, n in enumerate(lens):
+        check(o[b:b + 1], q[b:b + 1], kv[b:b + 1, :n], scale, v_dim, name=f"sequence {b}")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mla_decode(q, kv, scale, v_dim=v_dim, cache_seqlens=seqlens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = mla_decode(q, kv, scale, v_dim=v_dim, cache_seqlens=seqlens)
+    shorter = [1, 50, 4000, 1, 128, 2999, 64, 2048]  # within the NaN-free prefixes
+    seqlens.copy_(torch.tensor(shorter, dtype=torch.int32))
+    graph.replay()
+    for b, n in enumerate(shorter):
+        check(static_o[b:b + 1], q[b:b + 1], kv[b:b + 1, :n], scale, v_dim, name=f"replayed sequence {b}")
