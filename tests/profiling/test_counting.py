@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moela.profiling import get_op
+from moela.profiling.ops.mla_decode import ragged_lengths
 from moela.profiling.runner import add_speedups, derive
 from moela.profiling.shapes import Problem
 from moela.profiling.timing import rotation_sets, summarize, time_cpu
@@ -67,6 +68,11 @@ def test_memory_bound_counts():
     m = case_of("mla_decode", "tiny", "B=2 L=40 H=4 S=2")
     assert m.flops == 2 * 2 * 2 * 4 * 40 * (576 + 512)
     assert m.bytes == (2 * 40 * 576 + 2 * 2 * 4 * 576 + 2 * 2 * 4 * 512) * 2
+    r = case_of("mla_decode", "tiny", "B=3 L=48 H=2 S=2 ragged")  # the keys each sequence holds
+    lens = r.inputs["cache_seqlens"].tolist()
+    assert lens == ragged_lengths(3, 48, 2, 0) and all(2 <= n <= 48 for n in lens) and len(set(lens)) > 1
+    assert r.flops == 2 * 2 * 2 * sum(lens) * (576 + 512)
+    assert r.bytes == (sum(lens) * 576 + 3 * 2 * 2 * 576 + 3 * 2 * 2 * 512) * 2
 
 
 CEILINGS = {"copy": {"value": 1000.0, "unit": "GB/s"}, "matmul_bf16": {"value": 500.0, "unit": "TFLOP/s"},
