@@ -33,6 +33,7 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 # run_direct's probes (private torch API; without them every call goes through its op)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+_function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -140,19 +141,21 @@ def check_kernel_device(name: str, t: torch.Tensor) -> None:
 def run_direct(*tensors: object) -> bool:
     """May a public op call its launcher directly instead of through its ``torch.library`` op?
 
-    The custom op (``torch.ops.moela.*``) is what autograd, ``torch.compile``, fake/meta tensors,
-    dispatch modes (``FlopCounterMode``, ``FakeTensorMode``) and functorch transforms see; in
-    plain eager inference it only adds Python dispatch layers: ~20 µs of host time per call,
-    which decode-sized layers (a few µs of GPU work per kernel) pay in full. So the ops run their
-    launcher directly when none of those can be involved: not compiling or tracing, no dispatch
-    mode or functorch transform active, every tensor a plain ``Tensor``/``Parameter`` off the
-    meta device, and no gradient to record (grad mode off, or no input requires it). Both paths
+    The custom op (``torch.ops.moela.*``) is what autograd, ``torch.compile``, ``torch.jit.trace``,
+    fake/meta tensors, dispatch and function modes (``FlopCounterMode``, ``FakeTensorMode``) and
+    functorch transforms see; in plain eager inference it only adds Python dispatch layers:
+    ~20 µs of host time per call, which decode-sized layers (a few µs of GPU work per kernel)
+    pay in full. So the ops run their launcher directly when none of those can be involved: not
+    compiling or tracing, no dispatch or torch-function mode (``with torch.device(...)`` is one)
+    or functorch transform active, every tensor a plain ``Tensor``/``Parameter`` off the meta
+    device, and no gradient to record (grad mode off, or no input requires it). Both paths
     run the same launcher: the same kernels, bits and errors. ``None`` entries are skipped;
     anything else that is not a plain tensor sends the call through the op (whose checks name
     it). Costs about a microsecond.
     """
     if (torch.compiler.is_compiling() or _dispatch_modes is None or _functorch_stack is None
-            or _dispatch_modes() or _functorch_stack() is not None):
+            or _function_modes is None or _dispatch_modes() or _functorch_stack() is not None
+            or _function_modes() or torch.jit.is_tracing()):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

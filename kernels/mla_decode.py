@@ -129,7 +129,7 @@ def _mla_decode_fwd_kernel(
     tok = rows // H
     head = rows % H
     if HAS_SEQLENS:  # this sequence's length; out-of-range values never address memory
-        seq_len = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int32), 0), L)
+        seq_len = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), L).to(tl.int32)  # clamped before narrowing
     else:
         seq_len = L
     limit = seq_len - S + tok  # the last key each row sees (causal among the new tokens)

@@ -92,13 +92,16 @@ class MLA(_ReferenceMLA):
                           device=w.device if device is None else device)
         return LatentCache(buf, C)
 
-    def _decode_kernel(self, q_nope: torch.Tensor, cache: KVCache | None):
+    def _decode_kernel(self, q_nope, q_pe, kv, k_pe, cache: KVCache | None):
         """``moela.kernels.mla_decode`` when this step may run on it, else None."""
-        if cache is None or q_nope.shape[1] > DECODE_MAX_TOKENS or q_nope.dtype not in _KERNEL_DTYPES:
+        if not isinstance(cache, LatentCache):  # no cache, or two separate buffers (the reference's)
             return None
-        if torch.is_grad_enabled() and q_nope.requires_grad:  # the kernel has no backward
+        if q_nope.shape[1] > DECODE_MAX_TOKENS or cache.dtype not in _KERNEL_DTYPES:
             return None
-        if not isinstance(cache, LatentCache):  # two separate buffers (the reference's cache)
+        if any(t.dtype != cache.dtype for t in (q_nope, q_pe, kv, k_pe)):  # autocast: the reference's math
+            return None
+        if torch.is_grad_enabled() and any(  # the kernel has no backward: whatever feeds it must need no grad
+                t.requires_grad for t in (q_nope, q_pe, kv, k_pe, cache.latent, self.wkv_b.weight)):
             return None
         ops = ops_for(self.args.backend, q_nope.device)  # the references have no decode kernel: their math
         if ops.__name__ != "moela.kernels":
@@ -106,11 +109,14 @@ class MLA(_ReferenceMLA):
         return ops.mla_decode
 
     def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
-        mla_decode = self._decode_kernel(q_nope, cache)
+        mla_decode = self._decode_kernel(q_nope, q_pe, kv, k_pe, cache)
+        if mla_decode is not None:
+            w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # (H, Dn, C), (H, Dv, C)
+            q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # (B, S, H, C)
+            if q_lat.dtype != cache.dtype:  # autocast inside the projections
+                mla_decode = None
         if mla_decode is None:
             return super()._attend_absorbed(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
-        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # (H, Dn, C), (H, Dv, C)
-        q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # (B, S, H, C)
         cache.update(start_pos, kv=kv, pe=k_pe)  # writes the two column ranges of cache.latent
         latent = cache.latent[: q_nope.shape[0], : start_pos + q_nope.shape[1]]  # (B, T, C + R)
         q = torch.cat([q_lat, q_pe], dim=-1)  # (B, S, H, C + R), the kernel's query

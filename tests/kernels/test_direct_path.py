@@ -94,13 +94,46 @@ def test_the_eager_fp8_layer_never_enters_a_custom_op(ops_forbidden):
     assert torch.isfinite(y.float()).all()
 
 
+def test_every_public_op_takes_the_direct_path_in_eager_inference(ops_forbidden):
+    """The ops the MoE layers above do not call: each with plain tensors, no grad."""
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    w = torch.randn(128, 256, dtype=torch.bfloat16)
+    q, s = K.quant_act(x)
+    wq, ws = K.quant_weight(w)
+    assert K.dequant(wq, ws, out_dtype=torch.bfloat16).shape == w.shape
+    assert K.fp8_gemm(q, s, wq, ws).shape == (4, 128)
+    assert K.fp8_linear(x, wq, ws).shape == (4, 128)
+    o = K.mla_decode(torch.randn(2, 1, 2, 40), torch.randn(2, 5, 40), 0.2, v_dim=32,
+                     cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+    assert o.shape == (2, 1, 2, 32)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_tracing_and_function_modes_take_the_op():
+    x = torch.randn(3, 4)
+    with torch.device("cpu"):  # a TorchFunctionMode
+        assert not run_direct(x)
+    seen = []
+
+    def f(t):
+        seen.append(run_direct(t))
+        return t * 2
+
+    torch.jit.trace(f, (x,), check_trace=False)
+    assert seen == [False]
+    xs = torch.randn(9, 32)
+    w = torch.randn(3, 16, 32)
+    offsets = torch.tensor([4, 4, 8], dtype=torch.int32)
+    traced = torch.jit.trace(lambda a, b, c: K.grouped_gemm(a, b, c), (xs, w, offsets))
+    assert "moela::grouped_gemm" in str(traced.graph)
+
+
 def test_direct_and_op_paths_give_the_same_bits():
     """The op path (forced by a dispatch mode) and the direct path run the same launcher."""
     xs = torch.randn(9, 32, dtype=torch.bfloat16)
     w = torch.randn(3, 16, 32, dtype=torch.bfloat16)
     offsets = torch.tensor([4, 4, 8], dtype=torch.int32)
-    out = torch.full((9, 16), float("nan"), dtype=torch.bfloat16)
-    out.copy_(K.grouped_gemm(xs, w, offsets))
+    out = K.grouped_gemm(xs, w, offsets)  # the direct path
     log = _OpLog()
     with log:
         via_op = K.grouped_gemm(xs, w, offsets)

@@ -64,7 +64,7 @@ def test_matches_float64(B, L, H, S, Dk, v_dim, dtype, device):
 
 
 def test_public_op_fp16_and_strided(device):
-    """The torch.library op; fp16; q and kv as non-contiguous views."""
+    """The public function (its direct path); fp16; q and kv as non-contiguous views."""
     B, L, H, S, Dk, v_dim = 2, 21, 4, 2, 40, 32
     q = torch.randn(B, H, S, Dk + 8, dtype=torch.float16, device=device).transpose(1, 2)[..., :Dk]
     kv = torch.randn(L, B, Dk, dtype=torch.float16, device=device).transpose(0, 1)
@@ -147,6 +147,15 @@ def test_cache_seqlens_out_of_range_never_read_out_of_bounds(device):
         assert torch.count_nonzero(o[1, 0]) == 0  # token 0 of a 1-key sequence sees nothing
         check(o[1:2, 1:], q[1:2, 1:], kv[1:2, :1], 0.3, v_dim, name="the one key")
         check(o[2:], q[2:], kv[2:], 0.3, v_dim, name="clamped to L")
+
+
+def test_cache_seqlens_opcheck(device):
+    q, kv, seqlens = _ragged(2, 9, 2, 1, 40, torch.float32, device, [4, 9])
+    kv = torch.nan_to_num(kv)  # opcheck compares runs: no NaN outputs wanted, slots past ends are unread anyway
+    torch.library.opcheck(torch.ops.moela.mla_decode.default, (q, kv, 0.2, 32, seqlens, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.moela.mla_decode.default, (q, kv, 0.2, 32, None, False),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_cache_seqlens_errors(device):

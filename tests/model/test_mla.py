@@ -10,10 +10,10 @@ import torch
 from moela_testing import assert_close_derived
 
 import moela.kernels as K
-from moela.model import MLA
+from moela.model import MLA, quantize_linears_
 from moela.model.mla import DECODE_MAX_TOKENS, LatentCache
 from moela.reference import MLA as ReferenceMLA
-from moela.reference import ModelArgs
+from moela.reference import ModelArgs, dequant
 
 
 def _layers(dtype, device, **overrides):
@@ -79,6 +79,78 @@ def test_reference_cache_gradients_and_prefill_take_the_reference_path(device, k
     assert kernel_calls == []
 
 
+def test_frozen_query_path_with_grad_mode_takes_the_reference_path(device, kernel_calls):
+    """Only wkv_b trains: q_nope needs no grad, yet the kernel (no backward) must not run."""
+    model, _, _ = _layers(torch.float32, device)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("wkv_b"))
+    x = torch.randn(2, 3, model.dim, device=device)
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        model(x[:, :2], 0, cache)  # a 2-token step without grad: the kernel
+    assert len(kernel_calls) == 1
+    model(x[:, 2:], 2, cache).sum().backward()
+    assert model.wkv_b.weight.grad is not None and len(kernel_calls) == 1
+
+
+def test_autocast_decode_takes_the_reference_path(device, kernel_calls):
+    """Under autocast the query is bf16 while the cache stays float32: the reference's math."""
+    model, _, _ = _layers(torch.float32, device)
+    x = torch.randn(2, 3, model.dim, device=device)
+    cache = model.new_cache(2, 8)
+    with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        model(x[:, :2], 0, cache)
+        y = model(x[:, 2:], 2, cache)
+    assert torch.isfinite(y).all() and kernel_calls == []
+
+
+def _capture_attention(layer, into: dict, key: str) -> None:
+    """Record the inputs and output of ``layer._attend_absorbed`` (the attention, before wo)."""
+    inner = layer._attend_absorbed
+
+    def wrapped(*args):
+        into[key] = (args, inner(*args))
+        return into[key][1]
+
+    layer._attend_absorbed = wrapped
+
+
+def test_smaller_batch_than_the_cache_and_fp8_wkv_b(device, kernel_calls):
+    """A step of 2 sequences over a cache of 4, with DeepSeek's fp8 projections (wkv_b dequantized
+    for the absorbed form). The attention output (wo's input, before wo quantizes it to fp8)
+    against the reference layer's and a float64 attention from the same inputs."""
+    dims = dict(dim=128, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, v_head_dim=32, dtype="fp8")
+    args = ModelArgs.from_name("tiny", backend="triton", **dims)
+    model = MLA(args).to(device=device, dtype=torch.bfloat16).eval()
+    ref_args = args.replace(backend="reference")
+    ref = ReferenceMLA(ref_args).to(device=device, dtype=torch.bfloat16).eval()
+    quantize_linears_(ref, ref_args)
+    ref.load_state_dict(model.state_dict())
+    seen: dict = {}
+    _capture_attention(model, seen, "model")
+    _capture_attention(ref, seen, "ref")
+    x = torch.randn(2, 3, args.dim, device=device, dtype=torch.bfloat16)
+    caches = [model.new_cache(4, 8), ref.new_cache(4, 8)]
+    with torch.no_grad():
+        for layer, cache in zip((model, ref), caches, strict=True):
+            layer(x[:, :2], 0, cache)
+        model(x[:, 2:], 2, caches[0])
+        ref(x[:, 2:], 2, caches[1])
+    width = 128 + args.qk_rope_head_dim  # C + R
+    assert kernel_calls == [((2, 2, args.n_heads, width), (2, 2, width)), ((2, 1, args.n_heads, width), (2, 3, width))]
+    assert torch.equal(caches[0]["kv"], caches[1]["kv"]) and torch.equal(caches[0]["pe"], caches[1]["pe"])
+    (q_nope, q_pe, kv, k_pe, start, key_start, _), o_ref = seen["ref"]
+    exact = ReferenceMLA(ref_args.replace(dtype="bf16")).to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        exact.wkv_b.weight.copy_(dequant(ref.wkv_b.weight, ref.wkv_b.weight_scale_inv, out_dtype=torch.float64))
+        cache64 = exact.new_cache(4, 8)
+        for name in ("kv", "pe"):
+            cache64[name][:, :start] = caches[1][name][:, :start].double()
+        o_hi = exact._attend_absorbed(q_nope.double(), q_pe.double(), kv.double(), k_pe.double(), start, key_start,
+                                      cache64)
+    assert_close_derived(seen["model"][1], o_hi, o_ref, name="attention before wo")
+
+
 def test_reference_backend_never_runs_the_kernel(device, kernel_calls):
     args = ModelArgs.from_name("tiny", backend="reference")
     layer = MLA(args).to(device).eval()
@@ -108,7 +180,7 @@ def test_latent_cache_is_the_reference_cache_in_one_buffer(device):
         LatentCache(torch.zeros(1, 4, 8), 8)
 
 
-def test_decode_step_compiles_fullgraph(device):
+def test_decode_step_compiles_fullgraph(device, kernel_calls):
     model, _, _ = _layers(torch.float32, device)
     x = torch.randn(2, 3, model.dim, device=device)
     caches = [model.new_cache(2, 8) for _ in range(2)]
@@ -123,6 +195,7 @@ def test_decode_step_compiles_fullgraph(device):
     else:
         torch.testing.assert_close(y, expected)
     assert torch.equal(caches[0].latent, caches[1].latent)
+    assert len(kernel_calls) >= 2  # traced and eager steps both on the kernel
 
 
 @pytest.mark.gpu
