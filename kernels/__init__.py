@@ -18,8 +18,9 @@ from .grouped_gemm import grouped_gemm, grouped_gemm_dw
 from .mla_decode import mla_decode
 from .permute import permute, unpermute
 from .routing import make_routing
+from .swiglu import swiglu
 
 __all__ = [
     "route", "gate", "grouped_gemm", "grouped_gemm_dw", "make_routing", "permute", "unpermute",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode", "swiglu",
 ]

@@ -21,7 +21,7 @@ from torch import nn
 
 from moela.reference import ModelArgs
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_tensor
-from moela.reference.moe import MLP, swiglu
+from moela.reference.moe import MLP
 
 from .backend import ops_for
 from .quantize import keep_dtype, quantize_linears_
@@ -167,12 +167,13 @@ class MoE(nn.Module):
         if self.fp8:  # activations quantized while they are dispatched (one quantization per token)
             q, s = ops.permute(x2, plan, fp8=True, scale_fmt=a.scale_fmt)  # (M, D) e4m3, (M, D/128)
             h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, plan.offsets, out_dtype=x.dtype)
-            q, s = ops.quant_act(swiglu(h[:, :I], h[:, I:]), 128, a.scale_fmt)
+            q, s = ops.quant_act(ops.swiglu(h[:, :I], h[:, I:]), 128, a.scale_fmt)
             ys = ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, plan.offsets, out_dtype=x.dtype)
         else:
             xs = ops.permute(x2, plan)  # (M, D)
             h = ops.grouped_gemm(xs, self.w13, plan.offsets)  # (M, 2I)
-            ys = ops.grouped_gemm(swiglu(h[:, :I], h[:, I:]).contiguous(), self.w2, plan.offsets)  # (M, D)
+            act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
+            ys = ops.grouped_gemm(act, self.w2, plan.offsets)  # (M, D)
         y = ops.unpermute(ys, plan, weights)  # (T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)

@@ -261,7 +261,7 @@ def get_op(name: str) -> Op:
 
 
 CONTRACT_ORDER = (
-    "route", "gate", "make_routing", "permute", "unpermute", "moe_dispatch_combine", "grouped_gemm",
+    "route", "gate", "make_routing", "permute", "unpermute", "moe_dispatch_combine", "grouped_gemm", "swiglu",
     "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "mla_decode",
 )
 

@@ -1,0 +1,215 @@
+"""SwiGLU between the expert GEMMs, fused: ``out = silu(gate) * up`` in one pass (and its backward).
+
+Legend: M rows (tokens or expert rows), N the expert hidden dim (``moe_inter_dim``).
+
+``moela.reference.swiglu`` is two torch kernels (``F.silu``, then ``*``) that write and read a
+rounded ``silu(gate)`` in between; here each element is read once and written once: in the
+MoE layer ``gate`` and ``up`` are the two column halves of the first grouped GEMM's output
+(strided views, no copy), and the result is the contiguous input of the second. At prefill
+that is 3 instead of 5 M×N tensor passes; at decode one launch instead of two.
+
+Arithmetic (as torch's CUDA kernels, so the bf16/fp16 results are torch's bits up to ``exp``):
+``s = g / (1 + exp(-g))`` in float32 with libdevice's ``exp`` and an IEEE division, rounded to
+the input dtype (torch stores ``silu(gate)`` at that precision), then ``out = s · up`` in float32
+rounded once. No FMA contraction. Backward, in float32 with one rounding per output:
+``d_up = dy · s`` and ``d_gate = dy · up · σ(g) · (1 + g · (1 − σ(g)))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moela.reference._checks import check_same_device, check_tensor
+
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, run_direct
+from .gate import _div, _exp
+from .interpreter import interpreter_active
+
+__all__ = ["swiglu", "swiglu_fwd", "swiglu_bwd", "KERNEL_DTYPES"]
+
+#: Input dtypes of the kernels (float32 arithmetic for all).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_NO_FMA = dict(enable_fp_fusion=False)
+
+
+def _configs() -> list[triton.Config]:
+    """Elementwise and memory-bound: 16-byte accesses along N, a few KB per program."""
+    return [
+        triton.Config({"BLOCK_M": 4, "BLOCK_N": 512}, num_warps=4),
+        triton.Config({"BLOCK_M": 8, "BLOCK_N": 256}, num_warps=4),
+        triton.Config({"BLOCK_M": 1, "BLOCK_N": 1024}, num_warps=4),  # decode: few rows, wide
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 512}, num_warps=8),  # prefill: fewer programs
+    ]
+
+
+@triton.jit
+def _silu(g, PRECISE: tl.constexpr):
+    """silu in float32 as torch computes it: ``g / (1 + exp(-g))``."""
+    return _div(g, 1.0 + _exp(-g, PRECISE), False)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    g_ptr, u_ptr, out_ptr, M, N,
+    stride_gm, stride_gn, stride_um, stride_un, stride_om, stride_on,
+    PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); one BLOCK_M × BLOCK_N tile per program."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
+    s = _silu(g.to(tl.float32), PRECISE).to(g.dtype)  # torch keeps silu(gate) at the input precision
+    out = s.to(tl.float32) * u.to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, M, N,
+    stride_gm, stride_gn, stride_um, stride_un, stride_dym, stride_dyn, stride_dgm, stride_dum,
+    PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """d_gate and d_up (contiguous rows, unit column stride) of one tile."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    g32, dy32 = g.to(tl.float32), dy.to(tl.float32)
+    sig = _div(tl.full(g32.shape, 1.0, tl.float32), 1.0 + _exp(-g32, PRECISE), False)
+    s = _silu(g32, PRECISE).to(g.dtype).to(tl.float32)  # the forward's rounded silu
+    du = dy32 * s
+    dg = dy32 * u.to(tl.float32) * (sig * (1.0 + g32 * (1.0 - sig)))
+    tl.store(du_ptr + offs_m[:, None] * stride_dum + offs_n[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offs_m[:, None] * stride_dgm + offs_n[None, :], dg.to(dg_ptr.dtype.element_ty), mask=mask)
+
+
+_fwd_tuned = autotune(autotune_configs("swiglu", _configs()), key=["N"])(_swiglu_fwd_kernel)
+_bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N"])(_swiglu_bwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _check(gate: object, up: object) -> None:
+    check_tensor("gate", gate, ndim=2, dtypes=KERNEL_DTYPES)
+    check_tensor("up", up, ndim=2, dtypes=(gate.dtype,), shape=tuple(gate.shape))
+    check_same_device(gate=gate, up=up)
+    check_kernel_device("gate", gate)
+
+
+def _grid(M: int, N: int):
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
+               config: triton.Config | None = None) -> torch.Tensor:
+    """Launch the forward: ``silu(gate) * up`` -> (M, N) contiguous in gate's dtype.
+
+    gate, up: (M, N) fp16/bf16/fp32, any strides (e.g. the two column halves of one tensor).
+    out: optional (M, N) buffer of that dtype; every element is written.
+    config: launch with this BLOCK_M / BLOCK_N / num_warps instead of the autotuned ones.
+    """
+    _check(gate, up)
+    M, N = gate.shape
+    if out is None:
+        out = torch.empty(M, N, dtype=gate.dtype, device=gate.device)
+    else:
+        check_tensor("out", out, dtypes=(gate.dtype,), shape=(M, N))
+        check_same_device(gate=gate, out=out)
+    if M == 0 or N == 0:
+        return out
+    kernel = _fwd_tuned if config is None else _swiglu_fwd_kernel
+    kernel[_grid(M, N)](
+        gate, up, out, M, N, *gate.stride(), *up.stride(), *out.stride(), PRECISE=not interpreter_active(),
+        **_NO_FMA, **({} if config is None else config.all_kwargs()),
+    )
+    return out
+
+
+def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+               config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward: (d_gate, d_up), contiguous (M, N) in gate's dtype."""
+    _check(gate, up)
+    check_tensor("dy", dy, dtypes=(gate.dtype,), shape=tuple(gate.shape))
+    check_same_device(gate=gate, dy=dy)
+    M, N = gate.shape
+    dg = torch.empty(M, N, dtype=gate.dtype, device=gate.device)
+    du = torch.empty_like(dg)
+    if M == 0 or N == 0:
+        return dg, du
+    kernel = _bwd_tuned if config is None else _swiglu_bwd_kernel
+    kernel[_grid(M, N)](
+        gate, up, dy, dg, du, M, N, *gate.stride(), *up.stride(), *dy.stride(), dg.stride(0), du.stride(0),
+        PRECISE=not interpreter_active(), **_NO_FMA, **({} if config is None else config.all_kwargs()),
+    )
+    return dg, du
+
+
+# ----------------------------------------------------------------------------------------
+# The public op (torch.library): eager, autograd and torch.compile(fullgraph=True)
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moela::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return swiglu_fwd(gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    _check(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("moela::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return swiglu_bwd(dy, gate, up)
+
+
+@_swiglu_bwd_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy: torch.Tensor):
+    gate, up = ctx.saved_tensors
+    dg, du = _swiglu_bwd_op(dy, gate, up)
+    return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
+
+
+_swiglu_op.register_autograd(_backward, setup_context=_setup)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in one kernel (``moela.reference.swiglu``'s contract, differentiable).
+
+    Args:
+        gate, up: (M, N) fp16/bf16/fp32 on CUDA (or CPU under the interpreter), any strides: in
+            the MoE layer the two column halves of the first grouped GEMM's (M, 2N) output.
+    Returns:
+        (M, N) contiguous in gate's dtype; ``silu(gate)`` rounded to that dtype before the
+        product, as torch's two kernels round it. Gradients flow to gate and up.
+
+    Example::
+
+        h = grouped_gemm(xs, w13, plan.offsets)   # (M, 2I): gate | up
+        a = swiglu(h[:, :I], h[:, I:])            # (M, I), contiguous
+    """
+    if run_direct(gate, up):  # eager, nothing to record: the launcher itself (same bits)
+        return swiglu_fwd(gate, up)
+    _check(gate, up)
+    return _swiglu_op(gate, up)
