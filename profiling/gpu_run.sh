@@ -76,8 +76,8 @@ if ! (cd /tmp && $PY -c "import moela.kernels") > /dev/null 2>&1; then  # no ins
 fi
 
 OPS=${MOELA_BENCH_OPS:-"grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine
-     make_routing permute unpermute gate route quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd moe_layer_fp8
-     quant_weight dequant"}
+     make_routing permute unpermute gate route swiglu quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd
+     moe_layer_fp8 quant_weight dequant"}
 # Background warm-up: the moela kernels alone at the benchmark's problems, timed for a millisecond,
 # split so that each process compiles different kernels (one op per process when there are few).
 read -r -a OP_LIST <<< "$(echo $OPS)"
@@ -85,7 +85,7 @@ if [ -n "${MOELA_BENCH_OPS:-}" ] && [ "${#OP_LIST[@]}" -le 8 ]; then
     WARM_GROUPS=("${OP_LIST[@]}")
 else
     WARM_GROUPS=("grouped_gemm" "grouped_gemm_dx" "grouped_gemm_dw" "fp8_gemm" "fp8_grouped_gemm"
-                 "mla_decode mla_layer quant_act quant_weight dequant"
+                 "mla_decode mla_layer quant_act quant_weight dequant swiglu"
                  "moe_layer moe_layer_fwd_bwd moe_layer_fp8 moe_dispatch_combine make_routing permute unpermute gate route")
 fi
 WARM_PIDS=()

@@ -123,3 +123,19 @@ def test_op_definition_errors(fake_op):
         type(op)(**{**op.__dict__, "truth": "nobody"})
     with pytest.raises(KeyError, match="no shape set"):
         op.problems("nope")
+
+
+def test_the_gpu_script_benchmarks_and_warms_every_op():
+    """profiling/gpu_run.sh names its ops (default list and compile warm-up groups): none forgotten."""
+    import re
+    from pathlib import Path
+
+    import moela.profiling
+
+    script = (Path(moela.profiling.__file__).parent / "gpu_run.sh").read_text()
+    default = re.search(r'OPS=\$\{MOELA_BENCH_OPS:-"([^"]*)"\}', script)
+    groups = re.search(r"WARM_GROUPS=\(((?:\"[^\"]*\"\s*)+)\)\nfi", script)
+    assert default and groups, "gpu_run.sh: the default op list or the warm-up groups moved"
+    ops = set(all_ops())
+    assert set(default.group(1).split()) == ops
+    assert set(" ".join(re.findall(r'"([^"]*)"', groups.group(1))).split()) == ops
