@@ -17,6 +17,8 @@ milliseconds, and four times less tuning per new shape key.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -26,7 +28,7 @@ from moela.kernels.interpreter import interpreter_active
 
 __all__ = [
     "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "m_bucket",
-    "next_power_of_2", "run_direct",
+    "next_power_of_2", "run_direct", "on_tensor_device",
 ]
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -164,3 +166,26 @@ def run_direct(*tensors: object) -> bool:
         if type(t) not in _PLAIN_TENSORS or t.is_meta or (grad and t.requires_grad):
             return False
     return True
+
+
+def on_tensor_device(launcher):
+    """Decorator for a launcher whose first argument is its main tensor: launch on that tensor's GPU.
+
+    Triton launches on the *current* CUDA device (and its current stream), whatever the device
+    of the pointers it is given; a layer placed on ``cuda:1`` while ``cuda:0`` is current (a
+    model split across GPUs) would otherwise run its kernels on the wrong GPU. When the tensor's
+    device is not the current one, the launcher runs under ``torch.cuda.device(tensor.device)``
+    (its current stream there). A check of the current device otherwise: no cost to speak of.
+    """
+
+    first = next(iter(inspect.signature(launcher).parameters))
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        t = args[0] if args else kwargs.get(first)
+        if isinstance(t, torch.Tensor) and t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return wrapper

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, run_direct
+from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, on_tensor_device, run_direct
 from moela.kernels.fp8_quant import FP8_DTYPE, check_fp8_capability
 from moela.reference._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -210,6 +210,7 @@ def _check_operands(a, a_s, b, b_s, out_dtype, block, bias):
     return M, N, K
 
 
+@on_tensor_device
 def fp8_gemm_fwd(
     a: torch.Tensor,
     a_s: torch.Tensor,

@@ -41,6 +41,7 @@ from moela.kernels._common import (
     check_kernel_device,
     m_bucket,
     next_power_of_2,
+    on_tensor_device,
     run_direct,
 )
 from moela.kernels.fp8_gemm import (
@@ -161,6 +162,7 @@ def _check_operands(xs, xs_s, w, w_s, offsets, out_dtype, block):
     return M, N, K, E
 
 
+@on_tensor_device
 def fp8_grouped_gemm_fwd(
     xs: torch.Tensor,
     xs_s: torch.Tensor,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from moela.kernels._common import cdiv, run_direct
+from moela.kernels._common import cdiv, on_tensor_device, run_direct
 from moela.kernels.fp8_gemm import check_fp8_block, fp8_gemm_fwd
 from moela.kernels.fp8_quant import FP8_DTYPE, check_scale_fmt, empty_col_major_scales, quant_act_fwd
 from moela.reference._checks import check_same_device, check_tensor
@@ -50,6 +50,7 @@ def _check(x, weight, weight_scale_inv, bias, scale_fmt, block):
     return N, K
 
 
+@on_tensor_device
 def fp8_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -44,7 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.kernels._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
+from moela.kernels._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
 from moela.reference._checks import FLOAT_DTYPES, check_positive_int, check_same_device, check_tensor
 from moela.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, SCALE_FMTS
 
@@ -294,6 +302,7 @@ def to_row_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.contiguous()
 
 
+@on_tensor_device
 def quant_act_fwd(
     x: torch.Tensor,
     block: int = 128,
@@ -341,6 +350,7 @@ def _rows_view(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor
                          f"{t.stride()} for shape {tuple(t.shape)}") from e
 
 
+@on_tensor_device
 def quant_weight_fwd(
     w: torch.Tensor,
     block: int = 128,
@@ -398,6 +408,7 @@ def _scale_divisors(scale: torch.Tensor, shape: tuple[int, ...], block: int) -> 
     return divs
 
 
+@on_tensor_device
 def dequant_fwd(
     x: torch.Tensor,
     scale: torch.Tensor,

@@ -55,7 +55,15 @@ from moela.kernels.interpreter import interpreter_active
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_positive_int, check_same_device, check_tensor
 from moela.reference.config import ModelArgs
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
+from ._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
 
 __all__ = ["route", "gate", "route_fwd", "MAX_EXPERTS", "SCORE_FUNCS"]
 
@@ -249,6 +257,7 @@ def _double_bits(v: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(v)))[0]
 
 
+@on_tensor_device
 def route_fwd(
     logits: torch.Tensor,
     bias: torch.Tensor | None,

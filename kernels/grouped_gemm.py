@@ -55,7 +55,16 @@ import triton.language as tl
 from moela.reference._checks import INT_DTYPES, check_same_device, check_tensor
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, m_bucket, next_power_of_2, run_direct
+from ._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    m_bucket,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
 
 __all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
 
@@ -403,6 +412,7 @@ def _launch_config(config: triton.Config | None) -> dict:
     return {} if config is None else config.all_kwargs()
 
 
+@on_tensor_device
 def grouped_gemm_fwd(
     xs: torch.Tensor,
     w: torch.Tensor,
@@ -448,6 +458,7 @@ def grouped_gemm_fwd(
     return out
 
 
+@on_tensor_device
 def grouped_gemm_dw(
     xs: torch.Tensor,
     dy: torch.Tensor,

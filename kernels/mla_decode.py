@@ -36,7 +36,15 @@ import triton.language as tl
 
 from moela.reference._checks import check_same_device, check_tensor
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
+from ._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
 from .grouped_gemm import _dot_precision
 
 __all__ = ["mla_decode", "mla_decode_fwd", "num_splits_for", "validate_seqlens", "KERNEL_DTYPES"]
@@ -295,6 +303,7 @@ def num_splits_for(B: int, R: int, L: int, num_sms: int = 132) -> int:
     return best
 
 
+@on_tensor_device
 def mla_decode_fwd(
     q: torch.Tensor,
     kv: torch.Tensor,

@@ -35,7 +35,15 @@ import triton.language as tl
 from moela.reference._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from moela.reference.dispatch import RoutingPlan
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
+from ._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
 from .fp8_quant import FP8_DTYPE, _abs_bits, _block_scale, _saturate_to_fp8, check_fp8_capability, check_scale_fmt
 from .routing import check_plan, validate_plan
 
@@ -309,6 +317,7 @@ def _check_unpermute(ys: object, slot_to_row: torch.Tensor, row_to_token: torch.
     _check_weights(topk_weights, *slot_to_row.shape, ys.device)
 
 
+@on_tensor_device
 def permute_fwd(
     x: torch.Tensor,
     slot_to_row: torch.Tensor,
@@ -351,6 +360,7 @@ def permute_fwd(
     return out
 
 
+@on_tensor_device
 def permute_fp8_fwd(
     x: torch.Tensor,
     slot_to_row: torch.Tensor,
@@ -397,6 +407,7 @@ def permute_fp8_fwd(
     return q, s
 
 
+@on_tensor_device
 def unpermute_fwd(
     ys: torch.Tensor,
     slot_to_row: torch.Tensor,
@@ -437,6 +448,7 @@ def unpermute_fwd(
     return out
 
 
+@on_tensor_device
 def unpermute_bwd(
     dy: torch.Tensor,
     ys: torch.Tensor,

@@ -41,7 +41,15 @@ import triton.language as tl
 from moela.reference._checks import INT_DTYPES, check_positive_int, check_tensor
 from moela.reference.dispatch import RoutingPlan, max_rows
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, next_power_of_2, run_direct
+from ._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
 
 __all__ = [
     "make_routing", "make_routing_fwd", "check_plan", "validate_plan", "validate_ids",
@@ -315,6 +323,7 @@ def validate_plan(plan: RoutingPlan) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def make_routing_fwd(
     topk_ids: torch.Tensor,
     n_experts: int,

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from moela.reference._checks import check_same_device, check_tensor
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, run_direct
+from ._common import autotune, autotune_configs, cdiv, check_kernel_device, on_tensor_device, run_direct
 from .gate import _div, _exp
 from .interpreter import interpreter_active
 
@@ -111,6 +111,7 @@ def _grid(M: int, N: int):
     return lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
 
 
+@on_tensor_device
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
                config: triton.Config | None = None) -> torch.Tensor:
     """Launch the forward: ``silu(gate) * up`` -> (M, N) contiguous in gate's dtype.
@@ -136,6 +137,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None
     return out
 
 
+@on_tensor_device
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward: (d_gate, d_up), contiguous (M, N) in gate's dtype."""

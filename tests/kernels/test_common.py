@@ -110,3 +110,47 @@ def test_m_bucket_and_the_grouped_gemm_keys():
     fg = importlib.import_module("moela.kernels.fp8_grouped_gemm")
     assert all("M_BUCKET" in tuner.keys for tuner in gg._fwd_tuned.values())
     assert all("M_BUCKET" in tuner.keys for tuner in fg._TUNED.values())
+
+
+def test_launchers_run_on_their_tensors_gpu(monkeypatch):
+    """on_tensor_device: a launcher given a cuda:1 tensor while cuda:0 is current runs under
+    torch.cuda.device(cuda:1); on the current device, or on the CPU, it runs as called. (A fake
+    CUDA tensor stands in for a second GPU; torch.cuda's device calls are recorded.)"""
+    from contextlib import contextmanager
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moela.kernels._common import on_tensor_device
+
+    entered, during = [], []
+
+    @contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+
+    @on_tensor_device
+    def launcher(t, k=1):
+        during.append(list(entered))
+        return k
+
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    assert launcher(on_1, k=3) == 3 and entered == [torch.device("cuda:1")] and during == [[torch.device("cuda:1")]]
+    assert launcher(on_0) == 1 and launcher(torch.empty(2)) == 1 and len(entered) == 1
+    assert launcher(t=on_1) == 1 and len(entered) == 2  # the tensor passed by keyword
+    import importlib
+
+    launchers = {"grouped_gemm": ["grouped_gemm_fwd", "grouped_gemm_dw"], "fp8_gemm": ["fp8_gemm_fwd"],
+                 "fp8_grouped_gemm": ["fp8_grouped_gemm_fwd"], "fp8_linear": ["fp8_linear_fwd"],
+                 "fp8_quant": ["quant_act_fwd", "quant_weight_fwd", "dequant_fwd"], "gate": ["route_fwd"],
+                 "routing": ["make_routing_fwd"], "mla_decode": ["mla_decode_fwd"],
+                 "swiglu": ["swiglu_fwd", "swiglu_bwd"],
+                 "permute": ["permute_fwd", "permute_fp8_fwd", "unpermute_fwd", "unpermute_bwd"]}
+    for module, names in launchers.items():
+        mod = importlib.import_module(f"moela.kernels.{module}")  # (the package re-exports some names)
+        for name in names:  # every launcher carries the guard
+            assert getattr(mod, name).__code__ is on_tensor_device(launcher).__code__, f"{module}.{name}"
