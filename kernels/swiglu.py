@@ -8,6 +8,10 @@ MoE layer ``gate`` and ``up`` are the two column halves of the first grouped GEM
 (strided views, no copy), and the result is the contiguous input of the second. At prefill
 that is 3 instead of 5 M×N tensor passes; at decode one launch instead of two.
 
+``fp8=True`` (FP8 experts): the activation is quantized in the same pass, 1×block e4m3 with a
+float32 scale per block (``quant_act``'s arithmetic, bit for bit ``quant_act(swiglu(gate, up))``),
+so the 16-bit activation is never written: the down projection's FP8 input in one kernel.
+
 Arithmetic (as torch's CUDA kernels, so the bf16/fp16 results are torch's bits up to ``exp``):
 ``s = g / (1 + exp(-g))`` in float32 with libdevice's ``exp`` and an IEEE division, rounded to
 the input dtype (torch stores ``silu(gate)`` at that precision), then ``out = s · up`` in float32
@@ -23,11 +27,27 @@ import triton.language as tl
 
 from moela.reference._checks import check_same_device, check_tensor
 
-from ._common import autotune, autotune_configs, cdiv, check_kernel_device, on_tensor_device, run_direct
+from ._common import (
+    autotune,
+    autotune_configs,
+    cdiv,
+    check_kernel_device,
+    next_power_of_2,
+    on_tensor_device,
+    run_direct,
+)
+from .fp8_quant import (
+    FP8_DTYPE,
+    _abs_bits,
+    _block_scale,
+    _check_device,
+    _saturate_to_fp8,
+    check_scale_fmt,
+)
 from .gate import _div, _exp
 from .interpreter import interpreter_active
 
-__all__ = ["swiglu", "swiglu_fwd", "swiglu_bwd", "KERNEL_DTYPES"]
+__all__ = ["swiglu", "swiglu_fwd", "swiglu_fp8_fwd", "swiglu_bwd", "KERNEL_DTYPES"]
 
 #: Input dtypes of the kernels (float32 arithmetic for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,6 +111,38 @@ def _swiglu_bwd_kernel(
     tl.store(dg_ptr + offs_m[:, None] * stride_dgm + offs_n[None, :], dg.to(dg_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _swiglu_fp8_kernel(
+    g_ptr, u_ptr, q_ptr, s_ptr, M, N, num_kb,
+    stride_gm, stride_gn, stride_um, stride_un, stride_qm, stride_sm, stride_sk,
+    PRECISE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+    UE8M0: tl.constexpr,
+):
+    """swiglu then 1×BLOCK e4m3 quantization of one (BLOCK_M, BLOCK) tile (``_quant_act_kernel``'s
+    tiling: grid (cdiv(M, BLOCK_M) * num_kb,), neighbouring programs on neighbouring K blocks)."""
+    pid = tl.program_id(0)
+    kb = pid % num_kb
+    rows = ((pid // num_kb) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    inner = tl.arange(0, BLOCK_P2)
+    cols = kb * BLOCK + inner
+    mask = (rows < M)[:, None] & ((inner < BLOCK) & (cols < N))[None, :]
+    g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
+    u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_un, mask=mask, other=0.0)
+    s = _silu(g.to(tl.float32), PRECISE).to(g.dtype)
+    x = (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)  # swiglu's bits (masked: 0)
+    scale = _block_scale(tl.max(_abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
+    q = _saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * stride_sm + kb * stride_sk, scale, mask=rows < M)
+
+
+def _fp8_configs() -> list[triton.Config]:
+    """As quant_act's: rows per program, BLOCK (the scale block) wide."""
+    return [triton.Config({"BLOCK_M": 32}, num_warps=4), triton.Config({"BLOCK_M": 8}, num_warps=2),
+            triton.Config({"BLOCK_M": 64}, num_warps=8)]
+
+
+_fp8_tuned = autotune(autotune_configs("swiglu_fp8", _fp8_configs()), key=["N", "BLOCK"])(_swiglu_fp8_kernel)
 _fwd_tuned = autotune(autotune_configs("swiglu", _configs()), key=["N"])(_swiglu_fwd_kernel)
 _bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N"])(_swiglu_bwd_kernel)
 
@@ -138,6 +190,31 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None
 
 
 @on_tensor_device
+@on_tensor_device
+def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale_fmt: str | None = None,
+                   config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the quantizing forward: ``quant_act(swiglu(gate, up), block, scale_fmt)`` bit for bit,
+    ``(q (M, N) e4m3 contiguous, scale (M, ceil(N/block)) float32 contiguous)``."""
+    _check(gate, up)
+    _check_device("gate", gate)
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"block: expected a positive int, got {block!r}")
+    check_scale_fmt(scale_fmt)
+    M, N = gate.shape
+    num_kb = cdiv(N, block)
+    q = torch.empty(M, N, dtype=FP8_DTYPE, device=gate.device)
+    s = torch.empty(M, num_kb, dtype=torch.float32, device=gate.device)
+    if M == 0 or N == 0:
+        return q, s
+    kernel = _fp8_tuned if config is None else _swiglu_fp8_kernel
+    kernel[lambda meta: (cdiv(M, meta["BLOCK_M"]) * num_kb,)](
+        gate, up, q, s, M, N, num_kb, *gate.stride(), *up.stride(), q.stride(0), *s.stride(),
+        PRECISE=not interpreter_active(), BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0",
+        **_NO_FMA, **({} if config is None else config.all_kwargs()),
+    )
+    return q, s
+
+
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward: (d_gate, d_up), contiguous (M, N) in gate's dtype."""
@@ -173,6 +250,20 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
+@torch.library.custom_op("moela::swiglu_fp8", mutates_args=())
+def _swiglu_fp8_op(gate: torch.Tensor, up: torch.Tensor, block: int,
+                   scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return swiglu_fp8_fwd(gate, up, block, scale_fmt)
+
+
+@_swiglu_fp8_op.register_fake
+def _(gate, up, block, scale_fmt):
+    _check(gate, up)
+    check_scale_fmt(scale_fmt)
+    M, N = gate.shape
+    return gate.new_empty(M, N, dtype=FP8_DTYPE), gate.new_empty(M, cdiv(N, block), dtype=torch.float32)
+
+
 @torch.library.custom_op("moela::swiglu_bwd", mutates_args=())
 def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return swiglu_bwd(dy, gate, up)
@@ -196,12 +287,15 @@ def _backward(ctx, dy: torch.Tensor):
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, fp8: bool = False, block: int = 128,
+           scale_fmt: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``silu(gate) * up`` in one kernel (``moela.reference.swiglu``'s contract, differentiable).
 
     Args:
         gate, up: (M, N) fp16/bf16/fp32 on CUDA (or CPU under the interpreter), any strides: in
             the MoE layer the two column halves of the first grouped GEMM's (M, 2N) output.
+        fp8: return the activation quantized instead, ``(q e4m3, scale float32)``, bit for bit
+            ``quant_act(swiglu(gate, up), block, scale_fmt)`` (no gradient).
     Returns:
         (M, N) contiguous in gate's dtype; ``silu(gate)`` rounded to that dtype before the
         product, as torch's two kernels round it. Gradients flow to gate and up.
@@ -210,8 +304,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
         h = grouped_gemm(xs, w13, plan.offsets)   # (M, 2I): gate | up
         a = swiglu(h[:, :I], h[:, I:])            # (M, I), contiguous
+        q, s = swiglu(h[:, :I], h[:, I:], fp8=True)  # FP8 down projection input
     """
-    if run_direct(gate, up):  # eager, nothing to record: the launcher itself (same bits)
+    direct = run_direct(gate, up)  # eager, nothing to record: the launchers themselves (same bits)
+    if fp8:
+        if direct:
+            return swiglu_fp8_fwd(gate, up, block, scale_fmt)
+        _check(gate, up)
+        return _swiglu_fp8_op(gate, up, block, scale_fmt)
+    if direct:
         return swiglu_fwd(gate, up)
     _check(gate, up)
     return _swiglu_op(gate, up)

@@ -167,7 +167,7 @@ class MoE(nn.Module):
         if self.fp8:  # activations quantized while they are dispatched (one quantization per token)
             q, s = ops.permute(x2, plan, fp8=True, scale_fmt=a.scale_fmt)  # (M, D) e4m3, (M, D/128)
             h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, plan.offsets, out_dtype=x.dtype)
-            q, s = ops.quant_act(ops.swiglu(h[:, :I], h[:, I:]), 128, a.scale_fmt)
+            q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=128, scale_fmt=a.scale_fmt)  # quantized in one pass
             ys = ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, plan.offsets, out_dtype=x.dtype)
         else:
             xs = ops.permute(x2, plan)  # (M, D)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._checks import FLOAT_DTYPES, accumulate_dtype, check_positive_int, check_tensor
 from .config import ModelArgs
+from .fp8 import quant_act
 
 __all__ = ["route", "gate", "Gate", "MLP", "MoE", "swiglu"]
 
@@ -130,9 +131,17 @@ class Gate(nn.Module):
         return gate(x, self.weight, self.bias, self.args)
 
 
-def swiglu(gate_proj: torch.Tensor, up_proj: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``: the SwiGLU activation between w1/w3 and w2."""
-    return F.silu(gate_proj) * up_proj
+def swiglu(gate_proj: torch.Tensor, up_proj: torch.Tensor, *, fp8: bool = False, block: int = 128,
+           scale_fmt: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``silu(gate) * up``: the SwiGLU activation between w1/w3 and w2.
+
+    fp8: return ``quant_act(silu(gate) * up, block, scale_fmt)`` instead, the FP8 input of an
+    FP8 down projection: ``(q e4m3, scale float32)`` (no gradient).
+    """
+    out = F.silu(gate_proj) * up_proj
+    if fp8:
+        return quant_act(out, block, scale_fmt)
+    return out
 
 
 class MLP(nn.Module):

@@ -23,7 +23,7 @@ OPS = [
     ("permute", "_unpermute_op"), ("routing", "_make_routing_op"), ("gate", "_route_op"),
     ("mla_decode", "_mla_decode_op"), ("fp8_gemm", "_fp8_gemm_op"), ("fp8_grouped_gemm", "_fp8_grouped_gemm_op"),
     ("fp8_linear", "_fp8_linear_op"), ("fp8_quant", "_quant_act_op"), ("fp8_quant", "_quant_weight_op"),
-    ("fp8_quant", "_dequant_op"), ("swiglu", "_swiglu_op"),
+    ("fp8_quant", "_dequant_op"), ("swiglu", "_swiglu_op"), ("swiglu", "_swiglu_fp8_op"),
 ]
 
 

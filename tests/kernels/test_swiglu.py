@@ -7,7 +7,8 @@ import torch
 from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference as ref
-from moela.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fwd
+from moela.kernels.fp8_quant import quant_act
+from moela.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fp8_fwd, swiglu_fwd
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.float32, id="fp32")]
@@ -60,6 +61,34 @@ def test_special_values(device):
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("M,N,block", [(5, 256, 128), (3, 200, 128), (9, 96, 32)],
+                         ids=["5x256", "3x200-tail", "9x96-b32"])
+def test_fp8_is_quant_act_of_swiglu_bit_for_bit(M, N, block, scale_fmt, dtype, device):
+    """One pass = the two kernels: the same e4m3 bytes and scales (a ragged last block included)."""
+    g, u = _halves(M, N, dtype, device)
+    g[0, :7] = 0.0  # a row whose first block is partly zero
+    q, s = swiglu(g, u, fp8=True, block=block, scale_fmt=scale_fmt)
+    q2, s2 = quant_act(swiglu(g, u), block, scale_fmt)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (M, N) and s.shape == (M, -(-N // block))
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+    rq, rs = ref.swiglu(g, u, fp8=True, block=block, scale_fmt=scale_fmt)  # the reference's contract
+    assert rq.shape == q.shape and rs.shape == s.shape
+
+
+def test_fp8_empty_errors_and_opcheck(device):
+    q, s = swiglu_fp8_fwd(*_halves(0, 256, torch.bfloat16, device))
+    assert q.shape == (0, 256) and s.shape == (0, 2)
+    g, u = _halves(4, 256, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="block"):
+        swiglu(g, u, fp8=True, block=0)
+    with pytest.raises(ValueError, match="scale_fmt"):
+        swiglu(g, u, fp8=True, scale_fmt="e8m0")
+    torch.library.opcheck(torch.ops.moela.swiglu_fp8.default, (g, u, 128, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_empty_and_errors(device):
     assert swiglu(*_halves(0, 8, torch.bfloat16, device)).shape == (0, 8)
     assert swiglu(*_halves(3, 0, torch.bfloat16, device)).shape == (3, 0)
@@ -93,3 +122,12 @@ def test_gpu_v3_expert_width(M):
     g, u = _halves(M, 2048, torch.bfloat16, "cuda")
     out = swiglu_fwd(g, u, out=nan_empty((M, 2048), torch.bfloat16, "cuda"))
     assert_close_derived(out, ref.swiglu(g.double(), u.double()), ref.swiglu(g, u), name="out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [8, 8192])
+def test_gpu_fp8_is_quant_act_of_swiglu(M):
+    g, u = _halves(M, 2048, torch.bfloat16, "cuda")
+    q, s = swiglu(g, u, fp8=True)
+    q2, s2 = quant_act(swiglu(g, u))
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)

@@ -68,6 +68,10 @@ def test_memory_bound_counts():
     m = case_of("mla_decode", "tiny", "B=2 L=40 H=4 S=2")
     assert m.flops == 2 * 2 * 2 * 4 * 40 * (576 + 512)
     assert m.bytes == (2 * 40 * 576 + 2 * 2 * 4 * 576 + 2 * 2 * 4 * 512) * 2
+    w = case_of("swiglu", "tiny", "N=96 T=3")  # 3 tokens × k=2 rows: both halves read, the product written
+    assert (w.flops, w.bytes) == (0.0, 2 * 6 * 96 * 2 + 6 * 96 * 2)
+    w8 = case_of("swiglu", "tiny", "N=256 T=3 fp8")  # e4m3 values and two scales per row written
+    assert w8.bytes == 2 * 6 * 256 * 2 + 6 * 256 + 6 * 2 * 4
     r = case_of("mla_decode", "tiny", "B=3 L=48 H=2 S=2 ragged")  # the keys each sequence holds
     lens = r.inputs["cache_seqlens"].tolist()
     assert lens == ragged_lengths(3, 48, 2, 0) and all(2 <= n <= 48 for n in lens) and len(set(lens)) > 1
