@@ -190,7 +190,6 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None
 
 
 @on_tensor_device
-@on_tensor_device
 def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale_fmt: str | None = None,
                    config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the quantizing forward: ``quant_act(swiglu(gate, up), block, scale_fmt)`` bit for bit,
@@ -215,6 +214,7 @@ def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale
     return q, s
 
 
+@on_tensor_device
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward: (d_gate, d_up), contiguous (M, N) in gate's dtype."""

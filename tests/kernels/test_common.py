@@ -148,7 +148,7 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
                  "fp8_grouped_gemm": ["fp8_grouped_gemm_fwd"], "fp8_linear": ["fp8_linear_fwd"],
                  "fp8_quant": ["quant_act_fwd", "quant_weight_fwd", "dequant_fwd"], "gate": ["route_fwd"],
                  "routing": ["make_routing_fwd"], "mla_decode": ["mla_decode_fwd"],
-                 "swiglu": ["swiglu_fwd", "swiglu_bwd"],
+                 "swiglu": ["swiglu_fwd", "swiglu_fp8_fwd", "swiglu_bwd"],
                  "permute": ["permute_fwd", "permute_fp8_fwd", "unpermute_fwd", "unpermute_bwd"]}
     for module, names in launchers.items():
         mod = importlib.import_module(f"moela.kernels.{module}")  # (the package re-exports some names)
