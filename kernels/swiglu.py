@@ -32,6 +32,7 @@ from ._common import (
     autotune_configs,
     cdiv,
     check_kernel_device,
+    m_bucket,
     next_power_of_2,
     on_tensor_device,
     run_direct,
@@ -75,11 +76,12 @@ def _silu(g, PRECISE: tl.constexpr):
 def _swiglu_fwd_kernel(
     g_ptr, u_ptr, out_ptr, M, N,
     stride_gm, stride_gn, stride_um, stride_un, stride_om, stride_on,
+    M_BUCKET,  # autotune key only: _common.m_bucket(M)
     PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); one BLOCK_M × BLOCK_N tile per program."""
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # any strides: 64-bit offsets
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
@@ -93,11 +95,12 @@ def _swiglu_fwd_kernel(
 def _swiglu_bwd_kernel(
     g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, M, N,
     stride_gm, stride_gn, stride_um, stride_un, stride_dym, stride_dyn, stride_dgm, stride_dum,
+    M_BUCKET,  # autotune key only
     PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d_gate and d_up (contiguous rows, unit column stride) of one tile."""
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # any strides: 64-bit offsets
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
@@ -115,6 +118,7 @@ def _swiglu_bwd_kernel(
 def _swiglu_fp8_kernel(
     g_ptr, u_ptr, q_ptr, s_ptr, M, N, num_kb,
     stride_gm, stride_gn, stride_um, stride_un, stride_qm, stride_sm, stride_sk,
+    M_BUCKET,  # autotune key only
     PRECISE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
     UE8M0: tl.constexpr,
 ):
@@ -124,7 +128,7 @@ def _swiglu_fp8_kernel(
     kb = pid % num_kb
     rows = ((pid // num_kb) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     inner = tl.arange(0, BLOCK_P2)
-    cols = kb * BLOCK + inner
+    cols = (kb * BLOCK + inner).to(tl.int64)
     mask = (rows < M)[:, None] & ((inner < BLOCK) & (cols < N))[None, :]
     g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
     u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_un, mask=mask, other=0.0)
@@ -142,9 +146,11 @@ def _fp8_configs() -> list[triton.Config]:
             triton.Config({"BLOCK_M": 64}, num_warps=8)]
 
 
-_fp8_tuned = autotune(autotune_configs("swiglu_fp8", _fp8_configs()), key=["N", "BLOCK"])(_swiglu_fp8_kernel)
-_fwd_tuned = autotune(autotune_configs("swiglu", _configs()), key=["N"])(_swiglu_fwd_kernel)
-_bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N"])(_swiglu_bwd_kernel)
+# keyed on M's power-of-two bucket too: decode (a few rows) and prefill pick their own tiles
+_fp8_tuned = autotune(autotune_configs("swiglu_fp8", _fp8_configs()), key=["N", "BLOCK", "M_BUCKET"])(
+    _swiglu_fp8_kernel)
+_fwd_tuned = autotune(autotune_configs("swiglu", _configs()), key=["N", "M_BUCKET"])(_swiglu_fwd_kernel)
+_bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N", "M_BUCKET"])(_swiglu_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,11 +158,23 @@ _bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N"])(_sw
 # ----------------------------------------------------------------------------------------
 
 
-def _check(gate: object, up: object) -> None:
+def _check_args(gate: object, up: object) -> None:
+    """Types, dtypes, shapes and devices (also what the fake implementations check)."""
     check_tensor("gate", gate, ndim=2, dtypes=KERNEL_DTYPES)
     check_tensor("up", up, ndim=2, dtypes=(gate.dtype,), shape=tuple(gate.shape))
     check_same_device(gate=gate, up=up)
+
+
+def _check(gate: object, up: object) -> None:
+    """The launchers' checks: the arguments, and a device the kernels run on."""
+    _check_args(gate, up)
     check_kernel_device("gate", gate)
+
+
+def _check_fp8_args(block: object, scale_fmt: object) -> None:
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"block: expected a positive int, got {block!r}")
+    check_scale_fmt(scale_fmt)
 
 
 def _grid(M: int, N: int):
@@ -179,11 +197,14 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None
     else:
         check_tensor("out", out, dtypes=(gate.dtype,), shape=(M, N))
         check_same_device(gate=gate, out=out)
+        storage = out.untyped_storage().data_ptr()
+        if storage in (gate.untyped_storage().data_ptr(), up.untyped_storage().data_ptr()):
+            raise ValueError("out: must not share memory with gate or up (autotuning reruns the kernel)")
     if M == 0 or N == 0:
         return out
     kernel = _fwd_tuned if config is None else _swiglu_fwd_kernel
     kernel[_grid(M, N)](
-        gate, up, out, M, N, *gate.stride(), *up.stride(), *out.stride(), PRECISE=not interpreter_active(),
+        gate, up, out, M, N, *gate.stride(), *up.stride(), *out.stride(), m_bucket(M), PRECISE=not interpreter_active(),
         **_NO_FMA, **({} if config is None else config.all_kwargs()),
     )
     return out
@@ -196,9 +217,7 @@ def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale
     ``(q (M, N) e4m3 contiguous, scale (M, ceil(N/block)) float32 contiguous)``."""
     _check(gate, up)
     _check_device("gate", gate)
-    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
-        raise ValueError(f"block: expected a positive int, got {block!r}")
-    check_scale_fmt(scale_fmt)
+    _check_fp8_args(block, scale_fmt)
     M, N = gate.shape
     num_kb = cdiv(N, block)
     q = torch.empty(M, N, dtype=FP8_DTYPE, device=gate.device)
@@ -207,7 +226,7 @@ def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale
         return q, s
     kernel = _fp8_tuned if config is None else _swiglu_fp8_kernel
     kernel[lambda meta: (cdiv(M, meta["BLOCK_M"]) * num_kb,)](
-        gate, up, q, s, M, N, num_kb, *gate.stride(), *up.stride(), q.stride(0), *s.stride(),
+        gate, up, q, s, M, N, num_kb, *gate.stride(), *up.stride(), q.stride(0), *s.stride(), m_bucket(M),
         PRECISE=not interpreter_active(), BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0",
         **_NO_FMA, **({} if config is None else config.all_kwargs()),
     )
@@ -228,7 +247,7 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         return dg, du
     kernel = _bwd_tuned if config is None else _swiglu_bwd_kernel
     kernel[_grid(M, N)](
-        gate, up, dy, dg, du, M, N, *gate.stride(), *up.stride(), *dy.stride(), dg.stride(0), du.stride(0),
+        gate, up, dy, dg, du, M, N, *gate.stride(), *up.stride(), *dy.stride(), dg.stride(0), du.stride(0), m_bucket(M),
         PRECISE=not interpreter_active(), **_NO_FMA, **({} if config is None else config.all_kwargs()),
     )
     return dg, du
@@ -246,7 +265,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
-    _check(gate, up)
+    _check_args(gate, up)
     return gate.new_empty(gate.shape)
 
 
@@ -258,8 +277,8 @@ def _swiglu_fp8_op(gate: torch.Tensor, up: torch.Tensor, block: int,
 
 @_swiglu_fp8_op.register_fake
 def _(gate, up, block, scale_fmt):
-    _check(gate, up)
-    check_scale_fmt(scale_fmt)
+    _check_args(gate, up)
+    _check_fp8_args(block, scale_fmt)
     M, N = gate.shape
     return gate.new_empty(M, N, dtype=FP8_DTYPE), gate.new_empty(M, cdiv(N, block), dtype=torch.float32)
 
@@ -310,9 +329,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, fp8: bool = False, block: in
     if fp8:
         if direct:
             return swiglu_fp8_fwd(gate, up, block, scale_fmt)
-        _check(gate, up)
-        return _swiglu_fp8_op(gate, up, block, scale_fmt)
+        _check_args(gate, up)
+        _check_fp8_args(block, scale_fmt)
+        # no gradient through the quantization (as quant_act's): the op sees detached inputs
+        return _swiglu_fp8_op(gate.detach(), up.detach(), block, scale_fmt)
     if direct:
         return swiglu_fwd(gate, up)
-    _check(gate, up)
+    _check_args(gate, up)
     return _swiglu_op(gate, up)

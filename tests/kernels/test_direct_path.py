@@ -147,6 +147,10 @@ def test_direct_and_op_paths_give_the_same_bits():
 
 
 def test_meta_tensors_still_get_shapes():
-    """The fp8 ops accept meta tensors (their fake implementations); the fast path must not take them."""
+    """The fp8 ops and swiglu accept meta tensors (their fake implementations); the fast path must not take them."""
     q, s = K.quant_act(torch.empty(4, 256, device="meta"))
+    assert q.shape == (4, 256) and s.shape == (4, 2) and q.device.type == "meta"
+    g = torch.empty(4, 256, device="meta", dtype=torch.bfloat16)
+    assert K.swiglu(g, g).shape == (4, 256)
+    q, s = K.swiglu(g, g, fp8=True)
     assert q.shape == (4, 256) and s.shape == (4, 2) and q.device.type == "meta"

@@ -87,6 +87,11 @@ def test_fp8_empty_errors_and_opcheck(device):
         swiglu(g, u, fp8=True, scale_fmt="e8m0")
     torch.library.opcheck(torch.ops.moela.swiglu_fp8.default, (g, u, 128, None),
                           test_utils=("test_schema", "test_faketensor"))
+    qg, sg = swiglu(g.requires_grad_(), u, fp8=True)  # no gradient through the quantization
+    assert not qg.requires_grad and not sg.requires_grad
+    # also while tracing: dynamo reports the check's ValueError (as its own Unsupported error)
+    with pytest.raises(Exception, match="block: expected a positive int"):
+        torch.compile(lambda a, b: swiglu(a, b, fp8=True, block=0), fullgraph=True, backend="aot_eager")(g, u)
 
 
 def test_empty_and_errors(device):
@@ -105,6 +110,8 @@ def test_empty_and_errors(device):
         swiglu(g.double(), u.double())
     with pytest.raises(ValueError, match="out"):
         swiglu_fwd(g, u, out=torch.empty(3, 9, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="share memory"):
+        swiglu_fwd(g, u, out=g)
 
 
 def test_opcheck_and_compile(device):
