@@ -1,0 +1,24 @@
+"""python -m moela.profiling.host_overhead: the host time of an MoE decode step, kernels left out."""
+
+import pytest
+
+from moela.kernels.interpreter import interpreter_active
+from moela.profiling import host_overhead
+
+
+@pytest.mark.skipif(not interpreter_active(), reason="runs the layer through the Triton interpreter (CPU runs)")
+def test_measures_and_restores_the_interpreter(capsys):
+    import triton.runtime.interpreter as interp
+
+    run = interp.InterpretedFunction.run
+    assert host_overhead.main(["--calls", "3", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "us of host time per call (min of 2 x 3 calls)" in out
+    assert float(out.split("kernels left out: ")[1].split(" us")[0]) > 0
+    assert interp.InterpretedFunction.run is run  # kernels run again afterwards
+
+
+def test_bad_arguments_exit_2():
+    with pytest.raises(SystemExit) as e:
+        host_overhead.main(["--rounds", "0"])
+    assert e.value.code == 2
