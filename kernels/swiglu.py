@@ -73,6 +73,19 @@ def _silu(g, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows and columns (64-bit: any strides) and their in-bounds mask."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return offs_m, offs_n, (offs_m < M)[:, None] & (offs_n < N)[None, :]
+
+
+@triton.jit
+def _load(ptr, offs_m, offs_n, stride_m, stride_n, mask):
+    return tl.load(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask, other=0.0)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     g_ptr, u_ptr, out_ptr, M, N,
     stride_gm, stride_gn, stride_um, stride_un, stride_om, stride_on,
@@ -80,11 +93,9 @@ def _swiglu_fwd_kernel(
     PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); one BLOCK_M × BLOCK_N tile per program."""
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # any strides: 64-bit offsets
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-    u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
+    offs_m, offs_n, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    g = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
+    u = _load(u_ptr, offs_m, offs_n, stride_um, stride_un, mask)
     s = _silu(g.to(tl.float32), PRECISE).to(g.dtype)  # torch keeps silu(gate) at the input precision
     out = s.to(tl.float32) * u.to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
@@ -99,12 +110,10 @@ def _swiglu_bwd_kernel(
     PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """d_gate and d_up (contiguous rows, unit column stride) of one tile."""
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # any strides: 64-bit offsets
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-    u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    offs_m, offs_n, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    g = _load(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
+    u = _load(u_ptr, offs_m, offs_n, stride_um, stride_un, mask)
+    dy = _load(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask)
     g32, dy32 = g.to(tl.float32), dy.to(tl.float32)
     sig = _div(tl.full(g32.shape, 1.0, tl.float32), 1.0 + _exp(-g32, PRECISE), False)
     s = _silu(g32, PRECISE).to(g.dtype).to(tl.float32)  # the forward's rounded silu
