@@ -1,7 +1,7 @@
 """Drop-in MLA layer: DeepSeek-V3's Multi-head Latent Attention with a KV cache.
 
 The layer is the reference's (naive or absorbed form, YaRN RoPE, latent cache, chunked prefill
-and decode; ``moela.reference.mla``) with two additions:
+and decode; ``moela.reference.mla``) with three additions:
 
 - Decode on the kernels: in the absorbed form, a step of at most ``DECODE_MAX_TOKENS`` new
   tokens per sequence over a cache runs its attention through ``moela.kernels.mla_decode``
@@ -10,8 +10,13 @@ and decode; ``moela.reference.mla``) with two additions:
   builds (:meth:`MLA.new_cache`, a :class:`LatentCache`) keeps the latent ``kv`` (C columns)
   and the rotary key ``pe`` (R columns) side by side in one (batch, T_max, C + R) buffer, the
   kernel's layout; ``kv`` and ``pe`` are views of it, so the reference's code writes it
-  unchanged. Another cache (the reference layer's two buffers), prefill (more new tokens than
-  that) and training run the reference's attention.
+  unchanged. Another cache (the reference layer's two buffers) runs the reference's attention;
+  prefill (more new tokens than that) and training run the next path.
+- Prefill on flash attention: a longer step, or any step that records gradients (training),
+  with the kernels backend expands the latent into per-head keys and values (``wkv_b``, as
+  DeepSeek's and vLLM's prefill do) and runs ``F.scaled_dot_product_attention`` (causal, or a
+  mask for a chunk after a cached prefix): memory linear in the sequence instead of the
+  reference's float32 (B, S, H, T) score tensor. Differentiable.
 - Precision: with ``args.dtype == "fp8"`` every projection (``wq``/``wq_a``, ``wq_b``,
   ``wkv_a``, ``wkv_b``, ``wo``) is an :class:`~moela.model.linear.FP8Linear` holding e4m3
   weights and 128×128 ``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoint), activations
@@ -21,6 +26,7 @@ and decode; ``moela.reference.mla``) with two additions:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import einsum
 
 from moela.reference import MLA as _ReferenceMLA
@@ -61,7 +67,7 @@ class MLA(_ReferenceMLA):
 
         attn = MLA(ModelArgs.from_name("tiny")).bfloat16()
         cache = attn.new_cache(batch=1)
-        y = attn(x[:, :8], 0, cache)      # prefill 8 tokens (reference math)
+        y = attn(x[:, :8], 0, cache)      # prefill 8 tokens
         with torch.no_grad():
             y = attn(x[:, 8:9], 8, cache)  # decode the 9th (moela.kernels.mla_decode on CUDA)
     """
@@ -108,7 +114,39 @@ class MLA(_ReferenceMLA):
             return None
         return ops.mla_decode
 
+    def _prefill_on_sdpa(self, q_nope, q_pe, kv, k_pe) -> bool:
+        """A step longer than a decode step, the kernels backend, one dtype: flash attention."""
+        if q_nope.shape[1] <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+            return False  # decode-sized steps: the decode kernel or the reference's math
+        if any(t.dtype != q_nope.dtype for t in (q_pe, kv, k_pe)):
+            return False
+        return ops_for(self.args.backend, q_nope.device).__name__ == "moela.kernels"
+
+    def _attend_sdpa(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
+        """Per-head keys and values from the latent, then F.scaled_dot_product_attention.
+
+        Query i sits at start_pos + i, key t at key_start + t (0 with a cache: the prefix);
+        t is visible iff key_start + t <= start_pos + i. Returns (B, S, H, Dv).
+        """
+        if cache is not None:
+            kv, k_pe = cache.update(start_pos, kv=kv, pe=k_pe)  # (B, T, C), (B, T, R): prefix + new
+        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # (H, Dn, C), (H, Dv, C)
+        k_nope = einsum(kv, w_uk, "b t c, h d c -> b h t d")
+        v = einsum(kv, w_uv, "b t c, h d c -> b h t d")
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.n_heads, -1, -1)], dim=-1)  # (B, H, T, Dk)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, Dk)
+        s, t = q.shape[2], k.shape[2]
+        if start_pos == key_start and s == t:  # the S tokens attend causally to each other only
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # a chunk after a cached prefix: bottom-right aligned causal mask
+            q_pos = torch.arange(start_pos, start_pos + s, device=q.device)
+            visible = torch.arange(key_start, key_start + t, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.softmax_scale)
+        return o.transpose(1, 2)  # (B, S, H, Dv)
+
     def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
+        if self._prefill_on_sdpa(q_nope, q_pe, kv, k_pe):
+            return self._attend_sdpa(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
         mla_decode = self._decode_kernel(q_nope, q_pe, kv, k_pe, cache)
         if mla_decode is not None:
             w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # (H, Dn, C), (H, Dv, C)

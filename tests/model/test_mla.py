@@ -64,7 +64,7 @@ def test_decode_steps_run_the_kernel_and_match_the_reference(dtype, device, kern
                             ((B, 2, model.n_heads, C + R), (B, P + 3, C + R))]
 
 
-def test_reference_cache_gradients_and_prefill_take_the_reference_path(device, kernel_calls):
+def test_reference_cache_gradients_and_prefill_do_not_run_the_kernel(device, kernel_calls):
     model, ref, _ = _layers(torch.float32, device)
     x = torch.randn(2, DECODE_MAX_TOKENS + 2, model.dim, device=device)
     separate = ref.new_cache(2, 32)  # kv and pe in two buffers: not the kernel's layout
@@ -79,8 +79,8 @@ def test_reference_cache_gradients_and_prefill_take_the_reference_path(device, k
     assert kernel_calls == []
 
 
-def test_frozen_query_path_with_grad_mode_takes_the_reference_path(device, kernel_calls):
-    """Only wkv_b trains: q_nope needs no grad, yet the kernel (no backward) must not run."""
+def test_frozen_query_path_with_grad_mode_does_not_run_the_kernel(device, kernel_calls):
+    """Only wkv_b trains: q_nope needs no grad, yet the kernel (no backward) must not run (SDPA does)."""
     model, _, _ = _layers(torch.float32, device)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("wkv_b"))
@@ -199,7 +199,7 @@ def test_decode_step_compiles_fullgraph(device, kernel_calls):
 
 
 @pytest.mark.gpu
-def test_gpu_v3_decode_layer_on_the_kernel():
+def test_gpu_v3_prefill_and_decode_layer():
     from moela.profiling.shapes import V3
 
     args = V3.replace(backend="auto", dtype="bf16", max_seq_len=4096)
@@ -216,8 +216,60 @@ def test_gpu_v3_decode_layer_on_the_kernel():
     B, P = 2, 512
     x = torch.randn(B, P + 1, args.dim, device="cuda", dtype=torch.float64)
     caches = [layer.new_cache(B, P + 1) for layer in (model, ref, exact)]
-    with torch.no_grad():
-        for layer, cache in zip((model, ref, exact), caches, strict=True):
-            layer(x[:, :P].to(cache.dtype), 0, cache)
+    with torch.no_grad():  # prefill on flash attention, then a decode step on the kernel
+        ys = [layer(x[:, :P].to(c.dtype), 0, c) for layer, c in zip((model, ref, exact), caches, strict=True)]
+        assert_close_derived(ys[0], ys[2], ys[1], name="prefill y")
         ys = [layer(x[:, P:].to(c.dtype), P, c) for layer, c in zip((model, ref, exact), caches, strict=True)]
-    assert_close_derived(ys[0], ys[2], ys[1], name="y")
+    assert_close_derived(ys[0], ys[2], ys[1], name="decode y")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_prefill_and_chunked_prefill_on_sdpa_match_the_reference(dtype, device, kernel_calls):
+    """Steps longer than DECODE_MAX_TOKENS run flash attention over per-head k/v: a first chunk
+    (causal among its tokens), then a chunk after the cached prefix (masked); no cache (training's
+    forward) too."""
+    model, ref, exact = _layers(dtype, device)
+    n = DECODE_MAX_TOKENS + 3
+    x = torch.randn(2, 2 * n, model.dim, device=device, dtype=torch.float64)
+    caches = [layer.new_cache(2, 2 * n) for layer in (model, ref, exact)]
+    with torch.no_grad():
+        for start in (0, n):
+            ys = [layer(x[:, start:start + n].to(c.dtype), start, c) for layer, c in zip((model, ref, exact), caches,
+                                                                                        strict=True)]
+            assert_close_derived(ys[0], ys[2], ys[1], name=f"chunk at {start}")
+        ys = [layer(x[:, :n].to(c.dtype)) for layer, c in zip((model, ref, exact), caches, strict=True)]
+        assert_close_derived(ys[0], ys[2], ys[1], name="no cache")
+    assert kernel_calls == []
+
+
+def test_training_forward_on_sdpa_has_the_reference_gradients(device):
+    model, ref, exact = _layers(torch.float32, device)
+    x = torch.randn(2, 7, model.dim, device=device, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    grads = {}
+    for name, layer in (("model", model), ("ref", ref), ("exact", exact)):
+        layer.train()
+        xi = x.to(layer.wkv_b.weight.dtype).requires_grad_()
+        layer(xi).backward(dy.to(xi.dtype))
+        grads[name] = {"x": xi.grad, "wkv_b": layer.wkv_b.weight.grad, "wq_b": layer.wq_b.weight.grad}
+    for key in grads["model"]:
+        assert_close_derived(grads["model"][key], grads["exact"][key], grads["ref"][key], name=key)
+
+
+def test_sdpa_path_is_taken(device, monkeypatch):
+    model, _, _ = _layers(torch.float32, device)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: (calls.append(k.get("is_causal", False)), real(*a, **k))[1])
+    x = torch.randn(1, DECODE_MAX_TOKENS + 1, model.dim, device=device)
+    cache = model.new_cache(1, 2 * DECODE_MAX_TOKENS + 2)
+    with torch.no_grad():
+        model(x, 0, cache)  # causal
+        model(x, DECODE_MAX_TOKENS + 1, cache)  # masked
+        model(x[:, :4], 2 * DECODE_MAX_TOKENS + 2 - 4, cache)  # a short step: the decode kernel
+    assert calls == [True, False]
+    ref_backend = MLA(model.args.replace(backend="reference")).to(device)
+    with torch.no_grad():
+        ref_backend(x)  # the reference backend: the reference's math
+    assert calls == [True, False]
