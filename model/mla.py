@@ -10,13 +10,14 @@ and decode; ``moela.reference.mla``) with three additions:
   builds (:meth:`MLA.new_cache`, a :class:`LatentCache`) keeps the latent ``kv`` (C columns)
   and the rotary key ``pe`` (R columns) side by side in one (batch, T_max, C + R) buffer, the
   kernel's layout; ``kv`` and ``pe`` are views of it, so the reference's code writes it
-  unchanged. Another cache (the reference layer's two buffers) runs the reference's attention;
-  prefill (more new tokens than that) and training run the next path.
-- Prefill on flash attention: a longer step, or any step that records gradients (training),
-  with the kernels backend expands the latent into per-head keys and values (``wkv_b``, as
-  DeepSeek's and vLLM's prefill do) and runs ``F.scaled_dot_product_attention`` (causal, or a
-  mask for a chunk after a cached prefix): memory linear in the sequence instead of the
-  reference's float32 (B, S, H, T) score tensor. Differentiable.
+  unchanged. Other short steps over a cache (the reference layer's two buffers, or a step that
+  records gradients) run the reference's absorbed attention, O(S·H·T) for S new tokens.
+- Prefill on SDPA: a longer step, or a forward without a cache (training), with the kernels
+  backend expands the latent into per-head keys and values (``wkv_b``, as DeepSeek's and vLLM's
+  prefill do) and runs ``F.scaled_dot_product_attention`` (causal, or a mask for a chunk after
+  a cached prefix; torch picks a memory-efficient backend: keys 192 wide, values 128): memory
+  linear in the sequence instead of the reference's float32 (B, S, H, T) score tensor.
+  Differentiable. A chunk after a cached prefix re-expands the whole prefix.
 - Precision: with ``args.dtype == "fp8"`` every projection (``wq``/``wq_a``, ``wq_b``,
   ``wkv_a``, ``wkv_b``, ``wo``) is an :class:`~moela.model.linear.FP8Linear` holding e4m3
   weights and 128×128 ``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoint), activations
@@ -114,10 +115,10 @@ class MLA(_ReferenceMLA):
             return None
         return ops.mla_decode
 
-    def _prefill_on_sdpa(self, q_nope, q_pe, kv, k_pe) -> bool:
-        """A step longer than a decode step, the kernels backend, one dtype: flash attention."""
-        if q_nope.shape[1] <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
-            return False  # decode-sized steps: the decode kernel or the reference's math
+    def _prefill_on_sdpa(self, q_nope, q_pe, kv, k_pe, cache: KVCache | None) -> bool:
+        """Prefill (a step longer than a decode step) or no cache, the kernels backend, one dtype."""
+        if cache is not None and q_nope.shape[1] <= DECODE_MAX_TOKENS:
+            return False  # a short step over a cache: expanding the prefix would cost far more than attending
         if any(t.dtype != q_nope.dtype for t in (q_pe, kv, k_pe)):
             return False
         return ops_for(self.args.backend, q_nope.device).__name__ == "moela.kernels"
@@ -145,7 +146,7 @@ class MLA(_ReferenceMLA):
         return o.transpose(1, 2)  # (B, S, H, Dv)
 
     def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
-        if self._prefill_on_sdpa(q_nope, q_pe, kv, k_pe):
+        if self._prefill_on_sdpa(q_nope, q_pe, kv, k_pe, cache):
             return self._attend_sdpa(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
         mla_decode = self._decode_kernel(q_nope, q_pe, kv, k_pe, cache)
         if mla_decode is not None:

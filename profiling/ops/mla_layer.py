@@ -2,7 +2,7 @@
 
 moela:          ``moela.model.MLA`` in the absorbed form (latent cache), as a model runs it: decode
                 attention on ``moela.kernels.mla_decode`` (the cache's fused C + R layout),
-                prefill on flash attention (SDPA) over per-head k/v expanded from the latent
+                prefill on SDPA over per-head k/v expanded from the latent
 reference:      ``moela.reference.MLA`` in the naive form (per-head k/v cache)
 torch SDPA:     the naive form with its attention through ``F.scaled_dot_product_attention``
 

@@ -53,7 +53,7 @@ def test_decode_steps_run_the_kernel_and_match_the_reference(dtype, device, kern
     assert isinstance(caches[0], LatentCache) and not isinstance(caches[1], LatentCache)
     with torch.no_grad():
         for layer, cache in zip((model, ref, exact), caches, strict=True):
-            layer(x[:, :P].to(cache.dtype), 0, cache)  # prefill: reference math everywhere
+            layer(x[:, :P].to(cache.dtype), 0, cache)  # prefill: SDPA (model), reference math (the others)
         assert kernel_calls == []
         for start, s in ((P, 1), (P + 1, 2)):  # a decode step, then a two-token (MTP-like) step
             ys = [layer(x[:, start:start + s].to(c.dtype), start, c) for layer, c in zip((model, ref, exact), caches,
@@ -80,7 +80,8 @@ def test_reference_cache_gradients_and_prefill_do_not_run_the_kernel(device, ker
 
 
 def test_frozen_query_path_with_grad_mode_does_not_run_the_kernel(device, kernel_calls):
-    """Only wkv_b trains: q_nope needs no grad, yet the kernel (no backward) must not run (SDPA does)."""
+    """Only wkv_b trains: q_nope needs no grad, yet the kernel (no backward) must not run: the
+    reference's absorbed math does (a short step over a cache)."""
     model, _, _ = _layers(torch.float32, device)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("wkv_b"))
@@ -216,7 +217,7 @@ def test_gpu_v3_prefill_and_decode_layer():
     B, P = 2, 512
     x = torch.randn(B, P + 1, args.dim, device="cuda", dtype=torch.float64)
     caches = [layer.new_cache(B, P + 1) for layer in (model, ref, exact)]
-    with torch.no_grad():  # prefill on flash attention, then a decode step on the kernel
+    with torch.no_grad():  # prefill on SDPA, then a decode step on the kernel
         ys = [layer(x[:, :P].to(c.dtype), 0, c) for layer, c in zip((model, ref, exact), caches, strict=True)]
         assert_close_derived(ys[0], ys[2], ys[1], name="prefill y")
         ys = [layer(x[:, P:].to(c.dtype), P, c) for layer, c in zip((model, ref, exact), caches, strict=True)]
@@ -225,7 +226,7 @@ def test_gpu_v3_prefill_and_decode_layer():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_prefill_and_chunked_prefill_on_sdpa_match_the_reference(dtype, device, kernel_calls):
-    """Steps longer than DECODE_MAX_TOKENS run flash attention over per-head k/v: a first chunk
+    """Steps longer than DECODE_MAX_TOKENS run SDPA over per-head k/v: a first chunk
     (causal among its tokens), then a chunk after the cached prefix (masked); no cache (training's
     forward) too."""
     model, ref, exact = _layers(dtype, device)
@@ -273,3 +274,27 @@ def test_sdpa_path_is_taken(device, monkeypatch):
     with torch.no_grad():
         ref_backend(x)  # the reference backend: the reference's math
     assert calls == [True, False]
+
+
+def test_short_steps_with_grad_mode_on(device, kernel_calls, monkeypatch):
+    """A frozen model in grad mode decodes on the kernel (nothing needs a gradient); a trainable one
+    takes the reference's absorbed math for a short step over a cache, never SDPA (which would
+    expand the whole prefix); without a cache a short step is training: SDPA."""
+    model, _, _ = _layers(torch.float32, device)
+    sdpa = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: (sdpa.append(1), real(*a, **k))[1])
+    x = torch.randn(1, 4, model.dim, device=device)
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(x[:, :2], 0, cache)
+    assert len(kernel_calls) == 1
+    model.requires_grad_(False)
+    model(x[:, 2:3], 2, cache)  # grad mode, nothing requires grad: the kernel
+    assert len(kernel_calls) == 2 and sdpa == []
+    model.requires_grad_(True)
+    model(x[:, 3:4], 3, cache).sum().backward()  # grad needed: the reference's math
+    assert len(kernel_calls) == 2 and sdpa == [] and model.wkv_b.weight.grad is not None
+    model(x[:, :3]).sum().backward()  # no cache: SDPA
+    assert sdpa == [1]
