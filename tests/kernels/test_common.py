@@ -113,23 +113,23 @@ def test_m_bucket_and_the_grouped_gemm_keys():
 
 
 def test_launchers_run_on_their_tensors_gpu(monkeypatch):
-    """on_tensor_device: a launcher given a cuda:1 tensor while cuda:0 is current runs under
-    torch.cuda.device(cuda:1); on the current device, or on the CPU, it runs as called. (A fake
-    CUDA tensor stands in for a second GPU; torch.cuda's device calls are recorded.)"""
+    """on_tensor_device: a launcher given a cuda:0 tensor while cuda:1 is current runs under
+    torch.cuda.device(cuda:0); on the current device, or on the CPU, it runs as called. (A fake
+    CUDA tensor and a recorded torch.cuda stand in for two GPUs.)"""
     from contextlib import contextmanager
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from moela.kernels._common import on_tensor_device
 
-    entered, during = [], []
+    entered, during, current = [], [], [1]
 
     @contextmanager
     def device(d):
         entered.append(torch.device(d))
         yield
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device)
 
     @on_tensor_device
@@ -138,10 +138,11 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
         return k
 
     with FakeTensorMode():
-        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
-    assert launcher(on_1, k=3) == 3 and entered == [torch.device("cuda:1")] and during == [[torch.device("cuda:1")]]
-    assert launcher(on_0) == 1 and launcher(torch.empty(2)) == 1 and len(entered) == 1
-    assert launcher(t=on_1) == 1 and len(entered) == 2  # the tensor passed by keyword
+        on_0 = torch.empty(2, device="cuda:0")
+    assert launcher(on_0, k=3) == 3 and entered == [torch.device("cuda:0")] and during == [[torch.device("cuda:0")]]
+    assert launcher(t=on_0) == 1 and len(entered) == 2  # the tensor passed by keyword
+    current[0] = 0
+    assert launcher(on_0) == 1 and launcher(torch.empty(2)) == 1 and len(entered) == 2
     import importlib
     import pkgutil
 
