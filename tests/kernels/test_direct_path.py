@@ -72,11 +72,11 @@ def test_run_direct_decision():
     assert seen == [False]
 
 
-def test_the_eager_moe_layer_never_enters_a_custom_op(ops_forbidden):
+def test_the_eager_moe_layer_never_enters_a_custom_op(ops_forbidden, device):
     args = ModelArgs.from_name("tiny", dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2,
                                n_expert_groups=2, n_limited_groups=1, backend="triton")
-    layer = MoE(args)
-    x = torch.randn(5, 32)
+    layer = MoE(args).to(device)
+    x = torch.randn(5, 32, device=device)
     with torch.no_grad():
         y = layer(x)
     assert torch.isfinite(y).all()
@@ -84,32 +84,32 @@ def test_the_eager_moe_layer_never_enters_a_custom_op(ops_forbidden):
         layer(x.requires_grad_())
 
 
-def test_the_eager_fp8_layer_never_enters_a_custom_op(ops_forbidden):
+def test_the_eager_fp8_layer_never_enters_a_custom_op(ops_forbidden, device):
     args = ModelArgs.from_name("tiny", dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2,
                                n_expert_groups=1, n_limited_groups=1, backend="triton", dtype="fp8")
-    layer = MoE(args).to(torch.bfloat16)
-    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    layer = MoE(args).to(device, torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
         y = layer(x)
     assert torch.isfinite(y.float()).all()
 
 
-def test_every_public_op_takes_the_direct_path_in_eager_inference(ops_forbidden):
+def test_every_public_op_takes_the_direct_path_in_eager_inference(ops_forbidden, device):
     """The ops the MoE layers above do not call: each with plain tensors, no grad."""
-    x = torch.randn(4, 256, dtype=torch.bfloat16)
-    w = torch.randn(128, 256, dtype=torch.bfloat16)
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device=device)
+    w = torch.randn(128, 256, dtype=torch.bfloat16, device=device)
     q, s = K.quant_act(x)
     wq, ws = K.quant_weight(w)
     assert K.dequant(wq, ws, out_dtype=torch.bfloat16).shape == w.shape
     assert K.fp8_gemm(q, s, wq, ws).shape == (4, 128)
     assert K.fp8_linear(x, wq, ws).shape == (4, 128)
-    o = K.mla_decode(torch.randn(2, 1, 2, 40), torch.randn(2, 5, 40), 0.2, v_dim=32,
-                     cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+    o = K.mla_decode(torch.randn(2, 1, 2, 40, device=device), torch.randn(2, 5, 40, device=device), 0.2, v_dim=32,
+                     cache_seqlens=torch.tensor([3, 5], dtype=torch.int32, device=device))
     assert o.shape == (2, 1, 2, 32)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-def test_tracing_and_function_modes_take_the_op():
+def test_tracing_and_function_modes_take_the_op(device):
     x = torch.randn(3, 4)
     with torch.device("cpu"):  # a TorchFunctionMode
         assert not run_direct(x)
@@ -121,18 +121,18 @@ def test_tracing_and_function_modes_take_the_op():
 
     torch.jit.trace(f, (x,), check_trace=False)
     assert seen == [False]
-    xs = torch.randn(9, 32)
-    w = torch.randn(3, 16, 32)
-    offsets = torch.tensor([4, 4, 8], dtype=torch.int32)
+    xs = torch.randn(9, 32, device=device)
+    w = torch.randn(3, 16, 32, device=device)
+    offsets = torch.tensor([4, 4, 8], dtype=torch.int32, device=device)
     traced = torch.jit.trace(lambda a, b, c: K.grouped_gemm(a, b, c), (xs, w, offsets))
     assert "moela::grouped_gemm" in str(traced.graph)
 
 
-def test_direct_and_op_paths_give_the_same_bits():
+def test_direct_and_op_paths_give_the_same_bits(device):
     """The op path (forced by a dispatch mode) and the direct path run the same launcher."""
-    xs = torch.randn(9, 32, dtype=torch.bfloat16)
-    w = torch.randn(3, 16, 32, dtype=torch.bfloat16)
-    offsets = torch.tensor([4, 4, 8], dtype=torch.int32)
+    xs = torch.randn(9, 32, dtype=torch.bfloat16, device=device)
+    w = torch.randn(3, 16, 32, dtype=torch.bfloat16, device=device)
+    offsets = torch.tensor([4, 4, 8], dtype=torch.int32, device=device)
     out = K.grouped_gemm(xs, w, offsets)  # the direct path
     log = _OpLog()
     with log:
