@@ -12,8 +12,8 @@ and decode; ``moela.reference.mla``) with three additions:
   kernel's layout; ``kv`` and ``pe`` are views of it, so the reference's code writes it
   unchanged. Other short steps over a cache (the reference layer's two buffers, or a step that
   records gradients) run the reference's absorbed attention, O(S·H·T) for S new tokens.
-- Prefill on SDPA: a longer step, or a forward without a cache (training), with the kernels
-  backend expands the latent into per-head keys and values (``wkv_b``, as DeepSeek's and vLLM's
+- Prefill on SDPA: a longer step, or a forward without a cache (training), in bf16/fp16 with
+  the kernels backend expands the latent into per-head keys and values (``wkv_b``, as DeepSeek's and vLLM's
   prefill do) and runs ``F.scaled_dot_product_attention`` (causal, or a mask for a chunk after
   a cached prefix; torch picks a memory-efficient backend: keys 192 wide, values 128): memory
   linear in the sequence instead of the reference's float32 (B, S, H, T) score tensor.
@@ -44,6 +44,7 @@ __all__ = ["MLA", "KVCache", "LatentCache", "DECODE_MAX_TOKENS"]
 DECODE_MAX_TOKENS = 16
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SDPA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class LatentCache(KVCache):
@@ -116,11 +117,11 @@ class MLA(_ReferenceMLA):
         return ops.mla_decode
 
     def _prefill_on_sdpa(self, q_nope, q_pe, kv, k_pe, cache: KVCache | None) -> bool:
-        """Prefill (a step longer than a decode step) or no cache, the kernels backend, one dtype."""
+        """Prefill (a step longer than a decode step) or no cache, the kernels backend, 16-bit."""
         if cache is not None and q_nope.shape[1] <= DECODE_MAX_TOKENS:
             return False  # a short step over a cache: expanding the prefix would cost far more than attending
-        if any(t.dtype != q_nope.dtype for t in (q_pe, kv, k_pe)):
-            return False
+        if q_nope.dtype not in _SDPA_DTYPES or any(t.dtype != q_nope.dtype for t in (q_pe, kv, k_pe)):
+            return False  # float32/64: the reference's exact math (SDPA's fast fp32 kernels may use TF32)
         return ops_for(self.args.backend, q_nope.device).__name__ == "moela.kernels"
 
     def _attend_sdpa(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
