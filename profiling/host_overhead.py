@@ -9,6 +9,7 @@ compare two commits on the same machine::
 
     python -m moela.profiling.host_overhead            # min over 7 rounds of 200 calls
     python -m moela.profiling.host_overhead --calls 50 --rounds 3
+    python -m moela.profiling.host_overhead --ops      # and each op of the layer alone
 
 On a GPU, ``python -m moela.profiling bench --graphs`` measures the same thing the other way
 round: eager time beside CUDA-graph replay time.
@@ -21,32 +22,57 @@ import os
 import time
 
 
-def measure(calls: int = 200, rounds: int = 7, tokens: int = 1) -> float:
-    """Seconds of host time per MoE forward (tiny dims, 64 experts, top-8), the min over rounds."""
+def measure(calls: int = 200, rounds: int = 7, tokens: int = 1, ops: bool = False) -> dict[str, float]:
+    """Seconds of host time per call, the min over rounds: ``"layer"`` (an MoE forward: tiny dims,
+    64 experts, top-8) and with ``ops`` each moela op of that forward alone."""
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
     import triton.runtime.interpreter as interp
 
+    import moela.kernels as K
     from moela.kernels.interpreter import install_compat
     from moela.model import MoE
     from moela.reference import ModelArgs
 
     install_compat()
-    args = ModelArgs.from_name("tiny", dim=256, moe_inter_dim=128, n_routed_experts=64, n_activated_experts=8,
-                               n_expert_groups=8, n_limited_groups=4, backend="triton")
-    layer = MoE(args).eval()
-    x = torch.randn(tokens, args.dim)
+    a = ModelArgs.from_name("tiny", dim=256, moe_inter_dim=128, n_routed_experts=64, n_activated_experts=8,
+                            n_expert_groups=8, n_limited_groups=4, backend="triton")
+    layer = MoE(a).eval()
+    x = torch.randn(tokens, a.dim)
+    I = a.moe_inter_dim
+    calls_of = {"layer": lambda: layer(x)}
     run = interp.InterpretedFunction.run
-    best = float("inf")
     with torch.no_grad():
         layer(x)  # imports, first-call caches
-        interp.InterpretedFunction.run = lambda self, *a, **k: None  # the kernels' work: none
+        if ops:  # each op on the inputs the layer gives it
+            logits = layer.gate.logits(x)
+            weights, ids = layer.gate(x)
+            plan = K.make_routing(ids, a.n_routed_experts)
+            xs = K.permute(x, plan)
+            h = K.grouped_gemm(xs, layer.w13, plan.offsets)
+            act = K.swiglu(h[:, :I], h[:, I:])
+            ys = K.grouped_gemm(act, layer.w2, plan.offsets)
+            calls_of.update({
+                "route": lambda: K.route(logits, layer.gate.bias, topk=a.n_activated_experts,
+                                         n_groups=a.n_expert_groups, topk_groups=a.n_limited_groups,
+                                         score_func=a.score_func, route_scale=a.route_scale),
+                "make_routing": lambda: K.make_routing(ids, a.n_routed_experts),
+                "permute": lambda: K.permute(x, plan),
+                "grouped_gemm": lambda: K.grouped_gemm(xs, layer.w13, plan.offsets),
+                "swiglu": lambda: K.swiglu(h[:, :I], h[:, I:]),
+                "unpermute": lambda: K.unpermute(ys, plan, weights),
+                "torch.empty": lambda: torch.empty(tokens, a.dim),  # the floor of any op
+            })
+        interp.InterpretedFunction.run = lambda self, *args, **kwargs: None  # the kernels' work: none
+        best = {}
         try:
-            for _ in range(rounds):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    layer(x)
-                best = min(best, (time.perf_counter() - start) / calls)
+            for name, fn in calls_of.items():
+                best[name] = float("inf")
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    best[name] = min(best[name], (time.perf_counter() - start) / calls)
         finally:
             interp.InterpretedFunction.run = run
     return best
@@ -57,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="forwards per round (default 200)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest counts (default 7)")
     parser.add_argument("--tokens", type=int, default=1, help="tokens per forward (default 1: decode)")
+    parser.add_argument("--ops", action="store_true", help="also time each op of the forward alone")
     ns = parser.parse_args(argv)
     if min(ns.calls, ns.rounds, ns.tokens) < 1:
         parser.error("--calls, --rounds and --tokens must be >= 1")
-    seconds = measure(ns.calls, ns.rounds, ns.tokens)
-    print(f"moela.model.MoE forward, T={ns.tokens}, kernels left out: {seconds * 1e6:.1f} us of host time per call "
-          f"(min of {ns.rounds} x {ns.calls} calls)")
+    seconds = measure(ns.calls, ns.rounds, ns.tokens, ops=ns.ops)
+    print(f"moela.model.MoE forward, T={ns.tokens}, kernels left out: {seconds.pop('layer') * 1e6:.1f} us of host "
+          f"time per call (min of {ns.rounds} x {ns.calls} calls)")
+    for name, s in seconds.items():
+        print(f"  {name:14s} {s * 1e6:8.1f} us")
     return 0
 
 

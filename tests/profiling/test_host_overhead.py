@@ -16,6 +16,10 @@ def test_measures_and_restores_the_interpreter(capsys):
     assert "us of host time per call (min of 2 x 3 calls)" in out
     assert float(out.split("kernels left out: ")[1].split(" us")[0]) > 0
     assert interp.InterpretedFunction.run is run  # kernels run again afterwards
+    assert host_overhead.main(["--calls", "2", "--rounds", "1", "--ops"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["route", "make_routing", "permute", "grouped_gemm", "swiglu",
+                                                   "unpermute", "torch.empty"]
 
 
 def test_bad_arguments_exit_2():
