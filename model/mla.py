@@ -32,7 +32,7 @@ from einops import einsum
 
 from moela.reference import MLA as _ReferenceMLA
 from moela.reference import KVCache, ModelArgs
-from moela.reference._checks import check_int, check_tensor
+from moela.reference._checks import check_tensor
 
 from .backend import ops_for
 from .quantize import quantize_linears_
@@ -91,14 +91,10 @@ class MLA(_ReferenceMLA):
         place). Otherwise as the reference's ``new_cache``."""
         if self.attn_impl != "absorb":
             return super().new_cache(batch, max_seq_len, dtype, device)
-        max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
-        check_int("batch", batch, 1)
-        check_int("max_seq_len", max_seq_len, 1)
-        w = self.kv_norm.weight
-        C = self.kv_lora_rank
-        buf = torch.zeros(batch, max_seq_len, C + self.qk_rope_head_dim, dtype=w.dtype if dtype is None else dtype,
-                          device=w.device if device is None else device)
-        return LatentCache(buf, C)
+        max_seq_len, dtype, device = self._cache_defaults(max_seq_len, dtype, device)
+        width = self.kv_lora_rank + self.qk_rope_head_dim
+        buf = KVCache.zeros(batch, max_seq_len, {"latent": (width,)}, dtype=dtype, device=device)["latent"]
+        return LatentCache(buf, self.kv_lora_rank)
 
     def _decode_kernel(self, q_nope, q_pe, kv, k_pe, cache: KVCache | None):
         """``moela.kernels.mla_decode`` when this step may run on it, else None."""

@@ -335,6 +335,12 @@ class MLA(nn.Module):
         return f"attn_impl={self.attn_impl!r}, n_heads={self.n_heads}, softmax_scale={self.softmax_scale:.6g}"
 
     # ------------------------------------------------------------------- cache
+    def _cache_defaults(self, max_seq_len, dtype, device) -> tuple[int, torch.dtype, torch.device | str]:
+        """A new cache's T_max, dtype and device: ``args.max_seq_len`` and the parameters' by default."""
+        w = self.kv_norm.weight  # a floating-point parameter in every precision
+        return (self.args.max_seq_len if max_seq_len is None else max_seq_len, w.dtype if dtype is None else dtype,
+                w.device if device is None else device)
+
     def new_cache(
         self,
         batch: int,
@@ -348,10 +354,7 @@ class MLA(nn.Module):
         absorb: ``kv`` (batch, T_max, C), ``pe`` (batch, T_max, R). T_max defaults to
         ``args.max_seq_len``.
         """
-        max_seq_len = self.args.max_seq_len if max_seq_len is None else max_seq_len
-        w = self.kv_norm.weight  # a floating-point parameter in every precision
-        dtype = w.dtype if dtype is None else dtype
-        device = w.device if device is None else device
+        max_seq_len, dtype, device = self._cache_defaults(max_seq_len, dtype, device)
         if self.attn_impl == "naive":
             shapes = {"k": (self.n_heads, self.qk_head_dim), "v": (self.n_heads, self.v_head_dim)}
         else:
