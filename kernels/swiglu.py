@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moela.reference._checks import check_same_device, check_tensor
+from moela.reference._checks import check_positive_int, check_same_device, check_tensor
 
 from ._common import (
     autotune,
@@ -181,8 +181,7 @@ def _check(gate: object, up: object) -> None:
 
 
 def _check_fp8_args(block: object, scale_fmt: object) -> None:
-    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
-        raise ValueError(f"block: expected a positive int, got {block!r}")
+    check_positive_int("block", block)
     check_scale_fmt(scale_fmt)
 
 
