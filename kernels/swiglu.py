@@ -223,8 +223,8 @@ def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale
                    config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the quantizing forward: ``quant_act(swiglu(gate, up), block, scale_fmt)`` bit for bit,
     ``(q (M, N) e4m3 contiguous, scale (M, ceil(N/block)) float32 contiguous)``."""
-    _check(gate, up)
-    _check_device("gate", gate)
+    _check_args(gate, up)
+    _check_device("gate", gate)  # a device the kernels run on, with e4m3 support
     _check_fp8_args(block, scale_fmt)
     M, N = gate.shape
     num_kb = cdiv(N, block)

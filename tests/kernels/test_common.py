@@ -155,4 +155,4 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
             if name.endswith(("_fwd", "_bwd", "_dw")):  # the launchers, by the naming convention
                 guarded += 1
                 assert getattr(mod, name).__code__ is on_tensor_device(launcher).__code__, f"{info.name}.{name}"
-    assert guarded == 18
+    assert guarded >= 18  # the convention still finds them all (18 when this test was written)
