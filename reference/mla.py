@@ -452,6 +452,10 @@ class MLA(nn.Module):
         if x.dtype != w.dtype:
             raise TypeError(f"x: expected dtype {w.dtype} (the parameters'), got {x.dtype}")
         _check_int("start_pos", start_pos, 0)
+        end = start_pos + x.shape[1]
+        if end > self.args.max_seq_len:  # before anything is allocated for those positions
+            raise ValueError(f"start_pos: positions [{start_pos}, {end}) run past max_seq_len="
+                             f"{self.args.max_seq_len} (the rotary table's length)")
         if cache is None:
             return
         if not isinstance(cache, KVCache):
@@ -462,3 +466,6 @@ class MLA(nn.Module):
                              "build it with MLA.new_cache")
         if cache.dtype != x.dtype:
             raise TypeError(f"cache: expected dtype {x.dtype} (x's), got {cache.dtype}")
+        if end > cache.max_seq_len:
+            raise ValueError(f"start_pos: positions [{start_pos}, {end}) run past the cache's "
+                             f"max_seq_len {cache.max_seq_len}")
