@@ -168,7 +168,7 @@ class ModelArgs:
         try:
             return cls.from_dict(d, **overrides)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{path}: {e}") from e
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
