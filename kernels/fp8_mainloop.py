@@ -1,0 +1,258 @@
+"""The Hopper main loop of the block-scaled FP8 GEMMs and the rule that picks it.
+
+Legend: M rows of ``a`` (tokens), N output features, K reduction dim, B the scale block (the K
+tile), Kb = K/B; a tile is BLOCK_M × BLOCK_N of the output.
+
+:func:`fp8_tma_tile` computes one tile of ``Σ_kb promote(a_kb · b_kbᵀ)`` (``reference.fp8_gemm``:
+each B-deep block product lands in a fresh float32 tile, is multiplied by ``a_s[rows, kb] ·
+b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order). ``a`` and ``b``
+tiles come through tensor descriptors (TMA, ``cp.async.bulk.tensor``; rows and columns past the
+tensor are zero-filled, so no masks); the scales are pointer loads (any strides), which the
+software pipeliner turns into ``cp.async``. Two schedules, chosen by the ``WARP_SPECIALIZE``
+constexpr of a config:
+
+- ``WARP_SPECIALIZE=False`` (software pipelined, ``num_warps`` 4 or 8): K blocks go two at a
+  time. Block 2j's wgmma is waited for at once (that wait also retires block 2j-1's), block
+  2j-1 is promoted, block 2j+1's wgmma is issued and left in flight while block 2j is promoted:
+  the tensor cores work through half of the promotions. The scale loads are pipelined with the
+  tiles (``cp.async``); no synchronous global load remains in the loop. A block past K (odd Kb)
+  is zero-filled by TMA and promoted with scale 0.
+- ``WARP_SPECIALIZE=True`` (``num_warps=4``, BLOCK_M = 128): ``tl.range(warp_specialize=True)``,
+  which Triton 3.6 lowers to DeepGEMM's layout: one producer warpgroup issuing the TMA loads,
+  two math warpgroups of 64 rows each (``setmaxnreg``), each waiting for its own wgmma and
+  promoting it while the other warpgroup's wgmma runs. The math warpgroups load the scales
+  themselves (Triton leaves loads that feed no dot operand in the consumers), one K block ahead
+  of their use.
+
+:func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from moela import knobs
+
+__all__ = [
+    "fp8_tma_tile", "fp8_path", "tma_ready", "kernel_capability", "num_sms", "tma_descriptor", "set_block_shapes",
+    "tma_config", "tma_smem", "tma_config_fits", "wave_cost", "tma_pruner", "hopper_configs",
+    "HOPPER", "INTERPRETER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
+]
+
+#: The first compute capability with TMA and wgmma.
+HOPPER = (9, 0)
+#: The "SM count" the persistent kernels use under the interpreter: small, so that each program
+#: walks several tiles as it does on a GPU.
+INTERPRETER_SMS = 3
+
+
+@triton.jit
+def _block_scale(as_ptrs, bs_ptrs, kb, valid, stride_ask, stride_bsk,
+                 BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """The promotion factor of K block ``kb``: (BLOCK_M, 1) when the tile lies in one B-row
+    block of b (one b scale), else (BLOCK_M, BLOCK_N); 0 where ``valid`` is false (the address
+    then stays at block 0)."""
+    k = tl.where(valid, kb, 0)
+    a_s = tl.load(as_ptrs + k * stride_ask)
+    b_s = tl.load(bs_ptrs + k * stride_bsk)
+    if BLOCK_N <= SCALE_BLOCK:
+        s = (a_s * b_s)[:, None]
+    else:
+        s = a_s[:, None] * b_s[None, :]
+    return tl.where(valid, s, 0.0)
+
+
+@triton.jit
+def fp8_tma_tile(
+    a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, num_kb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb < num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
+
+    a_desc / b_desc: tensor descriptors with blocks (BLOCK_M, SCALE_BLOCK) / (BLOCK_N,
+    SCALE_BLOCK), read from rows ``a_row`` / ``b_row``; as_ptrs: (BLOCK_M,) pointers to the
+    tile's rows of a_s (in bounds); bs_ptrs: the b_s row of the tile's B-row block repeated
+    (BLOCK_M,) times when BLOCK_N <= SCALE_BLOCK (a vector load, which the pipeliner takes and a
+    scalar one it does not), else (BLOCK_N,) pointers to each column's b_s row; num_kb >= 0.
+    STAGES: the software pipeline's depth, named on the loop (``num_stages`` of the config): with
+    it the pipeliner also takes the scale loads, which feed no dot operand.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WARP_SPECIALIZE:
+        s_next = _block_scale(as_ptrs, bs_ptrs, 0, num_kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+        for kb in tl.range(0, num_kb, warp_specialize=True):
+            s = s_next  # loaded one block ahead: its latency hides behind this block's wgmma
+            s_next = _block_scale(as_ptrs, bs_ptrs, kb + 1, kb + 1 < num_kb, stride_ask, stride_bsk,
+                                  BLOCK_N, SCALE_BLOCK)
+            a = a_desc.load([a_row, kb * SCALE_BLOCK])
+            b = b_desc.load([b_row, kb * SCALE_BLOCK])
+            acc += tl.dot(a, b.T) * s
+    else:
+        # p1: the odd block of the previous pair, still in flight when the loop body ends.
+        p1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in tl.range(0, num_kb, 2, num_stages=STAGES):
+            s_prev = _block_scale(as_ptrs, bs_ptrs, kb - 1, kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+            s0 = _block_scale(as_ptrs, bs_ptrs, kb, True, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+            a0 = a_desc.load([a_row, kb * SCALE_BLOCK])
+            b0 = b_desc.load([b_row, kb * SCALE_BLOCK])
+            a1 = a_desc.load([a_row, (kb + 1) * SCALE_BLOCK])  # past K (odd num_kb): zeros
+            b1 = b_desc.load([b_row, (kb + 1) * SCALE_BLOCK])
+            p0 = tl.dot(a0, b0.T)  # waited for at once, with the previous p1
+            acc += p1 * s_prev
+            p1 = tl.dot(a1, b1.T)  # left in flight ...
+            acc += p0 * s0  # ... while this promotion runs
+        last = (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (num_kb when that is odd: zeros)
+        acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < num_kb, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: the path rule, descriptors, device facts
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def kernel_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability the kernels are built for: the GPU's; on the CPU (the Triton
+    interpreter, which runs tensor descriptors) that of Hopper, so the Hopper kernels are the
+    ones the CPU tests exercise by default."""
+    if device.type == "cuda":
+        return _cuda_capability(device)
+    return HOPPER
+
+
+@functools.cache
+def _cuda_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device: the persistent kernels' program count;
+    ``INTERPRETER_SMS`` under the interpreter."""
+    if device.type == "cuda" and not knobs.interpret():
+        return _cuda_sms(device)
+    return INTERPRETER_SMS
+
+
+def tma_ready(t: torch.Tensor | None) -> bool:
+    """Can a tensor descriptor read this 2-D tensor: unit stride in its last dim, base address
+    and row stride multiples of 16 bytes, no empty dim?"""
+    if t is None or t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        return False
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def fp8_path(capability: tuple[int, int], *tma_operands: torch.Tensor | None) -> str:
+    """The FP8 GEMM kernels' one path rule: ``"tma"`` (the Hopper kernels: tensor descriptors,
+    persistent tiles, wgmma) when the device has TMA (compute capability >= 9.0) and every
+    operand those kernels read through descriptors (the e4m3 activations and weights as 2-D
+    views, ``None`` where no 2-D view exists) satisfies :func:`tma_ready`; otherwise
+    ``"pointer"`` (the pointer-based kernels: Ada's sm_89, odd strides or alignment, K = 0).
+    Scales and outputs go through pointers on both paths: any strides.
+    """
+    if tuple(capability) >= HOPPER and all(tma_ready(t) for t in tma_operands):
+        return "tma"
+    return "pointer"
+
+
+def tma_descriptor(t: torch.Tensor, block_shape: list[int]):
+    """A host-side tensor descriptor of a TMA-ready 2-D tensor (the block shape may be reset
+    per config by :func:`set_block_shapes`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
+
+
+def set_block_shapes(nargs: dict, a_name: str, b_name: str) -> None:
+    """Config pre-hook: the descriptors' blocks follow the config's tile (BLOCK_M or BLOCK_N by
+    SCALE_BLOCK): what autotuning needs, as each config tiles differently."""
+    k = nargs["SCALE_BLOCK"]
+    nargs[a_name].block_shape = [nargs["BLOCK_M"], k]
+    nargs[b_name].block_shape = [nargs["BLOCK_N"], k]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs of the Hopper kernels: smem, the wave model that orders them, the pruner
+# ----------------------------------------------------------------------------------------------
+
+#: FLOPs an SM's tensor cores do in the time it reads one operand byte (H100/H200 FP8: ~15 TFLOP/s
+#: per SM against ~100 GB/s of L2 per SM): the wave model's exchange rate between MMA and bytes.
+FLOP_PER_BYTE = 150
+#: How many configs the pruner hands the autotuner (the first is what MOELA_AUTOTUNE=0 runs).
+KEEP_CONFIGS = 4
+
+
+def tma_config(bm: int, bn: int, warps: int, stages: int, ws: bool = False, group_m: int = 8) -> triton.Config:
+    """A Hopper config; ``ws``: the warp-specialised schedule (num_warps=4, BLOCK_M=128)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "WARP_SPECIALIZE": ws, "STAGES": stages},
+                         num_warps=warps, num_stages=stages)
+
+
+def tma_smem(config: triton.Config, block: int) -> int:
+    """Shared memory a config takes (bytes): its pipeline buffers (two K blocks per stage without
+    warp specialisation) and the epilogue's layout conversion."""
+    k = config.kwargs
+    per_stage = (k["BLOCK_M"] + k["BLOCK_N"]) * block * (1 if k["WARP_SPECIALIZE"] else 2)
+    return config.num_stages * per_stage + k["BLOCK_M"] * k["BLOCK_N"]
+
+
+def tma_config_fits(config: triton.Config, block: int, budget: int) -> bool:
+    """Within the shared-memory budget, and warp specialisation only where Triton 3.6 lowers it
+    well: num_warps=4 and 128-row tiles (two math warpgroups of 64 rows; 64-row tiles would
+    make both warpgroups compute the same rows)."""
+    k = config.kwargs
+    if k["WARP_SPECIALIZE"] and (config.num_warps != 4 or k["BLOCK_M"] != 128):
+        return False
+    return tma_smem(config, block) <= budget
+
+
+def wave_cost(bm: int, bn: int, tiles: int, rows: int, sms: int) -> float:
+    """The wave model: ``ceil(tiles / sms)`` rounds of one tile per SM, each costing its MMA work
+    (``2·bm·bn`` FLOP per K element, at ``FLOP_PER_BYTE``) plus its operand bytes (``rows`` of a
+    that exist, ``bn`` of b per K element). Relative units; ranks configs, nothing more."""
+    return -(-tiles // sms) * (2 * bm * bn / FLOP_PER_BYTE + rows + bn)
+
+
+def tma_pruner(tiles_of, budget: int, desc: str = "a_desc", keep: int = KEEP_CONFIGS):
+    """early_config_prune for a Hopper kernel: configs that fit (:func:`tma_config_fits`),
+    ordered by :func:`wave_cost` (stable: ties keep the list's order), the best ``keep``.
+
+    ``tiles_of(nargs, bm, bn) -> (tiles, rows per tile)`` says how the op tiles its problem;
+    the descriptor argument ``desc`` gives the device (its SM count).
+    """
+
+    def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+        block = kwargs.get("SCALE_BLOCK", nargs.get("SCALE_BLOCK"))
+        sms = num_sms(nargs[desc].base.device)
+        fits = [c for c in configs if tma_config_fits(c, block, budget)] or configs[:1]
+
+        def cost(c: triton.Config) -> float:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            tiles, rows = tiles_of(nargs, bm, bn)
+            return wave_cost(bm, bn, max(tiles, 1), rows, sms)
+
+        return sorted(fits, key=cost)[:keep]
+
+    return prune
+
+
+def hopper_configs(configs: list[triton.Config], a_name: str = "a_desc", b_name: str = "b_desc") -> list[triton.Config]:
+    """The configs ready for a Hopper kernel: GROUP_M (8), WARP_SPECIALIZE (False) and STAGES
+    (num_stages) filled in where missing (a config pinned through the environment names only
+    what it sets) and the pre-hook that sizes the descriptors' blocks attached."""
+    for c in configs:
+        c.kwargs.setdefault("GROUP_M", 8)
+        c.kwargs.setdefault("WARP_SPECIALIZE", False)
+        c.kwargs.setdefault("STAGES", c.num_stages)
+        c.pre_hook = functools.partial(set_block_shapes, a_name=a_name, b_name=b_name)
+    return configs
