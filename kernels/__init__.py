@@ -22,6 +22,7 @@ if knobs.interpret():
 from .factory import registered_ops  # noqa: E402
 from .fp8_gemm import fp8_gemm  # noqa: E402
 from .fp8_grouped_gemm import fp8_grouped_gemm  # noqa: E402
+from .fp8_grouped_gemm_masked import fp8_grouped_gemm_masked  # noqa: E402
 from .fp8_linear import fp8_linear  # noqa: E402
 from .fp8_quant import dequant, quant_act, quant_weight  # noqa: E402
 from .gate import gate, route  # noqa: E402
@@ -33,6 +34,7 @@ from .swiglu import swiglu  # noqa: E402
 
 __all__ = [
     "route", "gate", "grouped_gemm", "grouped_gemm_dw", "make_routing", "permute", "unpermute",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode", "swiglu",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear",
+    "mla_decode", "swiglu",
     "registered_ops",
 ]

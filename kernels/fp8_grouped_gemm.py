@@ -59,7 +59,7 @@ from .fp8_mainloop import (
     tma_descriptor,
     tma_pruner,
 )
-from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile
+from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile, locate_m_tile_by_chunks
 
 __all__ = ["fp8_grouped_gemm", "launch_fp8_grouped_gemm", "fp8_grouped_gemm_configs", "fp8_grouped_gemm_tma_configs"]
 
@@ -112,7 +112,7 @@ def _fp8_grouped_gemm_tma_kernel(
     M, N, K, E,
     stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_cm, stride_cn,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
-    SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr, E_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     STAGES: tl.constexpr,
 ):
@@ -120,15 +120,16 @@ def _fp8_grouped_gemm_tma_kernel(
 
     grid: (min(_row_tiles(M, E, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p walks the virtual
     tiles p, p + grid, ...; tile -> (row tile t over all groups, column tile) in GROUP_M
-    super-rows, t -> (group, rows) through ``locate_m_tile``. Group E (the tail) and tiles past
-    the last get no K loop: zeros, or nothing to store.
+    super-rows, t -> (group, rows) through ``locate_m_tile_by_chunks`` (E_CHUNK groups at a time;
+    no scans, which warp specialisation rejects). Group E (the tail) and tiles past the last get
+    no K loop: zeros, or nothing to store.
     """
     num_pid_n = tl.cdiv(N, BLOCK_N)
     row_tiles = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)
     num_kb = K // SCALE_BLOCK
     for tile in tl.range(tl.program_id(0), row_tiles * num_pid_n, tl.num_programs(0), flatten=False):
         t, pid_n = grouped_tile_order(tile, row_tiles, num_pid_n, GROUP_M)
-        grp, start, end = locate_m_tile(offsets_ptr, t, M, E, BLOCK_M, BLOCK_E)
+        grp, start, end = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK)
         expert = tl.maximum(tl.minimum(grp, E - 1), 0)
         offs_m = start + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -185,6 +186,8 @@ def _row_tiles(M: int, E: int, block_m: int) -> int:
     return min(cdiv(M, block_m) + E, M)
 
 
+#: Groups the Hopper kernel's tile search takes at a time: (E_CHUNK, E_CHUNK) triangular reductions.
+E_CHUNK = 16
 _KEY = ["N", "K", "SCALE_BLOCK", "M_BUCKET"]
 _TUNED = {
     cls: autotune(configs=autotune_configs("fp8_grouped_gemm", fp8_grouped_gemm_configs(cls)), key=_KEY)(
@@ -274,7 +277,7 @@ def tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block) -> tuple[tuple, dict
     N = w2.shape[0] // E
     args = (tma_descriptor(xs, [1, block]), xs_s, tma_descriptor(w2, [1, block]), w_s, offsets, out, M, N, K, E,
             *xs_s.stride(), *w_s.stride(), *out.stride(), m_bucket(M))
-    return args, dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
+    return args, dict(SCALE_BLOCK=block, E_CHUNK=min(next_power_of_2(E + 1), E_CHUNK))
 
 
 def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:

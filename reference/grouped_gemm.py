@@ -8,6 +8,10 @@ as here: the ends are clamped into [0, M] and made non-decreasing with a running
 (:func:`group_ends`), so a group ending before its predecessor is empty. ``validate=True``
 raises on them instead (:func:`check_offsets`, a host sync).
 
+The masked layout (DeepGEMM's ``m_grouped_*_masked``, DeepEP's low-latency layout): x is
+(E, max_m, K) and ``masked_m[e]`` rows of expert e are real; a count outside [0, max_m] is
+clamped into it (:func:`masked_rows`), or raises with ``validate=True`` (:func:`check_masked_m`).
+
 ``check_grouped_gemm`` / ``check_grouped_gemm_dw`` are the ops' contracts (arguments in, output
 spec out, no values read), run by these references and by the Triton kernels alike.
 """
@@ -27,7 +31,7 @@ from ._checks import (
 )
 
 __all__ = ["grouped_gemm", "grouped_gemm_dw", "check_grouped_gemm", "check_grouped_gemm_dw", "check_offsets",
-           "group_ends"]
+           "group_ends", "masked_rows", "check_masked_m"]
 
 
 def group_ends(offsets: torch.Tensor, num_rows: int) -> list[int]:
@@ -41,6 +45,19 @@ def check_offsets(offsets: torch.Tensor, num_rows: int) -> None:
     if o.numel() and (o[0] < 0 or bool((o[1:] < o[:-1]).any()) or o[-1] > num_rows):
         shown = o.tolist() if o.numel() <= 16 else f"{o[:16].tolist()}..."
         raise ValueError(f"offsets: expected non-decreasing cumulative row ends in [0, {num_rows}], got {shown}")
+
+
+def masked_rows(masked_m: torch.Tensor, max_m: int) -> list[int]:
+    """The row counts the masked ops use (a host read): ``masked_m`` clamped into [0, max_m]."""
+    return masked_m.long().clamp(0, max_m).tolist()
+
+
+def check_masked_m(masked_m: torch.Tensor, max_m: int) -> None:
+    """Value check (synchronises): every count in [0, max_m]."""
+    m = masked_m.long().cpu()
+    if m.numel() and (bool((m < 0).any()) or bool((m > max_m).any())):
+        shown = m.tolist() if m.numel() <= 16 else f"{m[:16].tolist()}..."
+        raise ValueError(f"masked_m: expected row counts in [0, max_m={max_m}], got {shown}")
 
 
 def check_grouped_gemm(xs: object, w: object, offsets: object, *, validate: object = False) -> TensorSpec:
