@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dtype", default="float32", choices=DTYPES)
     la.add_argument("--reps", type=_positive(int), default=3)
 
+    tu = parser.subcommands["tune"] = sub.add_parser(
+        "tune", help="GPU: autotune the kernels at the DeepSeek problems, write kernels/configs/<gpu>.json")
+    _add_device(tu, sub=True)
+    tu.add_argument("--ops", nargs="+", metavar="OP", help="ops whose kernels to tune (default: all)")
+    tu.add_argument("--sets", nargs="+", metavar="SET", help="shape sets (default: full, the op-specific sets)")
+    tu.add_argument("--budget-s", type=_positive(float), default=900.0,
+                    help="stop starting new problems after this many seconds (default 900)")
+    tu.add_argument("--table", default=None,
+                    help="the table to write or merge into (default: the package's kernels/configs/<gpu>.json)")
+
     ls = parser.subcommands["list"] = sub.add_parser(
         "list", help="ops, shape sets, implementations, whether each kernel exists, and the MOELA_* switches")
     _add_device(ls, sub=True)
@@ -467,6 +477,20 @@ def _print_layers(configs, tokens, decode_steps, device, dtype, reps, parser=Non
     return ok, out
 
 
+def cmd_tune(parser, args) -> int:
+    from .tune import tune
+
+    device = resolve_device(parser, args.device)
+    if device.type != "cuda":
+        parser.error("tune: autotuning times configs on a CUDA GPU; this machine has none (the committed "
+                     "tables in kernels/configs/ come from GPU runs)")
+    print(setup_kernels(device))
+    plan, _ = _select(parser, args.ops, args.sets, None, ["full"], device)
+    path, n = tune(plan, device, args.budget_s, Path(args.table) if args.table else None)
+    print(f"wrote {n} tuned entries to {path}")
+    return 0
+
+
 def cmd_list(parser, args) -> int:
     from moela import knobs
 
@@ -546,7 +570,8 @@ def cmd_default(parser, args) -> int:
     return 1 if bad_checks or _bench_failed(rows) or not ok_layers else 0
 
 
-COMMANDS = {"check": cmd_check, "bench": cmd_bench, "report": cmd_report, "layers": cmd_layers, "list": cmd_list}
+COMMANDS = {"check": cmd_check, "bench": cmd_bench, "report": cmd_report, "layers": cmd_layers, "list": cmd_list,
+            "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
