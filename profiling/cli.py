@@ -8,6 +8,8 @@ references and torch baselines, write reports.
     python -m moela.profiling report A.json [B.json]   markdown + PNG plots (two runs side by side)
     python -m moela.profiling layers           the reference MoE / MLA layers, timed
     python -m moela.profiling list             ops, shape sets, implementations, kernel status
+    python -m moela.profiling audit            every Triton kernel compiled for sm_90/sm_100 (no GPU
+                                               needed), judged by moela.profiling.audit's rules
 
 Without CUDA, kernels run through the Triton interpreter and every time is CPU wall clock:
 such numbers show that things run, and nothing about GPU speed.
@@ -20,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +30,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from . import audit
 
 DEFAULT_OUT = "moela-results"
 DTYPES = ("float32", "bfloat16", "float64")
@@ -152,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--names", action="store_true", help="only the op names, one per line (scripts read this)")
     ls.add_argument("--warm-groups", action="store_true",
                     help="the GPU script's compile warm-up groups, one line of op names each")
+
+    au = parser.subcommands["audit"] = sub.add_parser(
+        "audit", help="compile every Triton kernel for sm_90 (and sm_100) without a GPU and check it against the rules",
+        description=audit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit.build_parser(au)
     return parser
 
 
@@ -570,8 +580,20 @@ def cmd_default(parser, args) -> int:
     return 1 if bad_checks or _bench_failed(rows) or not ok_layers else 0
 
 
+def cmd_audit(parser, args) -> int:
+    """The compile audit (``moela.profiling.audit``): it needs the real kernels, so with
+    ``TRITON_INTERPRET`` set it runs in a child process without it."""
+    from moela import knobs
+
+    if knobs.interpret():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "moela.profiling.audit", *audit.to_argv(args)],
+                              env=env, check=False).returncode
+    return audit.run(args)
+
+
 COMMANDS = {"check": cmd_check, "bench": cmd_bench, "report": cmd_report, "layers": cmd_layers, "list": cmd_list,
-            "tune": cmd_tune}
+            "tune": cmd_tune, "audit": cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
