@@ -37,12 +37,15 @@ _REGISTRY: dict[int, list[tuple[str, str]]] = {}
 
 def register_checks(path: str, world: int, names: list[str]) -> list[str]:
     """Ask for the check functions ``names`` of the module at ``path`` to run on ``world`` ranks."""
-    taken = {name for _, name in _REGISTRY.get(world, [])}
+    taken = set(_REGISTRY.get(world, []))
     for name in names:
-        if name in taken:
-            raise ValueError(f"{name}: a check of that name is already registered for {world} ranks")
-        _REGISTRY.setdefault(world, []).append((str(path), name))
+        if (str(path), name) not in taken:  # (a module collected twice registers once)
+            _REGISTRY.setdefault(world, []).append((str(path), name))
     return list(names)
+
+
+def _key(path: str, name: str) -> str:
+    return f"{Path(path).stem}.{name}"
 
 
 def registered_checks(world: int) -> list[tuple[str, str]]:
@@ -87,39 +90,48 @@ def _worker(rank: int, world: int, port: int, backend: str, checks: list[tuple[s
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     results: dict[str, str | None] = {}
+    seconds: dict[str, float] = {}
     try:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         modules = {path: _load(path) for path in dict.fromkeys(path for path, _ in checks)}
         ctx = Rank(rank, world, backend, device, out_dir)
         for path, name in checks:
+            key = _key(path, name)
             if any(results.values()):
-                results[name] = NOT_RUN
+                results[key] = NOT_RUN
                 continue
             torch.manual_seed(seed_for(name))  # the same data on every rank
+            start = time.perf_counter()
             try:
                 getattr(modules[path], name)(ctx)
-                results[name] = None
+                results[key] = None
             except BaseException:  # noqa: B036 - reported to the parent, which fails the test
-                results[name] = traceback.format_exc()
+                results[key] = traceback.format_exc()
+            seconds[key] = time.perf_counter() - start
     except BaseException:  # noqa: B036
         err = traceback.format_exc()
-        results.update({name: err for _, name in checks if results.get(name) is None})
+        results.update({_key(*c): err for c in checks if results.get(_key(*c)) is None})
     finally:
         tmp = Path(out_dir, f"rank{rank}.tmp")
-        tmp.write_text(json.dumps(results))
+        tmp.write_text(json.dumps({"results": results, "seconds": seconds}))
         tmp.replace(Path(out_dir, f"rank{rank}.json"))  # whole, or not there
         if dist.is_initialized() and not any(results.values()):
             dist.destroy_process_group()
 
 
 class RankResults:
-    """Each check's outcome on each rank; ``check(name)`` raises AssertionError with the failures."""
+    """Each check's outcome on each rank; ``check(name)`` raises AssertionError with the failures.
+    ``seconds[name]``: the check's longest time on a rank; ``wall_s``: the whole spawn."""
 
-    def __init__(self, world: int, names: list[str], per_rank: list[dict[str, str | None]], problem: str | None):
-        self.world, self.names, self.per_rank, self.problem = world, names, per_rank, problem
+    def __init__(self, world: int, names: list[str], per_rank: list[dict], problem: str | None, wall_s: float):
+        self.world, self.names, self.problem, self.wall_s = world, names, problem, wall_s
+        self.per_rank = [r.get("results", {}) for r in per_rank]
+        self.seconds = {n: max((r.get("seconds", {}).get(n, 0.0) for r in per_rank), default=0.0) for n in names}
 
-    def check(self, name: str) -> None:
+    def check(self, path: str, name: str) -> None:
+        """Raise AssertionError with every rank's traceback if check ``name`` of the module at ``path`` failed."""
+        name = _key(path, name)
         if name not in self.names:
             raise KeyError(f"{name} was not run; ran {self.names}")
         errors = [f"---- rank {r}:\n{res.get(name, self.problem)}" for r, res in enumerate(self.per_rank)
@@ -131,7 +143,7 @@ class RankResults:
 def _some_rank_failed(out_dir: str) -> bool:
     for f in Path(out_dir).glob("rank*.json"):
         try:
-            if any(json.loads(f.read_text()).values()):
+            if any(json.loads(f.read_text())["results"].values()):
                 return True
         except ValueError:  # being written
             pass
@@ -146,7 +158,8 @@ def run_ranks(world: int, checks: list[tuple[str, str]], *, backend: str = "gloo
     with tempfile.TemporaryDirectory(prefix="moela-ranks-") as out_dir:
         ctx = mp.start_processes(_worker, args=(world, free_port(), backend, list(checks), out_dir,
                                                 timeout_s), nprocs=world, join=False, start_method="spawn")
-        problem, deadline = None, time.monotonic() + timeout_s
+        started = time.monotonic()
+        problem, deadline = None, started + timeout_s
         try:
             while not ctx.join(timeout=0.5):
                 now = time.monotonic()
@@ -169,4 +182,4 @@ def run_ranks(world: int, checks: list[tuple[str, str]], *, backend: str = "gloo
             per_rank.append(json.loads(f.read_text()) if f.exists() else {})
     if problem is None and any(not res for res in per_rank):
         problem = "the rank wrote no results"
-    return RankResults(world, [name for _, name in checks], per_rank, problem)
+    return RankResults(world, [_key(*c) for c in checks], per_rank, problem, time.monotonic() - started)

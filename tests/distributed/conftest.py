@@ -12,7 +12,7 @@ from distributed_testing import RankResults, registered_checks, run_ranks
 
 
 @pytest.fixture(scope="session")
-def rank_results():
+def rank_results(request):
     cache: dict[tuple[int, str], RankResults] = {}
 
     def get(world: int, backend: str = "gloo") -> RankResults:
@@ -20,4 +20,8 @@ def rank_results():
             cache[world, backend] = run_ranks(world, registered_checks(world), backend=backend)
         return cache[world, backend]
 
-    return get
+    yield get
+    if request.config.getoption("verbose") > 0:  # -v: where the time of each spawned group went
+        for (world, backend), res in cache.items():
+            times = ", ".join(f"{n.split('.check_')[-1]} {s:.1f}" for n, s in res.seconds.items())
+            print(f"\n{world} {backend} ranks: {res.wall_s:.1f} s in all; checks (s): {times}")

@@ -164,16 +164,16 @@ CHECKS_4 = register_checks(__file__, 4, _CHECKS)
 
 @pytest.mark.parametrize("name", CHECKS_2)
 def test_two_gloo_ranks(rank_results, name):
-    rank_results(2).check(name)
+    rank_results(2).check(__file__, name)
 
 
 @pytest.mark.parametrize("name", CHECKS_4)
 def test_four_gloo_ranks(rank_results, name):
-    rank_results(4).check(name)
+    rank_results(4).check(__file__, name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs 2 CUDA devices (NCCL)")
 @pytest.mark.parametrize("name", CHECKS_2)
 def test_two_nccl_ranks(rank_results, name):
-    rank_results(2, "nccl").check(name)
+    rank_results(2, "nccl").check(__file__, name)
