@@ -32,15 +32,18 @@ __all__ = ["Rank", "RankResults", "run_ranks", "register_checks", "registered_ch
 
 NOT_RUN = "not run: an earlier check failed on this rank"
 
-_REGISTRY: dict[int, list[tuple[str, str]]] = {}
+BACKENDS = ("gloo", "nccl")
+_REGISTRY: dict[tuple[int, str], list[tuple[str, str]]] = {}
 
 
-def register_checks(path: str, world: int, names: list[str]) -> list[str]:
-    """Ask for the check functions ``names`` of the module at ``path`` to run on ``world`` ranks."""
-    taken = set(_REGISTRY.get(world, []))
-    for name in names:
-        if (str(path), name) not in taken:  # (a module collected twice registers once)
-            _REGISTRY.setdefault(world, []).append((str(path), name))
+def register_checks(path: str, world: int, names: list[str], backends: tuple[str, ...] = BACKENDS) -> list[str]:
+    """Ask for the check functions ``names`` of the module at ``path`` to run on ``world`` ranks
+    of each backend in ``backends`` (gloo: CPU, nccl: one GPU per rank)."""
+    for backend in backends:
+        checks = _REGISTRY.setdefault((world, backend), [])
+        for name in names:
+            if (str(path), name) not in checks:  # (a module collected twice registers once)
+                checks.append((str(path), name))
     return list(names)
 
 
@@ -48,9 +51,9 @@ def _key(path: str, name: str) -> str:
     return f"{Path(path).stem}.{name}"
 
 
-def registered_checks(world: int) -> list[tuple[str, str]]:
-    """(module path, function name) of every check registered for ``world`` ranks, in order."""
-    return list(_REGISTRY.get(world, []))
+def registered_checks(world: int, backend: str) -> list[tuple[str, str]]:
+    """(module path, function name) of every check registered for ``world`` ranks of ``backend``, in order."""
+    return list(_REGISTRY.get((world, backend), []))
 
 
 class Rank(NamedTuple):

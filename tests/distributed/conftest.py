@@ -17,7 +17,7 @@ def rank_results(request):
 
     def get(world: int, backend: str = "gloo") -> RankResults:
         if (world, backend) not in cache:
-            cache[world, backend] = run_ranks(world, registered_checks(world), backend=backend)
+            cache[world, backend] = run_ranks(world, registered_checks(world, backend), backend=backend)
         return cache[world, backend]
 
     yield get

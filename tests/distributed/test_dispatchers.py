@@ -18,10 +18,17 @@ import torch
 from distributed_testing import Rank, register_checks
 
 import moela.reference as R
-from moela.distributed import AllReduceDispatcher, AllToAllDispatcher, ContiguousLayout, MaskedLayout
+from moela.distributed import (
+    AllReduceDispatcher,
+    AllToAllDispatcher,
+    ContiguousLayout,
+    DeepEPDispatcher,
+    MaskedLayout,
+    deep_ep_available,
+)
 
 E, D, K = 8, 16, 3
-TOKENS = {2: [7, 4], 4: [5, 0, 9, 3]}  # tokens per rank: uneven, one rank without any
+TOKENS = {1: [8], 2: [7, 4], 4: [5, 0, 9, 3]}  # tokens per rank: uneven, one rank without any
 
 
 def _ids(T: int, only_rank0: bool, world: int) -> torch.Tensor:
@@ -99,7 +106,7 @@ def _all_to_all(rank: Rank, only_rank0: bool) -> None:
     for layout_name in ("contiguous", "masked"):
         d = AllToAllDispatcher(E, layout=layout_name)
         xr, wr = _mine(rank, x).clone().requires_grad_(True), _mine(rank, w).clone().requires_grad_(True)
-        xs, layout, handle = d.dispatch(xr, wr, _mine(rank, ids))
+        xs, layout, handle = d.dispatch(xr, wr, _mine(rank, ids), ops=R)  # R on GPUs too: bitwise slot sums
         _check_rows(rank, xs, layout, plan, xs1, d)
         y = d.combine(_apply_experts(xs, layout, scales[d.experts.start:d.experts.stop]), handle)
         y.backward(_mine(rank, dy))
@@ -125,7 +132,7 @@ def _all_reduce(rank: Rank, only_rank0: bool) -> None:
     for layout_name in ("contiguous", "masked"):
         d = AllReduceDispatcher(E, layout=layout_name)
         xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        xs, layout, handle = d.dispatch(xr, wr, ids)
+        xs, layout, handle = d.dispatch(xr, wr, ids, ops=R)
         _check_rows(rank, xs, layout, plan, xs1, d)
         y = d.combine(_apply_experts(xs, layout, scales[d.experts.start:d.experts.stop]), handle)
         y.backward(dy)
@@ -156,10 +163,38 @@ def check_bad_arguments_raise(rank: Rank) -> None:
         d.dispatch(x, torch.rand(3, K, device=rank.device), torch.zeros(3, K, device=rank.device))
 
 
+def check_deep_ep_matches_one_process(rank: Rank) -> None:
+    """DeepEP's normal mode (bf16 on GPUs): forward and gradients within the bound of its bf16 sums;
+    its low-latency mode (masked blocks) forward likewise."""
+    x, w, ids, dy, scales = _inputs(rank, only_rank0=False, replicated=False)
+    x, dy = x.bfloat16(), dy.bfloat16()
+    y1, dx1, dw1, *_ = _one_process(x.double(), w.double(), ids, scales.double(), dy.double())
+    mag_y, mag_dx = _one_process(x.double().abs(), w.double().abs(), ids, scales.double(), dy.double().abs())[:2]
+    gamma = 2 * (K + rank.world) * torch.finfo(torch.bfloat16).eps  # rows and partial sums rounded to bf16
+    d = DeepEPDispatcher(E)
+    xr, wr = _mine(rank, x).clone().requires_grad_(True), _mine(rank, w).clone().requires_grad_(True)
+    xs, layout, handle = d.dispatch(xr, wr, _mine(rank, ids))
+    y = d.combine(_apply_experts(xs, layout, scales[d.experts.start:d.experts.stop].bfloat16()), handle)
+    y.backward(_mine(rank, dy))
+    for name, got, want, mag in (("y", y, y1, mag_y), ("dx", xr.grad, dx1, mag_dx)):
+        err = (got.double() - _mine(rank, want)).abs()
+        assert (err <= gamma * _mine(rank, mag)).all(), f"{name}: error {err.max()} over bound"
+    low = DeepEPDispatcher(E, mode="low_latency", max_tokens_per_rank=16)
+    with torch.no_grad():
+        xs, layout, handle = low.dispatch(_mine(rank, x), _mine(rank, w), _mine(rank, ids))
+        y = low.combine(_apply_experts(xs, layout, scales[low.experts.start:low.experts.stop].bfloat16()), handle)
+    err = (y.double() - _mine(rank, y1)).abs()
+    assert (err <= gamma * _mine(rank, mag_y)).all(), f"low-latency y: error {err.max()} over bound"
+
+
 _CHECKS = ["check_all_to_all_matches_one_process", "check_all_to_all_other_ranks_receive_nothing",
            "check_all_reduce_matches_one_process", "check_all_reduce_other_ranks_receive_nothing"]
 CHECKS_2 = register_checks(__file__, 2, [*_CHECKS, "check_bad_arguments_raise"])
 CHECKS_4 = register_checks(__file__, 4, _CHECKS)
+CHECKS_1 = register_checks(__file__, 1, _CHECKS, backends=("nccl",))  # one GPU: NCCL in a group of one
+DEEP_EP_CHECKS = ["check_deep_ep_matches_one_process"]
+if deep_ep_available():
+    register_checks(__file__, 2, DEEP_EP_CHECKS, backends=("nccl",))
 
 
 @pytest.mark.parametrize("name", CHECKS_2)
@@ -173,7 +208,28 @@ def test_four_gloo_ranks(rank_results, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", CHECKS_1)
+def test_one_nccl_rank(rank_results, name):
+    rank_results(1, "nccl").check(__file__, name)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs 2 CUDA devices (NCCL)")
 @pytest.mark.parametrize("name", CHECKS_2)
 def test_two_nccl_ranks(rank_results, name):
+    rank_results(2, "nccl").check(__file__, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("__import__('torch').cuda.device_count() < 4", reason="needs 4 CUDA devices (NCCL)")
+@pytest.mark.parametrize("name", CHECKS_4)
+def test_four_nccl_ranks(rank_results, name):
+    rank_results(4, "nccl").check(__file__, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs 2 CUDA devices (NCCL)")
+@pytest.mark.skipif(not deep_ep_available(), reason="needs the deep_ep package (DeepEP), not importable here")
+@pytest.mark.parametrize("name", DEEP_EP_CHECKS)
+def test_deep_ep_two_nccl_ranks(rank_results, name):
     rank_results(2, "nccl").check(__file__, name)

@@ -25,8 +25,8 @@ from moela.model import MoE, load_checkpoint, save_checkpoint
 from moela.reference import ModelArgs
 
 TINY = ModelArgs.from_name("tiny", backend="reference")  # 16 experts, top-4, groups 4/2, sigmoid, bias
-TOKENS = {2: [6, 3], 4: [4, 0, 5, 2]}  # tokens per rank: uneven, one rank without any
-SEQS = {2: [2, 1], 4: [1, 0, 2, 1]}  # sequences per rank for 3-D input
+TOKENS = {1: [9], 2: [6, 3], 4: [4, 0, 5, 2]}  # tokens per rank: uneven, one rank without any
+SEQS = {1: [3], 2: [2, 1], 4: [1, 0, 2, 1]}  # sequences per rank for 3-D input
 SEQ_LEN = 3
 ALPHA = 0.01  # sequence balance loss weight
 
@@ -145,10 +145,12 @@ def check_all_to_all_layer_bf16(rank: Rank) -> None:
 
 
 def check_all_to_all_layer_triton(rank: Rank) -> None:
-    """The Triton kernels (interpreted on CPU) inside the expert-parallel layer."""
+    """The Triton kernels inside the expert-parallel layer: float32 through the interpreter (exact
+    float32 products), bf16 on GPUs (whose float32 dots are TF32)."""
     args = TINY.replace(backend="triton", dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2,
                         n_expert_groups=2, n_limited_groups=1)
-    compare_with_one_process(rank, args, "all_to_all")
+    dtype = torch.bfloat16 if rank.device.type == "cuda" else torch.float32
+    compare_with_one_process(rank, args, "all_to_all", dtype=dtype)
 
 
 def check_deepseek_v3_shaped_layer(rank: Rank) -> None:
@@ -195,6 +197,35 @@ def check_checkpoint_loaded_per_rank(rank: Rank) -> None:
     assert ep.w13.shape[0] == n and torch.equal(ep.w13, full.w13[rank.rank * n:(rank.rank + 1) * n])
 
 
+def check_all_reduce_decode_step_cuda_graph(rank: Rank) -> None:
+    """Decode on replicated tokens (GPUs): no host sync, and one CUDA graph replays the whole layer."""
+    args = TINY.replace(backend="triton")
+    layers = _full_layers(args, rank.device, None, rank.world)
+    ep = _ep_layer(args, layers["f64"], "all_reduce", torch.bfloat16, rank.device).eval()
+    x = torch.randn(4, args.dim, device=rank.device)
+    with torch.no_grad():
+        assert_close_derived(ep(x.bfloat16()), layers["f64"].eval()(x.double()), layers["bf16"].eval()(x.bfloat16()),
+                             name="eager y")  # also the warm-up: autotuning stays out of the capture
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ep(x.bfloat16())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        static_x = x.bfloat16().clone()
+        side = torch.cuda.Stream()  # warm up on a side stream, as captures with NCCL want
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ep(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = ep(static_x)
+        x = torch.randn(4, args.dim, device=rank.device)
+        static_x.copy_(x)
+        graph.replay()
+        assert_close_derived(static_y, layers["f64"](x.double()), layers["bf16"](x.bfloat16()), name="replayed y")
+
+
 def check_bad_arguments_raise(rank: Rank) -> None:
     with pytest.raises(ValueError, match="dispatcher: expected one of"):
         MoE(TINY, ep_group=dist.group.WORLD, dispatcher="broadcast")
@@ -204,10 +235,15 @@ def check_bad_arguments_raise(rank: Rank) -> None:
 
 _BOTH = ["check_all_to_all_layer", "check_all_to_all_layer_rank_without_experts_chosen", "check_all_reduce_layer",
          "check_checkpoint_loaded_per_rank"]
-CHECKS_2 = register_checks(__file__, 2, [*_BOTH, "check_all_to_all_layer_sequences", "check_all_to_all_layer_bf16",
-                                         "check_fp8_experts", "check_all_to_all_layer_triton",
-                                         "check_bad_arguments_raise"])
+_MORE = ["check_all_to_all_layer_sequences", "check_all_to_all_layer_bf16", "check_fp8_experts",
+         "check_all_to_all_layer_triton"]
+CHECKS_2 = register_checks(__file__, 2, [*_BOTH, *_MORE, "check_bad_arguments_raise"])
 CHECKS_4 = register_checks(__file__, 4, [*_BOTH, "check_deepseek_v3_shaped_layer"])
+GPU_CHECKS = ["check_all_reduce_decode_step_cuda_graph"]
+register_checks(__file__, 2, GPU_CHECKS, backends=("nccl",))
+register_checks(__file__, 4, GPU_CHECKS, backends=("nccl",))
+# one GPU: the NCCL code paths, the kernels on CUDA and the CUDA graph, in a group of one
+CHECKS_1 = register_checks(__file__, 1, [*_BOTH, *_MORE, *GPU_CHECKS], backends=("nccl",))
 
 
 @pytest.mark.parametrize("name", CHECKS_2)
@@ -221,14 +257,20 @@ def test_four_gloo_ranks(rank_results, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", CHECKS_1)
+def test_one_nccl_rank(rank_results, name):
+    rank_results(1, "nccl").check(__file__, name)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs 2 CUDA devices (NCCL)")
-@pytest.mark.parametrize("name", CHECKS_2)
+@pytest.mark.parametrize("name", CHECKS_2 + GPU_CHECKS)
 def test_two_nccl_ranks(rank_results, name):
     rank_results(2, "nccl").check(__file__, name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif("__import__('torch').cuda.device_count() < 4", reason="needs 4 CUDA devices (NCCL)")
-@pytest.mark.parametrize("name", CHECKS_4)
+@pytest.mark.parametrize("name", CHECKS_4 + GPU_CHECKS)
 def test_four_nccl_ranks(rank_results, name):
     rank_results(4, "nccl").check(__file__, name)
