@@ -292,9 +292,10 @@ class MoE(nn.Module):
 def _make_dispatcher(dispatcher: str | Dispatcher, n_experts: int, group: dist.ProcessGroup) -> Dispatcher:
     """The dispatcher of ``MoE(ep_group=group, dispatcher=...)``: built from its name, or checked."""
     if isinstance(dispatcher, Dispatcher):
-        if dispatcher.n_experts != n_experts or dispatcher.world != dist.get_world_size(group):
-            raise ValueError(f"dispatcher: expected one for {n_experts} experts over the ep_group's "
-                             f"{dist.get_world_size(group)} ranks, got {dispatcher!r}")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if (dispatcher.n_experts, dispatcher.world, dispatcher.rank) != (n_experts, world, rank):
+            raise ValueError(f"dispatcher: expected one for {n_experts} experts over the ep_group's {world} ranks "
+                             f"(this one rank {rank}), got {dispatcher!r}")
         return dispatcher
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher: expected one of {sorted(DISPATCHERS)} or a moela.distributed.Dispatcher, "

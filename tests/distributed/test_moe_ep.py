@@ -21,6 +21,7 @@ import torch.distributed as dist
 from distributed_testing import Rank, register_checks
 from moela_testing import assert_close_derived
 
+from moela.distributed import AllReduceDispatcher, AllToAllDispatcher, Dispatcher
 from moela.model import MoE, load_checkpoint, save_checkpoint
 from moela.reference import ModelArgs
 
@@ -48,7 +49,7 @@ def _full_layers(args: ModelArgs, device, starve_rank: int | None, world: int) -
     return layers
 
 
-def _ep_layer(args: ModelArgs, full: MoE, dispatcher: str, dtype, device) -> MoE:
+def _ep_layer(args: ModelArgs, full: MoE, dispatcher: str | Dispatcher, dtype, device) -> MoE:
     ep = MoE(args, ALPHA, ep_group=dist.group.WORLD, dispatcher=dispatcher).to(device=device, dtype=dtype)
     ep.load_state_dict(full.state_dict())  # takes this rank's experts from the whole layer's state
     return ep
@@ -76,12 +77,12 @@ def _run(layer: MoE, x: torch.Tensor, dy: torch.Tensor):
     return y, aux, x.grad, grads
 
 
-def compare_with_one_process(rank: Rank, args: ModelArgs, dispatcher: str, *, dtype=torch.float32,
+def compare_with_one_process(rank: Rank, args: ModelArgs, dispatcher: str | Dispatcher, *, dtype=torch.float32,
                              starve_rank: int | None = None, sequences: bool = False) -> None:
     device, W = rank.device, rank.world
     layers = _full_layers(args, device, starve_rank, W)
     ep = _ep_layer(args, layers["f64"], dispatcher, dtype, device)
-    sharded = dispatcher != "all_reduce"
+    sharded = ep.dispatcher.shards_tokens
     if sequences:  # (B, SEQ_LEN, D): the balance loss per sequence, averaged over every rank's sequences
         counts, shape = SEQS[W], (sum(SEQS[W]), SEQ_LEN, args.dim)
     else:  # (T, D): one sequence across the ranks
@@ -138,6 +139,12 @@ def check_all_to_all_layer_rank_without_experts_chosen(rank: Rank) -> None:
 
 def check_all_reduce_layer(rank: Rank) -> None:
     compare_with_one_process(rank, TINY, "all_reduce", starve_rank=1)
+
+
+def check_masked_layout_layers(rank: Rank) -> None:
+    """Dispatchers that hand out masked blocks (the layer runs them as contiguous rows for now)."""
+    for dispatcher in (AllToAllDispatcher, AllReduceDispatcher):
+        compare_with_one_process(rank, TINY, dispatcher(TINY.n_routed_experts, layout="masked"))
 
 
 def check_all_to_all_layer_bf16(rank: Rank) -> None:
@@ -236,7 +243,7 @@ def check_bad_arguments_raise(rank: Rank) -> None:
 _BOTH = ["check_all_to_all_layer", "check_all_to_all_layer_rank_without_experts_chosen", "check_all_reduce_layer",
          "check_checkpoint_loaded_per_rank"]
 _MORE = ["check_all_to_all_layer_sequences", "check_all_to_all_layer_bf16", "check_fp8_experts",
-         "check_all_to_all_layer_triton"]
+         "check_all_to_all_layer_triton", "check_masked_layout_layers"]
 CHECKS_2 = register_checks(__file__, 2, [*_BOTH, *_MORE, "check_bad_arguments_raise"])
 CHECKS_4 = register_checks(__file__, 4, [*_BOTH, "check_deepseek_v3_shaped_layer"])
 GPU_CHECKS = ["check_all_reduce_decode_step_cuda_graph"]
