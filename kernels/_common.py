@@ -1,35 +1,32 @@
-"""Helpers shared by the kernel launchers: device checks, autotune config lists, small math.
+"""Host-side helpers shared by the kernel launchers: device checks, autotune config lists, small math.
 
-Autotune rule (STYLE.md 6, INTERPRETER.md): a kernel's configs come from a function; on a GPU
-all of them are tried unless an environment variable pins one; under the Triton interpreter
-exactly one config is used (the interpreter cannot autotune more than one).
+Autotune rule: a kernel's configs come from a function; on a GPU all of them are tried unless
+``MOELA_<KERNEL>_CONFIG`` pins one (``moela.knobs``); under the Triton interpreter exactly one
+config is used (the interpreter cannot autotune more than one). ``MOELA_AUTOTUNE=0`` times
+nothing: every kernel runs the first of its configs that its pruner keeps for the inputs.
+:func:`autotune` is ``triton.autotune`` timing each config for ``MOELA_AUTOTUNE_REP_MS`` after
+``MOELA_AUTOTUNE_WARMUP_MS`` (25 and 5 ms by default, instead of Triton's 100 + 25 ms).
 
-Pinning a config: ``MOELA_<KERNEL>_CONFIG="BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,num_warps=4,num_stages=4"``
-(names are the kernel's constexprs plus ``num_warps``/``num_stages``). ``MOELA_AUTOTUNE=0``
-times nothing: every kernel runs the first of its configs that its pruner keeps for the inputs
-(configs[0] unless, say, float32 operands would overflow its shared memory).
-
-Tuning cost: :func:`autotune` is ``triton.autotune`` timing each config for
-``MOELA_AUTOTUNE_REP_MS`` (default 25) after ``MOELA_AUTOTUNE_WARMUP_MS`` (default 5) instead
-of Triton's 100 + 25 ms: plenty of repetitions for kernels of microseconds to a few
-milliseconds, and four times less tuning per new shape key.
+:func:`run_direct` decides when a public op may skip its ``torch.library`` dispatch layers.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-import os
 
 import torch
 import triton
 
-from moela.kernels.interpreter import interpreter_active
+from moela import knobs
 
 __all__ = [
     "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "m_bucket",
-    "next_power_of_2", "run_direct", "on_tensor_device",
+    "next_power_of_2", "run_direct", "check_fp8_capability", "MIN_FP8_CAPABILITY", "direct_path_probes",
+    "kernel_dtype", "kernel_rows",
 ]
+
+#: e4m3 needs Ada (sm_89) or Hopper (sm_90) and later.
+MIN_FP8_CAPABILITY = (8, 9)
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 # run_direct's probes (private torch API; without them every call goes through its op)
@@ -72,39 +69,26 @@ def autotune_configs(name: str, configs: list[triton.Config]) -> list[triton.Con
     ``configs[0]`` is the default: the one used under the interpreter (and, with
     MOELA_AUTOTUNE=0, the first one :func:`autotune`'s pruning keeps).
     """
-    env_var = f"MOELA_{name.upper()}_CONFIG"
-    pinned = os.environ.get(env_var)
+    env_var = knobs.config_knob(name)
+    pinned = knobs.get(env_var)
     if pinned:
         return [parse_config(pinned, env_var)]
-    if interpreter_active():
+    if knobs.interpret():
         return configs[:1]
     return configs
 
 
 def autotune_off() -> bool:
     """``MOELA_AUTOTUNE=0``: run each kernel's first fitting config, time nothing."""
-    return os.environ.get("MOELA_AUTOTUNE", "1") == "0"
-
-
-def _env_ms(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected a number of milliseconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive number of milliseconds, got {raw!r}")
-    return value
+    return knobs.get("MOELA_AUTOTUNE") == "0"
 
 
 def _tuning_bench(kernel_call, quantiles):
     """How ``triton.autotune`` times one config (read at tuning time, so tests can change it)."""
     from triton.testing import do_bench
 
-    return do_bench(kernel_call, warmup=_env_ms("MOELA_AUTOTUNE_WARMUP_MS", 5.0),
-                    rep=_env_ms("MOELA_AUTOTUNE_REP_MS", 25.0), quantiles=quantiles)
+    return do_bench(kernel_call, warmup=knobs.get_ms("MOELA_AUTOTUNE_WARMUP_MS"),
+                    rep=knobs.get_ms("MOELA_AUTOTUNE_REP_MS"), quantiles=quantiles)
 
 
 def _untimed(kernel_call, quantiles):
@@ -133,14 +117,43 @@ def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dic
 
 def check_kernel_device(name: str, t: torch.Tensor) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreter_active()):
+    if t.device.type == "cuda" or (t.device.type == "cpu" and knobs.interpret()):
         return
     raise ValueError(
         f"{name}: expected a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device {t.device}"
     )
 
 
-def run_direct(*tensors: object) -> bool:
+@functools.cache
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def check_fp8_capability(name: str, device: torch.device) -> None:
+    """Raise ``RuntimeError`` on a CUDA device without e4m3 support (before sm_89).
+
+    Reads the (cached) compute capability only; never synchronises. CPU devices pass (the
+    Triton interpreter emulates fp8).
+    """
+    if device.type != "cuda":
+        return
+    cap = _device_capability(device)
+    if tuple(cap) < MIN_FP8_CAPABILITY:
+        raise RuntimeError(
+            f"{name}: the FP8 (e4m3) kernels need a GPU of compute capability >= "
+            f"{MIN_FP8_CAPABILITY[0]}.{MIN_FP8_CAPABILITY[1]} (Ada, Hopper or later); {device} is "
+            f"sm_{cap[0]}{cap[1]}. Use the moela.reference FP8 functions (or dequant + F.linear) there."
+        )
+
+
+def direct_path_probes() -> dict[str, bool]:
+    """Which of the private torch probes :func:`run_direct` relies on exist in this torch (a test
+    asserts all of them: a torch that drops one must fail it, not silently lose the fast path)."""
+    return {"dispatch modes": _dispatch_modes is not None, "functorch stack": _functorch_stack is not None,
+            "torch-function modes": _function_modes is not None}
+
+
+def run_direct(*tensors: object, grad: bool = True) -> bool:
     """May a public op call its launcher directly instead of through its ``torch.library`` op?
 
     The custom op (``torch.ops.moela.*``) is what autograd, ``torch.compile``, ``torch.jit.trace``,
@@ -150,16 +163,17 @@ def run_direct(*tensors: object) -> bool:
     pay in full. So the ops run their launcher directly when none of those can be involved: not
     compiling or tracing, no dispatch or torch-function mode (``with torch.device(...)`` is one)
     or functorch transform active, every tensor a plain ``Tensor``/``Parameter`` off the meta
-    device, and no gradient to record (grad mode off, or no input requires it). Both paths
-    run the same launcher: the same kernels, bits and errors. ``None`` entries are skipped;
-    anything else that is not a plain tensor sends the call through the op (whose checks name
-    it). Costs about a microsecond.
+    device, and no gradient to record (grad mode off, or no input requires it; ``grad=False``
+    for ops without a gradient, whose outputs never record one). Both paths run the same
+    launcher: the same kernels, bits and errors. ``None`` entries are skipped; anything else
+    that is not a plain tensor sends the call through the op (whose checks name it). Costs
+    about a microsecond.
     """
     if (torch.compiler.is_compiling() or _dispatch_modes is None or _functorch_stack is None
             or _function_modes is None or _dispatch_modes() or _functorch_stack() is not None
             or _function_modes() or torch.jit.is_tracing()):
         return False
-    grad = torch.is_grad_enabled()
+    grad = grad and torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
@@ -168,24 +182,18 @@ def run_direct(*tensors: object) -> bool:
     return True
 
 
-def on_tensor_device(launcher):
-    """Decorator for a launcher whose first argument is its main tensor: launch on that tensor's GPU.
+def _names(dtypes) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
 
-    Triton launches on the *current* CUDA device (and its current stream), whatever the device
-    of the pointers it is given; a layer placed on ``cuda:1`` while ``cuda:0`` is current (a
-    model split across GPUs) would otherwise run its kernels on the wrong GPU. When the tensor's
-    device is not the current one, the launcher runs under ``torch.cuda.device(tensor.device)``
-    (its current stream there). A check of the current device otherwise: no cost to speak of.
-    """
 
-    first = next(iter(inspect.signature(launcher).parameters))
+def kernel_dtype(op: str, name: str, t: torch.Tensor, dtypes) -> None:
+    """The kernel's narrower dtype domain, said in words (the reference takes more)."""
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: the Triton {op} kernel takes {_names(dtypes)}, got {t.dtype} "
+                        f"(moela.reference.{op} computes it)")
 
-    @functools.wraps(launcher)
-    def wrapper(*args, **kwargs):
-        t = args[0] if args else kwargs.get(first)
-        if isinstance(t, torch.Tensor) and t.is_cuda and t.device.index != torch.cuda.current_device():
-            with torch.cuda.device(t.device):
-                return launcher(*args, **kwargs)
-        return launcher(*args, **kwargs)
 
-    return wrapper
+def kernel_rows(op: str, name: str, rows: int, limit: int = 2**31 - 1) -> None:
+    """The kernels index rows (and plan rows) in int32: at most ``limit`` of them."""
+    if rows > limit:
+        raise ValueError(f"{name}: the Triton {op} kernel takes at most {limit} rows (int32 indices), got {rows}")

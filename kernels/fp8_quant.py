@@ -32,86 +32,47 @@ strides change). Weight scales are read once per (128-row N block, K block): the
 not matter.
 
 Every op needs an FP8-capable GPU (compute capability >= 8.9) or the Triton interpreter on the
-CPU; ``check_fp8_capability`` raises a clear error on older GPUs.
+CPU; older GPUs get a clear error. The kernels take blocks up to ``MAX_BLOCK`` (one block per
+program); the reference takes any.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from moela.kernels._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    check_kernel_device,
-    next_power_of_2,
-    on_tensor_device,
-    run_direct,
+from moela.reference._checks import check_tensor
+from moela.reference.fp8 import (
+    AMAX_FLOOR,
+    FP8_DTYPE,
+    FP8_MAX,
+    check_dequant,
+    check_quant_act,
+    check_quant_weight,
+    scale_divisors,
 )
-from moela.reference._checks import FLOAT_DTYPES, check_positive_int, check_same_device, check_tensor
-from moela.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, SCALE_FMTS
+
+from ._common import autotune, autotune_configs, cdiv, next_power_of_2
+from .factory import kernel_op
+from .tl_helpers import abs_bits, block_scale, saturate_to_fp8
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "AMAX_FLOOR", "MIN_FP8_CAPABILITY",
+    "FP8_DTYPE", "FP8_MAX", "AMAX_FLOOR", "MAX_BLOCK",
     "quant_act", "quant_weight", "dequant",
-    "quant_act_fwd", "quant_weight_fwd", "dequant_fwd",
-    "check_fp8_capability", "check_scale_fmt",
     "empty_col_major_scales", "to_col_major", "to_row_major",
 ]
 
-#: e4m3 needs Ada (sm_89) or Hopper (sm_90) and later.
-MIN_FP8_CAPABILITY = (8, 9)
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: The largest scale block the kernels take (a quant_weight program holds one block×block tile).
+MAX_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _abs_bits(x):
-    """|x| as int32 bits: for non-negative floats the integer order is the float order, and every
-    NaN (sign cleared) sorts above inf, so an integer max of these is a NaN-propagating amax (a
-    GPU's float max drops NaN; a custom-combine tl.reduce would be slow in the interpreter)."""
-    return tl.abs(x).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _ue8m0_ceil(scale):
-    """``2**ceil(log2(scale))`` exactly (``reference.fp8.block_scale``), in integer ops so that a GPU
-    (whose log2 is approximate) computes the same bits: a positive normal float32 is its own power
-    of two when its mantissa bits are zero, else the exponent goes up by one. inf and NaN pass
-    through; an exponent that reaches 255 gives inf, like exp2(128).
-    """
-    bits = scale.to(tl.int32, bitcast=True)
-    expo = (bits >> 23) & 0xFF
-    up = ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    rounded = ((expo + up) << 23).to(tl.float32, bitcast=True)
-    return tl.where(expo == 0xFF, scale, rounded)
-
-
-@triton.jit
-def _block_scale(amax, UE8M0: tl.constexpr):
-    """float32 scale from a block's float32 amax (``reference.fp8.block_scale``)."""
-    floor = tl.full(amax.shape, 1e-4, tl.float32)  # AMAX_FLOOR
-    scale = tl.math.div_rn(tl.maximum(amax, floor, propagate_nan=tl.PropagateNan.ALL), 448.0)  # FP8_MAX
-    if UE8M0:
-        scale = _ue8m0_ceil(scale)
-    return scale
-
-
-@triton.jit
-def _saturate_to_fp8(x, scale, dtype: tl.constexpr):
-    """``clamp(x / scale, ±448).to(e4m3)``: IEEE division, NaN kept through the clamp."""
-    y = tl.math.div_rn(x, scale)
-    y = tl.clamp(y, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    return y.to(dtype)
 
 
 @triton.jit
@@ -140,8 +101,8 @@ def _quant_act_kernel(
 
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    scale = _block_scale(tl.max(_abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
-    q = _saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
+    scale = block_scale(tl.max(abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
+    q = saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * stride_qr + cols[None, :] * stride_qk, q, mask=mask)
     tl.store(s_ptr + rows * stride_sr + kb * stride_sk, scale, mask=row_mask)
 
@@ -170,9 +131,9 @@ def _quant_weight_kernel(
 
     w = tl.load(w_ptr + l * stride_wl + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
     w = w.to(tl.float32)
-    amax = tl.max(tl.max(_abs_bits(w), 1), 0).to(tl.float32, bitcast=True)
-    scale = _block_scale(amax, UE8M0)
-    q = _saturate_to_fp8(w, scale, q_ptr.dtype.element_ty)
+    amax = tl.max(tl.max(abs_bits(w), 1), 0).to(tl.float32, bitcast=True)
+    scale = block_scale(amax, UE8M0)
+    q = saturate_to_fp8(w, scale, q_ptr.dtype.element_ty)
     tl.store(q_ptr + l * stride_ql + rows[:, None] * stride_qn + cols[None, :] * stride_qk, q, mask=mask)
     tl.store(s_ptr + l * stride_sl + nb.to(tl.int64) * stride_sn + kb.to(tl.int64) * stride_sk, scale)
 
@@ -223,62 +184,10 @@ _quant_act_tuned = autotune(configs=_quant_act_configs(), key=["K", "BLOCK"])(_q
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _device_capability(device: torch.device) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(device))
-
-
-def check_fp8_capability(name: str, device: torch.device) -> None:
-    """Raise ``RuntimeError`` on a CUDA device without e4m3 support (before sm_89).
-
-    Reads the (cached) compute capability only; never synchronises. CPU devices pass (the
-    Triton interpreter emulates fp8).
-    """
-    if device.type != "cuda":
-        return
-    cap = _device_capability(device)
-    if tuple(cap) < MIN_FP8_CAPABILITY:
-        raise RuntimeError(
-            f"{name}: the FP8 (e4m3) kernels need a GPU of compute capability >= "
-            f"{MIN_FP8_CAPABILITY[0]}.{MIN_FP8_CAPABILITY[1]} (Ada, Hopper or later); {device} is "
-            f"sm_{cap[0]}{cap[1]}. Use the moela.reference FP8 functions (or dequant + F.linear) there."
-        )
-
-
-def _check_device(name: str, t: torch.Tensor) -> None:
-    check_kernel_device(name, t)
-    check_fp8_capability(name, t.device)
-
-
-def check_scale_fmt(scale_fmt: object) -> None:
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
-
-
-def _check_act_args(x: object, block: object, scale_fmt: object) -> None:
-    """quant_act's argument checks (the launcher and the fake): no values read."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_positive_int("block", block)
-    check_scale_fmt(scale_fmt)
-    if x.ndim == 0:
-        raise ValueError("x: expected at least 1 dimension, got a scalar")
-
-
-def _check_weight_args(w: object, block: object, scale_fmt: object) -> None:
-    """quant_weight's argument checks (the launcher and the fake): no values read."""
-    check_tensor("w", w, dtypes=FLOAT_DTYPES)
-    check_positive_int("block", block)
-    check_scale_fmt(scale_fmt)
-    if w.ndim < 2:
-        raise ValueError(f"w: expected at least 2 dimensions (..., N, K), got shape {tuple(w.shape)}")
-
-
-def _check_out(name: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor):
-    if out is None:
-        return
-    check_tensor(name, out, dtypes=(dtype,), shape=shape)
-    if out.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device}, got {out.device}")
+def _domain_block(op: str, block: int) -> None:
+    if block > MAX_BLOCK:
+        raise ValueError(f"block: the Triton {op} kernel takes blocks up to {MAX_BLOCK} (one block per program), "
+                         f"got {block} (moela.reference.{op} takes any)")
 
 
 def empty_col_major_scales(rows: int, num_kb: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -302,140 +211,99 @@ def to_row_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.contiguous()
 
 
-@on_tensor_device
-def quant_act_fwd(
-    x: torch.Tensor,
-    block: int = 128,
-    scale_fmt: str | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    scale_out: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the 1×block quantizer: ``x (..., K) -> (e4m3 (..., K), scale (..., Kb) f32)``.
+def _view(t: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """``t`` as a view of ``shape`` (an output buffer must not be copied)."""
+    try:
+        return t.view(shape)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: its leading dims must flatten into one without a copy, got strides "
+                         f"{t.stride()} for shape {tuple(t.shape)}") from e
 
-    ``out`` / ``scale_out`` (optional) are written in place and returned; they may have any
-    strides (e.g. ``empty_col_major_scales`` for 2-D ``x``). ``config`` (e.g. ``{"BLOCK_R": 16,
-    "num_warps": 4}``) bypasses autotuning.
+
+def _quant_act_domain(x, block=128, scale_fmt=None) -> None:
+    _domain_block("quant_act", block)
+
+
+@kernel_op("quant_act", contract=check_quant_act, domain=_quant_act_domain, fp8=True)
+def quant_act(out, x: Tensor, block: int = 128, scale_fmt: str | None = None, *,
+              config=None) -> tuple[Tensor, Tensor]:
+    """1×block e4m3 quantization of the last dim, bit-exact with ``moela.reference.quant_act``.
+
+    Args:
+        x: (..., K) float16/bfloat16/float32/float64 (any leading shape, any strides).
+        block: scale block along K (DeepSeek: 128), up to ``MAX_BLOCK``.
+        scale_fmt: None (float32 ``amax/448``) or "ue8m0" (rounded up to a power of two).
+    Returns:
+        ``(q (..., K) float8_e4m3fn, scale (..., ceil(K/block)) float32)``, ``x ≈ q · scale``.
+        ``quant_act.launch(x, out=(q, s))`` writes given buffers of any strides, such as
+        ``empty_col_major_scales`` (what ``fp8_gemm`` reads fastest).
+
+    Example::
+
+        q, s = quant_act(torch.randn(4, 7168, device="cuda", dtype=torch.bfloat16))
     """
-    _check_act_args(x, block, scale_fmt)
-    _check_device("x", x)
+    q, s = out
     K = x.shape[-1]
     num_kb = cdiv(K, block)
-    _check_out("out", out, tuple(x.shape), FP8_DTYPE, x)
-    _check_out("scale_out", scale_out, (*x.shape[:-1], num_kb), torch.float32, x)
-    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device) if out is None else out
-    s = torch.empty((*x.shape[:-1], num_kb), dtype=torch.float32, device=x.device) if scale_out is None else scale_out
     R = x.numel() // K if K else 0
     if R == 0 or K == 0:
-        return q, s
-    x2, q2, s2 = x.reshape(R, K), _rows_view(q, R, K, "out"), _rows_view(s, R, num_kb, "scale_out")
+        return
+    x2, q2, s2 = x.reshape(R, K), _view(q, (R, K), "out[0]"), _view(s, (R, num_kb), "out[1]")
     args = (x2, q2, s2, R, K, num_kb, *x2.stride(), *q2.stride(), *s2.stride())
     consts = dict(BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0")
     if config is None:
-        grid = lambda meta: (cdiv(R, meta["BLOCK_R"]) * num_kb,)
-        _quant_act_tuned[grid](*args, **consts)
+        _quant_act_tuned[lambda meta: (cdiv(R, meta["BLOCK_R"]) * num_kb,)](*args, **consts)
     else:
         meta = dict(config)
         _quant_act_kernel[(cdiv(R, meta["BLOCK_R"]) * num_kb,)](*args, **consts, **meta)
-    return q, s
 
 
-def _rows_view(t: torch.Tensor, rows: int, cols: int, name: str) -> torch.Tensor:
-    """``t`` (..., cols) as a (rows, cols) *view* (an output buffer must not be copied)."""
-    try:
-        return t.view(rows, cols)
-    except RuntimeError as e:
-        raise ValueError(f"{name}: its leading dims must flatten into one without a copy, got strides "
-                         f"{t.stride()} for shape {tuple(t.shape)}") from e
+def _quant_weight_domain(w, block=128, scale_fmt=None) -> None:
+    _domain_block("quant_weight", block)
 
 
-@on_tensor_device
-def quant_weight_fwd(
-    w: torch.Tensor,
-    block: int = 128,
-    scale_fmt: str | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    scale_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the block×block quantizer: ``w (..., N, K) -> (e4m3, scale (..., Nb, Kb) f32)``."""
-    _check_weight_args(w, block, scale_fmt)
-    _check_device("w", w)
+@kernel_op("quant_weight", contract=check_quant_weight, domain=_quant_weight_domain, fp8=True)
+def quant_weight(out, w: Tensor, block: int = 128, scale_fmt: str | None = None, *,
+                 config=None) -> tuple[Tensor, Tensor]:
+    """block×block e4m3 quantization, bit-exact with ``moela.reference.quant_weight``.
+
+    Args:
+        w: (N, K) or stacked experts (E, N, K) (any leading shape), float16/bf16/float32/float64.
+        block: up to ``MAX_BLOCK``; scale_fmt: None or "ue8m0".
+    Returns:
+        ``(q like w in float8_e4m3fn, scale (..., ceil(N/B), ceil(K/B)) float32)`` — DeepSeek's
+        checkpoint pair ``(weight, weight_scale_inv)``.
+    """
+    q, s = out
     N, K = w.shape[-2:]
     nb, kb = cdiv(N, block), cdiv(K, block)
-    lead = tuple(w.shape[:-2])
-    _check_out("out", out, tuple(w.shape), FP8_DTYPE, w)
-    _check_out("scale_out", scale_out, (*lead, nb, kb), torch.float32, w)
-    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device) if out is None else out
-    s = torch.empty((*lead, nb, kb), dtype=torch.float32, device=w.device) if scale_out is None else scale_out
-    L = math.prod(lead)
+    L = math.prod(w.shape[:-2])
     if L == 0 or N == 0 or K == 0:
-        return q, s
+        return
     w3 = w.reshape(L, N, K)
-    q3 = _lead_view(q, L, (N, K), "out")
-    s3 = _lead_view(s, L, (nb, kb), "scale_out")
+    q3, s3 = _view(q, (L, N, K), "out[0]"), _view(s, (L, nb, kb), "out[1]")
     bp2 = next_power_of_2(block)
     _quant_weight_kernel[(kb, nb, L)](
         w3, q3, s3, N, K, *w3.stride(), *q3.stride(), *s3.stride(),
-        BLOCK=block, BLOCK_P2=bp2, UE8M0=scale_fmt == "ue8m0", num_warps=8 if bp2 >= 128 else 4,
+        BLOCK=block, BLOCK_P2=bp2, UE8M0=scale_fmt == "ue8m0",
+        **(dict(config) if config else {"num_warps": 8 if bp2 >= 128 else 4}),
     )
-    return q, s
 
 
-def _lead_view(t: torch.Tensor, lead: int, last2: tuple[int, int], name: str) -> torch.Tensor:
-    try:
-        return t.view(lead, *last2)
-    except RuntimeError as e:
-        raise ValueError(f"{name}: its leading dims must flatten into one without a copy, got strides "
-                         f"{t.stride()} for shape {tuple(t.shape)}") from e
+@kernel_op("dequant", contract=check_dequant, fp8=True)
+def dequant(out, x: Tensor, scale: Tensor, block: int = 128, out_dtype: torch.dtype = torch.float32, *,
+            config=None) -> Tensor:
+    """``x.float() * scale`` with the scale broadcast over its blocks (activation or weight layout),
+    cast to ``out_dtype``; bit-exact with ``moela.reference.dequant``.
 
-
-def _scale_divisors(scale: torch.Tensor, shape: tuple[int, ...], block: int) -> list[int]:
-    """Per dim: 1 if the scale dim is full size, ``block`` if it is ceil(size/block) (else raise)."""
-    if scale.ndim != len(shape):
-        raise ValueError(f"scale: expected {len(shape)} dims to match the values {shape}, "
-                         f"got shape {tuple(scale.shape)}")
-    divs = []
-    for d, (s, n) in enumerate(zip(scale.shape, shape, strict=True)):
-        if s == n:
-            divs.append(1)
-        elif s == cdiv(n, block):
-            divs.append(block)
-        else:
-            raise ValueError(f"scale: dim {d} has {s} entries; expected {n} or ceil({n}/{block})="
-                             f"{cdiv(n, block)} for values of shape {shape}")
-    return divs
-
-
-@on_tensor_device
-def dequant_fwd(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    block: int = 128,
-    out_dtype: torch.dtype = torch.float32,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch ``x.float() * scale`` (scale broadcast over its blocks), cast to ``out_dtype``.
-
-    Each dim of ``scale`` is either the full size of ``x``'s dim or ceil(size/block), as in the
-    reference. The last two dims are indexed in the kernel; a blocked leading dim (rare: the
-    activation and weight layouts never have one) is expanded on the host first.
+    Each dim of ``scale`` is either the full size of ``x``'s dim or ceil(size/block). The last
+    two dims are indexed in the kernel; a blocked leading dim (rare: the activation and weight
+    layouts never have one) is expanded on the host first.
     """
-    check_tensor("x", x, dtypes=(FP8_DTYPE,))
-    check_tensor("scale", scale, dtypes=(torch.float32,))
-    check_positive_int("block", block)
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")
-    check_same_device(x=x, scale=scale)
-    _check_device("x", x)
     shape = tuple(x.shape)
-    divs = _scale_divisors(scale, shape, block)
-    _check_out("out", out, shape, out_dtype, x)
-    o = torch.empty(shape, dtype=out_dtype, device=x.device) if out is None else out
     if x.numel() == 0:
-        return o
+        return
+    divs = scale_divisors(tuple(scale.shape), shape, block)
     for d in range(max(x.ndim - 2, 0)):
         if divs[d] != 1:
             scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, shape[d])
@@ -446,96 +314,9 @@ def dequant_fwd(
     L = math.prod(shape[:-2])
     x3 = x.reshape(L, N, K)
     s3 = scale.reshape(L, *(*pad, *scale.shape)[-2:])
-    o3 = _lead_view(o, L, (N, K), "out")
+    o3 = _view(out, (L, N, K), "out")
     BLOCK_N, BLOCK_K = 64, 128  # 8 KB of e4m3 per program, 16-byte loads
     _dequant_kernel[(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N), L)](
         x3, s3, o3, N, K, *x3.stride(), *s3.stride(), *o3.stride(),
-        DIV_N=div_n, DIV_K=div_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
+        DIV_N=div_n, DIV_K=div_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **(dict(config) if config else {"num_warps": 4}),
     )
-    return o
-
-
-# ----------------------------------------------------------------------------------------------
-# Public ops (same signatures and semantics as moela.reference.fp8)
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moela::quant_act", mutates_args=())
-def _quant_act_op(x: torch.Tensor, block: int = 128,
-                  scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant_act_fwd(x, block, scale_fmt)
-
-
-@_quant_act_op.register_fake
-def _(x, block=128, scale_fmt=None):
-    _check_act_args(x, block, scale_fmt)  # the launcher's errors, also while tracing
-    K = x.shape[-1]
-    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:-1], cdiv(K, block)), dtype=torch.float32)
-
-
-def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """1×block e4m3 quantization of the last dim, bit-exact with ``moela.reference.quant_act``.
-
-    Args:
-        x: (..., K) float16/bfloat16/float32/float64 (any leading shape).
-        block: scale block along K (DeepSeek: 128); any positive int.
-        scale_fmt: None (float32 ``amax/448``) or "ue8m0" (rounded up to a power of two).
-    Returns:
-        ``(q (..., K) float8_e4m3fn, scale (..., ceil(K/block)) float32)``, ``x ≈ q · scale``.
-
-    Example::
-
-        q, s = quant_act(torch.randn(4, 7168, device="cuda", dtype=torch.bfloat16))
-    """
-    if run_direct(x):  # eager, nothing to record: the launcher itself (same bits)
-        return quant_act_fwd(x, block, scale_fmt)
-    return _quant_act_op(x, block, scale_fmt)
-
-
-@torch.library.custom_op("moela::quant_weight", mutates_args=())
-def _quant_weight_op(w: torch.Tensor, block: int = 128,
-                     scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant_weight_fwd(w, block, scale_fmt)
-
-
-@_quant_weight_op.register_fake
-def _(w, block=128, scale_fmt=None):
-    _check_weight_args(w, block, scale_fmt)
-    N, K = w.shape[-2:]
-    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
-            w.new_empty((*w.shape[:-2], cdiv(N, block), cdiv(K, block)), dtype=torch.float32))
-
-
-def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """block×block e4m3 quantization, bit-exact with ``moela.reference.quant_weight``.
-
-    Args:
-        w: (N, K) or stacked experts (E, N, K) (any leading shape), float16/bf16/float32/float64.
-    Returns:
-        ``(q like w in float8_e4m3fn, scale (..., ceil(N/B), ceil(K/B)) float32)`` — DeepSeek's
-        checkpoint pair ``(weight, weight_scale_inv)``.
-    """
-    if run_direct(w):  # eager, nothing to record: the launcher itself (same bits)
-        return quant_weight_fwd(w, block, scale_fmt)
-    return _quant_weight_op(w, block, scale_fmt)
-
-
-@torch.library.custom_op("moela::dequant", mutates_args=())
-def _dequant_op(x: torch.Tensor, scale: torch.Tensor, block: int = 128,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return dequant_fwd(x, scale, block, out_dtype)
-
-
-@_dequant_op.register_fake
-def _(x, scale, block=128, out_dtype=torch.float32):
-    check_same_device(x=x, scale=scale)  # a meta scale dispatches here: never a silent empty result
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-def dequant(x: torch.Tensor, scale: torch.Tensor, block: int = 128,
-            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``x.float() * scale`` with the scale broadcast over its blocks (activation or weight layout),
-    cast to ``out_dtype``; bit-exact with ``moela.reference.dequant``."""
-    if run_direct(x, scale):  # eager, nothing to record: the launcher itself (same bits)
-        return dequant_fwd(x, scale, block, out_dtype)
-    return _dequant_op(x, scale, block, out_dtype)

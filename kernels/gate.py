@@ -33,12 +33,10 @@ kernels use their own vectorised exp and softmax order, so on a CPU the scores c
 from the reference's in the last bit: equal only where no two scores are that close). The
 weights agree with the reference's within float32 rounding (the sigmoid sum's order differs).
 
-Hopper reasoning (not measured: no GPU was available while this was written). The kernel is
-latency-bound: T·E float32 logits (4 MB at T = 16384, E = 256) are read once (twice for the
-softmax denominator, from L1/L2) and k rounds of two row reductions run on registers.
-BLOCK_T and the warps are autotuned per (E, k, groups, token class): decode (T <= 256) wants
-many small programs, prefill wants fewer, fatter ones. Goal: gate + plan <= 20 µs at T <= 256
-and <= 60 µs at T = 16384, E = 256 (unmeasured).
+The kernel is latency-bound: T·E float32 logits are read once (twice for the softmax
+denominator, from L1/L2) and k rounds of two row reductions run on registers. BLOCK_T and the
+warps are autotuned per (E, k, groups, token class): decode (T <= 256) wants many small
+programs, prefill fewer, fatter ones. The kernel takes at most ``MAX_EXPERTS`` experts.
 """
 
 from __future__ import annotations
@@ -49,31 +47,25 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+from torch import Tensor
 
-from moela.kernels.interpreter import interpreter_active
-from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_positive_int, check_same_device, check_tensor
+from moela import knobs
+from moela.reference._checks import accumulate_dtype
 from moela.reference.config import ModelArgs
+from moela.reference.moe import check_gate, check_route
 
-from ._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    check_kernel_device,
-    next_power_of_2,
-    on_tensor_device,
-    run_direct,
-)
+from ._common import autotune, autotune_configs, cdiv, next_power_of_2
+from .factory import kernel_op
+from .tl_helpers import div, exp
 
-__all__ = ["route", "gate", "route_fwd", "MAX_EXPERTS", "SCORE_FUNCS"]
+__all__ = ["route", "gate", "MAX_EXPERTS"]
 
 #: Largest E the kernel takes (torch's warp softmax, whose order the kernel follows, stops here).
 MAX_EXPERTS = 1024
-SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 # ----------------------------------------------------------------------------------------
-# Configs (STYLE.md 6): keyed on E, k and the groups, plus a coarse token class.
+# Configs: keyed on E, k and the groups, plus a coarse token class.
 # ----------------------------------------------------------------------------------------
 
 
@@ -98,26 +90,6 @@ def _token_class(T: int) -> int:
 # ----------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _exp(x, PRECISE: tl.constexpr):
-    """exp as torch's kernels compute it: libdevice on a GPU; float64 then rounded in the interpreter."""
-    if PRECISE:
-        return libdevice.exp(x)
-    elif x.dtype == tl.float64:
-        return tl.exp(x)
-    else:
-        return tl.exp(x.to(tl.float64)).to(x.dtype)
-
-
-@triton.jit
-def _div(a, b, IS_F64: tl.constexpr):
-    """IEEE division (Triton's float32 ``/`` is approximate on a GPU; float64's is IEEE)."""
-    if IS_F64:
-        return a / b
-    else:
-        return tl.math.div_rn(a, b)
 
 
 @triton.jit(do_not_specialize=["route_scale_bits"])
@@ -155,13 +127,13 @@ def _route_fwd_kernel(
         for it in tl.static_range(ITERS):  # lane l: elements l, l + WS, ... in order
             col = it * WS + lane
             xi = tl.load(row[:, None] + col[None, :], mask=tmask[:, None] & (col < E)[None, :], other=NEG_INF)
-            part = part + _exp(xi.to(acc_ty) - m[:, None], PRECISE)
+            part = part + exp(xi.to(acc_ty) - m[:, None], PRECISE)
         for step in tl.static_range(LOG_WS):  # butterfly: lanes l and l + half
             part = tl.sum(tl.reshape(part, (BLOCK_T, 2, WS >> (step + 1))), axis=1)
         denom = tl.where(tmask, tl.reshape(part, (BLOCK_T,)), 1)
-        score = _div(_exp(x - m[:, None, None], PRECISE), denom[:, None, None], IS_F64)
+        score = div(exp(x - m[:, None, None], PRECISE), denom[:, None, None], IS_F64)
     else:
-        score = _div(tl.full(x.shape, 1, acc_ty), 1 + _exp(-x, PRECISE), IS_F64)
+        score = div(tl.full(x.shape, 1, acc_ty), 1 + exp(-x, PRECISE), IS_F64)
 
     sel = score
     if HAS_BIAS:
@@ -207,7 +179,7 @@ def _route_fwd_kernel(
         out_i = tl.where(kk == r, idx[:, None], out_i)
         wsum = wsum + w
     if not SOFTMAX:
-        out_w = _div(out_w, tl.where(tmask, wsum, 1)[:, None], IS_F64)
+        out_w = div(out_w, tl.where(tmask, wsum, 1)[:, None], IS_F64)
     rs = route_scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc_ty)  # the double's bits (i32 if small)
     out_w = out_w * rs
 
@@ -223,112 +195,18 @@ _route_tuned = autotune(
 
 
 # ----------------------------------------------------------------------------------------
-# Checks and launcher
+# The ops
 # ----------------------------------------------------------------------------------------
-
-
-def _check_route_args(logits, bias, topk, n_groups, topk_groups, score_func, route_scale) -> None:
-    """The reference's argument checks (same messages), plus the kernel's limits."""
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
-    E = logits.shape[1]
-    check_positive_int("topk", topk)
-    check_positive_int("n_groups", n_groups)
-    check_positive_int("topk_groups", topk_groups)
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
-    if not isinstance(route_scale, (int, float)) or isinstance(route_scale, bool):
-        raise TypeError(f"route_scale: expected a float, got {type(route_scale).__name__}")
-    if E % n_groups:
-        raise ValueError(f"n_groups: {E} experts cannot be split into {n_groups} equal groups")
-    if topk_groups > n_groups:
-        raise ValueError(f"topk_groups: {topk_groups} > n_groups={n_groups}")
-    if topk > topk_groups * (E // n_groups):
-        raise ValueError(f"topk: {topk} > the {topk_groups * (E // n_groups)} experts in the kept groups")
-    if E > MAX_EXPERTS:
-        raise ValueError(f"logits: expected at most {MAX_EXPERTS} experts, got shape {tuple(logits.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(E,))
-        check_same_device(logits=logits, bias=bias)
-        if n_groups > 1 and E // n_groups < 2:
-            raise ValueError("n_groups: with a bias every group needs >= 2 experts (top-2 group score)")
 
 
 def _double_bits(v: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(v)))[0]
 
 
-@on_tensor_device
-def route_fwd(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    topk: int,
-    n_groups: int = 1,
-    topk_groups: int = 1,
-    score_func: str = "softmax",
-    route_scale: float = 1.0,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    config: triton.Config | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the routing kernel: (topk_weights (T, k) float32/float64, topk_ids (T, k) int32).
-
-    ``out``: optional contiguous ``(weights, ids)`` buffers; every element is written.
-    ``config``: launch with this BLOCK_T / num_warps instead of the autotuned ones.
-    """
-    _check_route_args(logits, bias, topk, n_groups, topk_groups, score_func, route_scale)
-    check_kernel_device("logits", logits)
-    T, E = logits.shape
-    acc = accumulate_dtype(logits.dtype)
-    if out is None:
-        weights = torch.empty(T, topk, dtype=acc, device=logits.device)
-        ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
-    else:
-        weights, ids = out
-        for name, buf, dtype in (("out[0]", weights, acc), ("out[1]", ids, torch.int32)):
-            check_tensor(name, buf, dtypes=(dtype,), shape=(T, topk))
-            if buf.device != logits.device or not buf.is_contiguous():
-                raise ValueError(f"{name}: expected a contiguous tensor on {logits.device}")
-    if T == 0:
-        return weights, ids
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    EG = E // n_groups
-    E_P = next_power_of_2(E)
-    WS = min(E_P, 32)  # torch's warp softmax: lanes per row, elements per lane
-    kernel = _route_tuned if config is None else _route_fwd_kernel
-    kernel[lambda meta: (cdiv(T, meta["BLOCK_T"]),)](
-        logits, logits if bias is None else bias, weights, ids,
-        T, E, n_groups, EG, topk_groups, logits.stride(0), _double_bits(route_scale), _token_class(T),
-        TOPK=topk, K_P=next_power_of_2(topk), GP=next_power_of_2(n_groups), EGP=next_power_of_2(EG),
-        WS=WS, ITERS=E_P // WS, LOG_WS=WS.bit_length() - 1,
-        SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None, HAS_GROUPS=n_groups > 1,
-        IS_F64=acc == torch.float64, PRECISE=not interpreter_active(),
-        enable_fp_fusion=False, enable_reflect_ftz=False, **({} if config is None else config.all_kwargs()),
-    )
-    return weights, ids
-
-
-# ----------------------------------------------------------------------------------------
-# The public ops (torch.library): eager, autograd and torch.compile(fullgraph=True)
-# ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moela::route", mutates_args=())
-def _route_op(
-    logits: torch.Tensor, bias: torch.Tensor | None, topk: int, n_groups: int, topk_groups: int,
-    score_func: str, route_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return route_fwd(logits, bias, topk=topk, n_groups=n_groups, topk_groups=topk_groups, score_func=score_func,
-                     route_scale=route_scale)
-
-
-@_route_op.register_fake
-def _(logits, bias, topk, n_groups, topk_groups, score_func, route_scale):
-    _check_route_args(logits, bias, topk, n_groups, topk_groups, score_func, route_scale)
-    T = logits.shape[0]
-    return (logits.new_empty(T, topk, dtype=accumulate_dtype(logits.dtype)),
-            logits.new_empty(T, topk, dtype=torch.int32))
+def _domain(logits, bias, *, topk, n_groups=1, topk_groups=1, score_func="softmax", route_scale=1.0) -> None:
+    if logits.shape[1] > MAX_EXPERTS:
+        raise ValueError(f"logits: the Triton route kernel takes at most {MAX_EXPERTS} experts (torch's warp "
+                         f"softmax order), got shape {tuple(logits.shape)} (moela.reference.route takes any)")
 
 
 def _route_setup(ctx, inputs, output) -> None:
@@ -362,19 +240,9 @@ def _route_backward(ctx, d_weights: torch.Tensor, _d_ids):
     return dl.to(logits.dtype), None, None, None, None, None, None
 
 
-_route_op.register_autograd(_route_backward, setup_context=_route_setup)
-
-
-def route(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    topk: int,
-    n_groups: int = 1,
-    topk_groups: int = 1,
-    score_func: str = "softmax",
-    route_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@kernel_op("route", contract=check_route, domain=_domain, backward=_route_backward, setup_context=_route_setup)
+def route(out, logits: Tensor, bias: Tensor | None, *, topk: int, n_groups: int = 1, topk_groups: int = 1,
+          score_func: str = "softmax", route_scale: float = 1.0, config=None) -> tuple[Tensor, Tensor]:
     """DeepSeek routing from router logits in one Triton kernel (``moela.reference.route``'s contract).
 
     Args:
@@ -393,10 +261,28 @@ def route(
 
         w, ids = route(logits, bias, topk=8, n_groups=8, topk_groups=4, score_func="sigmoid", route_scale=2.5)
     """
-    if run_direct(logits, bias):  # eager, nothing to record: the launcher itself (same bits)
-        return route_fwd(logits, bias, topk=topk, n_groups=n_groups, topk_groups=topk_groups, score_func=score_func,
-                         route_scale=float(route_scale))
-    return _route_op(logits, bias, topk, n_groups, topk_groups, score_func, float(route_scale))
+    weights, ids = out
+    if not weights.is_contiguous() or not ids.is_contiguous():
+        raise ValueError("out: expected contiguous (weights, ids) buffers")
+    T, E = logits.shape
+    if T == 0:
+        return
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    EG = E // n_groups
+    E_P = next_power_of_2(E)
+    WS = min(E_P, 32)  # torch's warp softmax: lanes per row, elements per lane
+    kernel = _route_tuned if config is None else _route_fwd_kernel
+    kernel[lambda meta: (cdiv(T, meta["BLOCK_T"]),)](
+        logits, logits if bias is None else bias, weights, ids,
+        T, E, n_groups, EG, topk_groups, logits.stride(0), _double_bits(route_scale), _token_class(T),
+        TOPK=topk, K_P=next_power_of_2(topk), GP=next_power_of_2(n_groups), EGP=next_power_of_2(EG),
+        WS=WS, ITERS=E_P // WS, LOG_WS=WS.bit_length() - 1,
+        SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None, HAS_GROUPS=n_groups > 1,
+        IS_F64=weights.dtype == torch.float64, PRECISE=not knobs.interpret(),
+        enable_fp_fusion=False, enable_reflect_ftz=False, **({} if config is None else config.all_kwargs()),
+    )
 
 
 def gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args: ModelArgs
@@ -411,9 +297,7 @@ def gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args:
     Returns:
         (topk_weights (T, k), topk_ids (T, k) int32), k = ``args.n_activated_experts``.
     """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(args.n_routed_experts, x.shape[1]))
-    check_same_device(x=x, weight=weight)
+    check_gate(x, weight, bias, args)
     acc = accumulate_dtype(x.dtype, weight.dtype)
     logits = F.linear(x.to(acc), weight.to(acc))
     return route(

@@ -8,42 +8,20 @@ Legend: M rows (grouped by expert, ``xs``), K input features, N output features,
     dX[r]  = dY[r] · w[e]                    backward dX    (the same kernel on w.transpose(1, 2))
     dW[e]  = dY[rows of e]ᵀ · xs[rows of e]  backward dW    (_grouped_gemm_dw_kernel)
 
-Scheduling without a host sync. The forward grid is an upper bound on the M-tiles times the
-N-tiles: ``min(cdiv(M, BLOCK_M) + E, M)`` M-tiles, since the E groups and the tail past
-``offsets[E-1]`` each round up by at most one tile, and every tile owns at least one row (which
-keeps decode grids, where E exceeds M, free of idle programs). Each program loads the offsets,
-counts each group's tiles (one ``tl.cumsum``) and finds its group and first row; tail tiles
-store zeros, tiles past the last return at once. The grid depends on shapes only: a launch can
-be captured in a CUDA graph and traced by ``torch.compile``. The dW grid is
-``E × N-tiles × K-tiles``; each program reduces over its group's rows (none: a zero tile).
+Scheduling without a host sync: the forward grid is an upper bound on the M-tiles times the
+N-tiles, ``min(cdiv(M, BLOCK_M) + E, M)`` M-tiles (each group and the tail round up by at most
+one tile; every tile owns a row). Each program loads the offsets, counts each group's tiles
+(one ``tl.cumsum``), finds its group and first row; tail tiles store zeros, tiles past the last
+return. The dW grid is ``E × N-tiles × K-tiles``; each program reduces over its group's rows.
 
-Hopper tuning, reasoned for an H200 and checked against ptxas for sm_90 (every 16-bit config
-issues HGMMA, i.e. wgmma, with 16-byte cp.async loads and no spills). Configs come from
-functions, one list per path, keyed on N, K, the weight layout and ``M_BUCKET`` (M rounded up to
-a power of two, at least 16: a few tunings per shape rather than one per token count; the H200
-run of 2026-11-28 showed why M matters: DeepGEMM's masked 4×256 problem ran 3× slower than
-torch on the config tuned for the 8×4096 problem of the same N and K), pruned by shared memory
-(227 KB per block). Tuning synchronises with the device: before capturing a CUDA graph, run
-each shape once eagerly (a new key met inside a capture fails it), as with any Triton autotuner.
-The path is chosen from the average rows per expert M / E (shapes only), see ``FWD_PATHS``:
+Offsets are read on the device and made safe there: clamped into [0, M] in their own width
+(int64 offsets are never narrowed first) and made non-decreasing with a running max, so a
+malformed offsets tensor computes a documented result (a group ending before its predecessor
+is empty) and never addresses memory out of bounds; ``validate=True`` raises on it instead.
 
-- decode (<= 16 rows per expert): 16-row tiles, so each expert's weights stream once, with long
-  K steps and 4-6 stages to keep enough bytes in flight for HBM bandwidth;
-- medium (<= 128): still bound by weight bandwidth (a weight byte feeds rows/expert FLOP, under
-  the ~200 FLOP/B ridge), 64-128-row wgmma tiles;
-- prefill: 128×128 / 128×256 / 256×128 tiles with 64-wide K steps (128-byte rows, wgmma's
-  swizzle), 3-4 stages; a GROUP_M = 8 swizzle lets consecutive programs share weight tiles in L2.
-
-Loads are pointer based (cp.async pipelines). No TMA descriptors: their gain could not be
-measured here, ragged group ends need masked stores or per-group descriptors anyway, and
-pointer loads take any stride (dX reads ``w`` transposed). No fused epilogues (SwiGLU, row
-scale): in prefill the SwiGLU pass is ~6% of the up GEMM's time, in decode ~0, and training
-would have to save or recompute the pre-activations; the row scale is applied by unpermute.
-
-Goals (``torch._grouped_mm`` parity, 85% of dense cuBLAS on 4×8192 n=4096 k=7168, dW at 80% of
-the forward, decode at 70% of copy bandwidth) are unmeasured: no GPU was lent while this was
-written. Pin a config with ``MOELA_GROUPED_GEMM_FWD_{DECODE,MEDIUM,PREFILL}_CONFIG`` or
-``MOELA_GROUPED_GEMM_DW_CONFIG`` (kernels._common).
+Configs come from functions, one list per path (decode <= 16 rows per expert, medium <= 128,
+prefill; ``FWD_PATHS``), keyed on N, K, the weight layout and M's power-of-two bucket, pruned by
+shared memory. Loads are pointer based (cp.async pipelines), taking any strides.
 """
 
 from __future__ import annotations
@@ -51,32 +29,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from moela.reference._checks import INT_DTYPES, check_same_device, check_tensor
-from moela.reference.grouped_gemm import check_offsets
+from moela.reference.grouped_gemm import check_grouped_gemm, check_grouped_gemm_dw, check_offsets
 
-from ._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    check_kernel_device,
-    m_bucket,
-    next_power_of_2,
-    on_tensor_device,
-    run_direct,
-)
+from ._common import autotune, autotune_configs, cdiv, kernel_dtype, kernel_rows, m_bucket, next_power_of_2
+from .factory import kernel_op
+from .tl_helpers import SMEM_BUDGET, dot_precision, group_rows, locate_m_tile
 
-__all__ = ["grouped_gemm", "grouped_gemm_fwd", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
+__all__ = ["grouped_gemm", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
 
 #: Input dtypes of the kernels (float32 accumulation for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
-_SMEM_BUDGET = 220 * 1024
-
 
 # ----------------------------------------------------------------------------------------
-# Configs (STYLE.md 6): from functions, keyed on N/K, one config under the interpreter.
+# Configs: from functions, keyed on N/K, one config under the interpreter.
 # ----------------------------------------------------------------------------------------
 
 
@@ -163,7 +131,7 @@ def _pruner(reduce_dim: str, tile_dims: tuple[str, str], min_reduce_16bit: int):
                 return k[reduce_dim] >= min_reduce_16bit
             return k[tile_dims[0]] * k[tile_dims[1]] <= 64 * 32 * c.num_warps
 
-        kept = [c for c in configs if smem(c) <= _SMEM_BUDGET and fits(c)]
+        kept = [c for c in configs if smem(c) <= SMEM_BUDGET and fits(c)]
         return kept or [min(configs, key=smem)]
 
     return prune
@@ -172,41 +140,6 @@ def _pruner(reduce_dim: str, tile_dims: tuple[str, str], min_reduce_16bit: int):
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _group_rows(offsets_ptr, e, M):
-    """Rows [start, end) of group e, clamped into [0, M] (bad offsets never address memory)."""
-    end = tl.load(offsets_ptr + e).to(tl.int32)
-    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
-    end = tl.minimum(tl.maximum(end, 0), M)
-    start = tl.minimum(tl.maximum(start, 0), M)
-    return start, tl.maximum(end, start)
-
-
-@triton.jit
-def _locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Virtual M-tile -> (group, first row, end row); BLOCK_E > E.
-
-    Tiles are numbered group by group, cdiv(rows, BLOCK_M) each; the tail [offsets[E-1], M)
-    comes last as group E. A tile past the last one gets first row == end row == 0. Costs two
-    loads of E offsets, one scan and two reductions per program.
-    """
-    e = tl.arange(0, BLOCK_E)
-    ends = tl.load(offsets_ptr + e, mask=e < E, other=0).to(tl.int32)
-    ends = tl.where(e == E, M, ends)
-    starts = tl.load(offsets_ptr + e - 1, mask=(e > 0) & (e <= E), other=0).to(tl.int32)
-    ends = tl.minimum(tl.maximum(ends, 0), M)
-    starts = tl.minimum(tl.maximum(starts, 0), M)
-    tiles = (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M  # 0 for e > E
-    last = tl.cumsum(tiles, 0)  # tiles up to and including group e
-    first = last - tiles
-    mine = (first <= tile_m) & (tile_m < last)  # true for at most one e
-    row_start = starts + (tile_m - first) * BLOCK_M
-    # One reduction for both row bounds (each < 2**31): only the owning group is non-zero.
-    rows = tl.sum(tl.where(mine, (row_start.to(tl.int64) << 32) | ends.to(tl.int64), 0), 0)
-    group = tl.sum(tl.where(mine, e, 0), 0)
-    return group, (rows >> 32).to(tl.int32), rows.to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -234,7 +167,7 @@ def _grouped_gemm_fwd_kernel(
     pid_m = first_m + (pid % width) % group_size
     pid_n = (pid % width) // group_size
 
-    group, row_start, row_end = _locate_m_tile(offsets_ptr, pid_m, M, E, BLOCK_M, BLOCK_E)
+    group, row_start, row_end = locate_m_tile(offsets_ptr, pid_m, M, E, BLOCK_M, BLOCK_E)
     if row_start >= row_end:
         return
     offs_m = row_start + tl.arange(0, BLOCK_M)
@@ -275,7 +208,7 @@ def _grouped_gemm_dw_kernel(
     M, N, K, E,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, COMPENSATED: tl.constexpr,
+    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPENSATED: tl.constexpr,
 ):
     """dw[e] = dy[rows of e]ᵀ · x[rows of e] (zeros for an empty group).
 
@@ -299,7 +232,7 @@ def _grouped_gemm_dw_kernel(
     pid_n = first_n + (local % width) % group_size
     pid_k = (local % width) // group_size
 
-    start, end = _group_rows(offsets_ptr, e, M)
+    start, end = group_rows(offsets_ptr, e, E, M, BLOCK_E)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     # Columns past N / K only feed outputs that are never stored: wrap them, no masks.
@@ -355,49 +288,8 @@ _dw_tuned = autotune(
 
 
 # ----------------------------------------------------------------------------------------
-# Launchers
+# The ops (kernels.factory): launchers writing the outputs the contract specifies
 # ----------------------------------------------------------------------------------------
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch: TF32 tensor cores only where torch allows them for matmuls.
-
-    Reads ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9): once a user sets TF32
-    through that API (or ``torch.backends.fp32_precision``), reading the legacy ``allow_tf32``
-    raises a RuntimeError ("mix of the legacy and new APIs"); the new getter also reflects
-    settings made through the legacy API and ``set_float32_matmul_precision``.
-    """
-    if dtype != torch.float32:
-        return "tf32"  # Triton's default; ignored for 16-bit inputs
-    try:
-        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
-    except AttributeError:  # torch < 2.9: only the legacy flag exists
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
-
-
-def _check_offsets_arg(offsets: object, E: int, device: torch.device) -> None:
-    check_tensor("offsets", offsets, dtypes=INT_DTYPES, shape=(E,))
-    if offsets.device != device:
-        raise ValueError(f"offsets: expected device {device} (that of xs), got {offsets.device}")
-
-
-def _check_inputs(xs: object, w: object, offsets: object) -> None:
-    """Shapes, dtypes and devices of (xs (M, K), w (E, N, K), offsets (E,)); reads no values."""
-    check_tensor("xs", xs, ndim=2, dtypes=KERNEL_DTYPES)
-    check_tensor("w", w, ndim=3, dtypes=(xs.dtype,))
-    E, N, K = w.shape
-    if xs.shape[1] != K:
-        raise ValueError(f"xs: expected K={K} columns (w is {tuple(w.shape)}), got shape {tuple(xs.shape)}")
-    check_same_device(xs=xs, w=w)
-    _check_offsets_arg(offsets, E, xs.device)
-    check_kernel_device("xs", xs)
-
-
-def _check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> None:
-    check_tensor("out", out, dtypes=(like.dtype,), shape=shape)
-    if out.device != like.device:
-        raise ValueError(f"out: expected device {like.device}, got {out.device}")
 
 
 def fwd_path(M: int, E: int) -> str:
@@ -412,123 +304,9 @@ def _launch_config(config: triton.Config | None) -> dict:
     return {} if config is None else config.all_kwargs()
 
 
-@on_tensor_device
-def grouped_gemm_fwd(
-    xs: torch.Tensor,
-    w: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-    validate: bool = False,
-    config: triton.Config | None = None,
-) -> torch.Tensor:
-    """Launch the forward kernel: ``out[r] = xs[r] · w[e]ᵀ``, zeros past ``offsets[E-1]``.
-
-    Args:
-        xs: (M, K) fp16/bf16/fp32, any strides.
-        w: (E, N, K) same dtype, any strides (dX passes ``w.transpose(1, 2)``).
-        offsets: (E,) int32/int64 cumulative row ends, on xs's device.
-        out: optional (M, N) buffer of xs's dtype; every element is written.
-        validate: also check the offsets' values (synchronises with the device).
-        config: launch with these block sizes instead of the autotuned ones (tests, sweeps).
-    """
-    _check_inputs(xs, w, offsets)
-    M, K = xs.shape
-    E, N, _ = w.shape
-    if validate:
-        check_offsets(offsets, M)
-    if out is None:
-        out = torch.empty(M, N, dtype=xs.dtype, device=xs.device)
-    else:
-        _check_out(out, (M, N), xs)
-    if M == 0 or N == 0:
-        return out
-    offsets = offsets.contiguous()  # the kernel indexes it flat
-    kernel = _fwd_heuristic if config is not None else _fwd_tuned[fwd_path(M, E)]
-
-    def grid(meta: dict) -> tuple[int]:
-        return (min(cdiv(M, meta["BLOCK_M"]) + E, M) * cdiv(N, meta["BLOCK_N"]),)
-
-    kernel[grid](
-        xs, w, offsets, out, M, N, K, E,
-        xs.stride(0), xs.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        m_bucket(M), BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=_dot_precision(xs.dtype),
-        **_launch_config(config),
-    )
-    return out
-
-
-@on_tensor_device
-def grouped_gemm_dw(
-    xs: torch.Tensor,
-    dy: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-    config: triton.Config | None = None,
-) -> torch.Tensor:
-    """Launch the dW kernel: ``dw[e] = dy[rows of e]ᵀ · xs[rows of e]`` -> (E, N, K) in xs's dtype.
-
-    Args:
-        xs: (M, K) fp16/bf16/fp32; dy: (M, N) same dtype; offsets: (E,) int32/int64.
-        out: optional (E, N, K) buffer; every element is written (empty groups: zeros).
-        config: launch with these block sizes instead of the autotuned ones.
-    """
-    check_tensor("xs", xs, ndim=2, dtypes=KERNEL_DTYPES)
-    check_tensor("dy", dy, ndim=2, dtypes=(xs.dtype,))
-    if dy.shape[0] != xs.shape[0]:
-        raise ValueError(f"dy: expected {xs.shape[0]} rows (those of xs), got shape {tuple(dy.shape)}")
-    check_same_device(xs=xs, dy=dy)
-    check_tensor("offsets", offsets, ndim=1, dtypes=INT_DTYPES)
-    _check_offsets_arg(offsets, offsets.shape[0], xs.device)
-    check_kernel_device("xs", xs)
-    M, K = xs.shape
-    N, E = dy.shape[1], offsets.shape[0]
-    if out is None:
-        out = torch.empty(E, N, K, dtype=xs.dtype, device=xs.device)
-    else:
-        _check_out(out, (E, N, K), xs)
-    if out.numel() == 0:
-        return out
-    offsets = offsets.contiguous()  # the kernel indexes it flat
-    kernel = _dw_tuned if config is None else _grouped_gemm_dw_kernel
-    precision = _dot_precision(xs.dtype)  # "ieee" only for float32 without TF32
-
-    def grid(meta: dict) -> tuple[int]:
-        return (E * cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),)
-
-    kernel[grid](
-        xs, dy, offsets, out, M, N, K, E,
-        xs.stride(0), xs.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        DOT_PRECISION=precision, COMPENSATED=precision == "ieee", **_launch_config(config),
-    )
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# The public ops (torch.library): eager, autograd and torch.compile(fullgraph=True)
-# ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moela::grouped_gemm", mutates_args=())
-def _grouped_gemm_op(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, validate: bool = False) -> torch.Tensor:
-    return grouped_gemm_fwd(xs, w, offsets, validate=validate)
-
-
-@_grouped_gemm_op.register_fake
-def _(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, validate: bool = False) -> torch.Tensor:
-    _check_inputs(xs, w, offsets)
-    return xs.new_empty(xs.shape[0], w.shape[1])
-
-
-@torch.library.custom_op("moela::grouped_gemm_dw", mutates_args=())
-def _grouped_gemm_dw_op(xs: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return grouped_gemm_dw(xs, dy, offsets)
-
-
-@_grouped_gemm_dw_op.register_fake
-def _(xs: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return xs.new_empty(offsets.shape[0], dy.shape[1], xs.shape[1])
+def _domain(xs, w, offsets, *, validate=False) -> None:
+    kernel_dtype("grouped_gemm", "xs", xs, KERNEL_DTYPES)
+    kernel_rows("grouped_gemm", "xs", xs.shape[0])
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -540,25 +318,26 @@ def _backward(ctx, grad: torch.Tensor):
     xs, w, offsets = ctx.saved_tensors
     dx = dw = None
     if ctx.needs_input_grad[0]:  # dX = dY · w[e]: the forward kernel reading w transposed
-        dx = _grouped_gemm_op(grad, w.transpose(1, 2), offsets)
+        dx = grouped_gemm(grad, w.transpose(1, 2), offsets)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_gemm_dw_op(xs, grad, offsets)
+        dw = grouped_gemm_dw(xs, grad, offsets)
     return dx, dw, None, None
 
 
-_grouped_gemm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, validate: bool = False) -> torch.Tensor:
+@kernel_op("grouped_gemm", contract=check_grouped_gemm, domain=_domain, backward=_backward,
+           setup_context=_setup_context)
+def grouped_gemm(out, xs: Tensor, w: Tensor, offsets: Tensor, *, validate: bool = False, config=None) -> Tensor:
     """``out[r] = xs[r] · w[e]ᵀ`` for rows ``offsets[e-1] <= r < offsets[e]`` (Triton, differentiable).
 
     Same contract as ``moela.reference.grouped_gemm``, without a host sync.
 
     Args:
-        xs: (M, K) rows grouped by expert; fp16/bf16/fp32, on CUDA (or CPU under the interpreter).
-        w: (E, N, K) expert weights (``F.linear`` layout), same dtype as xs.
+        xs: (M, K) rows grouped by expert; fp16/bf16/fp32, any strides, on CUDA (or CPU under
+            the interpreter).
+        w: (E, N, K) expert weights (``F.linear`` layout), same dtype as xs, any strides (dX
+            passes ``w.transpose(1, 2)``).
         offsets: (E,) int32/int64 cumulative row ends on xs's device; empty groups repeat the
-            previous end.
+            previous end. Malformed values compute the module docstring's clamped result.
         validate: also check that offsets are non-negative, non-decreasing and end <= M
             (synchronises with the device; off in the fast path).
     Returns:
@@ -572,7 +351,58 @@ def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, va
         out = grouped_gemm(xs, w, torch.tensor([4, 4, 9], device="cuda", dtype=torch.int32))
         # rows 0-3 use w[0], group 1 is empty, rows 4-8 use w[2], row 9 is zero
     """
-    if run_direct(xs, w, offsets):  # eager, nothing to record: the launcher itself (same bits)
-        return grouped_gemm_fwd(xs, w, offsets, validate=validate)
-    _check_inputs(xs, w, offsets)
-    return _grouped_gemm_op(xs, w, offsets, validate)
+    M, K = xs.shape
+    E, N, _ = w.shape
+    if validate:
+        check_offsets(offsets, M)
+    if M == 0 or N == 0:
+        return
+    offsets = offsets.contiguous()  # the kernel indexes it flat
+    kernel = _fwd_heuristic if config is not None else _fwd_tuned[fwd_path(M, E)]
+
+    def grid(meta: dict) -> tuple[int]:
+        return (min(cdiv(M, meta["BLOCK_M"]) + E, M) * cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        xs, w, offsets, out, M, N, K, E,
+        xs.stride(0), xs.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        m_bucket(M), BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=dot_precision(xs.dtype),
+        **_launch_config(config),
+    )
+
+
+def _dw_domain(xs, dy, offsets) -> None:
+    kernel_dtype("grouped_gemm_dw", "xs", xs, KERNEL_DTYPES)
+    kernel_rows("grouped_gemm_dw", "xs", xs.shape[0])
+
+
+@kernel_op("grouped_gemm_dw", contract=check_grouped_gemm_dw, domain=_dw_domain)
+def grouped_gemm_dw(out, xs: Tensor, dy: Tensor, offsets: Tensor, *, config=None) -> Tensor:
+    """The weight gradient of ``grouped_gemm``: ``dw[e] = dy[rows of e]ᵀ · xs[rows of e]`` (Triton).
+
+    Same contract as ``moela.reference.grouped_gemm_dw``, without a host sync.
+
+    Args:
+        xs: (M, K) fp16/bf16/fp32 the forward's input rows; dy: (M, N) the output gradient,
+            same dtype; offsets: (E,) int32/int64 cumulative row ends.
+    Returns:
+        (E, N, K) in xs's dtype, accumulated in float32 (float32 inputs without TF32: with
+        Kahan compensation across row blocks); empty groups give zeros.
+    """
+    M, K = xs.shape
+    N, E = dy.shape[1], offsets.shape[0]
+    if out.numel() == 0:
+        return
+    offsets = offsets.contiguous()  # the kernel indexes it flat
+    kernel = _dw_tuned if config is None else _grouped_gemm_dw_kernel
+    precision = dot_precision(xs.dtype)  # "ieee" only for float32 without TF32
+
+    def grid(meta: dict) -> tuple[int]:
+        return (E * cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),)
+
+    kernel[grid](
+        xs, dy, offsets, out, M, N, K, E,
+        xs.stride(0), xs.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=precision, COMPENSATED=precision == "ieee",
+        **_launch_config(config),
+    )

@@ -35,8 +35,7 @@ another triton whose internals differ it raises ``RuntimeError`` instead of sile
 the bugs in place. ``uninstall_compat()`` / ``compat_disabled()`` restore the originals so a
 test can show that a bug exists without the layer.
 
-Interpreter facts the layer does NOT change (measured on triton 3.6; see
-shared/INTERPRETER.md):
+Interpreter facts the layer does NOT change (measured on triton 3.6):
 
 - fp8 e4m3 NaN reads back as 480 without the layer (in-kernel ``.to(tl.float32)`` and fp8
   ``tl.dot``); with it, NaN. Arithmetic directly on fp8 values (``x + x`` on an fp8 tensor)
@@ -56,24 +55,22 @@ shared/INTERPRETER.md):
   ``tl.clamp``, ``tl.cumsum``, ``tl.abs``, ``/``) are right because triton promotes bf16 to
   fp32 or they only move bits. Check any other bf16 op against torch before trusting it.
 
-Usage (tests/conftest.py does this once, before any kernel module is imported)::
-
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    from moela.kernels.interpreter import install_compat
-    install_compat()  # no-op unless TRITON_INTERPRET is set
+Importing ``moela.kernels`` under ``TRITON_INTERPRET=1`` installs the layer, and the ops refuse
+to run on CPU tensors while it is not installed: no configuration returns the interpreter's
+wrong numbers. Tests use ``compat_disabled()`` to show a bug on raw kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+
+from moela import knobs
 
 __all__ = [
     "compat_disabled",
@@ -82,9 +79,6 @@ __all__ = [
     "interpreter_active",
     "uninstall_compat",
 ]
-
-# The spellings triton's own TRITON_INTERPRET parser (getenv_bool) accepts, case-insensitive.
-_TRUTHY = frozenset({"1", "true", "on", "yes", "y"})
 
 # triton dtype name -> torch dtype, for the float formats whose conversions we take over.
 # The AMD fnuz formats (fp8e4b8, fp8e5b16) and fp8e4b15 keep triton's own code.
@@ -105,12 +99,8 @@ _originals: dict[tuple[Any, str], Any] = {}
 
 
 def interpreter_active() -> bool:
-    """True when ``TRITON_INTERPRET`` is set to a value triton reads as true ("1", "true", ...).
-
-    Triton reads the variable when ``@triton.jit`` decorates a kernel, so this must be true
-    before any kernel module is imported for kernels to run interpreted.
-    """
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
+    """True when ``TRITON_INTERPRET`` is set to a value triton reads as true (``moela.knobs.interpret``)."""
+    return knobs.interpret()
 
 
 def compat_installed() -> bool:

@@ -1,4 +1,4 @@
-"""MLA decode attention in the absorbed form (FlashMLA's problem), in Triton.
+"""MLA decode attention in the absorbed form (FlashMLA's problem), in Triton (``moela.reference.mla_decode``).
 
 Legend: B batch, S new query tokens per sequence, H query heads, L cache length, Dk key width
 (kv_lora_rank + rope dim: 512 + 64 for DeepSeek), Dv = ``v_dim`` value width (the first Dv
@@ -20,40 +20,30 @@ NUM_SPLITS chunks (multiples of 128 keys); each program writes its chunk's norma
 output and log-sum-exp in float32 and ``_mla_decode_combine_kernel`` merges them. The split
 count comes from shapes and the SM count only (no host sync, CUDA-graph and compile friendly).
 
-Hopper configs (``_configs``) are reasoned, not timed: 64-row tiles for wgmma's M=64 with 8 warps
-(two warpgroups share the 512-wide accumulator), 16/32-row tiles for few heads. Keyed on
-(H, S, Dk, Dv), never on B or L. Pin one with ``MOELA_MLA_DECODE_CONFIG`` (kernels._common).
+Configs (``_configs``): 64-row tiles for wgmma's M=64 with 8 warps (two warpgroups share the
+512-wide accumulator), 16/32-row tiles for few heads; keyed on (H, S, Dk, Dv), never on B or L.
+``cache_seqlens`` values are clamped into [0, L] on the device before use.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from moela.reference._checks import check_same_device, check_tensor
+from moela.reference.mla_decode import check_mla_decode, validate_seqlens
 
-from ._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    check_kernel_device,
-    next_power_of_2,
-    on_tensor_device,
-    run_direct,
-)
-from .grouped_gemm import _dot_precision
+from ._common import autotune, autotune_configs, cdiv, kernel_dtype, next_power_of_2
+from .factory import kernel_op
+from .tl_helpers import SMEM_BUDGET, dot_precision
 
-__all__ = ["mla_decode", "mla_decode_fwd", "num_splits_for", "validate_seqlens", "KERNEL_DTYPES"]
+__all__ = ["mla_decode", "num_splits_for", "KERNEL_DTYPES"]
 
 #: Input dtypes of the kernels (float32 softmax and accumulation for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
-_SMEM_BUDGET = 220 * 1024
 #: Split-K: chunks are multiples of this many keys (>= every config's BLOCK_N), at most this many splits.
 _SPLIT_ALIGN = 128
 _MAX_SPLITS = 64
@@ -63,7 +53,7 @@ _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------
-# Configs (STYLE.md 6): from a function, keyed on (H, S, Dk, Dv), one config under the interpreter.
+# Configs: from a function, keyed on (H, S, Dk, Dv), one config under the interpreter.
 # ----------------------------------------------------------------------------------------
 
 
@@ -97,7 +87,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
     def fits(c: triton.Config) -> bool:
         acc = c.kwargs["BLOCK_H"] * kwargs.get("BLOCK_DV", 512)
-        return smem(c) <= _SMEM_BUDGET and (size == 2 or acc <= 64 * 32 * c.num_warps)
+        return smem(c) <= SMEM_BUDGET and (size == 2 or acc <= 64 * 32 * c.num_warps)
 
     return [c for c in configs if fits(c)] or [min(configs, key=smem)]
 
@@ -239,45 +229,6 @@ _fwd_tuned = autotune(
 # ----------------------------------------------------------------------------------------
 
 
-def _check_inputs(q: object, kv: object, softmax_scale: object, v_dim: object) -> None:
-    """Ranks, widths, dtypes and devices of q (B, S, H, Dk) and kv (B, L, Dk); reads no values."""
-    check_tensor("q", q, ndim=4, dtypes=KERNEL_DTYPES)
-    check_tensor("kv", kv, ndim=3, dtypes=(q.dtype,))
-    B, S, H, Dk = q.shape
-    if kv.shape[0] != B or kv.shape[2] != Dk:
-        raise ValueError(f"kv: expected shape ({B}, L, {Dk}) (q is {tuple(q.shape)}), got {tuple(kv.shape)}")
-    if S > kv.shape[1]:
-        raise ValueError(f"q: S={S} new tokens exceed the cache length L={kv.shape[1]} (kv includes them)")
-    if isinstance(v_dim, bool) or not isinstance(v_dim, int):
-        raise TypeError(f"v_dim: expected an int, got {v_dim!r} ({type(v_dim).__name__})")
-    if not 1 <= v_dim <= Dk:
-        raise ValueError(f"v_dim: expected 1 <= v_dim <= Dk={Dk}, got {v_dim}")
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float, got {softmax_scale!r} ({type(softmax_scale).__name__})")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale}")
-    check_same_device(q=q, kv=kv)
-    check_kernel_device("q", q)
-
-
-def _check_seqlens(cache_seqlens: object, q: torch.Tensor) -> None:
-    """cache_seqlens: None or a (B,) int32/int64 tensor on q's device; reads no values."""
-    if cache_seqlens is None:
-        return
-    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), shape=(q.shape[0],))
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens: expected device {q.device} (that of q), got {cache_seqlens.device}")
-
-
-def validate_seqlens(cache_seqlens: torch.Tensor, S: int, L: int) -> None:
-    """Raise ValueError unless every ``S <= cache_seqlens[b] <= L`` (reads the values: a sync)."""
-    bad = (cache_seqlens < S) | (cache_seqlens > L)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"cache_seqlens: expected lengths in [S={S}, L={L}] (the new tokens are in the cache), "
-                         f"got {int(cache_seqlens[b])} for sequence {b}")
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -303,104 +254,13 @@ def num_splits_for(B: int, R: int, L: int, num_sms: int = 132) -> int:
     return best
 
 
-@on_tensor_device
-def mla_decode_fwd(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    softmax_scale: float,
-    *,
-    v_dim: int = 512,
-    cache_seqlens: torch.Tensor | None = None,
-    validate: bool = False,
-    out: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    config: triton.Config | None = None,
-) -> torch.Tensor:
-    """Launch the decode kernel (and the combine kernel when split): o (B, S, H, v_dim).
-
-    Args:
-        q: (B, S, H, Dk) fp16/bf16/fp32, any strides; query i sits at position L - S + i.
-        kv: (B, L, Dk) same dtype, any strides: the latent cache, new tokens included.
-        softmax_scale: multiplies q·kᵀ before the softmax.
-        v_dim: the values are kv[..., :v_dim].
-        cache_seqlens: optional (B,) int32/int64: sequence b holds its first ``cache_seqlens[b]``
-            keys (in [S, L]) and its queries sit at the last S of them; kv is then a fixed-size
-            cache buffer (the splits still come from L: shapes only).
-        validate: check the cache_seqlens values (synchronises with the device).
-        out: optional (B, S, H, v_dim) buffer of q's dtype; every element is written.
-        num_splits: split-K count (default: ``num_splits_for``, from shapes and the SM count).
-        config: launch with these block sizes instead of the autotuned ones (tests, sweeps).
-    """
-    _check_inputs(q, kv, softmax_scale, v_dim)
-    _check_seqlens(cache_seqlens, q)
-    B, S, H, Dk = q.shape
-    L = kv.shape[1]
-    if validate and cache_seqlens is not None:
-        validate_seqlens(cache_seqlens, S, L)
-    if out is None:
-        out = torch.empty(B, S, H, v_dim, dtype=q.dtype, device=q.device)
-    else:
-        check_tensor("out", out, dtypes=(q.dtype,), shape=(B, S, H, v_dim))
-        if out.device != q.device:
-            raise ValueError(f"out: expected device {q.device}, got {out.device}")
-    R = S * H
-    if B * R == 0:
-        return out
-    if num_splits is None:
-        num_splits = num_splits_for(B, R, L, _num_sms(q.device))
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
-    chunk = cdiv(cdiv(L, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    num_splits = cdiv(L, chunk)  # no empty trailing splits
-    if num_splits > 1:
-        part_o = torch.empty(B, R, num_splits, v_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(B, R, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_lse = out  # unused
-    block_dv = max(16, next_power_of_2(v_dim))
-    block_dr = max(16, next_power_of_2(Dk - v_dim))
-    kernel = _fwd_tuned if config is None else _mla_decode_fwd_kernel
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (B * cdiv(R, meta["BLOCK_H"]), num_splits)
-
-    kernel[grid](
-        q, kv, q if cache_seqlens is None else cache_seqlens.contiguous(), out, part_o, part_lse,
-        H, S, L, Dk, v_dim, float(softmax_scale) * _LOG2E, chunk,
-        *q.stride(), *kv.stride(), *out.stride(),
-        BLOCK_DV=block_dv, BLOCK_DR=block_dr, HAS_ROPE=Dk > v_dim, HAS_SEQLENS=cache_seqlens is not None,
-        NUM_SPLITS=num_splits,
-        DOT_PRECISION=_dot_precision(q.dtype), **({} if config is None else config.all_kwargs()),
-    )
-    if num_splits > 1:
-        _mla_decode_combine_kernel[(B * R,)](
-            part_o, part_lse, out, H, S, v_dim, *out.stride(),
-            NUM_SPLITS=num_splits, BLOCK_SPLITS=next_power_of_2(num_splits), BLOCK_DV=block_dv,
-        )
-    return out
+def _domain(q, kv, softmax_scale, *, v_dim=512, cache_seqlens=None, validate=False) -> None:
+    kernel_dtype("mla_decode", "q", q, KERNEL_DTYPES)
 
 
-# ----------------------------------------------------------------------------------------
-# The public op (torch.library): eager and torch.compile(fullgraph=True); no backward
-# ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moela::mla_decode", mutates_args=())
-def _mla_decode_op(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, v_dim: int,
-                   cache_seqlens: torch.Tensor | None, validate: bool) -> torch.Tensor:
-    return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim, cache_seqlens=cache_seqlens, validate=validate)
-
-
-@_mla_decode_op.register_fake
-def _(q, kv, softmax_scale, v_dim, cache_seqlens, validate):
-    _check_inputs(q, kv, softmax_scale, v_dim)
-    _check_seqlens(cache_seqlens, q)
-    B, S, H, _ = q.shape
-    return q.new_empty(B, S, H, v_dim)
-
-
-def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim: int = 512,
-               cache_seqlens: torch.Tensor | None = None, validate: bool = False) -> torch.Tensor:
+@kernel_op("mla_decode", contract=check_mla_decode, domain=_domain)
+def mla_decode(out, q: Tensor, kv: Tensor, softmax_scale: float, *, v_dim: int = 512,
+               cache_seqlens: Tensor | None = None, validate: bool = False, config=None) -> Tensor:
     """MLA decode attention, absorbed form: o (B, S, H, v_dim) in q's dtype.
 
     q: (B, S, H, Dk) fp16/bf16/fp32 (Dk = kv_lora_rank + rope dim, 576 for DeepSeek), query i
@@ -414,6 +274,9 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim
     checks them (a host sync). Out-of-range lengths are clamped into [0, L] (never out of
     bounds); a row that then sees no key gets zeros.
 
+    ``mla_decode.launch(..., config={"num_splits": n, "config": triton.Config(...)})`` pins the
+    split-K count (default ``num_splits_for``: shapes and the SM count) and the tile config.
+
     >>> q = torch.randn(2, 1, 16, 576, dtype=torch.bfloat16, device="cuda")
     >>> kv = torch.randn(2, 4096, 576, dtype=torch.bfloat16, device="cuda")
     >>> mla_decode(q, kv, 576 ** -0.5).shape
@@ -422,8 +285,43 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim
     >>> mla_decode(q, kv, 576 ** -0.5, cache_seqlens=lens).shape
     torch.Size([2, 1, 16, 512])
     """
-    if run_direct(q, kv, cache_seqlens):  # eager: the launcher itself (no dispatch layers); it checks the inputs
-        return mla_decode_fwd(q, kv, softmax_scale, v_dim=v_dim, cache_seqlens=cache_seqlens, validate=validate)
-    _check_inputs(q, kv, softmax_scale, v_dim)
-    _check_seqlens(cache_seqlens, q)
-    return _mla_decode_op(q, kv, float(softmax_scale), v_dim, cache_seqlens, validate)
+    B, S, H, Dk = q.shape
+    L = kv.shape[1]
+    if validate and cache_seqlens is not None:
+        validate_seqlens(cache_seqlens, S, L)
+    R = S * H
+    if B * R == 0:
+        return
+    num_splits = (config or {}).get("num_splits")
+    tile = (config or {}).get("config")
+    if num_splits is None:
+        num_splits = num_splits_for(B, R, L, _num_sms(q.device))
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
+    chunk = cdiv(cdiv(L, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    num_splits = cdiv(L, chunk)  # no empty trailing splits
+    if num_splits > 1:
+        part_o = torch.empty(B, R, num_splits, v_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, R, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    block_dv = max(16, next_power_of_2(v_dim))
+    block_dr = max(16, next_power_of_2(Dk - v_dim))
+    kernel = _fwd_tuned if tile is None else _mla_decode_fwd_kernel
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (B * cdiv(R, meta["BLOCK_H"]), num_splits)
+
+    kernel[grid](
+        q, kv, q if cache_seqlens is None else cache_seqlens.contiguous(), out, part_o, part_lse,
+        H, S, L, Dk, v_dim, float(softmax_scale) * _LOG2E, chunk,
+        *q.stride(), *kv.stride(), *out.stride(),
+        BLOCK_DV=block_dv, BLOCK_DR=block_dr, HAS_ROPE=Dk > v_dim, HAS_SEQLENS=cache_seqlens is not None,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision(q.dtype), **({} if tile is None else tile.all_kwargs()),
+    )
+    if num_splits > 1:
+        _mla_decode_combine_kernel[(B * R,)](
+            part_o, part_lse, out, H, S, v_dim, *out.stride(),
+            NUM_SPLITS=num_splits, BLOCK_SPLITS=next_power_of_2(num_splits), BLOCK_DV=block_dv,
+        )

@@ -24,12 +24,10 @@ Two schedules, picked from the shapes (N <= ``SMALL_MAX_SLOTS``, i.e. decode):
   ``_routing_scatter_kernel`` turns sorted position p of block b, expert e into row
   ``adj[b, e] + p`` (consecutive rows: coalesced stores) and writes padding and tail rows.
 
-H200 reasoning (not measured: no GPU was available while this was written). Decode
-(T <= 256, k = 8, E = 256): one launch of E programs each reading <= 16 KB of ids from L2,
-a histogram and two scans of <= 4096 elements: a few µs, launch-bound. Prefill (T = 16384,
-N = 131072): 128 blocks of 1024 sorted int32 keys (55 bitonic stages) in parallel, one
-program scanning 128 × 256 counts (128 KB), and coalesced row stores; ~1.5 MB of traffic in
-all, so the three launches dominate. See the report in the issue for the goals.
+Decode (T <= 256, k = 8, E = 256) is one launch of E programs each reading <= 16 KB of ids
+from L2; prefill (T = 16384) sorts 128 blocks of 1024 keys in parallel, scans 128 × 256 counts
+in one program and stores rows coalesced: ~1.5 MB of traffic, so the launches dominate. The
+kernels take at most ``MAX_EXPERTS`` experts and plans of fewer than 2**31 rows (int32).
 """
 
 from __future__ import annotations
@@ -37,24 +35,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from moela.reference._checks import INT_DTYPES, check_positive_int, check_tensor
-from moela.reference.dispatch import RoutingPlan, max_rows
+from moela.reference.dispatch import RoutingPlan, check_make_routing, max_rows, validate_ids
 
-from ._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    check_kernel_device,
-    next_power_of_2,
-    on_tensor_device,
-    run_direct,
-)
+from ._common import autotune, autotune_configs, cdiv, kernel_rows, next_power_of_2
+from .factory import kernel_op
 
-__all__ = [
-    "make_routing", "make_routing_fwd", "check_plan", "validate_plan", "validate_ids",
-    "SMALL_MAX_SLOTS", "SORT_BLOCK", "MAX_EXPERTS",
-]
+__all__ = ["make_routing", "launch_make_routing", "SMALL_MAX_SLOTS", "SORT_BLOCK", "MAX_EXPERTS"]
 
 #: Plans of at most this many slots (T·k) take the one-launch schedule.
 SMALL_MAX_SLOTS = 4096
@@ -234,128 +222,35 @@ _scatter_tuned = autotune(autotune_configs("routing_scatter", _warps(4, 8)), key
 
 
 # ----------------------------------------------------------------------------------------
-# Checks
+# The op
 # ----------------------------------------------------------------------------------------
 
 
-def _check_args(topk_ids: object, n_experts: object, align: object) -> None:
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INT_DTYPES)
-    check_positive_int("n_experts", n_experts)
-    check_positive_int("align", align)
+def _domain(topk_ids, n_experts, align=1, *, validate=False) -> None:
     if n_experts > MAX_EXPERTS:
-        raise ValueError(f"n_experts: expected at most {MAX_EXPERTS}, got {n_experts}")
+        raise ValueError(f"n_experts: the Triton make_routing kernels take at most {MAX_EXPERTS} experts "
+                         f"(histograms in registers), got {n_experts} (moela.reference.make_routing takes any)")
     T, k = topk_ids.shape
-    M = max_rows(T, k, n_experts, align)
-    if M >= 2**31:
-        raise ValueError(
-            f"topk_ids: a plan of {M} rows does not fit int32 (shape {tuple(topk_ids.shape)}, align {align})")
+    kernel_rows("make_routing", "topk_ids", max_rows(T, k, n_experts, align))
 
 
-def validate_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
-    """Raise ValueError unless every id is -1 or in ``[0, n_experts)`` (synchronises)."""
-    bad = (topk_ids < -1) | (topk_ids >= n_experts)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"topk_ids: expected ids in [0, {n_experts}) or -1, got {int(topk_ids[first])} at {first} "
-            f"({int(bad.sum())} such ids)"
-        )
+def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int = 1, *,
+                        small_max_slots: int = SMALL_MAX_SLOTS, sort_block: int = SORT_BLOCK) -> None:
+    """The plan kernels into ``out`` (the five tensors, ``RoutingPlan`` order, contiguous).
 
-
-def check_plan(plan: object, num_tokens: int | None = None, device: torch.device | None = None) -> RoutingPlan:
-    """Check a plan's types, dtypes, shapes and device (no values read: no sync)."""
-    if not isinstance(plan, tuple) or len(plan) != 5:
-        raise TypeError(f"plan: expected a RoutingPlan, got {type(plan).__name__}")
-    plan = RoutingPlan(*plan)
-    i32 = (torch.int32,)
-    E = check_tensor("plan.offsets", plan.offsets, ndim=1, dtypes=i32).shape[0]
-    check_tensor("plan.tokens_per_expert", plan.tokens_per_expert, dtypes=i32, shape=(E,))
-    check_tensor("plan.slot_to_row", plan.slot_to_row, ndim=2, dtypes=i32)
-    M = check_tensor("plan.row_to_token", plan.row_to_token, ndim=1, dtypes=i32).shape[0]
-    check_tensor("plan.row_to_slot", plan.row_to_slot, dtypes=i32, shape=(M,))
-    T = plan.slot_to_row.shape[0]
-    if num_tokens is not None and T != num_tokens:
-        raise ValueError(f"plan.slot_to_row: expected {num_tokens} tokens, got shape {tuple(plan.slot_to_row.shape)}")
-    for name, t in zip(RoutingPlan._fields, plan, strict=True):
-        if device is not None and t.device != device:
-            raise ValueError(f"plan.{name}: expected device {device}, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"plan.{name}: expected a contiguous tensor, got strides {t.stride()}")
-    return plan
-
-
-def validate_plan(plan: RoutingPlan) -> None:
-    """Check a plan's values (synchronises): ranges, offsets, and that the maps invert each other.
-
-    Raises ValueError naming the first inconsistency found.
-    """
-    plan = check_plan(plan)
-    T, k = plan.slot_to_row.shape
-    M, E = plan.max_rows, plan.num_experts
-    s2r = plan.slot_to_row.reshape(-1).long()
-    r2t, r2s = plan.row_to_token.long(), plan.row_to_slot.long()
-    counts, offsets = plan.tokens_per_expert.long(), plan.offsets.long()
-
-    def fail(what: str) -> None:
-        raise ValueError(f"plan: {what}")
-
-    if bool(((s2r < -1) | (s2r >= M)).any()):
-        fail(f"slot_to_row has values outside [-1, {M})")
-    if bool(((r2s < -1) | (r2s >= T * k)).any()) or bool(((r2t < -1) | (r2t >= T)).any()):
-        fail(f"row_to_slot / row_to_token have values outside [-1, {T * k}) / [-1, {T})")
-    if bool(((r2s >= 0) != (r2t >= 0)).any()) or bool((r2t != torch.where(r2s >= 0, r2s // max(k, 1), -1)).any()):
-        fail("row_to_token is not row_to_slot // k on every row")
-    valid = s2r >= 0
-    slots = torch.arange(T * k, device=s2r.device)
-    if bool((r2s[s2r[valid]] != slots[valid]).any()):
-        fail("row_to_slot[slot_to_row[s]] != s for some valid slot s")
-    if int(valid.sum()) != int((r2s >= 0).sum()):
-        fail("the number of rows with a slot differs from the number of valid slots")
-    if E and (bool((counts < 0).any()) or bool((offsets.diff() < counts[1:]).any()) or int(offsets[0]) < counts[0]
-              or int(offsets[-1]) > M):
-        fail(f"offsets are not non-decreasing segment ends of at least tokens_per_expert rows within {M} rows")
-    if int(counts.sum()) != int(valid.sum()):
-        fail("tokens_per_expert does not sum to the number of valid slots")
-
-
-# ----------------------------------------------------------------------------------------
-# Launcher
-# ----------------------------------------------------------------------------------------
-
-
-@on_tensor_device
-def make_routing_fwd(
-    topk_ids: torch.Tensor,
-    n_experts: int,
-    align: int = 1,
-    *,
-    out: tuple[torch.Tensor, ...] | None = None,
-    small_max_slots: int = SMALL_MAX_SLOTS,
-    sort_block: int = SORT_BLOCK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the plan kernels for ``topk_ids (T, k)``: the five tensors of a ``RoutingPlan``.
-
-    ``out``: optional buffers in ``RoutingPlan`` order; every element is written.
     ``small_max_slots`` and ``sort_block`` choose the schedule (tests use them to run the
     three-launch schedule on small inputs); the plan is the same either way.
     """
-    _check_args(topk_ids, n_experts, align)
-    check_kernel_device("topk_ids", topk_ids)
     if sort_block != next_power_of_2(sort_block) or not 16 <= sort_block <= SORT_BLOCK:
         raise ValueError(f"sort_block: expected a power of two in [16, {SORT_BLOCK}], got {sort_block}")
+    if not all(t.is_contiguous() for t in out):
+        raise ValueError("out: expected contiguous plan buffers")
     T, k = topk_ids.shape
     E, N = n_experts, T * k
     M = max_rows(T, k, E, align)
     dev = topk_ids.device
     ids = topk_ids.contiguous()
     i32 = dict(dtype=torch.int32, device=dev)
-    if out is None:
-        out = (torch.empty(E, **i32), torch.empty(E, **i32), torch.empty(T, k, **i32), torch.empty(M, **i32),
-               torch.empty(M, **i32))
-    else:
-        out = check_plan(out, T, dev)
-        if out.num_experts != E or out.max_rows != M or out.slot_to_row.shape[1] != k:
-            raise ValueError(f"out: expected a plan of {E} experts, {T}x{k} slots and {M} rows")
     counts, offsets, slot_to_row, row_to_token, row_to_slot = out
     E_P = next_power_of_2(E)
     pad = dict(PAD_P=next_power_of_2(max(align - 1, 1)), HAS_PAD=align > 1, BLOCK_TAIL=_TAIL_BLOCK)
@@ -377,31 +272,11 @@ def make_routing_fwd(
             keys, adj, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, k, E, M, align, NB,
             cdiv(M, NB), BLOCK_N=sort_block, E_P=E_P, **pad,
         )
-    return counts, offsets, slot_to_row, row_to_token, row_to_slot
 
 
-# ----------------------------------------------------------------------------------------
-# The public op (torch.library): eager and torch.compile(fullgraph=True); no gradients
-# ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moela::make_routing", mutates_args=())
-def _make_routing_op(
-    topk_ids: torch.Tensor, n_experts: int, align: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return make_routing_fwd(topk_ids, n_experts, align)
-
-
-@_make_routing_op.register_fake
-def _(topk_ids: torch.Tensor, n_experts: int, align: int):
-    _check_args(topk_ids, n_experts, align)
-    T, k = topk_ids.shape
-    M = max_rows(T, k, n_experts, align)
-    new = lambda *shape: topk_ids.new_empty(shape, dtype=torch.int32)
-    return new(n_experts), new(n_experts), new(T, k), new(M), new(M)
-
-
-def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1, *, validate: bool = False) -> RoutingPlan:
+@kernel_op("make_routing", contract=check_make_routing, domain=_domain, result=RoutingPlan._make)
+def make_routing(out, topk_ids: Tensor, n_experts: int, align: int = 1, *, validate: bool = False,
+                 config=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Build the routing plan of ``topk_ids (T, k)`` with Triton kernels, without a host sync.
 
     Same contract and the same tensors as ``moela.reference.make_routing``.
@@ -425,9 +300,6 @@ def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1, *, vali
         plan.slot_to_row  -> [[1, 0], [2, -1]]
         plan.row_to_token -> [0, 0, 1, -1]
     """
-    _check_args(topk_ids, n_experts, align)
     if validate:
         validate_ids(topk_ids, n_experts)
-    if run_direct(topk_ids):  # eager: the launchers themselves (no dispatch layers)
-        return RoutingPlan(*make_routing_fwd(topk_ids, n_experts, align))
-    return RoutingPlan(*_make_routing_op(topk_ids, n_experts, align))
+    launch_make_routing(out, topk_ids, n_experts, align, **(config or {}))

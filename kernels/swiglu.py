@@ -24,31 +24,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from moela.reference._checks import check_positive_int, check_same_device, check_tensor
+from moela import knobs
+from moela.reference._checks import TensorSpec, check_bool, check_tensor
+from moela.reference.moe import check_swiglu
 
-from ._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    check_kernel_device,
-    m_bucket,
-    next_power_of_2,
-    on_tensor_device,
-    run_direct,
-)
-from .fp8_quant import (
-    FP8_DTYPE,
-    _abs_bits,
-    _block_scale,
-    _check_device,
-    _saturate_to_fp8,
-    check_scale_fmt,
-)
-from .gate import _div, _exp
-from .interpreter import interpreter_active
+from ._common import autotune, autotune_configs, cdiv, kernel_dtype, m_bucket, next_power_of_2
+from .factory import kernel_op
+from .tl_helpers import abs_bits, block_scale, div, exp, saturate_to_fp8
 
-__all__ = ["swiglu", "swiglu_fwd", "swiglu_fp8_fwd", "swiglu_bwd", "KERNEL_DTYPES"]
+__all__ = ["swiglu", "swiglu_op", "swiglu_fp8_op", "swiglu_bwd_op", "KERNEL_DTYPES"]
 
 #: Input dtypes of the kernels (float32 arithmetic for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,7 +55,7 @@ def _configs() -> list[triton.Config]:
 @triton.jit
 def _silu(g, PRECISE: tl.constexpr):
     """silu in float32 as torch computes it: ``g / (1 + exp(-g))``."""
-    return _div(g, 1.0 + _exp(-g, PRECISE), False)
+    return div(g, 1.0 + exp(-g, PRECISE), False)
 
 
 @triton.jit
@@ -115,7 +101,7 @@ def _swiglu_bwd_kernel(
     u = _load(u_ptr, offs_m, offs_n, stride_um, stride_un, mask)
     dy = _load(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask)
     g32, dy32 = g.to(tl.float32), dy.to(tl.float32)
-    sig = _div(tl.full(g32.shape, 1.0, tl.float32), 1.0 + _exp(-g32, PRECISE), False)
+    sig = div(tl.full(g32.shape, 1.0, tl.float32), 1.0 + exp(-g32, PRECISE), False)
     s = _silu(g32, PRECISE).to(g.dtype).to(tl.float32)  # the forward's rounded silu
     du = dy32 * s
     dg = dy32 * u.to(tl.float32) * (sig * (1.0 + g32 * (1.0 - sig)))
@@ -143,8 +129,8 @@ def _swiglu_fp8_kernel(
     u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_un, mask=mask, other=0.0)
     s = _silu(g.to(tl.float32), PRECISE).to(g.dtype)
     x = (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)  # swiglu's bits (masked: 0)
-    scale = _block_scale(tl.max(_abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
-    q = _saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
+    scale = block_scale(tl.max(abs_bits(x), 1).to(tl.float32, bitcast=True), UE8M0)
+    q = saturate_to_fp8(x, scale[:, None], q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows * stride_sm + kb * stride_sk, scale, mask=rows < M)
 
@@ -163,142 +149,31 @@ _bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N", "M_B
 
 
 # ----------------------------------------------------------------------------------------
-# Launchers
+# The ops (kernels.factory) and the public function
 # ----------------------------------------------------------------------------------------
-
-
-def _check_args(gate: object, up: object) -> None:
-    """Types, dtypes, shapes and devices (also what the fake implementations check)."""
-    check_tensor("gate", gate, ndim=2, dtypes=KERNEL_DTYPES)
-    check_tensor("up", up, ndim=2, dtypes=(gate.dtype,), shape=tuple(gate.shape))
-    check_same_device(gate=gate, up=up)
-
-
-def _check(gate: object, up: object) -> None:
-    """The launchers' checks: the arguments, and a device the kernels run on."""
-    _check_args(gate, up)
-    check_kernel_device("gate", gate)
-
-
-def _check_fp8_args(block: object, scale_fmt: object) -> None:
-    check_positive_int("block", block)
-    check_scale_fmt(scale_fmt)
 
 
 def _grid(M: int, N: int):
     return lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
 
 
-@on_tensor_device
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
-               config: triton.Config | None = None) -> torch.Tensor:
-    """Launch the forward: ``silu(gate) * up`` -> (M, N) contiguous in gate's dtype.
-
-    gate, up: (M, N) fp16/bf16/fp32, any strides (e.g. the two column halves of one tensor).
-    out: optional (M, N) buffer of that dtype; every element is written.
-    config: launch with this BLOCK_M / BLOCK_N / num_warps instead of the autotuned ones.
-    """
-    _check(gate, up)
-    M, N = gate.shape
-    if out is None:
-        out = torch.empty(M, N, dtype=gate.dtype, device=gate.device)
-    else:
-        check_tensor("out", out, dtypes=(gate.dtype,), shape=(M, N))
-        check_same_device(gate=gate, out=out)
-        storage = out.untyped_storage().data_ptr()
-        if storage in (gate.untyped_storage().data_ptr(), up.untyped_storage().data_ptr()):
-            raise ValueError("out: must not share memory with gate or up (autotuning reruns the kernel)")
-    if M == 0 or N == 0:
-        return out
-    kernel = _fwd_tuned if config is None else _swiglu_fwd_kernel
-    kernel[_grid(M, N)](
-        gate, up, out, M, N, *gate.stride(), *up.stride(), *out.stride(), m_bucket(M), PRECISE=not interpreter_active(),
-        **_NO_FMA, **({} if config is None else config.all_kwargs()),
-    )
-    return out
+def _rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(..., N) tensors as (M, N) (views where the strides allow; outputs are always views)."""
+    N = ts[0].shape[-1]
+    M = ts[0].numel() // N if N else 0
+    return tuple(t.reshape(M, N) for t in ts)
 
 
-@on_tensor_device
-def swiglu_fp8_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = 128, scale_fmt: str | None = None,
-                   config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the quantizing forward: ``quant_act(swiglu(gate, up), block, scale_fmt)`` bit for bit,
-    ``(q (M, N) e4m3 contiguous, scale (M, ceil(N/block)) float32 contiguous)``."""
-    _check_args(gate, up)
-    _check_device("gate", gate)  # a device the kernels run on, with e4m3 support
-    _check_fp8_args(block, scale_fmt)
-    M, N = gate.shape
-    num_kb = cdiv(N, block)
-    q = torch.empty(M, N, dtype=FP8_DTYPE, device=gate.device)
-    s = torch.empty(M, num_kb, dtype=torch.float32, device=gate.device)
-    if M == 0 or N == 0:
-        return q, s
-    kernel = _fp8_tuned if config is None else _swiglu_fp8_kernel
-    kernel[lambda meta: (cdiv(M, meta["BLOCK_M"]) * num_kb,)](
-        gate, up, q, s, M, N, num_kb, *gate.stride(), *up.stride(), q.stride(0), *s.stride(), m_bucket(M),
-        PRECISE=not interpreter_active(), BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0",
-        **_NO_FMA, **({} if config is None else config.all_kwargs()),
-    )
-    return q, s
+def _config(config: triton.Config | None) -> dict:
+    return {} if config is None else config.all_kwargs()
 
 
-@on_tensor_device
-def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-               config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward: (d_gate, d_up), contiguous (M, N) in gate's dtype."""
-    _check(gate, up)
-    check_tensor("dy", dy, dtypes=(gate.dtype,), shape=tuple(gate.shape))
-    check_same_device(gate=gate, dy=dy)
-    M, N = gate.shape
-    dg = torch.empty(M, N, dtype=gate.dtype, device=gate.device)
-    du = torch.empty_like(dg)
-    if M == 0 or N == 0:
-        return dg, du
-    kernel = _bwd_tuned if config is None else _swiglu_bwd_kernel
-    kernel[_grid(M, N)](
-        gate, up, dy, dg, du, M, N, *gate.stride(), *up.stride(), *dy.stride(), dg.stride(0), du.stride(0), m_bucket(M),
-        PRECISE=not interpreter_active(), **_NO_FMA, **({} if config is None else config.all_kwargs()),
-    )
-    return dg, du
+def _check_swiglu_op(gate, up) -> TensorSpec:
+    return check_swiglu(gate, up)
 
 
-# ----------------------------------------------------------------------------------------
-# The public op (torch.library): eager, autograd and torch.compile(fullgraph=True)
-# ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moela::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return swiglu_fwd(gate, up)
-
-
-@_swiglu_op.register_fake
-def _(gate, up):
-    _check_args(gate, up)
-    return gate.new_empty(gate.shape)
-
-
-@torch.library.custom_op("moela::swiglu_fp8", mutates_args=())
-def _swiglu_fp8_op(gate: torch.Tensor, up: torch.Tensor, block: int,
-                   scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return swiglu_fp8_fwd(gate, up, block, scale_fmt)
-
-
-@_swiglu_fp8_op.register_fake
-def _(gate, up, block, scale_fmt):
-    _check_args(gate, up)
-    _check_fp8_args(block, scale_fmt)
-    M, N = gate.shape
-    return gate.new_empty(M, N, dtype=FP8_DTYPE), gate.new_empty(M, cdiv(N, block), dtype=torch.float32)
-
-
-@torch.library.custom_op("moela::swiglu_bwd", mutates_args=())
-def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return swiglu_bwd(dy, gate, up)
-
-
-@_swiglu_bwd_op.register_fake
-def _(dy, gate, up):
-    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+def _domain(gate, up) -> None:
+    kernel_dtype("swiglu", "gate", gate, KERNEL_DTYPES)
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -307,11 +182,82 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy: torch.Tensor):
     gate, up = ctx.saved_tensors
-    dg, du = _swiglu_bwd_op(dy, gate, up)
+    dg, du = swiglu_bwd_op(dy, gate, up)
     return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup)
+@kernel_op("swiglu", contract=_check_swiglu_op, domain=_domain, backward=_backward, setup_context=_setup)
+def swiglu_op(out, gate: Tensor, up: Tensor, *, config=None) -> Tensor:
+    """``silu(gate) * up`` in gate's dtype; gate, up (..., N) fp16/bf16/fp32, any strides."""
+    if gate.numel() == 0:
+        return
+    if out.untyped_storage().data_ptr() in (gate.untyped_storage().data_ptr(), up.untyped_storage().data_ptr()):
+        raise ValueError("out: must not share memory with gate or up (autotuning reruns the kernel)")
+    gate, up = _rows(gate, up)
+    out = out.view(gate.shape)
+    M, N = gate.shape
+    kernel = _fwd_tuned if config is None else _swiglu_fwd_kernel
+    kernel[_grid(M, N)](
+        gate, up, out, M, N, *gate.stride(), *up.stride(), *out.stride(), m_bucket(M),
+        PRECISE=not knobs.interpret(), **_NO_FMA, **_config(config),
+    )
+
+
+def _check_fp8_op(gate, up, block=128, scale_fmt=None) -> tuple[TensorSpec, TensorSpec]:
+    return check_swiglu(gate, up, fp8=True, block=block, scale_fmt=scale_fmt)
+
+
+def _fp8_domain(gate, up, block=128, scale_fmt=None) -> None:
+    kernel_dtype("swiglu", "gate", gate, KERNEL_DTYPES)
+    if block > 1024:
+        raise ValueError(f"block: the Triton swiglu(fp8=True) kernel takes blocks up to 1024, got {block} "
+                         f"(moela.reference.swiglu takes any)")
+
+
+@kernel_op("swiglu_fp8", contract=_check_fp8_op, domain=_fp8_domain, fp8=True)
+def swiglu_fp8_op(out, gate: Tensor, up: Tensor, block: int = 128, scale_fmt: str | None = None, *,
+                  config=None) -> tuple[Tensor, Tensor]:
+    """``quant_act(swiglu(gate, up), block, scale_fmt)`` bit for bit in one pass:
+    ``(q (M, N) e4m3, scale (M, ceil(N/block)) float32)``, both contiguous. No gradient."""
+    q, s = out
+    if not q.is_contiguous():
+        raise ValueError(f"out[0]: expected a contiguous tensor, got strides {q.stride()}")
+    if gate.numel() == 0:
+        return
+    gate, up = _rows(gate, up)
+    M, N = gate.shape
+    num_kb = cdiv(N, block)
+    q, s = q.view(M, N), s.view(M, num_kb)
+    kernel = _fp8_tuned if config is None else _swiglu_fp8_kernel
+    kernel[lambda meta: (cdiv(M, meta["BLOCK_M"]) * num_kb,)](
+        gate, up, q, s, M, N, num_kb, *gate.stride(), *up.stride(), q.stride(0), *s.stride(), m_bucket(M),
+        PRECISE=not knobs.interpret(), BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0",
+        **_NO_FMA, **_config(config),
+    )
+
+
+def _check_bwd(dy, gate, up) -> tuple[TensorSpec, TensorSpec]:
+    spec = check_swiglu(gate, up)
+    check_tensor("dy", dy, dtypes=(gate.dtype,), shape=tuple(gate.shape))
+    return spec, spec
+
+
+@kernel_op("swiglu_bwd", contract=_check_bwd)
+def swiglu_bwd_op(out, dy: Tensor, gate: Tensor, up: Tensor, *, config=None) -> tuple[Tensor, Tensor]:
+    """The backward: ``(d_gate, d_up)``, contiguous (M, N) in gate's dtype (module docstring)."""
+    dg, du = out
+    if not (dg.is_contiguous() and du.is_contiguous()):
+        raise ValueError("out: expected contiguous (d_gate, d_up) buffers")
+    if gate.numel() == 0:
+        return
+    gate, up, dy = _rows(gate, up, dy)
+    M, N = gate.shape
+    dg, du = dg.view(M, N), du.view(M, N)
+    kernel = _bwd_tuned if config is None else _swiglu_bwd_kernel
+    kernel[_grid(M, N)](
+        gate, up, dy, dg, du, M, N, *gate.stride(), *up.stride(), *dy.stride(), dg.stride(0), du.stride(0), m_bucket(M),
+        PRECISE=not knobs.interpret(), **_NO_FMA, **_config(config),
+    )
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, fp8: bool = False, block: int = 128,
@@ -319,12 +265,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, fp8: bool = False, block: in
     """``silu(gate) * up`` in one kernel (``moela.reference.swiglu``'s contract, differentiable).
 
     Args:
-        gate, up: (M, N) fp16/bf16/fp32 on CUDA (or CPU under the interpreter), any strides: in
+        gate, up: (..., N) fp16/bf16/fp32 on CUDA (or CPU under the interpreter), any strides: in
             the MoE layer the two column halves of the first grouped GEMM's (M, 2N) output.
         fp8: return the activation quantized instead, ``(q e4m3, scale float32)``, bit for bit
             ``quant_act(swiglu(gate, up), block, scale_fmt)`` (no gradient).
     Returns:
-        (M, N) contiguous in gate's dtype; ``silu(gate)`` rounded to that dtype before the
+        gate's shape, contiguous, in gate's dtype; ``silu(gate)`` rounded to that dtype before the
         product, as torch's two kernels round it. Gradients flow to gate and up.
 
     Example::
@@ -333,15 +279,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, fp8: bool = False, block: in
         a = swiglu(h[:, :I], h[:, I:])            # (M, I), contiguous
         q, s = swiglu(h[:, :I], h[:, I:], fp8=True)  # FP8 down projection input
     """
-    direct = run_direct(gate, up)  # eager, nothing to record: the launchers themselves (same bits)
-    if fp8:
-        if direct:
-            return swiglu_fp8_fwd(gate, up, block, scale_fmt)
-        _check_args(gate, up)
-        _check_fp8_args(block, scale_fmt)
-        # no gradient through the quantization (as quant_act's): the op sees detached inputs
-        return _swiglu_fp8_op(gate.detach(), up.detach(), block, scale_fmt)
-    if direct:
-        return swiglu_fwd(gate, up)
-    _check_args(gate, up)
-    return _swiglu_op(gate, up)
+    if check_bool("fp8", fp8):
+        return swiglu_fp8_op(gate, up, block, scale_fmt)
+    return swiglu_op(gate, up)

@@ -36,6 +36,7 @@ from .quantize import keep_dtype, quantize_linears_
 __all__ = ["Gate", "MoE", "sequence_balance_loss"]
 
 _BLOCK = 128
+_FP8_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class Gate(nn.Module):
@@ -201,6 +202,8 @@ class MoE(nn.Module):
             raise ValueError(f"x: expected device {self.w13.device} (the layer's), got {x.device}")
         if not self.fp8 and x.dtype != self.w13.dtype:
             raise TypeError(f"x: expected dtype {self.w13.dtype} (the layer's), got {x.dtype}")
+        if self.fp8 and x.dtype not in _FP8_ACT_DTYPES:
+            raise TypeError(f"x: the FP8 experts take bfloat16/float16/float32 activations, got {x.dtype}")
         shape, x2 = x.shape, x.reshape(-1, a.dim)
         ops = ops_for(a.backend, x.device)
 

@@ -136,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--reps", type=_positive(int), default=3)
 
     ls = parser.subcommands["list"] = sub.add_parser(
-        "list", help="ops, shape sets, implementations and whether each kernel exists")
+        "list", help="ops, shape sets, implementations, whether each kernel exists, and the MOELA_* switches")
     _add_device(ls, sub=True)
     ls.add_argument("--ops", nargs="+", metavar="OP", help="ops to list (default: all)")
+    ls.add_argument("--names", action="store_true", help="only the op names, one per line (scripts read this)")
+    ls.add_argument("--warm-groups", action="store_true",
+                    help="the GPU script's compile warm-up groups, one line of op names each")
     return parser
 
 
@@ -155,10 +158,12 @@ def resolve_device(parser: argparse.ArgumentParser, name: str):
 
 
 def setup_kernels(device) -> str:
+    from moela import knobs
+
     """Turn the Triton interpreter on for a CPU run, before anything imports a kernel module,
     and install its compatibility layer. Returns a line saying how kernels run."""
     if device.type == "cpu":
-        if any(m.startswith("moela.kernels.") for m in sys.modules) and os.environ.get("TRITON_INTERPRET") != "1":
+        if any(m.startswith("moela.kernels.") for m in sys.modules) and not knobs.interpret():
             return "kernels: already imported without TRITON_INTERPRET=1; they will fail on CPU tensors"
         os.environ["TRITON_INTERPRET"] = "1"
     if importlib.util.find_spec("moela.kernels.interpreter") is not None:
@@ -463,11 +468,19 @@ def _print_layers(configs, tokens, decode_steps, device, dtype, reps, parser=Non
 
 
 def cmd_list(parser, args) -> int:
-    from .registry import Unavailable, all_ops
+    from moela import knobs
 
+    from .registry import Unavailable, all_ops, warm_groups
+
+    ops = all_ops()
+    if args.names:
+        print("\n".join(args.ops or ops))
+        return 0
+    if args.warm_groups:
+        print("\n".join(" ".join(g) for g in warm_groups(ops)))
+        return 0
     device = resolve_device(parser, args.device)
     print(setup_kernels(device))
-    ops = all_ops()
     unknown = [n for n in args.ops or [] if n not in ops]
     if unknown:
         parser.error(f"unknown op(s) {', '.join(unknown)}; known ops: {', '.join(ops)}")
@@ -482,8 +495,12 @@ def cmd_list(parser, args) -> int:
             kernel = f"ERROR {type(e).__name__}: {e}"
         sets = ", ".join(f"{s} ({len(v)})" for s, v in op.shape_sets.items())
         impls = ", ".join(i.name for i in op.impls())
-        print(f"{name}: {op.summary}\n  kernel: moela.kernels.{op.kernel if isinstance(op.kernel, str) else name}"
-              f" — {kernel}\n  implementations: {impls}\n  sets: {sets}\n")
+        where = f"moela.kernels.{op.kernel}" if isinstance(op.kernel, str) else "a composite of moela.kernels ops"
+        print(f"{name}: {op.summary}\n  kernel: {where} — {kernel}\n  implementations: {impls}\n  sets: {sets}\n")
+    if not args.ops:
+        print("switches (environment; read at call time):")
+        for name, default, where, meaning in knobs.describe():
+            print(f"  {name:<26} {('default ' + default) if default else '':<14} [{where}] {meaning}")
     return 0
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from moela import knobs
+
 __all__ = [
     "collect_environment", "nvml_snapshot", "git_ref", "format_environment", "Telemetry", "TelemetrySamples",
     "throttle_reason_names", "nvml_index",
@@ -46,8 +48,8 @@ def git_ref() -> str:
     ``MOELA_GIT_REF`` overrides it: for a copy of a working tree whose ``.git`` is not the
     tree's (the remote GPU machine of the 2026-11-28 runs reported the session's first commit).
     """
-    if os.environ.get("MOELA_GIT_REF", "").strip():
-        return os.environ["MOELA_GIT_REF"].strip()
+    if knobs.get("MOELA_GIT_REF"):
+        return knobs.get("MOELA_GIT_REF")
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=_REPO, capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
@@ -277,7 +279,7 @@ def collect_environment() -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "triton_interpret": knobs.interpret(),
         "nvml": nvml_snapshot(nvml_index(0)) if cuda else {"available": False, "reason": "no CUDA device"},
     }
     if cuda:

@@ -75,18 +75,15 @@ if ! (cd /tmp && $PY -c "import moela.kernels") > /dev/null 2>&1; then  # no ins
     echo "moela not importable after the install: using PYTHONPATH=$PYTHONPATH" | tee -a "$SUMMARY"
 fi
 
-OPS=${MOELA_BENCH_OPS:-"grouped_gemm grouped_gemm_dx grouped_gemm_dw fp8_gemm fp8_grouped_gemm moe_dispatch_combine
-     make_routing permute unpermute gate route swiglu quant_act mla_decode mla_layer moe_layer moe_layer_fwd_bwd
-     moe_layer_fp8 quant_weight dequant"}
+# The op list and the compile warm-up groups come from the registry (moela.profiling.registry).
+OPS=${MOELA_BENCH_OPS:-$($PY -m moela.profiling list --names)}
 # Background warm-up: the moela kernels alone at the benchmark's problems, timed for a millisecond,
 # split so that each process compiles different kernels (one op per process when there are few).
 read -r -a OP_LIST <<< "$(echo $OPS)"
 if [ -n "${MOELA_BENCH_OPS:-}" ] && [ "${#OP_LIST[@]}" -le 8 ]; then
     WARM_GROUPS=("${OP_LIST[@]}")
 else
-    WARM_GROUPS=("grouped_gemm" "grouped_gemm_dx" "grouped_gemm_dw" "fp8_gemm" "fp8_grouped_gemm"
-                 "mla_decode mla_layer quant_act quant_weight dequant swiglu"
-                 "moe_layer moe_layer_fwd_bwd moe_layer_fp8 moe_dispatch_combine make_routing permute unpermute gate route")
+    mapfile -t WARM_GROUPS < <($PY -m moela.profiling list --warm-groups)
 fi
 WARM_PIDS=()
 trap 'kill "${WARM_PIDS[@]}" 2> /dev/null' EXIT  # the warm-ups' timeouts run in their own process groups

@@ -35,7 +35,7 @@ from .shapes import STANDARD_SETS, Problem, duplicate_names
 
 __all__ = [
     "NOT_IMPLEMENTED", "Case", "Check", "Impl", "Op", "Unavailable",
-    "all_ops", "get_op", "register", "resolve_kernel", "expand_sets", "make_plan", "SET_PRIORITY",
+    "all_ops", "get_op", "register", "resolve_kernel", "expand_sets", "make_plan", "SET_PRIORITY", "warm_groups",
 ]
 
 NOT_IMPLEMENTED = "not implemented in moela.kernels yet"
@@ -117,6 +117,7 @@ class Op:
         baseline_order: speedups are over the first of these that ran (same problem, same run).
         truth: the implementation whose output the others are compared with.
         compute: "bf16", "fp8" or "none": which compute ceiling applies.
+        warm_alone: compiles many configs (the GEMMs): the GPU script warms it in a process of its own.
     """
 
     name: str
@@ -132,6 +133,7 @@ class Op:
     truth: str = "reference"
     compute: str = "bf16"
     reference_missing: str = ""
+    warm_alone: bool = False
 
     def __post_init__(self) -> None:
         missing = [s for s in STANDARD_SETS if s not in self.shape_sets]
@@ -253,6 +255,14 @@ def all_ops() -> dict[str, Op]:
     return dict(sorted(_OPS.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
+def warm_groups(ops: Mapping[str, Op] | None = None) -> list[list[str]]:
+    """How the GPU script splits its compile warm-up over processes: each ``warm_alone`` op on
+    its own, the others in two groups (every op exactly once)."""
+    ops = all_ops() if ops is None else ops
+    rest = [n for n, op in ops.items() if not op.warm_alone]
+    return [[n] for n, op in ops.items() if op.warm_alone] + [g for g in (rest[0::2], rest[1::2]) if g]
+
+
 def get_op(name: str) -> Op:
     ops = all_ops()
     if name not in ops:
@@ -262,7 +272,7 @@ def get_op(name: str) -> Op:
 
 CONTRACT_ORDER = (
     "route", "gate", "make_routing", "permute", "unpermute", "moe_dispatch_combine", "grouped_gemm", "swiglu",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "mla_decode",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode",
 )
 
 

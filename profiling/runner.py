@@ -10,7 +10,6 @@ measured ceilings and the speedup over the op's baseline measured in the same ru
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from moela import knobs
 
 from .ceilings import ceiling_for
 from .environment import Telemetry
@@ -29,7 +30,7 @@ __all__ = ["BenchSettings", "run_bench", "run_check", "derive", "add_speedups", 
 
 
 def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return knobs.interpret()
 
 
 def _reason(e: BaseException) -> str:

@@ -5,10 +5,11 @@ Readable definitions of every op and layer; kernels, tests and benchmarks import
 
 from .config import PRESETS, ModelArgs, load_config
 from .dispatch import RoutingPlan, make_routing, max_rows, permute, unpermute
-from .fp8 import FP8_DTYPE, FP8_MAX, dequant, fp8_gemm, fp8_grouped_gemm, quant_act, quant_weight
+from .fp8 import FP8_DTYPE, FP8_MAX, dequant, fp8_gemm, fp8_grouped_gemm, fp8_linear, quant_act, quant_weight
 from .grouped_gemm import grouped_gemm, grouped_gemm_dw
 from .metrics import calc_diff, cosine_diff
 from .mla import MLA, KVCache, RMSNorm, apply_rotary_emb, precompute_freqs_cis, rms_norm
+from .mla_decode import mla_decode
 from .moe import MLP, Gate, MoE, gate, route, swiglu
 
 __all__ = [
@@ -16,7 +17,7 @@ __all__ = [
     "Gate", "MLP", "MoE", "gate", "route", "swiglu",
     "RoutingPlan", "make_routing", "max_rows", "permute", "unpermute",
     "grouped_gemm", "grouped_gemm_dw",
-    "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm",
-    "MLA", "KVCache", "RMSNorm", "rms_norm", "precompute_freqs_cis", "apply_rotary_emb",
+    "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
+    "mla_decode", "MLA", "KVCache", "RMSNorm", "rms_norm", "precompute_freqs_cis", "apply_rotary_emb",
     "calc_diff", "cosine_diff",
 ]

@@ -7,7 +7,9 @@ reads tensor values, so they never synchronise with the device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -65,8 +67,39 @@ def check_int(name: str, v: object, minimum: int = 0) -> int:
 
 
 def check_positive_int(name: str, v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    """A positive int (not a bool): TypeError for other types, ValueError for values <= 0."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name}: expected a positive int, got {v!r} ({type(v).__name__})")
+    if v <= 0:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return v
+
+
+def check_bool(name: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def check_float(name: str, v: object, *, finite: bool = True) -> float:
+    """A Python int or float (not a bool), finite unless ``finite=False``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {v!r} ({type(v).__name__})")
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite float, got {v!r}")
+    return float(v)
+
+
+def check_dtype_arg(name: str, v: object, allowed: Sequence[torch.dtype]) -> torch.dtype:
+    """A ``torch.dtype`` argument (such as ``out_dtype``) among ``allowed``."""
+    if not isinstance(v, torch.dtype) or v not in allowed:
+        raise TypeError(f"{name}: expected one of {_dtype_names(allowed)}, got {v!r}")
+    return v
+
+
+def check_choice(name: str, v: object, choices: Sequence[object]) -> object:
+    if not any(v is c or (type(v) is type(c) and v == c) for c in choices):
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {v!r}")
     return v
 
 
@@ -82,3 +115,11 @@ def check_float_tensor(name: str, t: object) -> torch.Tensor:
 def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 if any input is float64, else float32 (the accumulator of every reference)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+class TensorSpec(NamedTuple):
+    """What a contract check promises an op returns: one output's shape and dtype (on the
+    device of the op's first tensor argument)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype

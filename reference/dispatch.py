@@ -11,6 +11,14 @@ up to a multiple of ``align`` (for block-aligned GEMMs); padding rows, and rows 
 
 Expert ids outside ``[0, E)`` (e.g. -1 for experts that live on another rank) are skipped:
 that slot gets no row (``slot_to_row == -1``) and contributes zero to :func:`unpermute`.
+
+A plan is trusted only as far as it is consistent, so a corrupt one gives a documented result
+(kernels and references alike), never an out-of-bounds access: row r of :func:`permute` holds
+``x[s // k]`` when ``s = row_to_slot[r]`` is a slot in ``[0, T·k)`` whose ``slot_to_row[s]`` is r,
+and zeros otherwise; :func:`unpermute` adds slot s's row only when ``slot_to_row[s]`` lies in
+``[0, M)``. ``validate=True`` raises on such a plan instead (a host sync): ``validate_plan``.
+``check_plan``, ``check_make_routing``, ``check_permute``, ``check_permute_fp8`` and
+``check_unpermute`` are the contracts (no values read) the kernels run too.
 """
 
 from __future__ import annotations
@@ -19,9 +27,21 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INT_DTYPES, accumulate_dtype, check_positive_int, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    TensorSpec,
+    accumulate_dtype,
+    check_bool,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 
-__all__ = ["RoutingPlan", "max_rows", "make_routing", "permute", "unpermute"]
+__all__ = [
+    "RoutingPlan", "max_rows", "make_routing", "permute", "unpermute", "check_plan", "validate_plan",
+    "validate_ids", "check_make_routing", "check_permute", "check_permute_fp8", "check_unpermute",
+]
 
 
 class RoutingPlan(NamedTuple):
@@ -48,7 +68,132 @@ def max_rows(num_tokens: int, k: int, n_experts: int, align: int = 1) -> int:
     return slots + min(n_experts, slots) * (align - 1)
 
 
-def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1) -> RoutingPlan:
+def check_make_routing(topk_ids: object, n_experts: object, align: object = 1, *, validate: object = False
+                       ) -> tuple[TensorSpec, ...]:
+    """The contract of ``make_routing``: topk_ids (T, k) int32/int64; the specs of the plan's five
+    int32 tensors (``RoutingPlan`` order)."""
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INT_DTYPES)
+    check_positive_int("n_experts", n_experts)
+    check_positive_int("align", align)
+    check_bool("validate", validate)
+    T, k = topk_ids.shape
+    M = max_rows(T, k, n_experts, align)
+    i32 = torch.int32
+    return (TensorSpec((n_experts,), i32), TensorSpec((n_experts,), i32), TensorSpec((T, k), i32),
+            TensorSpec((M,), i32), TensorSpec((M,), i32))
+
+
+def validate_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
+    """Raise ValueError unless every id is -1 or in ``[0, n_experts)`` (reads the ids: a sync)."""
+    bad = (topk_ids < -1) | (topk_ids >= n_experts)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"topk_ids: expected ids in [0, {n_experts}) or -1, got {int(topk_ids[first])} at {first} "
+            f"({int(bad.sum())} such ids)"
+        )
+
+
+def check_plan(plan: object, num_tokens: int | None = None, device: torch.device | None = None) -> RoutingPlan:
+    """Check a plan's types, dtypes, shapes and device (no values read: no sync)."""
+    if not isinstance(plan, tuple) or len(plan) != 5:
+        raise TypeError(f"plan: expected a RoutingPlan, got {type(plan).__name__}")
+    plan = RoutingPlan(*plan)
+    i32 = (torch.int32,)
+    E = check_tensor("plan.offsets", plan.offsets, ndim=1, dtypes=i32).shape[0]
+    check_tensor("plan.tokens_per_expert", plan.tokens_per_expert, dtypes=i32, shape=(E,))
+    check_tensor("plan.slot_to_row", plan.slot_to_row, ndim=2, dtypes=i32)
+    M = check_tensor("plan.row_to_token", plan.row_to_token, ndim=1, dtypes=i32).shape[0]
+    check_tensor("plan.row_to_slot", plan.row_to_slot, dtypes=i32, shape=(M,))
+    T = plan.slot_to_row.shape[0]
+    if num_tokens is not None and T != num_tokens:
+        raise ValueError(f"plan.slot_to_row: expected {num_tokens} tokens, got shape {tuple(plan.slot_to_row.shape)}")
+    for name, t in zip(RoutingPlan._fields, plan, strict=True):
+        if device is not None and t.device != device:
+            raise ValueError(f"plan.{name}: expected device {device}, got {t.device}")
+    return plan
+
+
+def validate_plan(plan: RoutingPlan) -> None:
+    """Check a plan's values (synchronises): ranges, offsets, and that the maps invert each other.
+
+    Raises ValueError naming the first inconsistency found.
+    """
+    plan = check_plan(plan)
+    T, k = plan.slot_to_row.shape
+    M, E = plan.max_rows, plan.num_experts
+    s2r = plan.slot_to_row.reshape(-1).long()
+    r2t, r2s = plan.row_to_token.long(), plan.row_to_slot.long()
+    counts, offsets = plan.tokens_per_expert.long(), plan.offsets.long()
+
+    def fail(what: str) -> None:
+        raise ValueError(f"plan: {what}")
+
+    if bool(((s2r < -1) | (s2r >= M)).any()):
+        fail(f"slot_to_row has values outside [-1, {M})")
+    if bool(((r2s < -1) | (r2s >= T * k)).any()) or bool(((r2t < -1) | (r2t >= T)).any()):
+        fail(f"row_to_slot / row_to_token have values outside [-1, {T * k}) / [-1, {T})")
+    if bool(((r2s >= 0) != (r2t >= 0)).any()) or bool((r2t != torch.where(r2s >= 0, r2s // max(k, 1), -1)).any()):
+        fail("row_to_token is not row_to_slot // k on every row")
+    valid = s2r >= 0
+    slots = torch.arange(T * k, device=s2r.device)
+    if bool((r2s[s2r[valid]] != slots[valid]).any()):
+        fail("row_to_slot[slot_to_row[s]] != s for some valid slot s")
+    if int(valid.sum()) != int((r2s >= 0).sum()):
+        fail("the number of rows with a slot differs from the number of valid slots")
+    if E and (bool((counts < 0).any()) or bool((offsets.diff() < counts[1:]).any()) or int(offsets[0]) < counts[0]
+              or int(offsets[-1]) > M):
+        fail(f"offsets are not non-decreasing segment ends of at least tokens_per_expert rows within {M} rows")
+    if int(counts.sum()) != int(valid.sum()):
+        fail("tokens_per_expert does not sum to the number of valid slots")
+
+
+def _check_maps(slot_to_row: object, row_to_slot: object, t: torch.Tensor, name: str, rows_are: str
+                ) -> tuple[int, int]:
+    """The plan's two maps, and ``t``'s rows: the plan's tokens (``rows_are="tokens"``) or rows."""
+    check_tensor("slot_to_row", slot_to_row, ndim=2, dtypes=(torch.int32,))
+    check_tensor("row_to_slot", row_to_slot, ndim=1, dtypes=(torch.int32,))
+    if rows_are == "tokens" and t.shape[0] != slot_to_row.shape[0]:
+        raise ValueError(f"{name}: expected {slot_to_row.shape[0]} rows (the plan's tokens), "
+                         f"got shape {tuple(t.shape)}")
+    if rows_are == "rows" and t.shape[0] != row_to_slot.shape[0]:
+        raise ValueError(f"{name}: expected {row_to_slot.shape[0]} rows (plan.max_rows), got shape {tuple(t.shape)}")
+    return slot_to_row.shape[1], row_to_slot.shape[0]
+
+
+def check_permute(x: object, slot_to_row: object, row_to_slot: object) -> TensorSpec:
+    """The contract of the ``permute`` op: x (T, D) float, the plan's slot_to_row (T, k) and
+    row_to_slot (M,) int32, one device; returns the (M, D) rows' spec."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    _, M = _check_maps(slot_to_row, row_to_slot, x, "x", "tokens")
+    check_same_device(x=x, slot_to_row=slot_to_row, row_to_slot=row_to_slot)
+    return TensorSpec((M, x.shape[1]), x.dtype)
+
+
+def check_permute_fp8(x: object, slot_to_row: object, row_to_slot: object, block: object = 128,
+                      scale_fmt: object = None) -> tuple[TensorSpec, TensorSpec]:
+    """The contract of ``permute(..., fp8=True)``: ``check_permute``, then e4m3 rows (M, D) and
+    their float32 scales (M, ceil(D/block))."""
+    from .fp8 import check_quant_act
+
+    rows = check_permute(x, slot_to_row, row_to_slot)
+    return check_quant_act(torch.empty(rows.shape, dtype=x.dtype, device="meta"), block, scale_fmt)
+
+
+def check_unpermute(ys: object, slot_to_row: object, row_to_slot: object, topk_weights: object = None
+                    ) -> TensorSpec:
+    """The contract of the ``unpermute`` op: ys (M, D) float with M the plan's rows, the maps, and
+    topk_weights (T, k) float or None; returns the (T, D) output's spec."""
+    check_tensor("ys", ys, ndim=2, dtypes=FLOAT_DTYPES)
+    k, _ = _check_maps(slot_to_row, row_to_slot, ys, "ys", "rows")
+    T = slot_to_row.shape[0]
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(T, k))
+    check_same_device(ys=ys, slot_to_row=slot_to_row, row_to_slot=row_to_slot, topk_weights=topk_weights)
+    return TensorSpec((T, ys.shape[1]), ys.dtype)
+
+
+def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1, *, validate: bool = False) -> RoutingPlan:
     """Build the routing plan of ``topk_ids (T, k)`` (int32/int64) for ``n_experts`` experts.
 
     Example::
@@ -58,10 +203,12 @@ def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1) -> Rout
         plan.offsets      -> [1, 3, 3]             # expert 0: row 0, expert 1: rows 1-2
         plan.slot_to_row  -> [[1, 0], [2, -1]]
         plan.row_to_token -> [0, 0, 1, -1]
+
+    ``validate=True`` raises ValueError on ids that are neither -1 nor in ``[0, n_experts)``.
     """
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INT_DTYPES)
-    check_positive_int("n_experts", n_experts)
-    check_positive_int("align", align)
+    check_make_routing(topk_ids, n_experts, align, validate=validate)
+    if validate:
+        validate_ids(topk_ids, n_experts)
     T, k = topk_ids.shape
     device = topk_ids.device
     ids = topk_ids.reshape(-1).long()  # (T·k,) flat slots s = t·k + j
@@ -97,21 +244,37 @@ def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1) -> Rout
     )
 
 
+def _consistent_rows(plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows whose maps agree (the module docstring's rule) and the source token of each."""
+    T, k = plan.slot_to_row.shape
+    r2s = plan.row_to_slot.long()
+    in_range = (r2s >= 0) & (r2s < T * k)
+    s = torch.where(in_range, r2s, 0)
+    rows = torch.arange(plan.max_rows, device=r2s.device)
+    ok = in_range & (plan.slot_to_row.reshape(-1).long()[s] == rows) if T * k else in_range
+    return ok, torch.where(ok, s // max(k, 1), 0)
+
+
 def permute(
-    x: torch.Tensor, plan: RoutingPlan, *, fp8: bool = False, block: int = 128, scale_fmt: str | None = None
+    x: torch.Tensor, plan: RoutingPlan, *, validate: bool = False, fp8: bool = False, block: int = 128,
+    scale_fmt: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gather tokens into expert-sorted rows: ``x (T, D) -> xs (M, D)``; padding rows are 0.
 
     With ``fp8=True`` the rows come out quantized for the FP8 grouped GEMM:
     ``quant_act(permute(x, plan), block, scale_fmt)`` -> (e4m3 (M, D), scale (M, ceil(D/block))).
+    ``validate=True`` checks the plan's values first (``validate_plan``).
     """
     check_tensor("x", x, ndim=2)
-    T = plan.slot_to_row.shape[0]
-    if x.shape[0] != T:
-        raise ValueError(f"x: expected {T} rows (the plan's tokens), got shape {tuple(x.shape)}")
-    xs = torch.zeros(plan.max_rows, x.shape[1], dtype=x.dtype, device=x.device)
-    rows = plan.row_to_token >= 0
-    xs[rows] = x[plan.row_to_token[rows].long()]
+    plan = check_plan(plan, x.shape[0], x.device)
+    if check_bool("fp8", fp8):
+        check_permute_fp8(x, plan.slot_to_row, plan.row_to_slot, block, scale_fmt)
+    else:
+        check_permute(x, plan.slot_to_row, plan.row_to_slot)
+    if check_bool("validate", validate):
+        validate_plan(plan)
+    ok, token = _consistent_rows(plan)
+    xs = torch.where(ok[:, None], x[token] if x.shape[0] else x.new_zeros(plan.max_rows, x.shape[1]), 0)
     if fp8:
         from .fp8 import quant_act
 
@@ -119,27 +282,30 @@ def permute(
     return xs
 
 
-def unpermute(ys: torch.Tensor, plan: RoutingPlan, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute(ys: torch.Tensor, plan: RoutingPlan, topk_weights: torch.Tensor | None = None, *,
+              validate: bool = False) -> torch.Tensor:
     """Weighted combine: ``y[t] = Σ_j w[t, j] · ys[slot_to_row[t, j]]`` over valid slots.
 
     Args:
         ys: (M, D) expert outputs in row order.
         topk_weights: (T, k) or None (unit weights).
+        validate: check the plan's values first (``validate_plan``).
     Returns:
         (T, D) in ys.dtype, accumulated in float32 (float64 for float64), slots in order j = 0..k-1.
     """
-    check_tensor("ys", ys, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("ys", ys, ndim=2)
+    plan = check_plan(plan, device=ys.device)
+    check_unpermute(ys, plan.slot_to_row, plan.row_to_slot, topk_weights)
+    if check_bool("validate", validate):
+        validate_plan(plan)
     T, k = plan.slot_to_row.shape
-    if ys.shape[0] != plan.max_rows:
-        raise ValueError(f"ys: expected {plan.max_rows} rows (plan.max_rows), got shape {tuple(ys.shape)}")
-    if topk_weights is not None:
-        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(T, k))
+    M = plan.max_rows
     acc = accumulate_dtype(ys.dtype)
     y = torch.zeros(T, ys.shape[1], dtype=acc, device=ys.device)
     for j in range(k):
         rows = plan.slot_to_row[:, j].long()  # (T,)
-        valid = rows >= 0
-        contrib = ys[rows.clamp(min=0)].to(acc)
+        valid = (rows >= 0) & (rows < M)
+        contrib = ys[torch.where(valid, rows, 0)].to(acc) if M else y
         if topk_weights is not None:
             contrib = contrib * topk_weights[:, j, None].to(acc)
         y += torch.where(valid[:, None], contrib, 0)

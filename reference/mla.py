@@ -130,13 +130,14 @@ def precompute_freqs_cis(
 ) -> torch.Tensor:
     """``exp(i · t · θ_j)`` for positions t < seqlen and the R/2 rotary frequencies θ_j.
 
-    θ_j = rope_theta^(-2j/R); under YaRN (``args.max_seq_len > args.original_seq_len``) the
-    low frequencies are divided by ``rope_factor``, blended over :func:`yarn_correction_range`.
+    θ_j = rope_theta^(-2j/R); under YaRN (``args.uses_yarn``) the low frequencies are divided by
+    ``rope_factor``, blended over :func:`yarn_correction_range`, and the values have magnitude
+    ``args.rope_attention_factor`` (Hugging Face's YaRN ``attention_factor``; 1 in DeepSeek's configs).
     With ``dtype=torch.float32`` (the default) the values are DeepSeek's, op for op; float64
     gives a complex128 table for float64 references.
 
     Returns: (seqlen, R/2) complex64 (complex128 for dtype float64). ``seqlen`` defaults to
-    ``args.max_seq_len``; the YaRN decision always follows ``args.max_seq_len``.
+    ``args.max_seq_len``; the YaRN decision is ``args.uses_yarn`` whatever ``seqlen``.
     """
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
@@ -150,7 +151,8 @@ def precompute_freqs_cis(
         keep = 1 - ramp  # share of the original frequency: 1 for fast pairs, 0 for slow ones
         freqs = freqs / args.rope_factor * (1 - keep) + freqs * keep
     angles = torch.outer(torch.arange(seqlen, dtype=dtype, device=device), freqs)  # (seqlen, R/2)
-    return torch.polar(torch.ones_like(angles), angles)
+    magnitude = args.rope_attention_factor if args.uses_yarn else 1.0
+    return torch.polar(torch.full_like(angles, magnitude), angles)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -452,6 +454,10 @@ class MLA(nn.Module):
         if x.dtype != w.dtype:
             raise TypeError(f"x: expected dtype {w.dtype} (the parameters'), got {x.dtype}")
         _check_int("start_pos", start_pos, 0)
+        end = start_pos + x.shape[1]
+        if end > self.args.max_seq_len:  # before anything is allocated for those positions
+            raise ValueError(f"start_pos: positions [{start_pos}, {end}) run past max_seq_len="
+                             f"{self.args.max_seq_len} (the rotary table's length)")
         if cache is None:
             return
         if not isinstance(cache, KVCache):
@@ -462,3 +468,6 @@ class MLA(nn.Module):
                              "build it with MLA.new_cache")
         if cache.dtype != x.dtype:
             raise TypeError(f"cache: expected dtype {x.dtype} (x's), got {cache.dtype}")
+        if end > cache.max_seq_len:
+            raise ValueError(f"start_pos: positions [{start_pos}, {end}) run past the cache's "
+                             f"max_seq_len {cache.max_seq_len}")

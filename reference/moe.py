@@ -17,6 +17,9 @@ Routing (DeepSeek-V3 ``Gate``):
    group choice, to the lower group index): the selection is a stable descending sort.
 5. The weights are the *unbiased* scores of the chosen experts, normalised to sum 1 for
    sigmoid (softmax scores are used as they are), times ``route_scale``.
+
+``check_route``, ``check_gate`` and ``check_swiglu`` are the ops' contracts (arguments in, output
+specs out, no values read), run by these references and by the Triton kernels alike.
 """
 
 from __future__ import annotations
@@ -25,11 +28,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import FLOAT_DTYPES, accumulate_dtype, check_positive_int, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    TensorSpec,
+    accumulate_dtype,
+    check_bool,
+    check_choice,
+    check_float,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 from .config import ModelArgs
-from .fp8 import quant_act
+from .fp8 import check_quant_act, quant_act
 
-__all__ = ["route", "gate", "Gate", "MLP", "MoE", "swiglu"]
+__all__ = ["route", "gate", "Gate", "MLP", "MoE", "swiglu", "check_route", "check_gate", "check_swiglu",
+           "SCORE_FUNCS"]
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def check_route(logits: object, bias: object, *, topk: object, n_groups: object = 1, topk_groups: object = 1,
+                score_func: object = "softmax", route_scale: object = 1.0) -> tuple[TensorSpec, TensorSpec]:
+    """The contract of ``route``: logits (T, E) float, bias (E,) float or None, the routing
+    fields consistent with E; returns the specs of (weights (T, k) float32/64, ids (T, k) int32)."""
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    T, E = logits.shape
+    check_positive_int("topk", topk)
+    check_positive_int("n_groups", n_groups)
+    check_positive_int("topk_groups", topk_groups)
+    check_choice("score_func", score_func, SCORE_FUNCS)
+    check_float("route_scale", route_scale)
+    if E % n_groups:
+        raise ValueError(f"n_groups: {E} experts cannot be split into {n_groups} equal groups")
+    if topk_groups > n_groups:
+        raise ValueError(f"topk_groups: expected at most n_groups={n_groups}, got {topk_groups}")
+    if topk > topk_groups * (E // n_groups):
+        raise ValueError(f"topk: expected at most the {topk_groups * (E // n_groups)} experts in the kept groups, "
+                         f"got {topk}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(E,))
+        check_same_device(logits=logits, bias=bias)
+        if n_groups > 1 and E // n_groups < 2:
+            raise ValueError(f"n_groups: with a bias every group needs >= 2 experts (top-2 group score), "
+                             f"got {E // n_groups} per group")
+    return TensorSpec((T, topk), accumulate_dtype(logits.dtype)), TensorSpec((T, topk), torch.int32)
+
+
+def check_gate(x: object, weight: object, bias: object, args: object) -> tuple[TensorSpec, TensorSpec]:
+    """The contract of ``gate``: x (T, D) float, weight (E, D) float, bias (E,) or None, args a
+    ``ModelArgs`` (its routing fields)."""
+    if not isinstance(args, ModelArgs):
+        raise TypeError(f"args: expected a moela.reference.ModelArgs, got {type(args).__name__}")
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(args.n_routed_experts, x.shape[1]))
+    check_same_device(x=x, weight=weight, bias=bias)
+    logits = TensorSpec((x.shape[0], args.n_routed_experts), accumulate_dtype(x.dtype, weight.dtype))
+    T, k = logits.shape[0], args.n_activated_experts
+    check_route(torch.empty(logits.shape, dtype=logits.dtype, device="meta"), None if bias is None else
+                bias.to("meta"), topk=k, n_groups=args.n_expert_groups, topk_groups=args.n_limited_groups,
+                score_func=args.score_func, route_scale=args.route_scale)
+    return TensorSpec((T, k), logits.dtype), TensorSpec((T, k), torch.int32)
+
+
+def check_swiglu(gate: object, up: object, *, fp8: object = False, block: object = 128,
+                 scale_fmt: object = None) -> TensorSpec | tuple[TensorSpec, TensorSpec]:
+    """The contract of ``swiglu``: gate and up (..., N) of one shape, float dtype and device; fp8:
+    the spec of ``quant_act``'s output instead."""
+    check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
+    if gate.ndim == 0:
+        raise ValueError("gate: expected at least 1 dimension (..., N), got a scalar")
+    check_tensor("up", up, dtypes=(gate.dtype,), shape=tuple(gate.shape))
+    check_same_device(gate=gate, up=up)
+    if check_bool("fp8", fp8):
+        return check_quant_act(gate, block, scale_fmt)
+    return TensorSpec(tuple(gate.shape), gate.dtype)
 
 
 def _topk_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,24 +130,9 @@ def route(
         topk_weights: (T, k) float32 (float64 for float64 logits), unbiased scores.
         topk_ids: (T, k) int32 expert ids.
     """
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    check_route(logits, bias, topk=topk, n_groups=n_groups, topk_groups=topk_groups, score_func=score_func,
+                route_scale=route_scale)
     T, E = logits.shape
-    check_positive_int("topk", topk)
-    check_positive_int("n_groups", n_groups)
-    check_positive_int("topk_groups", topk_groups)
-    if score_func not in ("softmax", "sigmoid"):
-        raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
-    if E % n_groups:
-        raise ValueError(f"n_groups: {E} experts cannot be split into {n_groups} equal groups")
-    if topk_groups > n_groups:
-        raise ValueError(f"topk_groups: {topk_groups} > n_groups={n_groups}")
-    if topk > topk_groups * (E // n_groups):
-        raise ValueError(f"topk: {topk} > the {topk_groups * (E // n_groups)} experts in the kept groups")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(E,))
-        if n_groups > 1 and E // n_groups < 2:
-            raise ValueError("n_groups: with a bias every group needs >= 2 experts (top-2 group score)")
-
     acc = accumulate_dtype(logits.dtype)
     logits = logits.to(acc)
     scores = logits.softmax(dim=-1) if score_func == "softmax" else logits.sigmoid()  # (T, E)
@@ -103,8 +161,7 @@ def gate(
 
     The logits are computed in float32 (float64 for float64 input); see :func:`route`.
     """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(args.n_routed_experts, x.shape[1]))
+    check_gate(x, weight, bias, args)
     acc = accumulate_dtype(x.dtype, weight.dtype)
     logits = F.linear(x.to(acc), weight.to(acc))
     return route(
@@ -131,14 +188,15 @@ class Gate(nn.Module):
         return gate(x, self.weight, self.bias, self.args)
 
 
-def swiglu(gate_proj: torch.Tensor, up_proj: torch.Tensor, *, fp8: bool = False, block: int = 128,
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, fp8: bool = False, block: int = 128,
            scale_fmt: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``silu(gate) * up``: the SwiGLU activation between w1/w3 and w2.
 
     fp8: return ``quant_act(silu(gate) * up, block, scale_fmt)`` instead, the FP8 input of an
     FP8 down projection: ``(q e4m3, scale float32)`` (no gradient).
     """
-    out = F.silu(gate_proj) * up_proj
+    check_swiglu(gate, up, fp8=fp8, block=block, scale_fmt=scale_fmt)
+    out = F.silu(gate) * up
     if fp8:
         return quant_act(out, block, scale_fmt)
     return out

@@ -238,30 +238,50 @@ def pad_rows_fp8(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x.view(torch.uint8), (0, 0, 0, pad)).view(x.dtype)
 
 
-def scaled_mm_blockwise_runner(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
-                               out_dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    """cuBLAS block-wise FP8 (1x128 activations x 128x128 weights) through ``F.scaled_mm``.
-
-    cuBLAS wants the activation scales M-major with M a multiple of 4 and the weight scales'
-    K blocks a multiple of 4: a and a_s are zero-padded here, outside the timed region.
-    """
-    need_cuda(a.device, what="cuBLAS block-wise FP8 (F.scaled_mm BlockWise1x128/128x128)", exactly=(9, 0))
-    M, K = a.shape
-    if K % BLOCK:
-        raise Unavailable(f"cuBLAS block-wise FP8 needs K a multiple of {BLOCK} (K={K})")
+def _blockwise_operands(a: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor):
+    """cuBLAS wants the activation scales M-major with M a multiple of 4 and the weight scales'
+    K blocks a multiple of 4: a and a_s zero-padded, b_s as a (Kb4, Nb) view."""
+    M = a.shape[0]
     a_p = pad_rows_fp8(a, 4)
     a_s_p = F.pad(a_s, (0, 0, 0, a_p.shape[0] - M)).t().contiguous().t()  # (Mp, Kb), M-major
     kb = b_s.shape[1]
-    b_s_p = F.pad(b_s, (0, -kb % 4)).t()  # (Kb4, Nb) view of an (Nb, Kb4) tensor
+    return a_p, a_s_p, F.pad(b_s, (0, -kb % 4)).t()
+
+
+def _blockwise_raw(device: torch.device, K: int, out_dtype: torch.dtype):
+    """The cuBLAS block-wise FP8 call on operands padded by ``_blockwise_operands``."""
+    need_cuda(device, what="cuBLAS block-wise FP8 (F.scaled_mm BlockWise1x128/128x128)", exactly=(9, 0))
+    if K % BLOCK:
+        raise Unavailable(f"cuBLAS block-wise FP8 needs K a multiple of {BLOCK} (K={K})")
     ScalingType = getattr(F, "ScalingType", None)
     if getattr(F, "scaled_mm", None) is not None and ScalingType is not None:
         bw1, bw128 = ScalingType.BlockWise1x128, ScalingType.BlockWise128x128
-        return probed(lambda: F.scaled_mm(a_p, b.t(), a_s_p, bw1, b_s_p, bw128, output_dtype=out_dtype)[:M],
-                      "F.scaled_mm block-wise")
+        return lambda a_p, a_s_p, b, b_s_p: F.scaled_mm(a_p, b.t(), a_s_p, bw1, b_s_p, bw128, output_dtype=out_dtype)
     if getattr(torch, "_scaled_mm", None) is None:
         raise Unavailable(f"torch {torch.__version__} has neither F.scaled_mm nor torch._scaled_mm")
-    return probed(lambda: torch._scaled_mm(a_p, b.t(), scale_a=a_s_p, scale_b=b_s_p, out_dtype=out_dtype)[:M],
-                  "torch._scaled_mm block-wise")
+    return lambda a_p, a_s_p, b, b_s_p: torch._scaled_mm(a_p, b.t(), scale_a=a_s_p, scale_b=b_s_p, out_dtype=out_dtype)
+
+
+def scaled_mm_blockwise_fn(device: torch.device, K: int, out_dtype: torch.dtype
+                           ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(a, a_s, b, b_s) -> a·bᵀ`` through cuBLAS block-wise FP8 (1x128 activations x 128x128
+    weights), the padding cuBLAS needs done inside the call; raises :class:`Unavailable` where
+    this torch or GPU lacks it."""
+    raw = _blockwise_raw(device, K, out_dtype)
+    def call(a, a_s, b, b_s):
+        a_p, a_s_p, b_s_p = _blockwise_operands(a, a_s, b_s)
+        return raw(a_p, a_s_p, b, b_s_p)[:a.shape[0]]
+
+    return call
+
+
+def scaled_mm_blockwise_runner(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                               out_dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """cuBLAS block-wise FP8 GEMM of fixed operands, padded outside the timed region."""
+    raw = _blockwise_raw(a.device, a.shape[1], out_dtype)
+    a_p, a_s_p, b_s_p = _blockwise_operands(a, a_s, b_s)
+    M = a.shape[0]
+    return probed(lambda: raw(a_p, a_s_p, b, b_s_p)[:M], "F.scaled_mm block-wise")
 
 
 def scaled_mm_tensorwise_runner(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> Callable[[], torch.Tensor]:

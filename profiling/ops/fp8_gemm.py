@@ -88,4 +88,5 @@ register(Op(
     ),
     baseline_order=("torch scaled_mm blockwise", "torch matmul bf16", "reference"),
     compute="fp8",
+    warm_alone=True,
 ))

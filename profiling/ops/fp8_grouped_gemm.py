@@ -136,4 +136,5 @@ register(Op(
     ),
     baseline_order=("torch grouped_mm bf16", "reference"),
     compute="fp8",
+    warm_alone=True,
 ))

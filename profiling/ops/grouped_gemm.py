@@ -102,4 +102,5 @@ register(Op(
     ),
     baseline_order=("torch grouped_mm", "torch loop", "reference"),
     compute="bf16",
+    warm_alone=True,
 ))

@@ -80,6 +80,7 @@ register(Op(
     ),
     baseline_order=("torch grouped_mm", "torch loop", "reference"),
     compute="bf16",
+    warm_alone=True,
 ))
 
 register(Op(
@@ -97,4 +98,5 @@ register(Op(
     ),
     baseline_order=("torch grouped_mm", "torch loop", "reference"),
     compute="bf16",
+    warm_alone=True,
 ))

@@ -113,14 +113,12 @@ def test_m_bucket_and_the_grouped_gemm_keys():
 
 
 def test_launchers_run_on_their_tensors_gpu(monkeypatch):
-    """on_tensor_device: a launcher given a cuda:0 tensor while cuda:1 is current runs under
-    torch.cuda.device(cuda:0); on the current device, or on the CPU, it runs as called. (A fake
-    CUDA tensor and a recorded torch.cuda stand in for two GPUs.)"""
+    """A launch given a cuda:0 tensor while cuda:1 is current runs under torch.cuda.device(cuda:0);
+    on the current device, or on the CPU, it runs as called. (A recorded torch.cuda stands in
+    for two GPUs.) Every op the factory makes launches through that guard."""
     from contextlib import contextmanager
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from moela.kernels._common import on_tensor_device
+    from moela.kernels import factory, registered_ops
 
     entered, during, current = [], [], [1]
 
@@ -132,27 +130,16 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device)
 
-    @on_tensor_device
-    def launcher(t, k=1):
+    def launcher(*args, k=1):
         during.append(list(entered))
-        return k
 
-    with FakeTensorMode():
-        on_0 = torch.empty(2, device="cuda:0")
-    assert launcher(on_0, k=3) == 3 and entered == [torch.device("cuda:0")] and during == [[torch.device("cuda:0")]]
-    assert launcher(t=on_0) == 1 and len(entered) == 2  # the tensor passed by keyword
+    factory._launch_on(torch.device("cuda:0"), launcher, 1, k=3)
+    assert entered == [torch.device("cuda:0")] and during == [[torch.device("cuda:0")]]
     current[0] = 0
-    assert launcher(on_0) == 1 and launcher(torch.empty(2)) == 1 and len(entered) == 2
-    import importlib
-    import pkgutil
-
-    import moela.kernels
-
-    guarded = 0
-    for info in pkgutil.iter_modules(moela.kernels.__path__):
-        mod = importlib.import_module(f"moela.kernels.{info.name}")  # (the package re-exports some names)
-        for name in getattr(mod, "__all__", []):
-            if name.endswith(("_fwd", "_bwd", "_dw")):  # the launchers, by the naming convention
-                guarded += 1
-                assert getattr(mod, name).__code__ is on_tensor_device(launcher).__code__, f"{info.name}.{name}"
-    assert guarded >= 18  # the convention still finds them all (18 when this test was written)
+    factory._launch_on(torch.device("cuda:0"), launcher)
+    factory._launch_on(torch.device("cpu"), launcher)
+    assert len(entered) == 1 and len(during) == 3
+    ops = registered_ops()
+    assert len(ops) >= 18
+    for name, op in ops.items():
+        assert "_launch_on" in op.launch.__code__.co_names, name

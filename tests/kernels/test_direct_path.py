@@ -5,26 +5,15 @@ never enters the custom ops (the MoE layer included), and everything that needs 
 dispatch modes, fake/meta tensors, functorch, compile) still goes through them.
 """
 
-import importlib
-
 import pytest
 import torch
+from torch._library.custom_ops import CustomOpDef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moela.kernels as K
-from moela.kernels._common import run_direct
+from moela.kernels._common import direct_path_probes, run_direct
 from moela.model import MoE
 from moela.reference import ModelArgs
-
-# every torch.library op behind a public function: (kernel module, attribute); the package
-# re-exports functions under some module names, hence import_module
-OPS = [
-    ("grouped_gemm", "_grouped_gemm_op"), ("permute", "_permute_op"), ("permute", "_permute_fp8_op"),
-    ("permute", "_unpermute_op"), ("routing", "_make_routing_op"), ("gate", "_route_op"),
-    ("mla_decode", "_mla_decode_op"), ("fp8_gemm", "_fp8_gemm_op"), ("fp8_grouped_gemm", "_fp8_grouped_gemm_op"),
-    ("fp8_linear", "_fp8_linear_op"), ("fp8_quant", "_quant_act_op"), ("fp8_quant", "_quant_weight_op"),
-    ("fp8_quant", "_dequant_op"), ("swiglu", "_swiglu_op"), ("swiglu", "_swiglu_fp8_op"),
-]
 
 
 class _OpLog(TorchDispatchMode):
@@ -39,14 +28,27 @@ class _OpLog(TorchDispatchMode):
 
 @pytest.fixture
 def ops_forbidden(monkeypatch):
-    """Every custom op behind a public function raises when called: only launchers may run."""
-    def forbid(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"{name} was called: the eager fast path was not taken")
-        return raiser
+    """Every torch.library custom op raises when called: only launchers may run."""
+    def raiser(self, *args, **kwargs):
+        raise AssertionError(f"{self._qualname} was called: the eager fast path was not taken")
 
-    for module, attr in OPS:
-        monkeypatch.setattr(importlib.import_module(f"moela.kernels.{module}"), attr, forbid(attr))
+    monkeypatch.setattr(CustomOpDef, "__call__", raiser)
+
+
+def test_the_private_torch_probes_exist():
+    """run_direct reads private torch state; a torch without one of the probes would silently send
+    every call through the custom ops (no error, only lost speed): fail here instead."""
+    assert all(direct_path_probes().values()), direct_path_probes()
+    assert run_direct(torch.randn(2))
+
+
+def test_every_registered_op_is_made_by_the_factory():
+    """One registry: each op's public function, launch and torch.library op belong together."""
+    ops = K.registered_ops()
+    assert {"grouped_gemm", "route", "make_routing", "permute", "unpermute", "mla_decode", "quant_act"} <= set(ops)
+    for name, op in ops.items():
+        assert getattr(torch.ops.moela, name).default is not None
+        assert op.public.kernel_op is op and op.public.launch is op.launch
 
 
 def test_run_direct_decision():

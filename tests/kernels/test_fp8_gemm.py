@@ -17,11 +17,11 @@ from fp8_testing import abs_fp8, assert_gemm_close
 from moela_testing import nan_empty
 
 from moela import reference as ref
-from moela.kernels.fp8_gemm import fp8_gemm, fp8_gemm_fwd, m_class
+from moela.kernels.fp8_gemm import fp8_gemm, launch_fp8_gemm, m_class
 from moela.kernels.fp8_quant import FP8_DTYPE, quant_act, quant_weight, to_col_major
 
 # the module (moela.kernels.fp8_gemm is the op once the package exports it)
-fp8_gemm_module = importlib.import_module("moela.kernels.fp8_gemm")
+factory = importlib.import_module("moela.kernels.factory")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_DENSE
@@ -61,7 +61,7 @@ def test_fp8_gemm_near_exact_against_reference(case, device):
     M, N, K = SHAPES[case]
     _, _, a, a_s, b, b_s = _operands(M, N, K, device)
     out = nan_empty((M, N), torch.float32, device)
-    assert fp8_gemm_fwd(a, a_s, b, b_s, torch.float32, out=out) is out
+    assert fp8_gemm.launch(a, a_s, b, b_s, torch.float32, out=out) is out
     _check(out, a, a_s, b, b_s)
 
 
@@ -85,7 +85,7 @@ CONFIGS = {  # the code paths a single default config cannot reach: config, (M, 
 def test_fp8_gemm_configs(cfg, device):
     config, (M, N, K) = CONFIGS[cfg]
     _, _, a, a_s, b, b_s = _operands(M, N, K, device)
-    out = fp8_gemm_fwd(a, a_s, b, b_s, torch.float32, config=config, out=nan_empty((M, N), device=device))
+    out = fp8_gemm.launch(a, a_s, b, b_s, torch.float32, config=config, out=nan_empty((M, N), device=device))
     _check(out, a, a_s, b, b_s)
 
 
@@ -110,7 +110,7 @@ def test_fp8_gemm_bias_strided_out_and_no_out_of_bounds_writes(device):
     guard = nan_empty((24, 80), torch.float32, device)
     out = guard[2:22, 3:75]  # a strided window: everything around it must stay NaN
     bias = torch.randn(72, 2, device=device, dtype=torch.bfloat16)[:, 0]  # strided: the kernel reads it flat
-    fp8_gemm_fwd(a, a_s, b, b_s, torch.float32, bias=bias, out=out)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, bias, None)
     inside = torch.zeros_like(guard, dtype=torch.bool)
     inside[2:22, 3:75] = True
     assert guard[~inside].isnan().all()
@@ -149,7 +149,7 @@ def test_bad_inputs_raise_naming_the_argument(device):
         fp8_gemm(a, a_s, b[None], b_s)
     with pytest.raises(ValueError, match="b: expected K=256 columns"):
         fp8_gemm(a, a_s, b[:, :128], b_s)
-    with pytest.raises(ValueError, match="a: expected K .* multiple of block=128, got K=200"):
+    with pytest.raises(ValueError, match="a: the Triton fp8_gemm kernel takes K .* multiple of block=128, got K=200"):
         fp8_gemm(a[:, :200], a_s, b[:, :200], b_s)
     with pytest.raises(ValueError, match=r"a_s: expected shape \(4, 2\)"):
         fp8_gemm(a, a_s[:, :1], b, b_s)
@@ -159,19 +159,19 @@ def test_bad_inputs_raise_naming_the_argument(device):
         fp8_gemm(a, a_s, b, b_s.repeat(2, 1))
     with pytest.raises(TypeError, match="out_dtype"):
         fp8_gemm(a, a_s, b, b_s, torch.float64)
-    with pytest.raises(ValueError, match="block: expected one of"):
-        fp8_gemm(a, a_s, b, b_s, torch.bfloat16, 100)
+    with pytest.raises(ValueError, match="block: the Triton fp8_gemm kernel takes one of"):
+        fp8_gemm(a, a_s[:, :1], b, b_s[:, :1], torch.bfloat16, 512)  # scale shapes that fit block 512
     with pytest.raises(ValueError, match="b: expected device"):
-        fp8_gemm_fwd(a, a_s, b.to("meta"), b_s)
+        fp8_gemm.launch(a, a_s, b.to("meta"), b_s)
     with pytest.raises(ValueError, match=r"out: expected shape \(4, 64\)"):
-        fp8_gemm_fwd(a, a_s, b, b_s, out=torch.empty(4, 63, dtype=torch.bfloat16, device=device))
+        fp8_gemm.launch(a, a_s, b, b_s, out=torch.empty(4, 63, dtype=torch.bfloat16, device=device))
 
 
 def test_launcher_checks_the_fp8_capability(monkeypatch, device):
     def refuse(name, dev):
         raise RuntimeError(f"{name}: old GPU")
 
-    monkeypatch.setattr(fp8_gemm_module, "check_fp8_capability", refuse)
+    monkeypatch.setattr(factory, "check_fp8_capability", refuse)
     _, _, a, a_s, b, b_s = _operands(4, 64, 128, device)
     with pytest.raises(RuntimeError, match="fp8_gemm: old GPU"):
         fp8_gemm(a, a_s, b, b_s)
@@ -195,7 +195,7 @@ def test_gpu_fp8_gemm_deepgemm_grid(M, N, K):
     x, w, _, _, _, _ = _operands(M, N, K, "cuda")
     a, a_s = quant_act(x)
     b, b_s = quant_weight(w)
-    out = fp8_gemm_fwd(a, to_col_major(a_s), b, b_s, torch.bfloat16, out=nan_empty((M, N), torch.bfloat16, "cuda"))
+    out = fp8_gemm.launch(a, to_col_major(a_s), b, b_s, torch.bfloat16, out=nan_empty((M, N), torch.bfloat16, "cuda"))
     _check(out, a, a_s, b, b_s)
     assert ref.calc_diff(out, x @ w.T) < 1e-3
 

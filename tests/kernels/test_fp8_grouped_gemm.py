@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from moela_testing import nan_empty
 
 from moela import reference as ref
-from moela.kernels.fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_fwd
+from moela.kernels.fp8_grouped_gemm import fp8_grouped_gemm
 from moela.kernels.fp8_quant import quant_act, quant_weight, to_col_major
 
 fp8_grouped_gemm_module = importlib.import_module("moela.kernels.fp8_grouped_gemm")
+factory = importlib.import_module("moela.kernels.factory")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_GROUPED
@@ -72,7 +73,7 @@ def test_fp8_grouped_gemm_near_exact_against_reference(case, offsets_dtype, devi
     sizes, tail, N, K = CASES[case]
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, tail, N, K, device, offsets_dtype=offsets_dtype)
     out = nan_empty((xs.shape[0], N), torch.float32, device)
-    assert fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out) is out
+    assert fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out) is out
     _check(out, xs, xs_s, w8, w_s, offsets)
     assert (out[int(offsets[-1]) if len(sizes) else 0:] == 0).all()  # the tail is zero
 
@@ -88,7 +89,7 @@ def test_fp8_grouped_gemm_configs(cfg, device):
     config, N = CONFIGS[cfg]
     _, _, xs, xs_s, w8, w_s, offsets = _operands([17, 0, 3, 17], 1, N, 256, device)
     out = nan_empty((xs.shape[0], N), torch.float32, device)
-    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out, config=config)
+    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out, config=config)
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
@@ -100,7 +101,7 @@ def test_strided_offsets(device):
     strided = torch.stack([offsets, torch.full_like(offsets, xs.shape[0])], 1)[:, 0]
     assert strided.stride() == (2,)
     out = nan_empty((xs.shape[0], 64), torch.float32, device)
-    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, strided, torch.float32, out=out)
+    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, strided, torch.float32, out=out)
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
@@ -110,7 +111,7 @@ def test_worst_case_tile_count_fits_the_grid(device):
     sizes = [17] * 5
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 1, 16, 128, device)
     out = nan_empty((xs.shape[0], 16), torch.float32, device)
-    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
+    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
                          config=dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4))
     _check(out, xs, xs_s, w8, w_s, offsets)
 
@@ -130,7 +131,7 @@ def test_decode_grid_launches_no_idle_row_tiles(monkeypatch, device):
     sizes = [1, 0, 1, 1, 0, 0, 1] + [0] * 25  # E = 32, four one-row groups and a one-row tail
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 1, 32, 128, device)
     out = nan_empty((5, 32), torch.float32, device)
-    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
+    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
                          config=dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4))
     assert launched == [(5 * 2,)], "row tiles: min(cdiv(M, BLOCK_M) + E, M) = 5, times 2 column tiles"
     _check(out, xs, xs_s, w8, w_s, offsets)
@@ -143,7 +144,7 @@ def test_random_group_sizes_property(sizes, tail):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # hypothesis: no fixtures
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, tail, 32, 128, device)
     out = nan_empty((xs.shape[0], 32), torch.float32, device)
-    fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
+    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
                          config=dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))
     _check(out, xs, xs_s, w8, w_s, offsets)
 
@@ -165,11 +166,16 @@ def test_malformed_offsets_validate_or_stay_in_bounds(device):
         offsets = torch.tensor(bad, dtype=torch.int32, device=device)
         with pytest.raises(ValueError, match="offsets: expected non-decreasing cumulative row ends"):
             fp8_grouped_gemm(xs, xs_s, w8, w_s, offsets, validate=True)
+        with pytest.raises(ValueError, match="offsets: expected non-decreasing cumulative row ends"):
+            ref.fp8_grouped_gemm(xs, xs_s, w8, w_s, offsets, validate=True)
         guard = nan_empty((M + 4, 40), torch.float32, device)
-        fp8_grouped_gemm_fwd(xs, xs_s, w8, w_s, offsets, torch.float32, out=guard[2:M + 2, 4:36])
+        out = fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=guard[2:M + 2, 4:36])
         inside = torch.zeros_like(guard, dtype=torch.bool)
         inside[2:M + 2, 4:36] = True
         assert guard[~inside].isnan().all(), f"offsets {bad}: wrote outside the output"
+        # the documented result: offsets clamped into [0, M] with a running max, as the reference
+        torch.testing.assert_close(out, ref.fp8_grouped_gemm(xs, xs_s, w8, w_s, offsets, torch.float32),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_bad_inputs_raise_naming_the_argument(device):
@@ -180,7 +186,7 @@ def test_bad_inputs_raise_naming_the_argument(device):
         fp8_grouped_gemm(xs, xs_s, w8[0], w_s, offsets)
     with pytest.raises(ValueError, match="xs: expected K=128 columns"):
         fp8_grouped_gemm(xs, xs_s, w8[:, :, :128], w_s, offsets)
-    with pytest.raises(ValueError, match="multiple of block=128, got K=200"):
+    with pytest.raises(ValueError, match="xs: the Triton fp8_grouped_gemm kernel takes K .* block=128, got K=200"):
         fp8_grouped_gemm(xs[:, :200], xs_s, w8[:, :, :200], w_s, offsets)
     with pytest.raises(ValueError, match=r"w_s: expected shape \(2, 1, 2\)"):
         fp8_grouped_gemm(xs, xs_s, w8, w_s[:1], offsets)
@@ -198,7 +204,7 @@ def test_launcher_checks_the_fp8_capability(monkeypatch, device):
     def refuse(name, dev):
         raise RuntimeError(f"{name}: old GPU")
 
-    monkeypatch.setattr(fp8_grouped_gemm_module, "check_fp8_capability", refuse)
+    monkeypatch.setattr(factory, "check_fp8_capability", refuse)
     _, _, xs, xs_s, w8, w_s, offsets = _operands([3], 0, 64, 128, device)
     with pytest.raises(RuntimeError, match="fp8_grouped_gemm: old GPU"):
         fp8_grouped_gemm(xs, xs_s, w8, w_s, offsets)
@@ -229,7 +235,7 @@ def test_gpu_fp8_grouped_gemm_deepseek_shapes(case):
     x, w, _, _, _, _, offsets = _operands(sizes, tail, N, K, "cuda")
     xs, xs_s = quant_act(x)
     w8, w_s = quant_weight(w)
-    out = fp8_grouped_gemm_fwd(xs, to_col_major(xs_s), w8, w_s, offsets, torch.bfloat16,
+    out = fp8_grouped_gemm.launch(xs, to_col_major(xs_s), w8, w_s, offsets, torch.bfloat16,
                                out=nan_empty((xs.shape[0], N), torch.bfloat16, "cuda"))
     _check(out, xs, xs_s, w8, w_s, offsets)
     assert ref.calc_diff(out, ref.grouped_gemm(x, w, offsets)) < 1e-3

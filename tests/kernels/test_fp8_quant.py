@@ -20,22 +20,21 @@ from hypothesis import strategies as st
 from moela_testing import nan_empty
 
 from moela import reference as ref
+from moela.kernels import tl_helpers
+from moela.kernels._common import check_fp8_capability
 from moela.kernels.fp8_quant import (
     FP8_DTYPE,
-    check_fp8_capability,
     dequant,
-    dequant_fwd,
     empty_col_major_scales,
     quant_act,
-    quant_act_fwd,
     quant_weight,
-    quant_weight_fwd,
     to_col_major,
     to_row_major,
 )
 from moela.reference.fp8 import block_scale
 
-fp8_quant = importlib.import_module("moela.kernels.fp8_quant")
+common = importlib.import_module("moela.kernels._common")
+factory = importlib.import_module("moela.kernels.factory")
 
 FMTS = [None, "ue8m0"]
 FMT_IDS = ["f32-scale", "ue8m0"]
@@ -50,7 +49,7 @@ def _wide(shape, dtype, device):
 def _quant_act_poisoned(x, block, fmt):
     q = nan_empty(x.shape, FP8_DTYPE, x.device)
     s = nan_empty((*x.shape[:-1], math.ceil(x.shape[-1] / block)), torch.float32, x.device)
-    out = quant_act_fwd(x, block, fmt, out=q, scale_out=s)
+    out = quant_act.launch(x, block, fmt, out=(q, s))
     assert out[0] is q and out[1] is s
     return q, s
 
@@ -145,15 +144,16 @@ def test_quant_act_empty_and_scale_layouts(device):
     _, s_ref = ref.quant_act(x)
     col = empty_col_major_scales(5, 3, device)
     col.fill_(float("nan"))
-    q, s = quant_act_fwd(x, scale_out=col)
+    q, s = quant_act.launch(x, out=(torch.empty(x.shape, dtype=FP8_DTYPE, device=device), col))
     assert s is col and s.stride() == (1, 5)
     assert_same_bits(s, s_ref, "column-major scale")
     assert to_col_major(s_ref).stride() == (1, 5) and torch.equal(to_col_major(s_ref), s_ref)
     assert to_row_major(s).is_contiguous() and torch.equal(to_row_major(s), s_ref)
     s3 = to_col_major(torch.ones(2, 3, 4))
     assert s3.stride() == (12, 1, 3)
-    with pytest.raises(ValueError, match="scale_out: its leading dims must flatten"):
-        quant_act_fwd(torch.randn(3, 2, 256, device=device), scale_out=to_col_major(torch.ones(3, 2, 2, device=device)))
+    with pytest.raises(ValueError, match=r"out\[1\]: its leading dims must flatten"):
+        quant_act.launch(torch.randn(3, 2, 256, device=device), out=(
+            torch.empty(3, 2, 256, dtype=FP8_DTYPE, device=device), to_col_major(torch.ones(3, 2, 2, device=device))))
 
 
 # ------------------------------------------------------------------------- ue8m0 and the scale
@@ -162,7 +162,7 @@ def test_quant_act_empty_and_scale_layouts(device):
 def _block_scale_test_kernel(amax_ptr, scale_ptr, n, BLOCK: tl.constexpr, UE8M0: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     amax = tl.load(amax_ptr + offs, mask=offs < n)
-    tl.store(scale_ptr + offs, fp8_quant._block_scale(amax, UE8M0), mask=offs < n)
+    tl.store(scale_ptr + offs, tl_helpers.block_scale(amax, UE8M0), mask=offs < n)
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=FMT_IDS)
@@ -211,7 +211,7 @@ def test_quant_weight_bit_exact(case, fmt, device):
     q = nan_empty(shape, FP8_DTYPE, device)
     nb, kb = math.ceil(shape[-2] / block), math.ceil(shape[-1] / block)
     s = nan_empty((*shape[:-2], nb, kb), torch.float32, device)
-    quant_weight_fwd(w, block, fmt, out=q, scale_out=s)
+    quant_weight.launch(w, block, fmt, out=(q, s))
     q_ref, s_ref = ref.quant_weight(w, block, fmt)
     assert_same_bits(s, s_ref, "scale")
     assert_same_bits(q, q_ref, "q")
@@ -258,7 +258,7 @@ def test_dequant_bit_exact(case, out_dtype, device):
     scale.view(-1)[0] = float("inf")
     scale.view(-1)[-1] = float("nan")
     out = nan_empty(shape, out_dtype, device)
-    assert dequant_fwd(x, scale, block, out_dtype, out=out) is out
+    assert dequant.launch(x, scale, block, out_dtype, out=out) is out
     assert_same_bits(out, ref.dequant(x, scale, block, out_dtype), "dequant")
 
 
@@ -267,7 +267,7 @@ def test_dequant_of_a_scalar(device):
     x = torch.tensor(3.0, device=device).to(FP8_DTYPE)
     scale = torch.tensor(0.25, device=device)
     out = nan_empty((), torch.float32, device)
-    assert dequant_fwd(x, scale, out=out) is out
+    assert dequant.launch(x, scale, out=out) is out
     assert_same_bits(out, ref.dequant(x, scale), "dequant")
     assert_same_bits(dequant(x, scale, 128, torch.bfloat16), ref.dequant(x, scale, 128, torch.bfloat16))
 
@@ -309,18 +309,18 @@ def test_element_offsets_past_2_31(device, tmp_path):
     x = view((3, 128), (_S, 1))
     x.copy_(vals)
     scale = torch.rand(1, 1, device=device) + 0.5
-    assert_same_bits(dequant_fwd(x, scale), ref.dequant(vals, scale), "dequant")
+    assert_same_bits(dequant.launch(x, scale), ref.dequant(vals, scale), "dequant")
     # quant_weight writes rows 2**30 apart
     w = torch.randn(3, 128, device=device)
     q = view((3, 128), (_S, 1))
     q.copy_(nan_empty((3, 128), FP8_DTYPE, device))
-    quant_weight_fwd(w, out=q)
+    quant_weight.launch(w, out=(q, torch.empty(1, 1, device=device)))
     assert_same_bits(q, ref.quant_weight(w)[0], "quant_weight")
     # quant_act writes columns 2**30 apart
     a = torch.randn(2, 3, device=device)
     q = view((2, 3), (1, _S))
     q.copy_(nan_empty((2, 3), FP8_DTYPE, device))
-    quant_act_fwd(a, out=q)
+    quant_act.launch(a, out=(q, torch.empty(2, 1, device=device)))
     assert_same_bits(q, ref.quant_act(a)[0], "quant_act")
     assert (buf[:4096].view(torch.uint8) == 0).all(), "a wrapped offset wrote to the start of the buffer"
 
@@ -335,14 +335,15 @@ def test_bad_inputs_raise_naming_the_argument(device):
         quant_act(x.to(FP8_DTYPE))
     with pytest.raises(ValueError, match="block: expected a positive int"):
         quant_act(x, 0)
-    with pytest.raises(ValueError, match="scale_fmt: expected None or 'ue8m0'"):
+    with pytest.raises(ValueError, match="scale_fmt: expected one of None, 'ue8m0'"):
         quant_act(x, 128, "e8m0")
     with pytest.raises(ValueError, match="x: expected at least 1 dimension"):
-        quant_act_fwd(torch.tensor(1.0, device=device))
-    with pytest.raises(TypeError, match="scale_out: expected dtype float32"):
-        quant_act_fwd(x, scale_out=torch.empty(4, 2, dtype=torch.float16, device=device))
-    with pytest.raises(ValueError, match=r"out: expected shape \(4, 256\)"):
-        quant_act_fwd(x, out=torch.empty(4, 128, dtype=FP8_DTYPE, device=device))
+        quant_act(torch.tensor(1.0, device=device))
+    q_buf = torch.empty(4, 256, dtype=FP8_DTYPE, device=device)
+    with pytest.raises(TypeError, match=r"out\[1\]: expected dtype torch.float32"):
+        quant_act.launch(x, out=(q_buf, torch.empty(4, 2, dtype=torch.float16, device=device)))
+    with pytest.raises(ValueError, match=r"out\[0\]: expected shape \(4, 256\)"):
+        quant_act.launch(x, out=(torch.empty(4, 128, dtype=FP8_DTYPE, device=device), torch.empty(4, 2, device=device)))
     with pytest.raises(ValueError, match="w: expected at least 2 dimensions"):
         quant_weight(torch.randn(256, device=device))
     with pytest.raises(ValueError, match="scale_fmt"):
@@ -364,7 +365,7 @@ def test_bad_inputs_raise_naming_the_argument(device):
 
 def test_fp8_capability_check(monkeypatch):
     caps = {}
-    monkeypatch.setattr(fp8_quant, "_device_capability", lambda device: caps["cap"])
+    monkeypatch.setattr(common, "_device_capability", lambda device: caps["cap"])
     cuda = torch.device("cuda", 0)
     for ok in [(8, 9), (9, 0), (10, 0)]:
         caps["cap"] = ok
@@ -379,7 +380,7 @@ def test_every_quant_launcher_checks_the_capability(monkeypatch, device):
     def refuse(name, dev):
         raise RuntimeError(f"{name}: old GPU")
 
-    monkeypatch.setattr(fp8_quant, "check_fp8_capability", refuse)
+    monkeypatch.setattr(factory, "check_fp8_capability", refuse)
     x = torch.randn(4, 256, device=device)
     q, s = ref.quant_act(x)
     for call in (lambda: quant_act(x), lambda: quant_weight(x), lambda: dequant(q, s)):

@@ -19,14 +19,8 @@ from hypothesis import strategies as st
 from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference
-from moela.kernels.grouped_gemm import (
-    FWD_PATHS,
-    _dot_precision,
-    fwd_path,
-    grouped_gemm,
-    grouped_gemm_dw,
-    grouped_gemm_fwd,
-)
+from moela.kernels.grouped_gemm import FWD_PATHS, fwd_path, grouped_gemm, grouped_gemm_dw
+from moela.kernels.tl_helpers import SMEM_BUDGET, dot_precision
 
 # triton 3.6's interpreter turns a runtime loop bound (here: group row ranges read from the
 # device) into a Python int through a 1-element array, which numpy 2.3 deprecates.
@@ -77,7 +71,7 @@ def test_forward_small_blocks(case, dtype, device):
     sizes, tail, N, K = CASES[case]
     xs, w, offsets = _inputs(sizes, tail, N, K, dtype, device)
     out = nan_empty((xs.shape[0], N), dtype, device)  # every element must be written
-    assert grouped_gemm_fwd(xs, w, offsets, out=out, config=SMALL) is out
+    assert grouped_gemm.launch(xs, w, offsets, out=out, config=SMALL) is out
     _check_forward(out, xs, w, offsets)
 
 
@@ -99,7 +93,7 @@ def test_forward_default_configs(sizes, tail, N, K, dtype, device, request):
     path = fwd_path(xs.shape[0], len(sizes))
     assert request.node.callspec.id.startswith(path), "the case must take the path it is named after"
     out = nan_empty((xs.shape[0], N), dtype, device)
-    grouped_gemm_fwd(xs, w, offsets, out=out)
+    grouped_gemm.launch(xs, w, offsets, out=out)
     _check_forward(out, xs, w, offsets)
 
 
@@ -112,11 +106,11 @@ def test_strided_inputs_and_int64_offsets(device):
     # a strided int64 view (the kernels index offsets flat: the launchers make them contiguous)
     offsets = torch.stack([_offsets(sizes, device).long(), torch.full((E,), M, device=device)], 1)[:, 0]
     assert offsets.stride() == (2,)
-    grouped_gemm_fwd(xs, w, offsets, out=out, config=SMALL)
+    grouped_gemm.launch(xs, w, offsets, out=out, config=SMALL)
     _check_forward(out, xs, w, offsets)
     dy = torch.randn(N + 1, M, dtype=torch.bfloat16, device=device)[:N].T  # (M, N), column-major
     dw = nan_empty((E, N, K), torch.bfloat16, device)
-    grouped_gemm_dw(xs, dy, offsets, out=dw, config=SMALL_DW)
+    grouped_gemm_dw.launch(xs, dy, offsets, out=dw, config=SMALL_DW)
     _check_grads(None, dw, xs, w, offsets, dy, sizes)
 
 
@@ -132,7 +126,7 @@ def test_public_op_and_validate(device):
 @settings(max_examples=8)
 def test_forward_properties(sizes, tail, N, K):
     xs, w, offsets = _inputs(sizes, tail, N, K, torch.bfloat16, "cuda" if torch.cuda.is_available() else "cpu")
-    out = grouped_gemm_fwd(xs, w, offsets, config=SMALL)
+    out = grouped_gemm.launch(xs, w, offsets, config=SMALL)
     _check_forward(out, xs, w, offsets)
 
 
@@ -186,7 +180,7 @@ def test_dw_small_blocks(dtype, device):
     xs, w, offsets = _inputs(sizes, 2, N, K, dtype, device)
     dy = torch.randn(xs.shape[0], N, dtype=dtype, device=device)
     dw = nan_empty(w.shape, dtype, device)
-    assert grouped_gemm_dw(xs, dy, offsets, out=dw, config=SMALL_DW) is dw
+    assert grouped_gemm_dw.launch(xs, dy, offsets, out=dw, config=SMALL_DW) is dw
     _check_grads(None, dw, xs, w, offsets, dy, sizes)
 
 
@@ -197,7 +191,7 @@ def test_dw_ignores_nonfinite_rows_of_other_groups(device):
     dy = torch.randn(xs.shape[0], N, dtype=torch.bfloat16, device=device)
     dy[5:] = float("inf")  # group 2 and the tail
     xs[5:] = float("nan")
-    dw = grouped_gemm_dw(xs, dy, offsets, config=SMALL_DW)
+    dw = grouped_gemm_dw.launch(xs, dy, offsets, config=SMALL_DW)
     assert torch.isfinite(dw[0]).all() and (dw[1] == 0).all()
     _, dw_hi = _reference_grads(xs[:5], w, _offsets([5, 0, 0], device), dy[:5], torch.float64)
     _, dw_lo = _reference_grads(xs[:5], w, _offsets([5, 0, 0], device), dy[:5], torch.bfloat16)
@@ -215,7 +209,7 @@ def test_dw_fp32_overflow_stays_inf(device):
     dy[3] = float("inf")  # group 0: inf from its first row block on
     xs[40:], dy[40:] = 1.0, 1.5e37  # group 1: each 16-row block sums to 2.4e38, the two to inf
     dw = nan_empty((len(sizes), N, K), torch.float32, device)
-    grouped_gemm_dw(xs, dy, offsets, out=dw, config=SMALL_DW)
+    grouped_gemm_dw.launch(xs, dy, offsets, out=dw, config=SMALL_DW)
     assert torch.isposinf(dw).all(), f"{int(torch.isnan(dw).sum())} NaN, {int(torch.isfinite(dw).sum())} finite"
 
 
@@ -258,8 +252,8 @@ def test_fp32_follows_torch_fp32_precision_api(precision, device):
     dy = torch.randn(xs.shape[0], N, device=device)
     matmul.fp32_precision = precision
     try:
-        assert _dot_precision(torch.float32) == precision
-        assert _dot_precision(torch.bfloat16) == "tf32"  # Triton's default, ignored for 16-bit dots
+        assert dot_precision(torch.float32) == precision
+        assert dot_precision(torch.bfloat16) == "tf32"  # Triton's default, ignored for 16-bit dots
         out = grouped_gemm(xs, w, offsets)
         out.backward(dy)
     finally:
@@ -320,8 +314,8 @@ def test_rejects_bad_input(device):
         (TypeError, "offsets", lambda: grouped_gemm(xs, w, off.short())),
         (ValueError, "offsets", lambda: grouped_gemm(xs, w, off.to("meta"))),  # wrong device
         (ValueError, "w", lambda: grouped_gemm(xs, w.to("meta"), off)),
-        (ValueError, "out", lambda: grouped_gemm_fwd(xs, w, off, out=torch.empty(5, 4, device=device))),
-        (TypeError, "out", lambda: grouped_gemm_fwd(xs, w, off, out=torch.empty(5, 3, device=device).half())),
+        (ValueError, "out", lambda: grouped_gemm.launch(xs, w, off, out=torch.empty(5, 4, device=device))),
+        (TypeError, "out", lambda: grouped_gemm.launch(xs, w, off, out=torch.empty(5, 3, device=device).half())),
         (TypeError, "dy", lambda: grouped_gemm_dw(xs, torch.randn(5, 3, device=device).half(), off)),
         (ValueError, "dy", lambda: grouped_gemm_dw(xs, torch.randn(4, 3, device=device), off)),
     ]
@@ -339,11 +333,13 @@ def test_validate_checks_offset_values(bad, device):
     with pytest.raises(ValueError, match="offsets"):
         grouped_gemm(xs, w, off, validate=True)
     with pytest.raises(ValueError, match="offsets"):
-        grouped_gemm_fwd(xs, w, off, validate=True)
-    # Without validate the launch reads no values on the host; it still stays in bounds
-    # (groups are clamped to [0, M]): the result is unspecified but finite.
-    out = grouped_gemm_fwd(xs, w, off, out=torch.zeros(5, 3, device=device), config=SMALL)
-    assert torch.isfinite(out).all()
+        grouped_gemm.launch(xs, w, off, validate=True)
+    with pytest.raises(ValueError, match="offsets"):
+        reference.grouped_gemm(xs, w, off, validate=True)
+    # Without validate nothing is read on the host; the kernel stays in bounds and computes the
+    # documented rule (offsets clamped into [0, M], running max), as the reference does.
+    out = grouped_gemm.launch(xs, w, off, out=nan_empty((5, 3), torch.float32, device), config=SMALL)
+    torch.testing.assert_close(out, reference.grouped_gemm(xs, w, off), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,7 +382,7 @@ def test_gpu_forward_deepseek_shapes(problem):
     _, sizes, N, K = problem
     xs, w, offsets = _inputs(sizes, 0, N, K, torch.bfloat16, "cuda")
     out = nan_empty((xs.shape[0], N), torch.bfloat16, "cuda")
-    grouped_gemm_fwd(xs, w, offsets, out=out)
+    grouped_gemm.launch(xs, w, offsets, out=out)
     _check_forward(out, xs, w, offsets)
 
 
@@ -418,7 +414,7 @@ def test_gpu_no_host_sync_and_cuda_graph():
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = grouped_gemm_fwd(xs.detach(), w.detach(), offsets)
+        out = grouped_gemm.launch(xs.detach(), w.detach(), offsets)
     offsets.copy_(_offsets([0, 100, 100, 20], "cuda"))  # new group sizes (224 rows), same graph
     graph.replay()
     _check_forward(out, xs.detach(), w.detach(), offsets)
@@ -448,7 +444,7 @@ def test_config_lists_and_pruning():
             assert kept
             for c in kept:
                 k = c.kwargs
-                assert c.num_stages * k[red] * (k[a] + k[b]) * size <= gg._SMEM_BUDGET
+                assert c.num_stages * k[red] * (k[a] + k[b]) * size <= SMEM_BUDGET
                 if size == 4:
                     assert k[a] * k[b] <= 64 * 32 * c.num_warps  # fp32: no register spills
     assert all(c.kwargs["BLOCK_M"] == 16 for c in gg._fwd_decode_configs())

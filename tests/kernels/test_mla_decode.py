@@ -1,9 +1,6 @@
-"""moela.kernels.mla_decode against a float64 torch formulation (derived tolerances).
+"""moela.kernels.mla_decode against moela.reference.mla_decode in float64 (derived tolerances).
 
 Legend: B batch, S new tokens, H heads, L cache length, Dk key width, Dv value width.
-The ground truth is the harness's torch math (profiling/ops/mla_decode.py ``_math``: bmm,
-float32 masked softmax, p in the cache dtype, bmm) written once here for any precision: there is
-no standalone reference function for MLA decode attention in moela.reference.
 """
 
 from __future__ import annotations
@@ -12,22 +9,14 @@ import pytest
 import torch
 from moela_testing import assert_close_derived, nan_empty
 
-from moela.kernels.mla_decode import mla_decode, mla_decode_fwd, num_splits_for
+from moela import reference
+from moela.kernels.mla_decode import mla_decode, num_splits_for
 from moela.profiling.shapes import FLASHMLA_DECODE
 
 
 def attend(q: torch.Tensor, kv: torch.Tensor, scale: float, v_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """o (B, S, H, v_dim) computed by torch at ``dtype``: float64 is the truth; at bf16/fp16 the
-    scores and softmax are float32 and p is rounded to the cache dtype (as the harness's truth)."""
-    B, S, H, Dk = q.shape
-    L = kv.shape[1]
-    pos = torch.arange(L - S, L, device=q.device).repeat_interleave(H)  # row (i, h) -> position of token i
-    visible = torch.arange(L, device=q.device)[None, :] <= pos[:, None]  # (S·H, L)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    rows = q.reshape(B, S * H, Dk).to(acc)
-    scores = torch.bmm(rows, kv.to(acc).transpose(1, 2)) * scale
-    p = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(dtype)
-    return torch.bmm(p, kv[..., :v_dim].to(dtype)).view(B, S, H, v_dim)
+    """The reference at ``dtype``: float64 is the truth, the input dtype what torch itself makes."""
+    return reference.mla_decode(q.to(dtype), kv.to(dtype), scale, v_dim=v_dim)
 
 
 def check(o: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, scale: float, v_dim: int, name: str = "o") -> None:
@@ -58,7 +47,7 @@ def test_matches_float64(B, L, H, S, Dk, v_dim, dtype, device):
     q, kv = inputs(B, L, H, S, Dk, dtype, device)
     scale = Dk**-0.5
     out = nan_empty((B, S, H, v_dim), dtype, device)
-    o = mla_decode_fwd(q, kv, scale, v_dim=v_dim, out=out)
+    o = mla_decode.launch(q, kv, scale, v_dim=v_dim, out=out)
     assert o is out
     check(o, q, kv, scale, v_dim)
 
@@ -90,8 +79,10 @@ def test_split_k(dtype, device):
     B, L, H, S, Dk, v_dim = 2, 300, 4, 2, 40, 32
     q, kv = inputs(B, L, H, S, Dk, dtype, device)
     scale = Dk**-0.5
-    one = mla_decode_fwd(q, kv, scale, v_dim=v_dim, num_splits=1, out=nan_empty((B, S, H, v_dim), dtype, device))
-    three = mla_decode_fwd(q, kv, scale, v_dim=v_dim, num_splits=3, out=nan_empty((B, S, H, v_dim), dtype, device))
+    one = mla_decode.launch(q, kv, scale, v_dim=v_dim, config={"num_splits": 1},
+                            out=nan_empty((B, S, H, v_dim), dtype, device))
+    three = mla_decode.launch(q, kv, scale, v_dim=v_dim, config={"num_splits": 3},
+                              out=nan_empty((B, S, H, v_dim), dtype, device))
     check(one, q, kv, scale, v_dim, name="1 split")
     check(three, q, kv, scale, v_dim, name="3 splits")
     # the default splits these 2 tiles over the 300 keys
@@ -117,8 +108,8 @@ def test_cache_seqlens_attend_to_each_sequences_prefix(num_splits, dtype, device
     lens = [2, 45, 300, 129]  # S (only the new tokens), mid-split, the whole buffer, a split boundary
     q, kv, seqlens = _ragged(B, L, H, S, Dk, dtype, device, lens)
     scale = Dk**-0.5
-    o = mla_decode_fwd(q, kv, scale, v_dim=v_dim, cache_seqlens=seqlens, num_splits=num_splits,
-                       out=nan_empty((B, S, H, v_dim), dtype, device))
+    o = mla_decode.launch(q, kv, scale, v_dim=v_dim, cache_seqlens=seqlens, config={"num_splits": num_splits},
+                          out=nan_empty((B, S, H, v_dim), dtype, device))
     for b, n in enumerate(lens):
         check(o[b:b + 1], q[b:b + 1], kv[b:b + 1, :n], scale, v_dim, name=f"sequence {b} ({n} keys)")
 
@@ -141,8 +132,10 @@ def test_cache_seqlens_out_of_range_never_read_out_of_bounds(device):
     q, kv = inputs(B, L, H, S, Dk, torch.float32, device)
     lens = torch.tensor([-5, 1, 1000], dtype=torch.int32, device=device)
     for splits in (1, 2):
-        o = mla_decode_fwd(q, kv, 0.3, v_dim=v_dim, cache_seqlens=lens, num_splits=splits,
-                           out=nan_empty((B, S, H, v_dim), torch.float32, device))
+        o = mla_decode.launch(q, kv, 0.3, v_dim=v_dim, cache_seqlens=lens, config={"num_splits": splits},
+                              out=nan_empty((B, S, H, v_dim), torch.float32, device))
+        # the documented rule: the reference clamps the same way
+        torch.testing.assert_close(o, reference.mla_decode(q, kv, 0.3, v_dim=v_dim, cache_seqlens=lens))
         assert torch.count_nonzero(o[0]) == 0  # no key at all
         assert torch.count_nonzero(o[1, 0]) == 0  # token 0 of a 1-key sequence sees nothing
         check(o[1:2, 1:], q[1:2, 1:], kv[1:2, :1], 0.3, v_dim, name="the one key")
@@ -213,9 +206,9 @@ def test_input_errors(device):
     with pytest.raises(ValueError, match="kv:"):
         mla_decode(q, kv.to("meta"), 1.0, v_dim=32)  # devices differ
     with pytest.raises(ValueError, match="out:"):
-        mla_decode_fwd(q, kv, 1.0, v_dim=32, out=torch.empty(1, 1, 2, 40, dtype=q.dtype, device=device))
+        mla_decode.launch(q, kv, 1.0, v_dim=32, out=torch.empty(1, 1, 2, 40, dtype=q.dtype, device=device))
     with pytest.raises(ValueError, match="num_splits"):
-        mla_decode_fwd(q, kv, 1.0, v_dim=32, num_splits=0)
+        mla_decode.launch(q, kv, 1.0, v_dim=32, config={"num_splits": 0})
 
 
 def test_empty(device):
@@ -259,7 +252,7 @@ def test_flashmla_shapes(B, L, H, S, device):
     Dk, v_dim = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
     q, kv = inputs(B, L, H, S, Dk, torch.bfloat16, device)
     out = nan_empty((B, S, H, v_dim), torch.bfloat16, device)
-    check(mla_decode_fwd(q, kv, Dk**-0.5, v_dim=v_dim, out=out), q, kv, Dk**-0.5, v_dim)
+    check(mla_decode.launch(q, kv, Dk**-0.5, v_dim=v_dim, out=out), q, kv, Dk**-0.5, v_dim)
 
 
 @pytest.mark.gpu

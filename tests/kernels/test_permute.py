@@ -19,7 +19,7 @@ import triton
 from moela_testing import assert_close_derived, nan_empty, random_topk_ids
 
 from moela import reference
-from moela.kernels.permute import permute, permute_fp8_fwd, permute_fwd, unpermute, unpermute_bwd, unpermute_fwd
+from moela.kernels.permute import permute, permute_fp8_op, permute_op, unpermute, unpermute_bwd_op, unpermute_op
 from moela.kernels.routing import make_routing
 from moela.reference import RoutingPlan
 
@@ -69,7 +69,7 @@ def test_permute_equals_reference(case, dtype, device):
     plan, x, _ = _problem(case, dtype, device)
     out = nan_empty((plan.max_rows, x.shape[1]), dtype, device)
     config = CONFIGS[CASE_CONFIG[case]]
-    assert permute_fwd(x, plan.slot_to_row, plan.row_to_token, out=out, config=config) is out
+    assert permute_op.launch(x, plan.slot_to_row, plan.row_to_slot, out=out, config=config) is out
     assert torch.equal(out, reference.permute(x, plan))
 
 
@@ -80,7 +80,8 @@ def test_unpermute_equals_reference_bitwise(case, dtype, device):
     ys = _ys(plan, x.shape[1], dtype, device)
     for weights in (w, None):
         out = nan_empty(x.shape, dtype, device)
-        assert unpermute_fwd(ys, plan.slot_to_row, weights, out=out, config=CONFIGS[CASE_CONFIG[case]]) is out
+        config = CONFIGS[CASE_CONFIG[case]]
+        assert unpermute_op.launch(ys, plan.slot_to_row, plan.row_to_slot, weights, out=out, config=config) is out
         ref = reference.unpermute(ys, plan, weights)
         assert torch.equal(out, ref), f"max diff {(out.double() - ref.double()).abs().max()}"
 
@@ -120,22 +121,22 @@ def test_strided_inputs(device):
     ys_wide = torch.zeros(ys.shape[0], 2 * ys.shape[1], device=device)[:, ::2]  # column stride 2
     ys_wide.copy_(ys)
     s2r_t = plan.slot_to_row.t().contiguous().t()
-    assert torch.equal(permute_fwd(x_t, s2r_t, plan.row_to_token), reference.permute(x, plan))
-    assert torch.equal(unpermute_fwd(ys_wide, s2r_t, w_t), reference.unpermute(ys, plan, w))
+    assert torch.equal(permute_op(x_t, s2r_t, plan.row_to_slot), reference.permute(x, plan))
+    assert torch.equal(unpermute_op(ys_wide, s2r_t, plan.row_to_slot, w_t), reference.unpermute(ys, plan, w))
     dy = torch.randn_like(x)
-    dys, dw = unpermute_bwd(dy.t().contiguous().t(), ys_wide.nan_to_num(0), s2r_t, plan.row_to_token, w_t)
-    ref = unpermute_bwd(dy, ys.nan_to_num(0), plan.slot_to_row, plan.row_to_token, w)
+    dys, dw = unpermute_bwd_op(dy.t().contiguous().t(), ys_wide.nan_to_num(0), s2r_t, plan.row_to_slot, w_t, True)
+    ref = unpermute_bwd_op(dy, ys.nan_to_num(0), plan.slot_to_row, plan.row_to_slot, w, True)
     assert torch.equal(dys, ref[0]) and torch.equal(dw, ref[1])
 
 
 def test_repeated_runs_are_identical(device):
     plan, x, w = _problem("ids-of-minus-one", torch.bfloat16, device)
     ys = _ys(plan, x.shape[1], torch.bfloat16, device)
-    first = (permute(x, plan), unpermute(ys, plan, w), unpermute_bwd(x, ys.nan_to_num(0), plan.slot_to_row,
-                                                                      plan.row_to_token, w.nan_to_num(0)))
+    first = (permute(x, plan), unpermute(ys, plan, w), unpermute_bwd_op(x, ys.nan_to_num(0), plan.slot_to_row,
+                                                                         plan.row_to_slot, w.nan_to_num(0), True))
     for _ in range(2):
-        again = (permute(x, plan), unpermute(ys, plan, w), unpermute_bwd(x, ys.nan_to_num(0), plan.slot_to_row,
-                                                                          plan.row_to_token, w.nan_to_num(0)))
+        again = (permute(x, plan), unpermute(ys, plan, w), unpermute_bwd_op(x, ys.nan_to_num(0), plan.slot_to_row,
+                                                                             plan.row_to_slot, w.nan_to_num(0), True))
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
         assert all(torch.equal(a, b) for a, b in zip(again[2], first[2], strict=True))
 
@@ -163,7 +164,7 @@ def test_permute_fp8_is_quant_act_of_permute_bitwise(name, device):
     q_ref, s_ref = reference.quant_act(reference.permute(x, plan), block, fmt)
     q = nan_empty(q_ref.shape, q_ref.dtype, device)
     s = nan_empty(s_ref.shape, s_ref.dtype, device)
-    permute_fp8_fwd(x, plan.slot_to_row, plan.row_to_token, block, fmt, out=q, scale_out=s)
+    permute_fp8_op.launch(x, plan.slot_to_row, plan.row_to_slot, block, fmt, out=(q, s))
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))
     q2, s2 = permute(x, plan, fp8=True, block=block, scale_fmt=fmt)
@@ -176,8 +177,8 @@ def test_permute_fp8_checks_and_fake(device):
     with pytest.raises(ValueError, match="scale_fmt"):
         permute(x, plan, fp8=True, scale_fmt="e5m2")
     with pytest.raises(ValueError, match="block: expected a positive int, got 0"):
-        permute_fp8_fwd(x, plan.slot_to_row, plan.row_to_token, 0)
-    torch.library.opcheck(torch.ops.moela.permute_fp8.default, (x, plan.slot_to_row, plan.row_to_token, 128, None),
+        permute_fp8_op(x, plan.slot_to_row, plan.row_to_slot, 0)
+    torch.library.opcheck(torch.ops.moela.permute_fp8.default, (x, plan.slot_to_row, plan.row_to_slot, 128, None),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -238,10 +239,10 @@ def test_unpermute_bwd_launcher_writes_every_element(device):
     plan, x, w = _problem("align4-invalid", torch.float32, device)
     w = w.nan_to_num(0.3)
     ys = _ys(plan, x.shape[1], torch.float32, device).nan_to_num(1.0)
-    ref = unpermute_bwd(x, ys, plan.slot_to_row, plan.row_to_token, w)
+    ref = unpermute_bwd_op(x, ys, plan.slot_to_row, plan.row_to_slot, w, True)
     for config in CONFIGS.values():
         out = (nan_empty(ys.shape, ys.dtype, device), nan_empty(w.shape, w.dtype, device))
-        dys, dw = unpermute_bwd(x, ys, plan.slot_to_row, plan.row_to_token, w, out=out, config=config)
+        dys, dw = unpermute_bwd_op.launch(x, ys, plan.slot_to_row, plan.row_to_slot, w, True, out=out, config=config)
         assert dys is out[0] and dw is out[1]
         assert torch.equal(dys, ref[0]) and not dw.isnan().any()
         assert (dys[plan.row_to_token < 0] == 0).all()
@@ -279,11 +280,11 @@ def test_opcheck(device):
     plan, x, w = _problem("align4-invalid", torch.float32, device)
     w = w.nan_to_num(0.5)
     ys = _ys(plan, x.shape[1], torch.float32, device).nan_to_num(0.0)
-    s2r, r2t = plan.slot_to_row, plan.row_to_token
+    s2r, r2s = plan.slot_to_row, plan.row_to_slot
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.moela.permute.default, (x.requires_grad_(), s2r, r2t), test_utils=utils)
+    torch.library.opcheck(torch.ops.moela.permute.default, (x.requires_grad_(), s2r, r2s), test_utils=utils)
     for weights in (w.requires_grad_(), None):
-        torch.library.opcheck(torch.ops.moela.unpermute.default, (ys.requires_grad_(), s2r, r2t, weights),
+        torch.library.opcheck(torch.ops.moela.unpermute.default, (ys.requires_grad_(), s2r, r2s, weights),
                               test_utils=utils)
 
 

@@ -13,21 +13,16 @@ import torch
 from moela_testing import check_plan_invariants, random_topk_ids
 
 from moela import reference
-from moela.kernels.routing import (
-    SMALL_MAX_SLOTS,
-    check_plan,
-    make_routing,
-    make_routing_fwd,
-    validate_plan,
-)
+from moela.kernels.routing import SMALL_MAX_SLOTS, make_routing
 from moela.reference import RoutingPlan, max_rows
+from moela.reference.dispatch import check_plan, validate_plan
 
 # triton 3.6's interpreter turns runtime loop bounds into Python ints through 1-element arrays,
 # which numpy 2.3 deprecates.
 
 POISON = 0x5EED5EED  # no plan holds this value
 
-# schedule name -> launcher keyword arguments
+# schedule name -> the launch config (make_routing.launch's ``config``)
 SCHEDULES = {"one-launch": dict(small_max_slots=SMALL_MAX_SLOTS), "sort-scan-scatter": dict(small_max_slots=0,
                                                                                          sort_block=16)}
 
@@ -42,7 +37,7 @@ def _poisoned(T, k, E, align, device):
 
 def _plan(ids, E, align, schedule):
     out = _poisoned(*ids.shape, E, align, ids.device)
-    got = make_routing_fwd(ids, E, align, out=out, **SCHEDULES[schedule])
+    got = make_routing.launch(ids, E, align, out=out, config=SCHEDULES[schedule])
     assert all(a is b for a, b in zip(got, out, strict=True))
     return RoutingPlan(*got)
 
@@ -134,8 +129,8 @@ def test_public_op_validate_and_checks(device):
         make_routing(ids, 0)
     with pytest.raises(ValueError, match="align: expected a positive int"):
         make_routing(ids, 3, align=0)
-    with pytest.raises(ValueError, match="out: expected a plan of 3 experts"):
-        make_routing_fwd(ids, 3, out=_poisoned(2, 2, 4, 1, device))
+    with pytest.raises(ValueError, match=r"out\[0\]: expected shape \(3,\)"):
+        make_routing.launch(ids, 3, out=_poisoned(2, 2, 4, 1, device))
 
 
 def test_validate_plan_finds_inconsistencies(device):

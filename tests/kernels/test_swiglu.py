@@ -8,7 +8,7 @@ from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference as ref
 from moela.kernels.fp8_quant import quant_act
-from moela.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fp8_fwd, swiglu_fwd
+from moela.kernels.swiglu import swiglu, swiglu_bwd_op, swiglu_fp8_op, swiglu_op
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.float32, id="fp32")]
@@ -24,7 +24,7 @@ def _halves(M, N, dtype, device, scale=3.0):
 @pytest.mark.parametrize("M,N", [(1, 7), (37, 300), (5, 1030)], ids=["1x7", "37x300", "5x1030"])
 def test_forward_matches_float64(M, N, dtype, device):
     g, u = _halves(M, N, dtype, device)
-    out = swiglu_fwd(g, u, out=nan_empty((M, N), dtype, device))
+    out = swiglu_op.launch(g, u, out=nan_empty((M, N), dtype, device))
     assert out.is_contiguous()
     assert_close_derived(out, ref.swiglu(g.double(), u.double()), ref.swiglu(g, u), name="out")
 
@@ -47,7 +47,7 @@ def test_only_needed_gradients_and_direct_launcher(device):
     g, u = _halves(4, 16, torch.float32, device)
     gi = g.clone().requires_grad_()
     swiglu(gi, u).sum().backward()  # up needs no gradient
-    dg, du = swiglu_bwd(torch.ones(4, 16, device=device), g, u)
+    dg, du = swiglu_bwd_op(torch.ones(4, 16, device=device), g, u)
     torch.testing.assert_close(gi.grad, dg, rtol=0, atol=0)
     assert du.shape == (4, 16)
 
@@ -78,7 +78,7 @@ def test_fp8_is_quant_act_of_swiglu_bit_for_bit(M, N, block, scale_fmt, dtype, d
 
 
 def test_fp8_empty_errors_and_opcheck(device):
-    q, s = swiglu_fp8_fwd(*_halves(0, 256, torch.bfloat16, device))
+    q, s = swiglu_fp8_op(*_halves(0, 256, torch.bfloat16, device))
     assert q.shape == (0, 256) and s.shape == (0, 2)
     g, u = _halves(4, 256, torch.bfloat16, device)
     with pytest.raises(ValueError, match="block"):
@@ -98,8 +98,9 @@ def test_empty_and_errors(device):
     assert swiglu(*_halves(0, 8, torch.bfloat16, device)).shape == (0, 8)
     assert swiglu(*_halves(3, 0, torch.bfloat16, device)).shape == (3, 0)
     g, u = _halves(3, 8, torch.bfloat16, device)
+    assert torch.equal(swiglu(g[0], u[0]), swiglu(g, u)[0])  # any leading shape (..., N)
     with pytest.raises(ValueError, match="gate"):
-        swiglu(g[0], u[0])
+        swiglu(g[0, 0], u[0, 0])
     with pytest.raises(TypeError, match="up"):
         swiglu(g, u.float())
     with pytest.raises(ValueError, match="up"):
@@ -109,9 +110,9 @@ def test_empty_and_errors(device):
     with pytest.raises(TypeError, match="gate"):
         swiglu(g.double(), u.double())
     with pytest.raises(ValueError, match="out"):
-        swiglu_fwd(g, u, out=torch.empty(3, 9, dtype=torch.bfloat16, device=device))
+        swiglu_op.launch(g, u, out=torch.empty(3, 9, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match="share memory"):
-        swiglu_fwd(g, u, out=g)
+        swiglu_op.launch(g, u, out=g)
 
 
 def test_opcheck_and_compile(device):
@@ -127,7 +128,7 @@ def test_opcheck_and_compile(device):
 @pytest.mark.parametrize("M", [8, 8192])
 def test_gpu_v3_expert_width(M):
     g, u = _halves(M, 2048, torch.bfloat16, "cuda")
-    out = swiglu_fwd(g, u, out=nan_empty((M, 2048), torch.bfloat16, "cuda"))
+    out = swiglu_op.launch(g, u, out=nan_empty((M, 2048), torch.bfloat16, "cuda"))
     assert_close_derived(out, ref.swiglu(g.double(), u.double()), ref.swiglu(g, u), name="out")
 
 

@@ -125,17 +125,21 @@ def test_op_definition_errors(fake_op):
         op.problems("nope")
 
 
-def test_the_gpu_script_benchmarks_and_warms_every_op():
-    """profiling/gpu_run.sh names its ops (default list and compile warm-up groups): none forgotten."""
-    import re
+def test_the_gpu_script_reads_its_ops_from_the_registry(capsys):
+    """profiling/gpu_run.sh takes its default op list and warm-up groups from ``list --names`` and
+    ``list --warm-groups``: every op benchmarked, every op warmed exactly once."""
     from pathlib import Path
 
     import moela.profiling
+    from moela.profiling.cli import main
+    from moela.profiling.registry import warm_groups
 
     script = (Path(moela.profiling.__file__).parent / "gpu_run.sh").read_text()
-    default = re.search(r'OPS=\$\{MOELA_BENCH_OPS:-"([^"]*)"\}', script)
-    groups = re.search(r"WARM_GROUPS=\(((?:\"[^\"]*\"\s*)+)\)\nfi", script)
-    assert default and groups, "gpu_run.sh: the default op list or the warm-up groups moved"
-    ops = set(all_ops())
-    assert set(default.group(1).split()) == ops
-    assert set(" ".join(re.findall(r'"([^"]*)"', groups.group(1))).split()) == ops
+    assert "list --names" in script and "list --warm-groups" in script
+    ops = list(all_ops())
+    assert main(["list", "--names"]) == 0
+    assert capsys.readouterr().out.split() == ops
+    groups = warm_groups()
+    assert sorted(n for g in groups for n in g) == sorted(ops)
+    assert main(["list", "--warm-groups"]) == 0
+    assert [line.split() for line in capsys.readouterr().out.strip().splitlines()] == groups

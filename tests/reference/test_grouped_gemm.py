@@ -48,10 +48,18 @@ def test_grouped_gemm_rejects_bad_input():
         grouped_gemm(xs, w, _offsets([2, 3, 0]))
     with pytest.raises(TypeError, match="offsets"):
         grouped_gemm(xs, w, off.float())
-    with pytest.raises(ValueError, match="offsets"):
-        grouped_gemm(xs, w, torch.tensor([3, 2], dtype=torch.int32))  # decreasing
-    with pytest.raises(ValueError, match="offsets"):
-        grouped_gemm(xs, w, torch.tensor([2, 6], dtype=torch.int32))  # past M
+    for bad in ([3, 2], [2, 6], [-1, 4]):  # decreasing, past M, negative: raised with validate=True
+        with pytest.raises(ValueError, match="offsets: expected non-decreasing"):
+            grouped_gemm(xs, w, torch.tensor(bad, dtype=torch.int32), validate=True)
+
+
+def test_grouped_gemm_malformed_offsets_follow_the_clamping_rule():
+    """Without validate: ends clamped into [0, M], then a running max (a group ending before its
+    predecessor is empty), the rule the kernels follow; int64 ends are clamped before narrowing."""
+    xs, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64)
+    for bad, good in (([3, 2, 5], [3, 3, 5]), ([-1, 2, 9], [0, 2, 5]), ([2**32 + 3, 1, 2], [5, 5, 5])):
+        out = grouped_gemm(xs, w, torch.tensor(bad, dtype=torch.int64))
+        assert torch.equal(out, grouped_gemm(xs, w, torch.tensor(good, dtype=torch.int64), validate=True)), bad
 
 
 @given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=9), N=st.integers(1, 20), K=st.integers(1, 20))

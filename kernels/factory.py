@@ -1,0 +1,295 @@
+"""The op factory: one launcher, one contract check and (where there is one) one backward make a moela op.
+
+A kernel module writes, per op::
+
+    @kernel_op("grouped_gemm", contract=check_grouped_gemm, domain=_kernel_domain,
+               backward=_backward, setup_context=_setup)
+    def grouped_gemm(out, xs: Tensor, w: Tensor, offsets: Tensor, *, validate: bool = False, config=None):
+        '''The public docstring.'''
+        ...  # launch the kernels, writing ``out`` (allocated by the factory from the contract)
+
+and gets back the public function ``grouped_gemm(xs, w, offsets, *, validate=False)``. The
+launcher's signature, minus ``out`` and ``config``, is the op's one signature; from it the
+factory makes
+
+- the ``torch.library`` custom op ``torch.ops.moela.<name>`` (schema from the annotations),
+- its fake implementation: the contract (shapes, dtypes, devices; the same function the
+  reference runs) and the kernel's domain check on meta/fake tensors, then empty outputs,
+- the autograd registration (``backward`` / ``setup_context``, torch's own conventions),
+- ``fn.launch(*args, out=None, config=None)``: contract, domain and device checks, output
+  allocation (or checks of the given ``out``), the launcher on the inputs' GPU,
+- the public function: in plain eager inference (:func:`run_direct`) it calls ``launch``
+  directly, skipping the custom op's dispatch layers; otherwise it checks the contract (so bad
+  input gets moela's error, not the dispatcher's) and calls the custom op.
+
+The contract returns the outputs' :class:`TensorSpec` (one, or a tuple); every registered op
+is listed by :func:`registered_ops` (tests, profiling and the GPU script read that list).
+The public function is generated source, so it keeps its signature and costs one call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moela.reference._checks import TensorSpec
+
+from ._common import check_fp8_capability, check_kernel_device, run_direct
+from .interpreter import compat_installed
+
+__all__ = ["KernelOp", "kernel_op", "registered_ops", "get_op", "TensorSpec"]
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """What the factory made for one op (``fn.kernel_op`` of the public function)."""
+
+    name: str  # torch.ops.moela.<name>
+    public: Callable  # what users call
+    launch: Callable  # launch(*args, out=None, config=None)
+    op: Callable  # the torch.library CustomOpDef
+    contract: Callable  # (*args) -> TensorSpec | tuple[TensorSpec, ...]; raises on bad input
+    domain: Callable | None  # the kernel's narrower domain (raises, in words), or None
+    differentiable: bool
+    tensor_args: tuple[str, ...]  # the parameters that take tensors (None allowed where optional)
+    module: str
+
+
+_REGISTRY: dict[str, KernelOp] = {}
+
+
+def registered_ops() -> dict[str, KernelOp]:
+    """Every op the factory made, by name (importing ``moela.kernels`` registers all of them)."""
+    return dict(_REGISTRY)
+
+
+def get_op(name: str) -> KernelOp:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"{name}: not a moela kernel op (known: {sorted(_REGISTRY)})") from None
+
+
+def _is_tensor_type(tp: object) -> bool:
+    if tp is torch.Tensor:
+        return True
+    return any(a is torch.Tensor for a in typing.get_args(tp))
+
+
+def _check_same_signature(what: str, fn: Callable, public: inspect.Signature) -> None:
+    sig = inspect.signature(fn)
+    got = [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+    want = [(p.name, p.kind, p.default) for p in public.parameters.values()]
+    if got != want:
+        raise TypeError(f"{what} {fn.__qualname__}{sig}: expected the op's parameters {public}")
+
+
+def _outputs(name: str, spec, device: torch.device, out):
+    """Allocate the outputs of ``spec`` on ``device``, or check the given ``out`` against it."""
+    if isinstance(spec, TensorSpec):
+        if out is None:
+            return torch.empty(spec.shape, dtype=spec.dtype, device=device)
+        _check_out("out", out, spec, device)
+        return out
+    if out is None:
+        return tuple(torch.empty(s.shape, dtype=s.dtype, device=device) for s in spec)
+    if not isinstance(out, (tuple, list)) or len(out) != len(spec):
+        raise TypeError(f"out: expected a tuple of {len(spec)} tensors for {name}, got {type(out).__name__}")
+    for i, (o, s) in enumerate(zip(out, spec, strict=True)):
+        _check_out(f"out[{i}]", o, s, device)
+    return tuple(out)
+
+
+def _check_out(name: str, out: object, spec: TensorSpec, device: torch.device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != spec.dtype:
+        raise TypeError(f"{name}: expected dtype {spec.dtype}, got {out.dtype}")
+    if tuple(out.shape) != tuple(spec.shape):
+        raise ValueError(f"{name}: expected shape {tuple(spec.shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of the inputs), got {out.device}")
+
+
+def _empty_like_spec(spec, device: torch.device):
+    if isinstance(spec, TensorSpec):
+        return torch.empty(spec.shape, dtype=spec.dtype, device=device)
+    return tuple(torch.empty(s.shape, dtype=s.dtype, device=device) for s in spec)
+
+
+def _kernel_device(op: str, name: str, t: torch.Tensor, fp8: bool) -> torch.device:
+    check_kernel_device(name, t)
+    if t.device.type == "cpu" and not compat_installed():
+        raise RuntimeError(
+            f"{name}: the Triton interpreter computes wrong bf16/fp8 numbers without moela's compatibility "
+            f"layer; call moela.kernels.interpreter.install_compat() (importing moela.kernels under "
+            f"TRITON_INTERPRET=1 does)")
+    if fp8:
+        check_fp8_capability(op, t.device)
+    return t.device
+
+
+def _launch_on(device: torch.device, launcher: Callable, *args, **kwargs) -> None:
+    """Triton launches on the *current* CUDA device: switch to the inputs' one when it differs."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            launcher(*args, **kwargs)
+    else:
+        launcher(*args, **kwargs)
+
+
+def kernel_op(
+    name: str,
+    *,
+    contract: Callable,
+    domain: Callable | None = None,
+    fp8: bool = False,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+    result: Callable | None = None,
+) -> Callable[[Callable], Callable]:
+    """Make the moela op ``name`` from the decorated launcher (see the module docstring).
+
+    Args:
+        contract: ``(*args) -> TensorSpec | tuple[TensorSpec, ...]`` with exactly the op's
+            parameters; raises TypeError/ValueError naming the argument (never reads values).
+        domain: the kernel's narrower domain, same parameters; raises saying so in words.
+        fp8: the kernels need e4m3 support (compute capability >= 8.9) on a GPU.
+        backward, setup_context: torch's ``register_autograd`` pair; none: not differentiable
+            (the op path detaches its tensor inputs, the direct path ignores ``requires_grad``).
+        result: applied to the outputs the public function and ``launch`` return (e.g.
+            ``RoutingPlan._make``); the custom op itself returns plain tensors.
+    """
+    if (backward is None) != (setup_context is None):
+        raise TypeError(f"{name}: give backward and setup_context together")
+
+    def decorate(launcher: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"{name}: a moela op of that name exists already ({_REGISTRY[name].module})")
+        sig = inspect.signature(launcher)
+        params = list(sig.parameters.values())
+        if not params or params[0].name != "out" or params[-1].name != "config" \
+                or params[-1].kind is not inspect.Parameter.KEYWORD_ONLY or params[-1].default is not None:
+            raise TypeError(f"{name}: the launcher must read (out, <the op's parameters>, *, config=None), "
+                            f"got {sig}")
+        hints = typing.get_type_hints(launcher)
+        public_params = params[1:-1]
+        public_sig = inspect.Signature(public_params, return_annotation=sig.return_annotation)
+        _check_same_signature("contract", contract, public_sig)
+        if domain is not None:
+            _check_same_signature("domain", domain, public_sig)
+        for p in public_params:
+            if p.name not in hints:
+                raise TypeError(f"{name}: parameter {p.name!r} of the launcher needs a type annotation (the schema)")
+        tensors = tuple(p.name for p in public_params if _is_tensor_type(hints[p.name]))
+        if not tensors:
+            raise TypeError(f"{name}: an op needs at least one tensor parameter")
+        differentiable = backward is not None
+
+        # The schema takes every parameter positionally, in order (custom ops take no kw-only
+        # tensors, and setup_context then sees all inputs in one tuple).
+        schema_params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[p.name])
+                         for p in public_params]
+        returns = hints.get("return", sig.return_annotation)
+
+        def prototype(*args, **kwargs):
+            raise AssertionError("schema prototype")
+
+        try:
+            prototype.__signature__ = inspect.Signature(schema_params, return_annotation=returns)
+        except ValueError as e:  # a required keyword-only parameter after a defaulted one
+            raise TypeError(f"{name}: the op's parameters cannot be made positional in order: {e}") from None
+        schema = torch.library.infer_schema(prototype, mutates_args=())
+
+        # Generated functions: exact signatures, one call each (see the module docstring).
+        ns: dict[str, object] = {
+            "_contract": contract, "_domain": domain, "_launcher": launcher, "_outputs": _outputs,
+            "_kernel_device": _kernel_device, "_launch_on": _launch_on, "_run_direct": run_direct,
+            "_fp8": fp8, "_name": name, "_grad": differentiable, "_result": result or (lambda o: o),
+        }
+        defs, call = [], []
+        star_done = False
+        for p in public_params:
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and not star_done:
+                defs.append("*")
+                star_done = True
+            if p.default is not inspect.Parameter.empty:
+                ns[f"_d_{p.name}"] = p.default
+                defs.append(f"{p.name}=_d_{p.name}")
+            else:
+                defs.append(p.name)
+            call.append(p.name if p.kind is not inspect.Parameter.KEYWORD_ONLY else f"{p.name}={p.name}")
+        schema_call = [p.name for p in public_params]
+        schema_defs = [p.name if p.default is inspect.Parameter.empty else f"{p.name}=_d_{p.name}"
+                       for p in public_params]
+        first = tensors[0]
+        launch_defs = [*defs] if star_done else [*defs, "*"]
+        domain_call = f"    _domain({', '.join(call)})\n" if domain is not None else ""
+        detach = "".join(f"    {t} = {t}.detach() if isinstance({t}, _Tensor) else {t}\n" for t in tensors)
+        src = (
+            f"def launch({', '.join([*launch_defs, 'out=None', 'config=None'])}):\n"
+            f"    spec = _contract({', '.join(call)})\n"
+            f"{domain_call}"
+            f"    device = _kernel_device(_name, {first!r}, {first}, _fp8)\n"
+            f"    out = _outputs(_name, spec, device, out)\n"
+            f"    _launch_on(device, _launcher, out, {', '.join(call)}, config=config)\n"
+            f"    return _result(out)\n"
+            f"\n"
+            f"def impl({', '.join(schema_defs)}):\n"
+            f"    return _raw_launch({', '.join(call)})\n"
+            f"\n"
+            f"def fake({', '.join(schema_defs)}):\n"
+            f"    spec = _contract({', '.join(call)})\n"
+            f"{domain_call}"
+            f"    return _empty_like_spec(spec, {first}.device)\n"
+            f"\n"
+            f"def public({', '.join(defs)}):\n"
+            f"    if _run_direct({', '.join(tensors)}, grad=_grad):\n"
+            f"        return launch({', '.join(call)})\n"
+            f"    _contract({', '.join(call)})\n"
+            f"{domain_call}"
+            f"{'' if differentiable else detach}"
+            f"    return _result(_op({', '.join(schema_call)}))\n"
+        )
+        ns["_empty_like_spec"] = _empty_like_spec
+        ns["_Tensor"] = torch.Tensor
+        exec(compile(src, f"<moela op {name}>", "exec"), ns)  # noqa: S102 - generated from the signature
+        if result is None:
+            ns["_raw_launch"] = ns["launch"]
+        else:  # the custom op's implementation returns the plain outputs
+            raw_ns = dict(ns, _result=lambda o: o)
+            exec(compile(src, f"<moela op {name} (raw)>", "exec"), raw_ns)  # noqa: S102
+            ns["_raw_launch"] = raw_ns["launch"]
+        op = torch.library.custom_op(f"moela::{name}", ns["impl"], mutates_args=(), schema=schema)
+        op.register_fake(ns["fake"])
+        if differentiable:
+            op.register_autograd(backward, setup_context=setup_context)
+        ns["_op"] = op
+
+        launch, public = ns["launch"], ns["public"]
+        for fn, qual in ((public, name), (launch, f"{name}.launch")):
+            fn.__name__ = name if fn is public else "launch"
+            fn.__qualname__ = qual
+            fn.__module__ = launcher.__module__
+        public.__doc__ = launcher.__doc__
+        public.__signature__ = public_sig
+        launch.__doc__ = (f"Launch ``{name}`` with optional preallocated outputs ``out`` and a fixed Triton "
+                          f"``config`` (tests, sweeps): the contract, domain and device checks, then the kernels.")
+        launch.__signature__ = public_sig.replace(parameters=[
+            *public_params,
+            inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None),
+        ])
+        spec = KernelOp(name=name, public=public, launch=launch, op=op, contract=contract, domain=domain,
+                        differentiable=differentiable, tensor_args=tensors, module=launcher.__module__)
+        public.launch = launch
+        public.op = op
+        public.kernel_op = spec
+        _REGISTRY[name] = spec
+        return public
+
+    return decorate

@@ -1,0 +1,211 @@
+"""Triton helpers that several kernel files share (device functions and their host-side twins).
+
+- arithmetic as torch's CUDA kernels do it: :func:`exp` (libdevice on a GPU, float64 then
+  rounded under the interpreter), :func:`div` (IEEE division; Triton's float32 ``/`` is
+  approximate on a GPU);
+- DeepSeek's FP8 quantization math (``moela.reference.fp8``), bit for bit: :func:`abs_bits`,
+  :func:`ue8m0_ceil`, :func:`block_scale`, :func:`saturate_to_fp8`;
+- GEMM tiling: :func:`grouped_tile_order` (the GROUP_M L2 swizzle),
+  :func:`fp8_block_scaled_tile` (the per-128 promoted FP8 main loop) and the grouped GEMMs'
+  bounds-safe reading of ``offsets``: :func:`group_bounds`, :func:`group_rows`,
+  :func:`locate_m_tile`;
+- host side: :func:`dot_precision` (torch's TF32 setting for float32 dots) and
+  :data:`SMEM_BUDGET`, what a config's pipeline may take of Hopper's shared memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+__all__ = [
+    "exp", "div", "abs_bits", "ue8m0_ceil", "block_scale", "saturate_to_fp8", "grouped_tile_order",
+    "fp8_block_scaled_tile", "group_bounds", "group_rows", "locate_m_tile", "dot_precision", "SMEM_BUDGET",
+]
+
+#: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
+SMEM_BUDGET = 220 * 1024
+
+
+@triton.jit
+def exp(x, PRECISE: tl.constexpr):
+    """exp as torch's kernels compute it: libdevice on a GPU; float64 then rounded in the interpreter."""
+    if PRECISE:
+        return libdevice.exp(x)
+    elif x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return tl.exp(x.to(tl.float64)).to(x.dtype)
+
+
+@triton.jit
+def div(a, b, IS_F64: tl.constexpr):
+    """IEEE division (Triton's float32 ``/`` is approximate on a GPU; float64's is IEEE)."""
+    if IS_F64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def abs_bits(x):
+    """|x| as int32 bits: for non-negative floats the integer order is the float order, and every
+    NaN (sign cleared) sorts above inf, so an integer max of these is a NaN-propagating amax (a
+    GPU's float max drops NaN; a custom-combine tl.reduce would be slow in the interpreter)."""
+    return tl.abs(x).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def ue8m0_ceil(scale):
+    """``2**ceil(log2(scale))`` exactly (``reference.fp8.block_scale``), in integer ops so that a GPU
+    (whose log2 is approximate) computes the same bits: a positive normal float32 is its own power
+    of two when its mantissa bits are zero, else the exponent goes up by one. inf and NaN pass
+    through; an exponent that reaches 255 gives inf, like exp2(128).
+    """
+    bits = scale.to(tl.int32, bitcast=True)
+    expo = (bits >> 23) & 0xFF
+    up = ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    rounded = ((expo + up) << 23).to(tl.float32, bitcast=True)
+    return tl.where(expo == 0xFF, scale, rounded)
+
+
+@triton.jit
+def block_scale(amax, UE8M0: tl.constexpr):
+    """float32 scale from a block's float32 amax (``reference.fp8.block_scale``)."""
+    floor = tl.full(amax.shape, 1e-4, tl.float32)  # AMAX_FLOOR
+    scale = tl.math.div_rn(tl.maximum(amax, floor, propagate_nan=tl.PropagateNan.ALL), 448.0)  # FP8_MAX
+    if UE8M0:
+        scale = ue8m0_ceil(scale)
+    return scale
+
+
+@triton.jit
+def saturate_to_fp8(x, scale, dtype: tl.constexpr):
+    """``clamp(x / scale, ±448).to(e4m3)``: IEEE division, NaN kept through the clamp."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.clamp(y, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    return y.to(dtype)
+
+
+@triton.jit
+def grouped_tile_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """pid -> (pid_m, pid_n), walking GROUP_M rows of tiles column by column (L2 reuse)."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def fp8_block_scaled_tile(
+    a_ptr, as_ptr, b_ptr, bs_ptr,
+    rows, cols, n_start, num_kb,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_bn, stride_bk, stride_bsn, stride_bsk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The pointer-based FP8 main loop: a (BLOCK_M, BLOCK_N) float32 tile of
+    ``Σ_kb (a[rows, kb] · b[cols, kb]ᵀ) · a_s[rows, kb] · b_s[cols // BLOCK_K, kb]``.
+
+    rows / cols: in-bounds int64 indices (already clamped); n_start: the tile's first column
+    (a multiple of BLOCK_N). BLOCK_K is the scale block.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    as_ptrs = as_ptr + rows * stride_asm
+    if BLOCK_N <= BLOCK_K:  # the tile lies inside one B-row block of b: one scale per K block
+        bs_ptrs = bs_ptr + (n_start // BLOCK_K) * stride_bsn
+    else:
+        bs_ptrs = bs_ptr + (cols // BLOCK_K) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(num_kb):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        a_s = tl.load(as_ptrs)
+        b_s = tl.load(bs_ptrs)
+        partial = tl.dot(a, b)  # this K block, fresh float32 (the promotion boundary)
+        if BLOCK_N <= BLOCK_K:
+            acc += partial * (a_s * b_s)[:, None]
+        else:
+            acc += partial * (a_s[:, None] * b_s[None, :])
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+        as_ptrs += stride_ask
+        bs_ptrs += stride_bsk
+    return acc
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _safe_ends(offsets_ptr, idx, valid, fill, M):
+    """``cummax(clamp(offsets[idx], 0, M))`` over the vector ``idx`` (``fill`` where not valid):
+    clamped in the offsets' own width before narrowing to int32, then made non-decreasing."""
+    raw = tl.load(offsets_ptr + idx, mask=valid, other=fill)
+    return tl.associative_scan(tl.minimum(tl.maximum(raw, 0), M).to(tl.int32), 0, _max)
+
+
+@triton.jit
+def group_bounds(offsets_ptr, E, M, BLOCK_E: tl.constexpr):
+    """(starts, ends) of groups 0..BLOCK_E-1 (BLOCK_E > E): group e < E owns [starts[e], ends[e]),
+    group E is the tail [ends[E-1], M), groups past E are empty. Malformed offsets (negative,
+    past M, decreasing) never leave [0, M]: a group ending before its predecessor is empty."""
+    e = tl.arange(0, BLOCK_E)
+    ends = _safe_ends(offsets_ptr, e, e < E, M, M)
+    starts = _safe_ends(offsets_ptr, e - 1, (e > 0) & (e <= E), 0, M)
+    return starts, tl.where(e <= E, ends, starts)
+
+
+@triton.jit
+def group_rows(offsets_ptr, g, E, M, BLOCK_E: tl.constexpr):
+    """Rows [start, end) of group g < E (``group_bounds``' rule)."""
+    starts, ends = group_bounds(offsets_ptr, E, M, BLOCK_E)
+    mine = tl.arange(0, BLOCK_E) == g
+    return tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, ends, 0), 0)
+
+
+@triton.jit
+def locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Virtual M-tile -> (group, first row, end row); BLOCK_E > E.
+
+    Tiles are numbered group by group, cdiv(rows, BLOCK_M) each; the tail [offsets[E-1], M)
+    comes last as group E. A tile past the last one gets first row == end row == 0. Costs two
+    loads of E offsets, three scans and two reductions per program.
+    """
+    e = tl.arange(0, BLOCK_E)
+    starts, ends = group_bounds(offsets_ptr, E, M, BLOCK_E)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M  # 0 for e > E
+    last = tl.cumsum(tiles, 0)  # tiles up to and including group e
+    first = last - tiles
+    mine = (first <= tile_m) & (tile_m < last)  # true for at most one e
+    row_start = starts + (tile_m - first) * BLOCK_M
+    # One reduction for both row bounds (each < 2**31): only the owning group is non-zero.
+    rows = tl.sum(tl.where(mine, (row_start.to(tl.int64) << 32) | ends.to(tl.int64), 0), 0)
+    group = tl.sum(tl.where(mine, e, 0), 0)
+    return group, (rows >> 32).to(tl.int32), rows.to(tl.int32)
+
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch: TF32 tensor cores only where torch allows them for matmuls.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9): once a user sets TF32
+    through that API (or ``torch.backends.fp32_precision``), reading the legacy ``allow_tf32``
+    raises a RuntimeError ("mix of the legacy and new APIs"); the new getter also reflects
+    settings made through the legacy API and ``set_float32_matmul_precision``.
+    """
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; ignored for 16-bit inputs
+    try:
+        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9: only the legacy flag exists
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
