@@ -20,7 +20,7 @@ import torch
 
 from moela.reference import RoutingPlan
 
-from .collectives import copy_to_group, reduce_from_group
+from .collectives import copy_to_group, reduce_from_group, tie
 from .dispatcher import Dispatcher, default_ops
 from .layout import ContiguousLayout, from_masked, to_masked
 
@@ -33,6 +33,7 @@ class AllReduceHandle(NamedTuple):
     ops: ModuleType
     plan: RoutingPlan  # over the local experts, built from the ids shifted to local numbering
     topk_weights: torch.Tensor  # (T, k)
+    x: torch.Tensor  # (T, D) the dispatched tokens (the backward's path to copy_to_group's all-reduce)
     contiguous: ContiguousLayout
     masked: bool
 
@@ -65,10 +66,10 @@ class AllReduceDispatcher(Dispatcher):
         local = topk_ids.to(torch.int32) - self.experts.start
         local = torch.where((local >= 0) & (local < self.n_local), local, -1)
         plan = ops.make_routing(local, self.n_local)
-        xs = ops.permute(x, plan)  # (T·k, D): rows of the local experts first, then zeros
+        xs = ops.permute(x, plan) if x.shape[0] else x  # (T·k, D): rows of the local experts first, then zeros
         layout = ContiguousLayout(plan.offsets, plan.tokens_per_expert)
         masked = self.layout == "masked"
-        handle = AllReduceHandle(ops, plan, topk_weights, layout, masked)
+        handle = AllReduceHandle(ops, plan, topk_weights, x, layout, masked)
         if masked:
             xs, masked_layout = to_masked(xs, layout, max(x.shape[0], 1))
             return xs, masked_layout, handle
@@ -77,6 +78,8 @@ class AllReduceDispatcher(Dispatcher):
     def combine(self, ys: torch.Tensor, handle: AllReduceHandle) -> torch.Tensor:
         if handle.masked:
             ys = from_masked(ys, handle.contiguous, handle.plan.max_rows)
+        if not handle.plan.max_rows:  # no tokens
+            return tie(ys, handle.x, handle.topk_weights)
         y = handle.ops.unpermute(ys, handle.plan, handle.topk_weights)  # this rank's experts' share
-        return reduce_from_group(y, self.group)
+        return reduce_from_group(tie(y, handle.x, handle.topk_weights), self.group)
 

@@ -15,7 +15,8 @@ Combine runs it backwards: ``unpermute`` to the received order, the reverse all-
 (the same sum, in the same slot order, as on one process).
 
 The exchanged rows are those of the valid slots (a token that picks two experts of one rank is
-sent twice). Gradients flow back through the reverse all-to-alls.
+sent twice). Gradients flow back through the reverse all-to-alls; in grad mode both exchanges
+are part of the graph on every rank (``tie``), so a rank without tokens still joins them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from moela.reference import RoutingPlan
 
-from .collectives import all_to_all
+from .collectives import all_to_all, grad_anchor, tie
 from .dispatcher import Dispatcher, default_ops
 from .layout import ContiguousLayout, from_masked, to_masked
 
@@ -42,6 +43,7 @@ class AllToAllHandle(NamedTuple):
     plan: RoutingPlan  # the source plan over all E experts (this rank's tokens)
     local_plan: RoutingPlan  # the received rows over the local experts
     topk_weights: torch.Tensor  # (T, k)
+    recv: torch.Tensor  # (R, D) the rows received (for the backward's path back to the first exchange)
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     contiguous: ContiguousLayout
@@ -62,23 +64,26 @@ class AllToAllDispatcher(Dispatcher):
         ops = default_ops(x.device) if ops is None else ops
         W, E_l = self.world, self.n_local
         plan = ops.make_routing(topk_ids, self.n_experts)
-        send = ops.permute(x, plan)  # (T·k, D): valid rows first, by expert hence by destination rank
+        # (T·k, D): valid rows first, by expert hence by destination rank (no tokens: no op on empty tensors)
+        send = ops.permute(x, plan) if x.shape[0] else x
         recv_counts = torch.empty_like(plan.tokens_per_expert)  # [r·E_l + e]: rows from rank r for my expert e
         dist.all_to_all_single(recv_counts, plan.tokens_per_expert, group=self.group)
         # the one host read: split sizes (rows to each rank, then rows from each rank per local expert)
         sizes = torch.cat([plan.tokens_per_expert.view(W, E_l).sum(1, dtype=torch.int32), recv_counts]).tolist()
         send_splits, per_expert = sizes[:W], sizes[W:]
         recv_splits = [sum(per_expert[r * E_l:(r + 1) * E_l]) for r in range(W)]
-        recv = all_to_all(send[:sum(send_splits)], recv_splits, send_splits, self.group)  # (R, D)
+        # in grad mode both exchanges are in the graph on every rank, whatever its tokens and ops give
+        send = tie(send[:sum(send_splits)], grad_anchor(x.device))
+        recv = all_to_all(send, recv_splits, send_splits, self.group)  # (R, D)
 
         R = sum(recv_splits)
         expert_of_row = torch.repeat_interleave(
             torch.arange(E_l, dtype=torch.int32, device=x.device).repeat(W), recv_counts, output_size=R)
         local_plan = ops.make_routing(expert_of_row.view(R, 1), E_l)
-        xs = ops.permute(recv, local_plan)  # (R, D) grouped by local expert
+        xs = ops.permute(recv, local_plan) if R else recv  # (R, D) grouped by local expert
         layout = ContiguousLayout(local_plan.offsets, local_plan.tokens_per_expert)
         masked = self.layout == "masked"
-        handle = AllToAllHandle(ops, plan, local_plan, topk_weights, send_splits, recv_splits, layout, masked)
+        handle = AllToAllHandle(ops, plan, local_plan, topk_weights, recv, send_splits, recv_splits, layout, masked)
         if masked:
             max_m = max(max(sum(per_expert[r * E_l + e] for r in range(W)) for e in range(E_l)), 1)
             xs, masked_layout = to_masked(xs, layout, max_m)
@@ -90,8 +95,10 @@ class AllToAllDispatcher(Dispatcher):
         R = sum(handle.recv_splits)
         if handle.masked:
             ys = from_masked(ys, handle.contiguous, R)
-        back = ops.unpermute(ys, handle.local_plan)  # (R, D) in the received order
+        back = tie(ops.unpermute(ys, handle.local_plan) if R else ys, handle.recv)  # (R, D) in the received order
         back = all_to_all(back, handle.send_splits, handle.recv_splits, self.group)  # (S, D) in the source plan's order
         pad = handle.plan.max_rows - back.shape[0]  # the source plan's rows past its valid ones
         rows = torch.cat([back, back.new_zeros(pad, back.shape[1])]) if pad else back
-        return ops.unpermute(rows, handle.plan, handle.topk_weights)
+        if not rows.shape[0]:  # no tokens here
+            return tie(rows, handle.topk_weights)
+        return tie(ops.unpermute(rows, handle.plan, handle.topk_weights), back)

@@ -8,6 +8,9 @@
 - :func:`copy_to_group`: the identity whose gradient is summed over the group: a replicated
   input that each rank uses for its share of the work (its own experts) gets the sum of the
   shares' gradients.
+- :func:`tie`: the identity on its first input with (zero) gradient edges to the others, so that
+  a collective's backward runs even on a rank whose own path to it carries nothing (no tokens,
+  an op that returns a fresh tensor for empty input).
 
 Every rank must run the same collectives in the same order, forward and backward.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all", "reduce_from_group", "copy_to_group"]
+__all__ = ["all_to_all", "reduce_from_group", "copy_to_group", "tie", "grad_anchor"]
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -48,6 +51,19 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return dy, None
+
+
+class _Tie(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, *deps):
+        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, dt):
+        zeros = [torch.zeros((), dtype=dtype, device=device).expand(shape) if needed else None  # stride 0: no memory
+                 for needed, (shape, dtype, device) in zip(ctx.needs_input_grad[1:], ctx.deps, strict=True)]
+        return (dt, *zeros)
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -81,3 +97,18 @@ def reduce_from_group(x: torch.Tensor, group=None) -> torch.Tensor:
 def copy_to_group(*xs: torch.Tensor, group=None) -> tuple[torch.Tensor, ...]:
     """The inputs unchanged; their gradients are summed over the group (one all-reduce each, in order)."""
     return _CopyToGroup.apply(group, *xs)
+
+
+def tie(t: torch.Tensor, *deps: torch.Tensor | None) -> torch.Tensor:
+    """``t`` unchanged; in backward, ``deps`` (those that require grad) get a zero gradient, so their
+    producers (collectives) run on this rank whatever ``t``'s own history. Outside grad mode: ``t``."""
+    deps = tuple(d for d in deps if d is not None and d.requires_grad)
+    if not torch.is_grad_enabled() or not deps:
+        return t
+    return _Tie.apply(t, *deps)
+
+
+def grad_anchor(device: torch.device) -> torch.Tensor | None:
+    """In grad mode, a fresh 0-dim leaf that requires grad (None otherwise): tied into a dispatch so
+    that its collectives enter the graph on every rank alike, whatever each rank's inputs need."""
+    return torch.zeros((), device=device, requires_grad=True) if torch.is_grad_enabled() else None

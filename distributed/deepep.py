@@ -164,7 +164,7 @@ class DeepEPDispatcher(Dispatcher):
         recv_x, recv_w, recv_ids = _Dispatch.apply(x.contiguous(), topk_weights.float().contiguous(), ids, buffer,
                                                    self.n_experts, out)
         local_plan = ops.make_routing(recv_ids, self.n_local)  # DeepEP gives local ids, -1 for other ranks'
-        xs = ops.permute(recv_x, local_plan)
+        xs = ops.permute(recv_x, local_plan) if recv_x.shape[0] else recv_x
         layout = ContiguousLayout(local_plan.offsets, local_plan.tokens_per_expert)
         return xs, layout, _NormalHandle(ops, local_plan, recv_w, out["comm"])
 
@@ -173,5 +173,7 @@ class DeepEPDispatcher(Dispatcher):
         if isinstance(handle, _LowLatencyHandle):
             y, _, _ = buffer.low_latency_combine(ys.contiguous(), handle.topk_ids, handle.topk_weights, handle.comm)
             return y
-        y_recv = handle.ops.unpermute(ys, handle.local_plan, handle.recv_topk_weights)  # (R, D) this rank's share
+        y_recv = ys  # (R, D) this rank's share of each received token (none received: no op on empty tensors)
+        if handle.local_plan.max_rows:
+            y_recv = handle.ops.unpermute(ys, handle.local_plan, handle.recv_topk_weights)
         return _Combine.apply(y_recv.contiguous(), buffer, handle.comm)

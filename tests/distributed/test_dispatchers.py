@@ -123,6 +123,41 @@ def check_all_to_all_other_ranks_receive_nothing(rank: Rank) -> None:
     _all_to_all(rank, only_rank0=True)
 
 
+def check_all_to_all_backward_runs_on_ranks_without_rows(rank: Rank) -> None:
+    """Data inputs (no gradient), experts with parameters, every row on rank 0's experts, and
+    experts that return a fresh tensor for no rows (as ops on empty tensors may): the other
+    ranks' paths to the exchanges carry nothing, yet their backward must join them."""
+    x, w, ids, dy, scales = _inputs(rank, only_rank0=True, replicated=False)
+    d = AllToAllDispatcher(E)
+    s = scales[d.experts.start:d.experts.stop].clone().requires_grad_(True)
+    xs, layout, handle = d.dispatch(_mine(rank, x), _mine(rank, w), _mine(rank, ids), ops=R)
+    ys = _apply_experts(xs, layout, s) if xs.shape[0] else torch.zeros_like(xs)  # no history when empty
+    d.combine(ys, handle).backward(_mine(rank, dy))
+    one = scales.clone().requires_grad_(True)
+    plan = R.make_routing(ids, E)
+    y1 = R.unpermute(_apply_experts(R.permute(x, plan), ContiguousLayout(plan.offsets, plan.tokens_per_expert), one),
+                     plan, w)
+    y1.backward(dy)
+    if rank.rank == 0:
+        assert torch.equal(s.grad, one.grad[:len(s)]), (s.grad, one.grad[:len(s)])  # the same rows, in the same order
+    else:
+        assert s.grad is None and (one.grad[d.experts.start:d.experts.stop] == 0).all()
+
+
+def check_all_reduce_backward_runs_on_ranks_without_rows(rank: Rank) -> None:
+    """Every row on rank 0's experts, experts that return a fresh tensor when they have no rows:
+    x's gradient (all-reduced in backward) still comes out whole on every rank."""
+    x, w, ids, dy, scales = _inputs(rank, only_rank0=True, replicated=True)
+    dx1 = _one_process(x, w, ids, scales, dy)[1]
+    d = AllReduceDispatcher(E)
+    xr = x.clone().requires_grad_(True)
+    xs, layout, handle = d.dispatch(xr, w, ids, ops=R)
+    mine = scales[d.experts.start:d.experts.stop]
+    ys = _apply_experts(xs, layout, mine) if int(layout.tokens_per_expert.sum()) else torch.zeros_like(xs)
+    d.combine(ys, handle).backward(dy)
+    assert torch.equal(xr.grad, dx1)  # only rank 0 contributes: its share plus zeros
+
+
 def _all_reduce(rank: Rank, only_rank0: bool) -> None:
     x, w, ids, dy, scales = _inputs(rank, only_rank0, replicated=True)
     y1, dx1, dw1, plan, xs1 = _one_process(x, w, ids, scales, dy)
@@ -188,7 +223,8 @@ def check_deep_ep_matches_one_process(rank: Rank) -> None:
 
 
 _CHECKS = ["check_all_to_all_matches_one_process", "check_all_to_all_other_ranks_receive_nothing",
-           "check_all_reduce_matches_one_process", "check_all_reduce_other_ranks_receive_nothing"]
+           "check_all_to_all_backward_runs_on_ranks_without_rows", "check_all_reduce_matches_one_process",
+           "check_all_reduce_other_ranks_receive_nothing", "check_all_reduce_backward_runs_on_ranks_without_rows"]
 CHECKS_2 = register_checks(__file__, 2, [*_CHECKS, "check_bad_arguments_raise"])
 CHECKS_4 = register_checks(__file__, 4, _CHECKS)
 CHECKS_1 = register_checks(__file__, 1, _CHECKS, backends=("nccl",))  # one GPU: NCCL in a group of one

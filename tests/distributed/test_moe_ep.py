@@ -141,6 +141,22 @@ def check_all_reduce_layer(rank: Rank) -> None:
     compare_with_one_process(rank, TINY, "all_reduce", starve_rank=1)
 
 
+def check_data_input_without_grad(rank: Rank) -> None:
+    """Inputs that need no gradient (data) and a rank whose experts get no rows: the backward's
+    exchanges still run on every rank, and the experts' gradients match one process."""
+    layers = _full_layers(TINY, rank.device, 1, rank.world)
+    ep = _ep_layer(TINY, layers["f64"], "all_to_all", torch.float32, rank.device)
+    x = torch.randn(sum(TOKENS[rank.world]), TINY.dim, device=rank.device)
+    dy = torch.randn_like(x)
+    for layer, xi, dyi in ((ep, _my_rows(rank, TOKENS[rank.world], x), _my_rows(rank, TOKENS[rank.world], dy)),
+                           (layers["f32"], x, dy), (layers["f64"], x.double(), dy.double())):
+        (layer(xi) * dyi).sum().backward()
+    n, first = len(ep.local_experts), ep.local_experts.start
+    for key in ("w13", "w2"):
+        hi, lo = (getattr(layers[k], key).grad[first:first + n] for k in ("f64", "f32"))
+        assert_close_derived(getattr(ep, key).grad, hi, lo, name=key)
+
+
 def check_masked_layout_layers(rank: Rank) -> None:
     """Dispatchers that hand out masked blocks (the layer runs them as contiguous rows for now)."""
     for dispatcher in (AllToAllDispatcher, AllReduceDispatcher):
@@ -243,7 +259,7 @@ def check_bad_arguments_raise(rank: Rank) -> None:
 _BOTH = ["check_all_to_all_layer", "check_all_to_all_layer_rank_without_experts_chosen", "check_all_reduce_layer",
          "check_checkpoint_loaded_per_rank"]
 _MORE = ["check_all_to_all_layer_sequences", "check_all_to_all_layer_bf16", "check_fp8_experts",
-         "check_all_to_all_layer_triton", "check_masked_layout_layers"]
+         "check_all_to_all_layer_triton", "check_masked_layout_layers", "check_data_input_without_grad"]
 CHECKS_2 = register_checks(__file__, 2, [*_BOTH, *_MORE, "check_bad_arguments_raise"])
 CHECKS_4 = register_checks(__file__, 4, [*_BOTH, "check_deepseek_v3_shaped_layer"])
 GPU_CHECKS = ["check_all_reduce_decode_step_cuda_graph"]
