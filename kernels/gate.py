@@ -54,7 +54,7 @@ from moela.reference._checks import accumulate_dtype
 from moela.reference.config import ModelArgs
 from moela.reference.moe import check_gate, check_route
 
-from ._common import autotune, autotune_configs, cdiv, next_power_of_2
+from ._common import autotune, cdiv, next_power_of_2
 from .factory import kernel_op
 from .tl_helpers import div, exp
 
@@ -189,9 +189,8 @@ def _route_fwd_kernel(
     tl.store(ids_ptr + o, out_i, mask=m2)
 
 
-_route_tuned = autotune(
-    autotune_configs("route", _route_configs()), key=["E", "TOPK", "N_GROUPS", "TOPK_GROUPS", "T_CLASS"],
-)(_route_fwd_kernel)
+_route_tuned = autotune("route", _route_configs(), key=["E", "TOPK", "N_GROUPS", "TOPK_GROUPS", "T_CLASS"])(
+    _route_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------
