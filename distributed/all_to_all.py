@@ -43,7 +43,7 @@ class AllToAllHandle(NamedTuple):
     plan: RoutingPlan  # the source plan over all E experts (this rank's tokens)
     local_plan: RoutingPlan  # the received rows over the local experts
     topk_weights: torch.Tensor  # (T, k)
-    recv: torch.Tensor  # (R, D) the rows received (for the backward's path back to the first exchange)
+    recv: torch.Tensor | None  # (R, D) the rows received, in grad mode (the backward's path to the first exchange)
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     contiguous: ContiguousLayout
@@ -83,7 +83,8 @@ class AllToAllDispatcher(Dispatcher):
         xs = ops.permute(recv, local_plan) if R else recv  # (R, D) grouped by local expert
         layout = ContiguousLayout(local_plan.offsets, local_plan.tokens_per_expert)
         masked = self.layout == "masked"
-        handle = AllToAllHandle(ops, plan, local_plan, topk_weights, recv, send_splits, recv_splits, layout, masked)
+        handle = AllToAllHandle(ops, plan, local_plan, topk_weights, recv if recv.requires_grad else None,
+                                send_splits, recv_splits, layout, masked)
         if masked:
             max_m = max(max(sum(per_expert[r * E_l + e] for r in range(W)) for e in range(E_l)), 1)
             xs, masked_layout = to_masked(xs, layout, max_m)
