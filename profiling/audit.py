@@ -131,12 +131,13 @@ def _walk(value, path: tuple, depth: int = 0) -> Iterable[tuple[tuple, Any]]:
 
 
 def _called_names(fn) -> set[str]:
+    """Names a jit function calls or passes on (a combine function of ``tl.associative_scan``)."""
     tree = ast.parse(textwrap.dedent(fn.src))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            f = node.func
-            names.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "")
+            for f in (node.func, *node.args):
+                names.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "")
     return names
 
 
@@ -160,7 +161,10 @@ def discover() -> list[Target]:
         for name, value in vars(module).items():
             for path, obj in _walk(value, (name,)):
                 if isinstance(obj, Autotuner):
-                    tuners.setdefault(id(obj), (obj, path))
+                    # the path that names it: a module attribute or a dict key (not a registry list)
+                    old = tuners.get(id(obj))
+                    if old is None or (not isinstance(old[1][-1], str) and isinstance(path[-1], str)):
+                        tuners[id(obj)] = (obj, path)
                 elif _is_jit(obj) and obj.fn.__module__ == module.__name__:
                     jits.setdefault(id(obj), (obj, module.__name__))
                 elif type(obj).__name__ == "InterpretedFunction":
@@ -172,6 +176,9 @@ def discover() -> list[Target]:
         fn = _unwrap(tuner.fn)
         tuned.add(id(fn))
         key = f"/{path[-1]}" if len(path) > 1 and isinstance(path[-1], str) else ""
+        if not isinstance(path[-1], str):
+            raise RuntimeError(f"audit: autotuner {getattr(tuner, 'moela_name', fn.__name__)} is only reachable "
+                               f"through {path}: bind it to a module attribute or a dict key")
         targets.append(Target(_base_name(fn) + key, fn.fn.__module__, fn, tuner))
     for fn, module in jits.values():
         if id(fn) not in tuned and fn.__name__ not in called:

@@ -82,7 +82,8 @@ def _grouped_dw(label: str, M: int, E: int, N: int, K: int) -> Launch:
     return Launch(label, dict(
         x_ptr=xs, dy_ptr=dy, offsets_ptr=_t(E, dtype=I32), dw_ptr=dw, M=M, N=N, K=K, E=E,
         **_strides("stride_xm stride_xk", xs), **_strides("stride_dym stride_dyn", dy),
-        **_strides("stride_dwe stride_dwn stride_dwk", dw), DOT_PRECISION="tf32", COMPENSATED=False))
+        **_strides("stride_dwe stride_dwn stride_dwk", dw), BLOCK_E=triton.next_power_of_2(E + 1),
+        DOT_PRECISION="tf32", COMPENSATED=False))
 
 
 def _deepgemm_grouped(build, rows_per_group: Callable[[int], bool]) -> list[Launch]:
@@ -258,7 +259,7 @@ def _scatter_rows(T: int, weighted: bool = False) -> Launch:
     x, out = _t(T, D), _t(M, D)
     return Launch(f"T={T} D={D} k={TOPK}{' weighted' if weighted else ''}", dict(
         x_ptr=x, w_ptr=_t(T, TOPK, dtype=F32) if weighted else x, slot_to_row_ptr=_t(T, TOPK, dtype=I32),
-        row_to_token_ptr=_t(M, dtype=I32), out_ptr=out, T=T, D=D, M=M, stride_x=D, stride_o=D, K=TOPK,
+        row_to_slot_ptr=_t(M, dtype=I32), out_ptr=out, T=T, D=D, M=M, stride_x=D, stride_o=D, K=TOPK,
         K_P=triton.next_power_of_2(TOPK), HAS_W=weighted, IS_F64=False, BLOCK_R=_PAD_ROWS,
         PAD_BLOCK_D=2048 // x.element_size()), _NO_FMA)
 
@@ -266,24 +267,24 @@ def _scatter_rows(T: int, weighted: bool = False) -> Launch:
 def _scatter_rows_fp8(T: int) -> Launch:
     M, num_kb = T * TOPK, triton.cdiv(D, B)
     return Launch(f"T={T} D={D} k={TOPK}", dict(
-        x_ptr=_t(T, D), slot_to_row_ptr=_t(T, TOPK, dtype=I32), row_to_token_ptr=_t(M, dtype=I32),
+        x_ptr=_t(T, D), slot_to_row_ptr=_t(T, TOPK, dtype=I32), row_to_slot_ptr=_t(M, dtype=I32),
         q_ptr=_t(M, D, dtype=E4M3), s_ptr=_t(M, num_kb, dtype=F32), T=T, D=D, M=M, num_kb=num_kb, stride_x=D,
-        stride_q=D, stride_s=num_kb, K=TOPK, QBLOCK=B, QBLOCK_P2=B, UE8M0=False, BLOCK_R=_PAD_ROWS,
-        PAD_BLOCK_D=1024, PAD_BLOCK_S=64))
+        stride_q=D, stride_s=num_kb, K=TOPK, K_P=triton.next_power_of_2(TOPK), QBLOCK=B, QBLOCK_P2=B,
+        UE8M0=False, BLOCK_R=_PAD_ROWS, PAD_BLOCK_D=1024, PAD_BLOCK_S=64))
 
 
 def _combine(T: int) -> Launch:
     M = T * TOPK
     return Launch(f"T={T} D={D} k={TOPK}", dict(
         ys_ptr=_t(M, D), w_ptr=_t(T, TOPK, dtype=F32), slot_to_row_ptr=_t(T, TOPK, dtype=I32), out_ptr=_t(T, D),
-        D=D, stride_y=D, stride_o=D, K=TOPK, HAS_W=True, IS_F64=False), _NO_FMA)
+        D=D, M=M, stride_y=D, stride_o=D, K=TOPK, HAS_W=True, IS_F64=False), _NO_FMA)
 
 
 def _combine_bwd(T: int) -> Launch:
     M = T * TOPK
     return Launch(f"T={T} D={D} k={TOPK}", dict(
         dy_ptr=_t(T, D), ys_ptr=_t(M, D), w_ptr=_t(T, TOPK, dtype=F32), slot_to_row_ptr=_t(T, TOPK, dtype=I32),
-        row_to_token_ptr=_t(M, dtype=I32), dys_ptr=_t(M, D), dw_ptr=_t(T, TOPK, dtype=F32), T=T, D=D, M=M,
+        row_to_slot_ptr=_t(M, dtype=I32), dys_ptr=_t(M, D), dw_ptr=_t(T, TOPK, dtype=F32), T=T, D=D, M=M,
         stride_dy=D, stride_y=D, stride_dys=D, K=TOPK, K_P=triton.next_power_of_2(TOPK), IS_F64=False,
         BLOCK_R=_PAD_ROWS, PAD_BLOCK_D=1024), _NO_FMA)
 
