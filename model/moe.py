@@ -147,7 +147,7 @@ class MoE(nn.Module):
     ``moela.distributed.Dispatcher``. The gate and the shared experts are replicated: build every
     rank from the same checkpoint or seed. ``state_dict`` holds only the local experts, under their
     global names; ``load_state_dict`` of a whole layer's state takes this rank's experts from it
-    (``load_checkpoint(layer, path, ignore=layer.checkpoint_ignore)`` likewise). With the
+    (``load_checkpoint(layer, path)`` likewise: it skips the other ranks' experts). With the
     token-sharding dispatchers a replicated parameter gets this rank's share of its gradient (sum
     them over the group, as data parallelism does); :meth:`update_gate_bias` and the balance loss
     use the whole group's expert loads.
@@ -280,8 +280,8 @@ class MoE(nn.Module):
 
     @property
     def checkpoint_ignore(self) -> list[str]:
-        """Regexes for ``load_checkpoint(..., ignore=)`` matching the keys of the experts other
-        ranks hold (``[]`` without expert parallelism); the same for every MoE layer of one group."""
+        """Regexes matching the keys of the experts other ranks hold (``[]`` without expert
+        parallelism); ``load_checkpoint`` skips them, so each rank reads only its own experts."""
         others = [str(i) for i in range(self.args.n_routed_experts) if i not in self.local_experts]
         return [rf"(^|\.)experts\.({'|'.join(others)})\."] if others else []
 
