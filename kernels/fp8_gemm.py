@@ -34,9 +34,9 @@ Both take any M >= 0 and N >= 0, K a multiple of the block; scales and the outpu
 Configs come in three lists per kernel chosen by an M class (decode M <= 64, medium M <= 512,
 large). The Hopper lists are pruned and ordered by a wave model (``fp8_mainloop.tma_pruner``:
 tiles over SMs, the tile's MMA work and operand bytes) and autotuned keyed on (N, K, M's
-power-of-two bucket); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_CONFIG`` /
-``MOELA_FP8_GEMM_TMA_CONFIG`` pin one config. The kernels' domain is narrower than the
-reference's: K a multiple of the block, blocks of 32, 64, 128 or 256.
+power-of-two bucket); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_<CLASS>_CONFIG`` /
+``MOELA_FP8_GEMM_TMA_<CLASS>_CONFIG`` (CLASS: SMALL, MEDIUM, LARGE) pin one config. The kernels'
+domain is narrower than the reference's: K a multiple of the block, blocks of 32, 64, 128 or 256.
 """
 
 from __future__ import annotations
@@ -48,17 +48,17 @@ from torch import Tensor
 
 from moela.reference.fp8 import check_fp8_gemm
 
-from ._common import autotune, autotune_configs, cdiv, m_bucket
+from ._common import autotune, cdiv, m_bucket
 from .factory import kernel_op
 from .fp8_mainloop import (
+    ensure_scratch_allocator,
     fp8_path,
     fp8_tma_tile,
-    hopper_configs,
+    hopper_meta,
+    hopper_tuner,
     kernel_capability,
     num_sms,
-    set_block_shapes,
     tma_config,
-    tma_descriptor,
     tma_pruner,
 )
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
@@ -115,9 +115,9 @@ def _fp8_gemm_kernel(
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fp8_gemm_tma_kernel(
-    a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr,
     M, N, K,
-    stride_asm, stride_ask, stride_bsn, stride_bsk, stride_cm, stride_cn,
+    stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cm, stride_cn,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -127,8 +127,10 @@ def _fp8_gemm_tma_kernel(
 
     grid: (min(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p computes tiles p, p + grid,
     p + 2·grid, ... (tile -> (pid_m, pid_n) in GROUP_M super-rows), each with
-    ``fp8_mainloop.fp8_tma_tile``.
+    ``fp8_mainloop.fp8_tma_tile``. a (M, K) and b (N, K) are read through descriptors made here.
     """
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, SCALE_BLOCK])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_kb = K // SCALE_BLOCK
@@ -206,13 +208,13 @@ def _dense_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
 
 _KEY = ["N", "K", "SCALE_BLOCK", "HAS_BIAS"]
 _TUNED = {
-    cls: autotune(configs=autotune_configs("fp8_gemm", fp8_gemm_configs(cls)), key=_KEY)(_fp8_gemm_kernel)
+    cls: autotune(f"fp8_gemm_{cls}", fp8_gemm_configs(cls), key=_KEY)(_fp8_gemm_kernel)
     for cls in ("small", "medium", "large")
 }
 _TMA_TUNED = {
-    cls: autotune(configs=hopper_configs(autotune_configs("fp8_gemm_tma", fp8_gemm_tma_configs(cls))),
-                  key=["N", "K", "SCALE_BLOCK", "HAS_BIAS", "M_BUCKET"],
-                  prune_configs_by={"early_config_prune": tma_pruner(_dense_tiles, SMEM_BUDGET)})(_fp8_gemm_tma_kernel)
+    cls: hopper_tuner(autotune(
+        f"fp8_gemm_tma_{cls}", fp8_gemm_tma_configs(cls), key=["N", "K", "SCALE_BLOCK", "HAS_BIAS", "M_BUCKET"],
+        prune_configs_by={"early_config_prune": tma_pruner(_dense_tiles, SMEM_BUDGET, "a_ptr")})(_fp8_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
 }
 
@@ -264,12 +266,11 @@ def _launch_pointer(out, a, a_s, b, b_s, block, bias, config) -> None:
 
 
 def tma_launch_args(out, a, a_s, b, b_s, block, bias) -> tuple[tuple, dict]:
-    """The Hopper kernel's arguments (descriptors with a placeholder block, sized per config by
-    ``fp8_mainloop.set_block_shapes``) and constexprs; also what the sm_90 compile test binds."""
+    """The Hopper kernel's arguments and constexprs (also what the sm_90 compile test binds)."""
     M, K = a.shape
     N = b.shape[0]
-    args = (tma_descriptor(a, [1, block]), a_s, tma_descriptor(b, [1, block]), b_s, out,
-            bias if bias is not None else a_s, M, N, K, *a_s.stride(), *b_s.stride(), *out.stride(), m_bucket(M))
+    args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, M, N, K, a.stride(0), *a_s.stride(), b.stride(0),
+            *b_s.stride(), *out.stride(), m_bucket(M))
     return args, dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None)
 
 
@@ -277,12 +278,12 @@ def _launch_tma(out, a, a_s, b, b_s, block, bias, config) -> None:
     M, N = a.shape[0], b.shape[0]
     args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias)
     sms = num_sms(a.device)
+    ensure_scratch_allocator()
     if config is None:
         grid = lambda meta: (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
         _TMA_TUNED[m_class(M)][grid](*args, **consts)
     else:
-        meta = {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}
-        set_block_shapes({"a_desc": args[0], "b_desc": args[2], "SCALE_BLOCK": block, **meta}, "a_desc", "b_desc")
+        meta = hopper_meta(config)
         grid = (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
         _fp8_gemm_tma_kernel[grid](*args, **consts, **meta)
 

@@ -32,7 +32,7 @@ loads, one program per virtual tile, rows and columns clamped).
 Configs: three lists per kernel chosen by the mean rows per expert (``fp8_gemm.m_class(ceil(M /
 E))``), autotuned keyed on (N, K, M's power-of-two bucket: see ``_common.m_bucket``); the Hopper
 lists are ordered by the wave model (``fp8_mainloop.tma_pruner``).
-``MOELA_FP8_GROUPED_GEMM_CONFIG`` / ``MOELA_FP8_GROUPED_GEMM_TMA_CONFIG`` pin one.
+``MOELA_FP8_GROUPED_GEMM_<CLASS>_CONFIG`` / ``MOELA_FP8_GROUPED_GEMM_TMA_<CLASS>_CONFIG`` pin one.
 """
 
 from __future__ import annotations
@@ -45,18 +45,18 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, autotune_configs, cdiv, kernel_rows, m_bucket, next_power_of_2
+from ._common import autotune, cdiv, kernel_rows, m_bucket, next_power_of_2
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
 from .fp8_mainloop import (
+    ensure_scratch_allocator,
     fp8_path,
     fp8_tma_tile,
-    hopper_configs,
+    hopper_meta,
+    hopper_tuner,
     kernel_capability,
     num_sms,
-    set_block_shapes,
     tma_config,
-    tma_descriptor,
     tma_pruner,
 )
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile, locate_m_tile_by_chunks
@@ -108,9 +108,9 @@ def _fp8_grouped_gemm_kernel(
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fp8_grouped_gemm_tma_kernel(
-    x_desc, xs_ptr, w_desc, ws_ptr, offsets_ptr, c_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, offsets_ptr, c_ptr,
     M, N, K, E,
-    stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_cm, stride_cn,
+    stride_xm, stride_xsm, stride_xsk, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_cm, stride_cn,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, E_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -122,8 +122,12 @@ def _fp8_grouped_gemm_tma_kernel(
     tiles p, p + grid, ...; tile -> (row tile t over all groups, column tile) in GROUP_M
     super-rows, t -> (group, rows) through ``locate_m_tile_by_chunks`` (E_CHUNK groups at a time;
     no scans, which warp specialisation rejects). Group E (the tail) and tiles past the last get
-    no K loop: zeros, or nothing to store.
+    no K loop: zeros, or nothing to store. w's experts are consecutive blocks of N rows
+    (stride_we = N · stride_wn, checked by the launcher).
     """
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, SCALE_BLOCK])
     num_pid_n = tl.cdiv(N, BLOCK_N)
     row_tiles = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)
     num_kb = K // SCALE_BLOCK
@@ -190,15 +194,15 @@ def _row_tiles(M: int, E: int, block_m: int) -> int:
 E_CHUNK = 16
 _KEY = ["N", "K", "SCALE_BLOCK", "M_BUCKET"]
 _TUNED = {
-    cls: autotune(configs=autotune_configs("fp8_grouped_gemm", fp8_grouped_gemm_configs(cls)), key=_KEY)(
+    cls: autotune(f"fp8_grouped_gemm_{cls}", fp8_grouped_gemm_configs(cls), key=_KEY)(
         _fp8_grouped_gemm_kernel)
     for cls in ("small", "medium", "large")
 }
 _TMA_TUNED = {
-    cls: autotune(configs=hopper_configs(autotune_configs("fp8_grouped_gemm_tma", fp8_grouped_gemm_tma_configs(cls)),
-                                         "x_desc", "w_desc"),
-                  key=_KEY, prune_configs_by={"early_config_prune": tma_pruner(_grouped_tiles, SMEM_BUDGET, "x_desc")})(
-        _fp8_grouped_gemm_tma_kernel)
+    cls: hopper_tuner(autotune(
+        f"fp8_grouped_gemm_tma_{cls}", fp8_grouped_gemm_tma_configs(cls), key=_KEY,
+        prune_configs_by={"early_config_prune": tma_pruner(_grouped_tiles, SMEM_BUDGET, "x_ptr")},
+    )(_fp8_grouped_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
 }
 
@@ -270,13 +274,13 @@ def _launch_pointer(out, xs, xs_s, w, w_s, offsets, block, config) -> None:
 
 
 def tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block) -> tuple[tuple, dict]:
-    """The Hopper kernel's arguments (``w2``: w as (E·N, K)) and constexprs; descriptors get their
-    blocks per config (``fp8_mainloop.set_block_shapes``). Also what the sm_90 compile test binds."""
+    """The Hopper kernel's arguments (``w2``: w as (E·N, K)) and constexprs; also what the sm_90
+    compile test binds."""
     M, K = xs.shape
     E = offsets.shape[0]
     N = w2.shape[0] // E
-    args = (tma_descriptor(xs, [1, block]), xs_s, tma_descriptor(w2, [1, block]), w_s, offsets, out, M, N, K, E,
-            *xs_s.stride(), *w_s.stride(), *out.stride(), m_bucket(M))
+    args = (xs, xs_s, w2, w_s, offsets, out, M, N, K, E, xs.stride(0), *xs_s.stride(), w2.stride(0), *w_s.stride(),
+            *out.stride(), m_bucket(M))
     return args, dict(SCALE_BLOCK=block, E_CHUNK=min(next_power_of_2(E + 1), E_CHUNK))
 
 
@@ -286,11 +290,11 @@ def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:
     N = w2.shape[0] // E
     args, consts = tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block)
     sms = num_sms(xs.device)
+    ensure_scratch_allocator()
     if config is None:
         grid = lambda meta: (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
         _TMA_TUNED[m_class(cdiv(M, max(E, 1)))][grid](*args, **consts)
     else:
-        meta = {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}
-        set_block_shapes({"x_desc": args[0], "w_desc": args[2], "SCALE_BLOCK": block, **meta}, "x_desc", "w_desc")
+        meta = hopper_meta(config)
         grid = (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
         _fp8_grouped_gemm_tma_kernel[grid](*args, **consts, **meta)

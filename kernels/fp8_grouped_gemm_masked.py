@@ -22,7 +22,7 @@ as (E·N, K) TMA-readable, ``_fp8_grouped_gemm_masked_tma_kernel`` (persistent, 
 super-rows over the (expert, row tile) rows, ``fp8_mainloop.fp8_tma_tile``); otherwise
 ``_fp8_grouped_gemm_masked_kernel`` (pointer loads, one program per tile). Configs: three lists
 per kernel chosen by max_m (``fp8_gemm.m_class``), autotuned keyed on (N, K, max_m);
-``MOELA_FP8_GROUPED_GEMM_MASKED_CONFIG`` / ``MOELA_FP8_GROUPED_GEMM_MASKED_TMA_CONFIG`` pin one.
+``MOELA_FP8_GROUPED_GEMM_MASKED_<CLASS>_CONFIG`` / ``MOELA_FP8_GROUPED_GEMM_MASKED_TMA_<CLASS>_CONFIG`` pin one.
 """
 
 from __future__ import annotations
@@ -35,18 +35,18 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm_masked
 from moela.reference.grouped_gemm import check_masked_m
 
-from ._common import autotune, autotune_configs, cdiv
+from ._common import autotune, cdiv
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
 from .fp8_mainloop import (
+    ensure_scratch_allocator,
     fp8_path,
     fp8_tma_tile,
-    hopper_configs,
+    hopper_meta,
+    hopper_tuner,
     kernel_capability,
     num_sms,
-    set_block_shapes,
     tma_config,
-    tma_descriptor,
     tma_pruner,
 )
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
@@ -97,9 +97,10 @@ def _fp8_grouped_gemm_masked_kernel(
 
 @triton.jit
 def _fp8_grouped_gemm_masked_tma_kernel(
-    x_desc, xs_ptr, w_desc, ws_ptr, masked_m_ptr, c_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, masked_m_ptr, c_ptr,
     E, MAX_M, N, K,
-    stride_xse, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn,
+    stride_xm, stride_xse, stride_xsm, stride_xsk, stride_wn, stride_wse, stride_wsn, stride_wsk,
+    stride_ce, stride_cm, stride_cn,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     STAGES: tl.constexpr,
@@ -109,7 +110,12 @@ def _fp8_grouped_gemm_masked_tma_kernel(
     grid: (min(E * cdiv(MAX_M, BLOCK_M) * cdiv(N, BLOCK_N), SMs),); program p walks tiles p,
     p + grid, ... (the pointer kernel's order). A tile's rows past max_m belong to the next
     expert's buffer and its columns past N to the next expert's weight: read, never stored.
+    x's experts are consecutive blocks of max_m rows and w's of N rows (checked by the launcher).
     """
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[E * MAX_M, K], strides=[stride_xm, 1],
+                                       block_shape=[BLOCK_M, SCALE_BLOCK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, SCALE_BLOCK])
     tiles_m = tl.cdiv(MAX_M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_kb = K // SCALE_BLOCK
@@ -164,20 +170,17 @@ def _masked_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
 
 _KEY = ["N", "K", "MAX_M", "SCALE_BLOCK"]
 _TUNED = {
-    cls: autotune(configs=autotune_configs("fp8_grouped_gemm_masked", fp8_grouped_gemm_masked_configs(cls)),
-                  key=_KEY)(_fp8_grouped_gemm_masked_kernel)
+    cls: autotune(f"fp8_grouped_gemm_masked_{cls}", fp8_grouped_gemm_masked_configs(cls), key=_KEY)(
+        _fp8_grouped_gemm_masked_kernel)
     for cls in ("small", "medium", "large")
 }
-
-
-def _tma_tuned(cls: str):
-    configs = autotune_configs("fp8_grouped_gemm_masked_tma", fp8_grouped_gemm_masked_tma_configs(cls))
-    prune = tma_pruner(_masked_tiles, SMEM_BUDGET, "x_desc")
-    return autotune(configs=hopper_configs(configs, "x_desc", "w_desc"), key=_KEY,
-                    prune_configs_by={"early_config_prune": prune})(_fp8_grouped_gemm_masked_tma_kernel)
-
-
-_TMA_TUNED = {cls: _tma_tuned(cls) for cls in ("small", "medium", "large")}
+_TMA_TUNED = {
+    cls: hopper_tuner(autotune(
+        f"fp8_grouped_gemm_masked_tma_{cls}", fp8_grouped_gemm_masked_tma_configs(cls), key=_KEY,
+        prune_configs_by={"early_config_prune": tma_pruner(_masked_tiles, SMEM_BUDGET, "x_ptr")},
+    )(_fp8_grouped_gemm_masked_tma_kernel))
+    for cls in ("small", "medium", "large")
+}
 
 
 def _flat_rows(t: Tensor) -> Tensor | None:
@@ -215,11 +218,11 @@ def _launch_pointer(out, x, x_s, w, w_s, masked_m, block, config) -> None:
 
 def tma_launch_args(out, x2, x_s, w2, w_s, masked_m, block) -> tuple[tuple, dict]:
     """The Hopper kernel's arguments (``x2``, ``w2``: x and w with experts and rows merged) and
-    constexprs; descriptors get their blocks per config. Also what the sm_90 compile test binds."""
+    constexprs; also what the sm_90 compile test binds."""
     E, max_m, N = out.shape
     K = x2.shape[1]
-    args = (tma_descriptor(x2, [1, block]), x_s, tma_descriptor(w2, [1, block]), w_s, masked_m, out, E, max_m, N, K,
-            *x_s.stride(), *w_s.stride(), *out.stride())
+    args = (x2, x_s, w2, w_s, masked_m, out, E, max_m, N, K, x2.stride(0), *x_s.stride(), w2.stride(0), *w_s.stride(),
+            *out.stride())
     return args, dict(SCALE_BLOCK=block)
 
 
@@ -227,12 +230,12 @@ def _launch_tma(out, x2, x_s, w2, w_s, masked_m, block, config) -> None:
     E, max_m, N = out.shape
     args, consts = tma_launch_args(out, x2, x_s, w2, w_s, masked_m, block)
     sms = num_sms(x2.device)
+    ensure_scratch_allocator()
     tiles = lambda meta: E * cdiv(max_m, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     if config is None:
         _TMA_TUNED[m_class(max_m)][lambda meta: (min(tiles(meta), sms),)](*args, **consts)
     else:
-        meta = {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}
-        set_block_shapes({"x_desc": args[0], "w_desc": args[2], "SCALE_BLOCK": block, **meta}, "x_desc", "w_desc")
+        meta = hopper_meta(config)
         _fp8_grouped_gemm_masked_tma_kernel[(min(tiles(meta), sms),)](*args, **consts, **meta)
 
 

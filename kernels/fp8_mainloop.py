@@ -7,8 +7,11 @@ tile), Kb = K/B; a tile is BLOCK_M × BLOCK_N of the output.
 each B-deep block product lands in a fresh float32 tile, is multiplied by ``a_s[rows, kb] ·
 b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order). ``a`` and ``b``
 tiles come through tensor descriptors (TMA, ``cp.async.bulk.tensor``; rows and columns past the
-tensor are zero-filled, so no masks); the scales are pointer loads (any strides), which the
-software pipeliner turns into ``cp.async``. Two schedules, chosen by the ``WARP_SPECIALIZE``
+tensor are zero-filled, so no masks) that each program makes on the device
+(``tl.make_tensor_descriptor``: the block shape follows the config's constexprs, so autotuning
+and the config tables need nothing on the host; Triton's global scratch holds them, allocated
+through torch by :func:`ensure_scratch_allocator`); the scales are pointer loads (any
+strides), which the software pipeliner turns into ``cp.async``. Two schedules, chosen by the ``WARP_SPECIALIZE``
 constexpr of a config:
 
 - ``WARP_SPECIALIZE=False`` (software pipelined, ``num_warps`` 4 or 8): K blocks go two at a
@@ -38,8 +41,8 @@ import triton.language as tl
 from moela import knobs
 
 __all__ = [
-    "fp8_tma_tile", "fp8_path", "tma_ready", "kernel_capability", "num_sms", "tma_descriptor", "set_block_shapes",
-    "tma_config", "tma_smem", "tma_config_fits", "wave_cost", "tma_pruner", "hopper_configs",
+    "fp8_tma_tile", "fp8_path", "tma_ready", "kernel_capability", "num_sms", "ensure_scratch_allocator",
+    "tma_config", "tma_smem", "tma_config_fits", "wave_cost", "tma_pruner", "hopper_tuner", "hopper_meta",
     "HOPPER", "INTERPRETER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
 ]
 
@@ -74,11 +77,12 @@ def fp8_tma_tile(
 ):
     """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb < num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
 
-    a_desc / b_desc: tensor descriptors with blocks (BLOCK_M, SCALE_BLOCK) / (BLOCK_N,
-    SCALE_BLOCK), read from rows ``a_row`` / ``b_row``; as_ptrs: (BLOCK_M,) pointers to the
-    tile's rows of a_s (in bounds); bs_ptrs: the b_s row of the tile's B-row block repeated
-    (BLOCK_M,) times when BLOCK_N <= SCALE_BLOCK (a vector load, which the pipeliner takes and a
-    scalar one it does not), else (BLOCK_N,) pointers to each column's b_s row; num_kb >= 0.
+    a_desc / b_desc: tensor descriptors (``tl.make_tensor_descriptor``) with blocks (BLOCK_M,
+    SCALE_BLOCK) / (BLOCK_N, SCALE_BLOCK), read from rows ``a_row`` / ``b_row``; as_ptrs:
+    (BLOCK_M,) pointers to the tile's rows of a_s (in bounds); bs_ptrs: the b_s row of the tile's
+    B-row block repeated (BLOCK_M,) times when BLOCK_N <= SCALE_BLOCK (a vector load, which the
+    pipeliner takes and a scalar one it does not), else (BLOCK_N,) pointers to each column's b_s
+    row; num_kb >= 0.
     STAGES: the software pipeline's depth, named on the loop (``num_stages`` of the config): with
     it the pipeliner also takes the scale loads, which feed no dot operand.
     """
@@ -165,20 +169,21 @@ def fp8_path(capability: tuple[int, int], *tma_operands: torch.Tensor | None) ->
     return "pointer"
 
 
-def tma_descriptor(t: torch.Tensor, block_shape: list[int]):
-    """A host-side tensor descriptor of a TMA-ready 2-D tensor (the block shape may be reset
-    per config by :func:`set_block_shapes`)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
+def _torch_scratch(size: int, alignment: int, stream):
+    """Triton's global scratch (the device-side tensor descriptors) from torch's caching allocator
+    on the current device (capturable in CUDA graphs)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def set_block_shapes(nargs: dict, a_name: str, b_name: str) -> None:
-    """Config pre-hook: the descriptors' blocks follow the config's tile (BLOCK_M or BLOCK_N by
-    SCALE_BLOCK): what autotuning needs, as each config tiles differently."""
-    k = nargs["SCALE_BLOCK"]
-    nargs[a_name].block_shape = [nargs["BLOCK_M"], k]
-    nargs[b_name].block_shape = [nargs["BLOCK_N"], k]
+def ensure_scratch_allocator() -> None:
+    """Give Triton an allocator for kernels' global scratch, unless one is set already (in this
+    thread's context): the Hopper kernels make their tensor descriptors there."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current.get(), null):
+        triton.set_allocator(_torch_scratch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,17 +228,17 @@ def wave_cost(bm: int, bn: int, tiles: int, rows: int, sms: int) -> float:
     return -(-tiles // sms) * (2 * bm * bn / FLOP_PER_BYTE + rows + bn)
 
 
-def tma_pruner(tiles_of, budget: int, desc: str = "a_desc", keep: int = KEEP_CONFIGS):
+def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
     """early_config_prune for a Hopper kernel: configs that fit (:func:`tma_config_fits`),
     ordered by :func:`wave_cost` (stable: ties keep the list's order), the best ``keep``.
 
     ``tiles_of(nargs, bm, bn) -> (tiles, rows per tile)`` says how the op tiles its problem;
-    the descriptor argument ``desc`` gives the device (its SM count).
+    the tensor argument ``tensor`` gives the device (its SM count).
     """
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         block = kwargs.get("SCALE_BLOCK", nargs.get("SCALE_BLOCK"))
-        sms = num_sms(nargs[desc].base.device)
+        sms = num_sms(nargs[tensor].device)
         fits = [c for c in configs if tma_config_fits(c, block, budget)] or configs[:1]
 
         def cost(c: triton.Config) -> float:
@@ -246,13 +251,17 @@ def tma_pruner(tiles_of, budget: int, desc: str = "a_desc", keep: int = KEEP_CON
     return prune
 
 
-def hopper_configs(configs: list[triton.Config], a_name: str = "a_desc", b_name: str = "b_desc") -> list[triton.Config]:
-    """The configs ready for a Hopper kernel: GROUP_M (8), WARP_SPECIALIZE (False) and STAGES
-    (num_stages) filled in where missing (a config pinned through the environment names only
-    what it sets) and the pre-hook that sizes the descriptors' blocks attached."""
-    for c in configs:
+def hopper_tuner(tuner):
+    """An autotuner of a Hopper kernel with its configs completed in place: GROUP_M (8),
+    WARP_SPECIALIZE (False) and STAGES (num_stages) where a config does not name them (one
+    pinned through the environment names only what it sets)."""
+    for c in tuner.configs:
         c.kwargs.setdefault("GROUP_M", 8)
         c.kwargs.setdefault("WARP_SPECIALIZE", False)
         c.kwargs.setdefault("STAGES", c.num_stages)
-        c.pre_hook = functools.partial(set_block_shapes, a_name=a_name, b_name=b_name)
-    return configs
+    return tuner
+
+
+def hopper_meta(config: dict) -> dict:
+    """An explicit ``config=`` dict completed like :func:`hopper_tuner` completes configs."""
+    return {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}

@@ -106,7 +106,6 @@ def collect() -> None:
     import sm90_compile
 
     from moela.kernels import fp8_mainloop
-    from moela.kernels.fp8_mainloop import set_block_shapes
 
     fp8_mainloop.num_sms = lambda device: HOPPER_SMS  # the tensors are on the CPU; rank for a Hopper GPU
 
@@ -118,7 +117,6 @@ def collect() -> None:
         picked = [kept[0]] + [c for c in kept[1:] if c.kwargs["WARP_SPECIALIZE"]]
         for c in picked:
             kw = {**nargs, **c.kwargs}
-            set_block_shapes(kw, *[n for n in fn.arg_names if n.endswith("_desc")])
             key = (kernel, repr(sorted(c.kwargs.items())), c.num_warps, c.num_stages, shape.get("K"))
             if key in seen:
                 continue
