@@ -43,7 +43,7 @@ from moela import knobs
 __all__ = [
     "fp8_tma_tile", "fp8_path", "tma_ready", "kernel_capability", "num_sms", "ensure_scratch_allocator",
     "tma_config", "tma_smem", "tma_config_fits", "wave_cost", "tma_pruner", "hopper_tuner", "hopper_meta",
-    "HOPPER", "INTERPRETER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
+    "HOPPER", "INTERPRETER_SMS", "HOPPER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
 ]
 
 #: The first compute capability with TMA and wgmma.
@@ -51,6 +51,8 @@ HOPPER = (9, 0)
 #: The "SM count" the persistent kernels use under the interpreter: small, so that each program
 #: walks several tiles as it does on a GPU.
 INTERPRETER_SMS = 3
+#: The SM count configs are ranked for where no GPU runs them (a compile-only audit): H100 / H200.
+HOPPER_SMS = 132
 
 
 @triton.jit
@@ -141,10 +143,13 @@ def _cuda_sms(device: torch.device) -> int:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of the device: the persistent kernels' program count;
-    ``INTERPRETER_SMS`` under the interpreter."""
-    if device.type == "cuda" and not knobs.interpret():
+    ``INTERPRETER_SMS`` under the interpreter, ``HOPPER_SMS`` for tensors no kernel will run on
+    (meta or CPU tensors outside the interpreter: a compile-only audit)."""
+    if knobs.interpret():
+        return INTERPRETER_SMS
+    if device.type == "cuda":
         return _cuda_sms(device)
-    return INTERPRETER_SMS
+    return HOPPER_SMS
 
 
 def tma_ready(t: torch.Tensor | None) -> bool:

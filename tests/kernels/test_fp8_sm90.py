@@ -97,17 +97,12 @@ def _overlap(ttgir: str) -> bool:
     return False
 
 
-#: The SM count the pruners rank configs for: H100 / H200.
-HOPPER_SMS = 132
-
-
 def collect() -> None:
     """Subprocess entry: compile every picked (problem, config) and print JSON rows."""
     import sm90_compile
 
-    from moela.kernels import fp8_mainloop
-
-    fp8_mainloop.num_sms = lambda device: HOPPER_SMS  # the tensors are on the CPU; rank for a Hopper GPU
+    # the tensors are on the CPU and the interpreter is off: the pruners rank for 132 SMs
+    # (fp8_mainloop.num_sms)
 
     rows, seen = [], set()
     for kernel, label, shape in PROBLEMS:
