@@ -19,15 +19,16 @@ promotion happens every 128 of K, and why GPU results are near, not bit, exact.
 
 Two kernels, one rule (``fp8_mainloop.fp8_path``):
 
-- ``_fp8_gemm_tma_kernel`` (Hopper, sm_90+, a and b TMA-readable): persistent, ``min(tiles,
-  SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows (L2 reuse), each tile
-  through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion overlapped with the
-  next wgmma, or the warp-specialised schedule). Rows past M and columns past N are zero-filled
-  by TMA and masked at the store. Decode-sized M runs 64-row tiles (wgmma's smallest) over
-  narrow column tiles, so the SMs stream the weight in parallel (M = 64, N = 2112: 16-column
-  tiles make 132 programs).
-- ``_fp8_gemm_kernel`` (pointer loads, cp.async pipelines): GPUs before Hopper (sm_89) and
-  operands a descriptor cannot take; one program per tile, rows and columns clamped for loads.
+- ``_fp8_gemm_tma_kernel`` (Hopper, sm_90+, block 128, a and b TMA-readable): persistent,
+  ``min(tiles, SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows (L2
+  reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
+  overlapped with the next wgmma, or the warp-specialised schedule). Rows past M and columns
+  past N are zero-filled by TMA and masked at the store. Decode-sized M runs 64-row tiles
+  (wgmma's smallest; TMA reads only the rows that exist) over narrow column tiles, so that every
+  SM streams its share of the weight (M = 64, N = 2112: 16-column tiles make 132 programs).
+- ``_fp8_gemm_kernel`` (pointer loads, cp.async pipelines): GPUs before Hopper (sm_89), scale
+  blocks other than 128 and operands a descriptor cannot take; one program per tile, rows and
+  columns clamped for loads.
 
 Both take any M >= 0 and N >= 0, K a multiple of the block; scales and the output any strides.
 
@@ -162,7 +163,8 @@ def fp8_config(bm: int, bn: int, warps: int, stages: int, group_m: int = 8) -> t
 
 
 def fp8_gemm_configs(cls: str) -> list[triton.Config]:
-    """Hopper configs per M class (first = default). BLOCK_K is the scale block, not tuned.
+    """The pointer kernel's configs per M class (first = default; sized for Hopper's and Ada's
+    shared memory). BLOCK_K is the scale block, not tuned.
 
     The promotion keeps two float32 tiles live (the accumulator and the fresh block product), so
     a tile gets at most ~64 accumulator registers per thread: 128×128 with 8 warps, 64×128 or
@@ -244,7 +246,7 @@ def launch_fp8_gemm(out, a, a_s, b, b_s, block, bias, config, capability=None) -
         return
     bias = None if bias is None else bias.contiguous()  # the kernels index it flat
     cap = kernel_capability(a.device) if capability is None else capability
-    if fp8_path(cap, a, b) == "tma":
+    if fp8_path(cap, block, a, b) == "tma":
         _launch_tma(out, a, a_s, b, b_s, block, bias, config)
     else:
         _launch_pointer(out, a, a_s, b, b_s, block, bias, config)

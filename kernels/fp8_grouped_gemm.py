@@ -251,7 +251,7 @@ def launch_fp8_grouped_gemm(out, xs, xs_s, w, w_s, offsets, block, config, capab
     rule ``fp8_mainloop.fp8_path``. M >= 1, N >= 1, offsets contiguous."""
     cap = kernel_capability(xs.device) if capability is None else capability
     w2 = _rows_view(w)
-    if fp8_path(cap, xs, w2) == "tma":
+    if fp8_path(cap, block, xs, w2) == "tma":
         _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config)
     else:
         _launch_pointer(out, xs, xs_s, w, w_s, offsets, block, config)

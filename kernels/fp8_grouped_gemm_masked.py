@@ -196,7 +196,7 @@ def launch_fp8_grouped_gemm_masked(out, x, x_s, w, w_s, masked_m, block, config,
     feeds the path rule ``fp8_mainloop.fp8_path``. E, max_m, N >= 1; masked_m contiguous."""
     cap = kernel_capability(x.device) if capability is None else capability
     x2, w2 = _flat_rows(x), _flat_rows(w)
-    if fp8_path(cap, x2, w2) == "tma":
+    if fp8_path(cap, block, x2, w2) == "tma":
         _launch_tma(out, x2, x_s, w2, w_s, masked_m, block, config)
     else:
         _launch_pointer(out, x, x_s, w, w_s, masked_m, block, config)

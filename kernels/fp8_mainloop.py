@@ -11,15 +11,17 @@ tensor are zero-filled, so no masks) that each program makes on the device
 (``tl.make_tensor_descriptor``: the block shape follows the config's constexprs, so autotuning
 and the config tables need nothing on the host; Triton's global scratch holds them, allocated
 through torch by :func:`ensure_scratch_allocator`); the scales are pointer loads (any
-strides), which the software pipeliner turns into ``cp.async``. Two schedules, chosen by the ``WARP_SPECIALIZE``
-constexpr of a config:
+strides), which the software pipeliner turns into ``cp.async``. Two schedules, chosen by the
+``WARP_SPECIALIZE`` constexpr of a config:
 
 - ``WARP_SPECIALIZE=False`` (software pipelined, ``num_warps`` 4 or 8): K blocks go two at a
-  time. Block 2j's wgmma is waited for at once (that wait also retires block 2j-1's), block
-  2j-1 is promoted, block 2j+1's wgmma is issued and left in flight while block 2j is promoted:
-  the tensor cores work through half of the promotions. The scale loads are pipelined with the
-  tiles (``cp.async``); no synchronous global load remains in the loop. A block past K (odd Kb)
-  is zero-filled by TMA and promoted with scale 0.
+  time. Block 2j's wgmma is waited for at once (the wait also retires block 2j-1's), then block
+  2j+1's wgmma is issued and left in flight (``isAsync``, no wait until the next pair) while
+  blocks 2j-1 and 2j are promoted: the compiled loop reads wgmma, commit, wait 0, wgmma,
+  commit, then the promotions' FMAs, so the tensor cores idle only between a wait's return and
+  the next issue. The scale loads are pipelined with the tiles (``cp.async``); no synchronous
+  global load remains in the loop. A block past K (odd Kb) is zero-filled by TMA and promoted
+  with scale 0.
 - ``WARP_SPECIALIZE=True`` (``num_warps=4``, BLOCK_M = 128): ``tl.range(warp_specialize=True)``,
   which Triton 3.6 lowers to DeepGEMM's layout: one producer warpgroup issuing the TMA loads,
   two math warpgroups of 64 rows each (``setmaxnreg``), each waiting for its own wgmma and
@@ -43,7 +45,7 @@ from moela import knobs
 __all__ = [
     "fp8_tma_tile", "fp8_path", "tma_ready", "kernel_capability", "num_sms", "ensure_scratch_allocator",
     "tma_config", "tma_smem", "tma_config_fits", "wave_cost", "tma_pruner", "hopper_tuner", "hopper_meta",
-    "HOPPER", "INTERPRETER_SMS", "HOPPER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
+    "HOPPER", "HOPPER_BLOCK", "INTERPRETER_SMS", "HOPPER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
 ]
 
 #: The first compute capability with TMA and wgmma.
@@ -161,15 +163,20 @@ def tma_ready(t: torch.Tensor | None) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def fp8_path(capability: tuple[int, int], *tma_operands: torch.Tensor | None) -> str:
+#: The scale block the Hopper kernels take (DeepSeek's; their configs are sized for it).
+HOPPER_BLOCK = 128
+
+
+def fp8_path(capability: tuple[int, int], block: int, *tma_operands: torch.Tensor | None) -> str:
     """The FP8 GEMM kernels' one path rule: ``"tma"`` (the Hopper kernels: tensor descriptors,
-    persistent tiles, wgmma) when the device has TMA (compute capability >= 9.0) and every
-    operand those kernels read through descriptors (the e4m3 activations and weights as 2-D
-    views, ``None`` where no 2-D view exists) satisfies :func:`tma_ready`; otherwise
-    ``"pointer"`` (the pointer-based kernels: Ada's sm_89, odd strides or alignment, K = 0).
-    Scales and outputs go through pointers on both paths: any strides.
+    persistent tiles, wgmma) when the device has TMA (compute capability >= 9.0), the scale block
+    is ``HOPPER_BLOCK`` (128) and every operand those kernels read through descriptors (the e4m3
+    activations and weights as 2-D views, ``None`` where no 2-D view exists) satisfies
+    :func:`tma_ready`; otherwise ``"pointer"`` (the pointer-based kernels: Ada's sm_89, other
+    scale blocks, odd strides or alignment, K = 0). Scales and outputs go through pointers on
+    both paths: any strides.
     """
-    if tuple(capability) >= HOPPER and all(tma_ready(t) for t in tma_operands):
+    if tuple(capability) >= HOPPER and block == HOPPER_BLOCK and all(tma_ready(t) for t in tma_operands):
         return "tma"
     return "pointer"
 

@@ -114,15 +114,16 @@ def test_path_rule():
     """One rule picks the kernel: Hopper's when the GPU has TMA and a, b are TMA-readable."""
     a = torch.zeros(8, 256, dtype=FP8_DTYPE)
     b = torch.zeros(32, 256, dtype=FP8_DTYPE)
-    assert fp8_path((9, 0), a, b) == "tma"
-    assert fp8_path((10, 0), a, b) == "tma"
-    assert fp8_path((8, 9), a, b) == "pointer"  # Ada: FP8 but no TMA / wgmma
-    assert not tma_ready(a[:, 1:129]) and fp8_path((9, 0), a[:, 1:129], b) == "pointer"  # base not 16-byte aligned
-    assert fp8_path((9, 0), torch.zeros(8, 272, dtype=FP8_DTYPE)[:, :256], b) == "tma"  # row stride 272: aligned
-    assert fp8_path((9, 0), torch.zeros(8, 264, dtype=FP8_DTYPE)[:, :256], b) == "pointer"  # row stride 264: not
-    assert fp8_path((9, 0), a.t().contiguous().t(), b) == "pointer"  # column-major values
-    assert fp8_path((9, 0), a[:, :0], b[:, :0]) == "pointer"  # K = 0
-    assert fp8_path((9, 0), a, None) == "pointer"  # no 2-D view (grouped weights)
+    assert fp8_path((9, 0), 128, a, b) == "tma"
+    assert fp8_path((10, 0), 128, a, b) == "tma"
+    assert fp8_path((8, 9), 128, a, b) == "pointer"  # Ada: FP8 but no TMA / wgmma
+    assert fp8_path((9, 0), 64, a, b) == "pointer"  # the Hopper configs are sized for 128-blocks
+    assert not tma_ready(a[:, 1:129]) and fp8_path((9, 0), 128, a[:, 1:129], b) == "pointer"  # base not aligned
+    assert fp8_path((9, 0), 128, torch.zeros(8, 272, dtype=FP8_DTYPE)[:, :256], b) == "tma"  # row stride 272
+    assert fp8_path((9, 0), 128, torch.zeros(8, 264, dtype=FP8_DTYPE)[:, :256], b) == "pointer"  # 264: not 16·n
+    assert fp8_path((9, 0), 128, a.t().contiguous().t(), b) == "pointer"  # column-major values
+    assert fp8_path((9, 0), 128, a[:, :0], b[:, :0]) == "pointer"  # K = 0
+    assert fp8_path((9, 0), 128, a, None) == "pointer"  # no 2-D view (grouped weights)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -9,7 +9,8 @@ within a block's 227 KB, wgmma, TMA (``cp.async.bulk.tensor``); warp specialisat
 (``ttg.warp_specialize`` and ``setmaxnreg``) where the config asks for it; without it, no
 ``ld.global`` in the K loop (the scales come through ``cp.async``) and the promotion overlapped
 with the next wgmma (in the K loop's TTGIR an asynchronous ``warp_group_dot`` is followed by a
-promotion before any ``warp_group_dot_wait``). The warp-specialised schedule's math warpgroups
+promotion before any ``warp_group_dot_wait``; in the PTX, the second wgmma of a pair is committed
+and the promotions' FMAs follow before the next wait). The warp-specialised schedule's math warpgroups
 load their scales themselves, one K block ahead (Triton 3.6 leaves loads that feed no dot
 operand in the consumer partitions): there the K loop holds exactly those loads, a_s and b_s in
 each of the two math warpgroups.
@@ -97,6 +98,23 @@ def _overlap(ttgir: str) -> bool:
     return False
 
 
+def _ptx_overlap(ptx: str) -> bool:
+    """In the PTX: wgmma of block 2j, commit, wait 0, wgmma of block 2j+1, commit, then the
+    promotions' FMAs before any further wait: the tensor cores run while the FMAs do."""
+    seq = []
+    for line in ptx.splitlines():
+        op = line.strip().split(" ")[0]
+        if op.startswith("wgmma.mma_async"):
+            seq.append("M")
+        elif op.startswith("wgmma.commit_group"):
+            seq.append("C")
+        elif op.startswith("wgmma.wait_group"):
+            seq.append("W")
+        elif op.startswith("fma.rn.f32"):
+            seq.append("f")
+    return re.search(r"M+CWM+Cf{16,}", "".join(seq)) is not None
+
+
 def collect() -> None:
     """Subprocess entry: compile every picked (problem, config) and print JSON rows."""
     import sm90_compile
@@ -117,10 +135,9 @@ def collect() -> None:
                 continue
             seen.add(key)
             r = sm90_compile.compile_launch(fn, kw, c.num_warps, c.num_stages)
-            ttgir = r.pop("ttgir")
-            r.pop("ptx")
+            ttgir, ptx = r.pop("ttgir"), r.pop("ptx")
             rows.append(dict(kernel=kernel, problem=label, config={**c.kwargs, "num_warps": c.num_warps},
-                             overlap=_overlap(ttgir), **r))
+                             overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx), **r))
     print("SM90-JSON " + json.dumps(rows))
 
 
@@ -142,7 +159,8 @@ def compiled():
     for r in rows:  # the table the report quotes (pytest -s shows it)
         print(f"{r['kernel']:24s} {r['problem']:32s} {r['config']} regs={r['regs']} spill={r['spill_bytes']} "
               f"smem={r['smem']} ctas/SM={r['ctas_per_sm']} wgmma={r['wgmma']} tma={r['tma']} "
-              f"ws={r['warp_specialized']} loop_ld_global={r['loop_ld_global']} overlap={r['overlap']}")
+              f"ws={r['warp_specialized']} loop_ld_global={r['loop_ld_global']} overlap={r['overlap']}/"
+              f"{r['ptx_overlap']}")
     return rows
 
 
@@ -177,4 +195,4 @@ def test_pipelined_schedule_has_async_scales_and_overlapped_promotion(compiled):
     for r in compiled:
         if not r["config"]["WARP_SPECIALIZE"]:
             assert r["loop_ld_global"] == 0, r
-            assert r["overlap"], r
+            assert r["overlap"] and r["ptx_overlap"], r
