@@ -196,9 +196,9 @@ def fp8_gemm_tma_configs(cls: str) -> list[triton.Config]:
     c = tma_config
     if cls == "small":
         return [c(64, 16, 4, 8), c(64, 32, 4, 6), c(64, 64, 4, 5), c(64, 128, 4, 3)]
-    if cls == "medium":
+    if cls == "medium":  # the narrow tiles fill the SMs when M is a tile or two (128 x 2112: 64x32 -> 132 tiles)
         return [c(64, 128, 4, 3), c(128, 128, 8, 2), c(64, 64, 4, 5), c(128, 64, 8, 4),
-                c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True)]
+                c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True), c(64, 32, 4, 6), c(64, 16, 4, 8)]
     return [c(128, 128, 8, 2), c(128, 64, 8, 4), c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True),
             c(64, 128, 4, 3)]
 

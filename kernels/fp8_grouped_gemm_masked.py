@@ -160,7 +160,7 @@ def fp8_grouped_gemm_masked_tma_configs(cls: str) -> list[triton.Config]:
     if cls == "small":
         return [c(64, 64, 4, 5), c(64, 32, 4, 6), c(64, 128, 4, 3), c(64, 16, 4, 8)]
     return [c(64, 128, 4, 3), c(128, 128, 8, 2), c(128, 64, 8, 4), c(128, 128, 4, 4, ws=True),
-            c(128, 64, 4, 6, ws=True), c(64, 64, 4, 5)]
+            c(128, 64, 4, 6, ws=True), c(64, 64, 4, 5), c(64, 32, 4, 6)]
 
 
 def _masked_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:

@@ -67,7 +67,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[set[str], str]] = {
         "M=16 N=128 GROUP_M=8 w4 s4", "M=16 N=64 GROUP_M=8 w4 s4", "M=32 N=64 GROUP_M=8 w4 s4",
         "M=64 N=64 GROUP_M=8 w4 s4"}, _FP8_LOOP),
     ("fp8-loop-load", "fp8_gemm_tma/large"): ({_WS_128, _WS_64}, _FP8_WS),
-    ("fp8-loop-load", "fp8_gemm_tma/medium"): ({_WS_64}, _FP8_WS),
     ("fp8-loop-load", "fp8_grouped_gemm_tma/large"): ({_WS_128, _WS_64}, _FP8_WS),
     ("fp8-loop-load", "fp8_grouped_gemm_tma/medium"): ({_WS_128}, _FP8_WS),
     ("fp8-loop-load", "fp8_grouped_gemm_masked_tma/large"): ({_WS_128}, _FP8_WS),
