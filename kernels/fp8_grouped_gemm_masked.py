@@ -35,7 +35,7 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm_masked
 from moela.reference.grouped_gemm import check_masked_m
 
-from ._common import autotune, cdiv
+from ._common import autotune, cdiv, kernel_rows
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
 from .fp8_mainloop import (
@@ -241,6 +241,7 @@ def _launch_tma(out, x2, x_s, w2, w_s, masked_m, block, config) -> None:
 
 def _domain(x, x_s, w, w_s, masked_m, out_dtype=torch.bfloat16, block=128, *, validate=False) -> None:
     fp8_kernel_block("fp8_grouped_gemm_masked", block, x.shape[2], "x")
+    kernel_rows("fp8_grouped_gemm_masked", "x", x.shape[0] * x.shape[1])  # experts x rows, int32
 
 
 @kernel_op("fp8_grouped_gemm_masked", contract=check_fp8_grouped_gemm_masked, domain=_domain, fp8=True)

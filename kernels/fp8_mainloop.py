@@ -24,10 +24,11 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
   with scale 0.
 - ``WARP_SPECIALIZE=True`` (``num_warps=4``, BLOCK_M = 128): ``tl.range(warp_specialize=True)``,
   which Triton 3.6 lowers to DeepGEMM's layout: one producer warpgroup issuing the TMA loads,
-  two math warpgroups of 64 rows each (``setmaxnreg``), each waiting for its own wgmma and
-  promoting it while the other warpgroup's wgmma runs. The math warpgroups load the scales
-  themselves (Triton leaves loads that feed no dot operand in the consumers), one K block ahead
-  of their use.
+  two math warpgroups of 64 rows each (``setmaxnreg``). Each math warpgroup waits for its own
+  wgmma before promoting it (Triton lowers the consumers' dots synchronously), so the overlap is
+  between warpgroups: one promotes while the other's wgmma runs, as in DeepGEMM. The math
+  warpgroups load the scales themselves (Triton leaves loads that feed no dot operand in the
+  consumers) with ``ld.global``, one K block ahead of their use.
 
 :func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
 """
