@@ -15,18 +15,21 @@ The forward never synchronises with the host: every shape is known from T, k and
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moela.reference import ModelArgs
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_tensor
+from moela.reference.dispatch import RoutingPlan
 from moela.reference.moe import MLP
 
 from .backend import ops_for
 from .quantize import keep_dtype, quantize_linears_
 
-__all__ = ["Gate", "MoE", "sequence_balance_loss"]
+__all__ = ["Gate", "MoE", "routed_experts", "sequence_balance_loss"]
 
 _BLOCK = 128
 _FP8_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -106,6 +109,50 @@ def sequence_balance_loss(logits: torch.Tensor, ids: torch.Tensor, args: ModelAr
     return (f * p).sum(-1).mean()
 
 
+def routed_experts(
+    ops: ModuleType,
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    weights: torch.Tensor | None,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    w13_scale_inv: torch.Tensor | None = None,
+    w2_scale_inv: torch.Tensor | None = None,
+    scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """The routed experts of a routing plan: ``y[t] = Σ_j weights[t, j] · w2_e · swiglu(w13_e · x[t])``
+    with ``e`` the plan's expert of slot (t, j) (skipped slots add nothing), as
+    permute -> grouped GEMM -> swiglu -> grouped GEMM -> unpermute of ``ops`` (``moela.kernels``
+    or ``moela.reference``, from :func:`~moela.model.backend.ops_for`).
+
+    x: (T, D); plan: ``ops.make_routing(ids, E)``; weights: (T, k) float or None (unit weights);
+    w13: (E, 2I, D), each expert's gate projection (rows ``[0, I)``) over its up projection;
+    w2: (E, D, I). FP8 experts: e4m3 ``w13``/``w2`` with their float32 128×128 block scales
+    ``w13_scale_inv`` (E, ⌈2I/128⌉, ⌈D/128⌉) and ``w2_scale_inv`` (E, ⌈D/128⌉, ⌈I/128⌉); the
+    activations are quantized on the fly (1×128 blocks, ``scale_fmt``) and the output is x's dtype.
+    Returns (T, D) in x's dtype.
+    """
+    if (w13_scale_inv is None) != (w2_scale_inv is None):
+        raise ValueError("w13_scale_inv, w2_scale_inv: expected both (FP8 experts) or neither, got "
+                         f"{type(w13_scale_inv).__name__} and {type(w2_scale_inv).__name__}")
+    check_tensor("w13", w13, ndim=3)
+    I = w13.shape[1] // 2
+    if w13.shape[1] != 2 * I:
+        raise ValueError(f"w13: expected shape (E, 2I, D) with an even middle dim, got {tuple(w13.shape)}")
+    if w13_scale_inv is not None:  # activations quantized while they are dispatched (one quantization per token)
+        q, s = ops.permute(x, plan, fp8=True, scale_fmt=scale_fmt)  # (M, D) e4m3, (M, D/128)
+        h = ops.fp8_grouped_gemm(q, s, w13, w13_scale_inv, plan.offsets, out_dtype=x.dtype)
+        q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=_BLOCK, scale_fmt=scale_fmt)  # quantized in one pass
+        ys = ops.fp8_grouped_gemm(q, s, w2, w2_scale_inv, plan.offsets, out_dtype=x.dtype)
+    else:
+        xs = ops.permute(x, plan)  # (M, D)
+        h = ops.grouped_gemm(xs, w13, plan.offsets)  # (M, 2I)
+        act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
+        ys = ops.grouped_gemm(act, w2, plan.offsets)  # (M, D)
+    return ops.unpermute(ys, plan, weights)  # (T, D)
+
+
 class MoE(nn.Module):
     """DeepSeek MoE: routed experts through grouped GEMMs, plus shared experts.
 
@@ -166,18 +213,11 @@ class MoE(nn.Module):
 
         weights, ids = self.gate(x2)
         plan = ops.make_routing(ids, a.n_routed_experts)
-        I = a.moe_inter_dim
-        if self.fp8:  # activations quantized while they are dispatched (one quantization per token)
-            q, s = ops.permute(x2, plan, fp8=True, scale_fmt=a.scale_fmt)  # (M, D) e4m3, (M, D/128)
-            h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, plan.offsets, out_dtype=x.dtype)
-            q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=128, scale_fmt=a.scale_fmt)  # quantized in one pass
-            ys = ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, plan.offsets, out_dtype=x.dtype)
+        if self.fp8:
+            y = routed_experts(ops, x2, plan, weights, self.w13, self.w2, w13_scale_inv=self.w13_scale_inv,
+                               w2_scale_inv=self.w2_scale_inv, scale_fmt=a.scale_fmt)
         else:
-            xs = ops.permute(x2, plan)  # (M, D)
-            h = ops.grouped_gemm(xs, self.w13, plan.offsets)  # (M, 2I)
-            act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
-            ys = ops.grouped_gemm(act, self.w2, plan.offsets)  # (M, D)
-        y = ops.unpermute(ys, plan, weights)  # (T, D)
+            y = routed_experts(ops, x2, plan, weights, self.w13, self.w2)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
         if self.training:
