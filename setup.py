@@ -7,7 +7,7 @@ nothing is importable as a bare top-level ``kernels`` or ``model``.
 
 from setuptools import setup
 
-SUBPACKAGES = ("kernels", "model", "reference", "profiling")
+SUBPACKAGES = ("kernels", "model", "reference", "profiling", "integrations")
 
 setup(
     name="moela",
@@ -35,6 +35,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
         "dev": ["ruff>=0.5"],
+        "hf": ["transformers>=5.0"],  # moela.integrations.hf
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
