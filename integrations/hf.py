@@ -41,10 +41,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
-from transformers.integrations.moe import ExpertsInterface
-from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _v2
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
+
+try:
+    from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    from transformers.integrations.moe import ExpertsInterface
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _v2
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _v3
+except ImportError as e:  # not installed, or transformers 4 (no experts interface)
+    raise ImportError(f"moela.integrations.hf needs transformers >= 5 (pip install 'moela[hf]'): {e}") from e
 
 from moela.model.backend import BACKENDS, ops_for
 from moela.model.moe import routed_experts

@@ -89,14 +89,34 @@ def test_patched_logits_within_the_derived_bound(name, dtype):
         assert_close_derived(g, w, lw, name=f"{name} {dtype} {what}")
 
 
-def test_kernels_through_the_interpreter_prefill_and_decode():
+def test_kernels(monkeypatch, device):
+    """moela's Triton kernels (the interpreter on CPU): float32 prefill and decode, both steps of at
+    most 16 tokens on moela.kernels.mla_decode, and a bf16 forward without a cache (SDPA over the
+    expanded latent)."""
+    import moela.kernels
+
+    decode_calls = []
+    mla_decode = moela.kernels.mla_decode
+    monkeypatch.setattr(moela.kernels, "mla_decode", lambda *a, **k: decode_calls.append(1) or mla_decode(*a, **k))
     model = tiny_model("v3-qlora-yarn-bias")
     hi = copy.deepcopy(model).double()
     tokens = torch.randint(1, V, (1, 6))
-    want, low = _prefill_and_decode(hi, tokens), _prefill_and_decode(model, tokens)
+    want = _prefill_and_decode(hi, tokens)
+    model.to(device)
+    low = _prefill_and_decode(model, tokens.to(device))
     hf.patch(model, backend="triton")  # route, make_routing, permute, grouped_gemm, swiglu, unpermute, mla_decode
-    for what, g, w, lw in zip(("prefill", "decode"), _prefill_and_decode(model, tokens), want, low, strict=True):
+    got = _prefill_and_decode(model, tokens.to(device))
+    for what, g, w, lw in zip(("prefill", "decode"), got, want, low, strict=True):
         assert_close_derived(g, w, lw, name=f"triton {what}")
+    assert len(decode_calls) == 4  # two layers × (the 5-token prefill, the decode step)
+
+    model = tiny_model("v2-group-limited", every_expert=True)
+    hi = copy.deepcopy(model).double()
+    lo = model.to(device, torch.bfloat16)
+    with torch.no_grad():
+        want, low = hi(tokens, use_cache=False).logits, lo(tokens.to(device), use_cache=False).logits
+        hf.patch(lo, backend="triton")
+        assert_close_derived(lo(tokens.to(device), use_cache=False).logits, want, low, name="triton bf16 sdpa")
 
 
 def _generate(model, tokens, mask=None, **kwargs):
