@@ -29,7 +29,7 @@ from moela.reference import calc_diff, dequant, quant_weight  # noqa: E402
 
 V, PROMPT = 96, 9
 DIMS = dict(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
             first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             max_position_embeddings=64, pad_token_id=0, eos_token_id=None)
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32,
@@ -142,6 +142,18 @@ def test_greedy_generate_gives_the_same_tokens(name):
     for case, kw in cases.items():
         got = _generate(model, tokens, **kw)
         assert torch.equal(got, want[case]), f"{case}: {got[:, PROMPT:]} != {want[case][:, PROMPT:]}"
+
+
+def test_eager_attention_masks():
+    """attn_implementation="eager" hands the layers additive float masks instead of bool ones."""
+    model = tiny_model("v3-qlora-yarn-bias")
+    model.set_attn_implementation("eager")
+    tokens = torch.randint(1, V, (2, PROMPT))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    want = _generate(model, tokens, mask)
+    hf.patch(model, backend="reference")
+    assert torch.equal(_generate(model, tokens, mask), want)
 
 
 def test_training_step_gradients_within_the_derived_bound():
