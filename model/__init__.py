@@ -12,12 +12,13 @@ from .backend import BACKENDS, ops_for
 from .checkpoint import CheckpointKeyError, load_checkpoint, save_checkpoint
 from .linear import FP8Linear
 from .mla import MLA
-from .moe import Gate, MoE, sequence_balance_loss
+from .moe import Gate, MoE, grouped_experts, routed_experts, sequence_balance_loss
 from .quantize import quantize_linears_
 from .transformer import Block, Transformer
 
 __all__ = [
     "BACKENDS", "ops_for", "CheckpointKeyError", "load_checkpoint", "save_checkpoint",
-    "Gate", "MoE", "sequence_balance_loss", "MLA", "FP8Linear", "RMSNorm", "quantize_linears_",
+    "Gate", "MoE", "grouped_experts", "routed_experts", "sequence_balance_loss",
+    "MLA", "FP8Linear", "RMSNorm", "quantize_linears_",
     "Block", "Transformer",
 ]
