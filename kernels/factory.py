@@ -113,6 +113,22 @@ def _check_out(name: str, out: object, spec: TensorSpec, device: torch.device) -
         raise ValueError(f"{name}: expected shape {tuple(spec.shape)}, got {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"{name}: expected device {device} (that of the inputs), got {out.device}")
+    if _overlapping(out):
+        raise ValueError(f"{name}: expected a buffer whose elements do not share memory, got strides {out.stride()} "
+                         f"for shape {tuple(out.shape)} (a stride-0 or overlapping view)")
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Could two elements of ``t`` share memory? Dims sorted by stride must each step past the
+    extent of the smaller ones (stride-0 views fail; so do rare interleaved layouts)."""
+    if t.numel() <= 1:
+        return False
+    extent = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
 
 
 def _empty_like_spec(spec, device: torch.device):

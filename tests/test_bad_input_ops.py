@@ -1,0 +1,1012 @@
+"""Bad input to every public op: each kernel of ``moela.kernels`` and its twin in ``moela.reference``.
+
+One table (``CASES``) drives one parametrized test. Each op has an :class:`OpSpec`: a function
+building a valid call at tiny shapes and the kinds of its arguments; from it the generic rows
+are made (wrong dtype, rank, type and device of every tensor, meta and fake-CUDA tensors,
+transposed / strided / stride-0 views, bool/float/str where ints are expected, non-finite
+floats, unknown choices and dtypes). The hand-written rows follow: out-of-range ids, offsets,
+plans and lengths in int32 and int64, NaN/inf, zero sizes, blocks and ``align`` above what a
+Triton tensor holds, ``out=`` buffers. A new op adds an OpSpec and its rows, not code.
+
+Agreement (see ``COMPARE``): bitwise for the ops whose kernel is bitwise (routing plan, permute,
+unpermute, quantizers, dequant), the derived tolerance of ``moela_testing.assert_close_derived``
+(NaN/inf positions equal) for the GEMMs in 16-bit, swiglu and mla_decode, the FP8 GEMM bound of
+``fp8_testing``, and test_gate's rule for the routing weights. Rows marked ``isolate`` (indices
+far out of bounds, which used to kill the process) run together in one subprocess.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from bad_input_testing import (
+    Case,
+    Computes,
+    KernelDomain,
+    MetaShapes,
+    Raises,
+    case_id,
+    check_raises,
+    flat_tensors,
+    outcome,
+    run_isolated,
+)
+from fp8_testing import abs_fp8, assert_gemm_close, assert_same_bits
+from moela_testing import assert_close_derived, nan_empty
+
+import moela.kernels as K
+import moela.reference as R
+from moela.reference import FP8_DTYPE, ModelArgs
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BF = torch.bfloat16
+I32, I64 = torch.int32, torch.int64
+NAN, INF = float("nan"), float("inf")
+PUBLIC_OPS = sorted(set(K.__all__) - {"registered_ops"})
+
+
+def _t(values, dtype=I32):
+    return torch.tensor(values, dtype=dtype, device=DEV)
+
+
+def _randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+
+
+# --------------------------------------------------------------------------- valid calls
+ARGS = ModelArgs.from_name("tiny", dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4,
+                           n_limited_groups=2)
+IDS = [[0, 3], [1, -1], [3, 2], [0, 1], [2, 2]]  # T = 5, k = 2, E = 4 (one remote slot, one repeated expert)
+
+
+def _plan(align=2):
+    return R.make_routing(_t(IDS), 4, align=align)
+
+
+def _route():
+    return dict(logits=_randn(5, 8), bias=_randn(8, scale=0.1), topk=2, n_groups=4, topk_groups=2,
+                score_func="sigmoid", route_scale=2.5)
+
+
+def _gate():
+    return dict(x=_randn(5, 16), weight=_randn(8, 16, scale=0.25), bias=_randn(8, scale=0.1), args=ARGS)
+
+
+def _grouped_gemm():
+    return dict(xs=_randn(10, 16, dtype=BF), w=_randn(3, 8, 16, dtype=BF, scale=0.25), offsets=_t([4, 4, 9]))
+
+
+def _grouped_gemm_dw():
+    return dict(xs=_randn(10, 16, dtype=BF), dy=_randn(10, 8, dtype=BF), offsets=_t([4, 4, 9]))
+
+
+def _make_routing():
+    return dict(topk_ids=_t(IDS), n_experts=4, align=2)
+
+
+def _permute():
+    return dict(x=_randn(5, 8, dtype=BF), plan=_plan())
+
+
+def _permute_fp8():
+    return dict(_permute(), x=_randn(5, 256, dtype=BF), fp8=True, block=128)
+
+
+def _unpermute():
+    plan = _plan()
+    return dict(ys=_randn(plan.max_rows, 8, dtype=BF), plan=plan, topk_weights=torch.rand(5, 2, device=DEV))
+
+
+def _quant_act():
+    return dict(x=_randn(3, 256, dtype=BF), block=128)
+
+
+def _quant_weight():
+    return dict(w=_randn(130, 256, dtype=BF), block=128)
+
+
+def _dequant():
+    x, s = R.quant_weight(_randn(130, 256))
+    return dict(x=x, scale=s, block=128, out_dtype=BF)
+
+
+def _fp8_gemm():
+    a, a_s = R.quant_act(_randn(3, 256))
+    b, b_s = R.quant_weight(_randn(8, 256, scale=1 / 16))
+    return dict(a=a, a_s=a_s, b=b, b_s=b_s, out_dtype=BF, block=128)
+
+
+def _fp8_grouped_gemm():
+    xs, xs_s = R.quant_act(_randn(6, 256))
+    w, w_s = R.quant_weight(_randn(3, 8, 256, scale=1 / 16))
+    return dict(xs=xs, xs_s=xs_s, w=w, w_s=w_s, offsets=_t([2, 2, 5]), out_dtype=BF, block=128)
+
+
+def _fp8_linear():
+    w, w_s = R.quant_weight(_randn(8, 256, scale=1 / 16))
+    return dict(x=_randn(3, 256, dtype=BF), weight=w, weight_scale_inv=w_s, bias=_randn(8, dtype=BF))
+
+
+def _mla_decode():
+    return dict(q=_randn(2, 1, 2, 40, dtype=BF), kv=_randn(2, 6, 40, dtype=BF), softmax_scale=0.2, v_dim=32,
+                cache_seqlens=_t([3, 6]))
+
+
+def _swiglu():
+    return dict(gate=_randn(5, 8, dtype=BF), up=_randn(5, 8, dtype=BF))
+
+
+def _swiglu_fp8():
+    return dict(gate=_randn(5, 256, dtype=BF), up=_randn(5, 256, dtype=BF), fp8=True, block=128)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op's valid call and its arguments' kinds: what the generic rows are made from.
+
+    tensors: name -> "float" | "int" | "fp8" | "f32" (float32 only) | "plan"; the first is the
+    tensor whose device the others must share. fixed_rank: tensors of one rank (a leading dim
+    added is an error naming them). ints / floats / bools / choices / dtypes: the Python
+    parameters, checked as positive ints, finite floats, bools, one of a set, torch dtypes.
+    """
+
+    build: Callable[[], dict]
+    tensors: dict[str, str]
+    fixed_rank: tuple[str, ...] = ()
+    ints: tuple[str, ...] = ()
+    floats: tuple[str, ...] = ()
+    bools: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    fp8_build: Callable[[], dict] | None = None  # the call whose block / scale_fmt are read (fp8=True)
+    ref_reads_values: str | None = None  # what the reference names on meta tensors (it reads values)
+    view_bitwise: bool = True  # a view gives the bits of contiguous inputs (not gate: torch's matmul first)
+
+
+SPECS: dict[str, OpSpec] = {
+    "route": OpSpec(_route, {"logits": "float", "bias": "float"}, ("logits", "bias"),
+                    ints=("topk", "n_groups", "topk_groups"), floats=("route_scale",), choices=("score_func",)),
+    "gate": OpSpec(_gate, {"x": "float", "weight": "float", "bias": "float"}, ("x", "weight", "bias"),
+                   view_bitwise=False),
+    "grouped_gemm": OpSpec(_grouped_gemm, {"xs": "float", "w": "float", "offsets": "int"}, ("xs", "w", "offsets"),
+                           bools=("validate",), ref_reads_values="offsets"),
+    "grouped_gemm_dw": OpSpec(_grouped_gemm_dw, {"xs": "float", "dy": "float", "offsets": "int"},
+                              ("xs", "dy", "offsets"), ref_reads_values="offsets"),
+    "make_routing": OpSpec(_make_routing, {"topk_ids": "int"}, ("topk_ids",), ints=("n_experts", "align"),
+                           bools=("validate",), ref_reads_values="topk_ids"),
+    "permute": OpSpec(_permute, {"x": "float", "plan": "plan"}, ("x", "plan"), ints=("block",),
+                      bools=("validate", "fp8"), choices=("scale_fmt",), fp8_build=_permute_fp8),
+    "unpermute": OpSpec(_unpermute, {"ys": "float", "plan": "plan", "topk_weights": "float"},
+                        ("ys", "plan", "topk_weights"), bools=("validate",)),
+    "quant_act": OpSpec(_quant_act, {"x": "float"}, ints=("block",), choices=("scale_fmt",)),
+    "quant_weight": OpSpec(_quant_weight, {"w": "float"}, ints=("block",), choices=("scale_fmt",)),
+    "dequant": OpSpec(_dequant, {"x": "fp8", "scale": "f32"}, ("scale",), ints=("block",), dtypes=("out_dtype",)),
+    "fp8_gemm": OpSpec(_fp8_gemm, {"a": "fp8", "a_s": "f32", "b": "fp8", "b_s": "f32"}, ("a", "a_s", "b", "b_s"),
+                       ints=("block",), dtypes=("out_dtype",)),
+    "fp8_grouped_gemm": OpSpec(_fp8_grouped_gemm, {"xs": "fp8", "xs_s": "f32", "w": "fp8", "w_s": "f32",
+                                                   "offsets": "int"}, ("xs", "xs_s", "w", "w_s", "offsets"),
+                               ints=("block",), bools=("validate",), dtypes=("out_dtype",),
+                               ref_reads_values="offsets"),
+    "fp8_linear": OpSpec(_fp8_linear, {"x": "float", "weight": "fp8", "weight_scale_inv": "f32", "bias": "float"},
+                         ("weight", "weight_scale_inv", "bias"), ints=("block",), choices=("scale_fmt",)),
+    "mla_decode": OpSpec(_mla_decode, {"q": "float", "kv": "float", "cache_seqlens": "int"},
+                         ("q", "kv", "cache_seqlens"), floats=("softmax_scale",), ints=("v_dim",),
+                         bools=("validate",)),
+    "swiglu": OpSpec(_swiglu, {"gate": "float", "up": "float"}, ("up",), ints=("block",), bools=("fp8",),
+                     choices=("scale_fmt",), fp8_build=_swiglu_fp8),
+}
+
+
+# --------------------------------------------------------------------------- input transforms
+def _with(build: Callable[[], dict], **changes) -> Callable[[], dict]:
+    """``build`` with some arguments replaced (values, or functions of the built inputs)."""
+    def make():
+        inputs = build()
+        for k, v in changes.items():
+            inputs[k] = v(inputs) if callable(v) and not isinstance(v, type) else v
+        return inputs
+    return make
+
+
+def _map_plan(plan, fn):
+    return R.RoutingPlan(*(fn(t) for t in plan))
+
+
+def _as_bytes(fn):
+    """Apply a view-making ``fn`` to e4m3 tensors through their uint8 bits (not every op has fp8)."""
+    @functools.wraps(fn)
+    def apply(t):
+        return fn(t.view(torch.uint8)).view(FP8_DTYPE) if t.dtype == FP8_DTYPE else fn(t)
+    return apply
+
+
+@_as_bytes
+def _transposed(t):
+    """Same values, the last two dims stored column-major."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.ndim >= 2 else t
+
+
+@_as_bytes
+def _strided(t):
+    """Same values, every other element of a wider buffer (last-dim stride 2)."""
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0] if t.ndim >= 1 else t
+
+
+@_as_bytes
+def _expanded(t):
+    """Row 0 repeated with stride 0 along the first dim."""
+    return t[:1].expand(t.shape) if t.ndim >= 1 and t.shape[0] > 0 else t
+
+
+def _wrong_dtype(t, kind):
+    return {"float": t.to(I32), "int": t.float(), "fp8": t.float(), "f32": t.double()}[kind]
+
+
+def _to(t, device):
+    if isinstance(t, torch.Tensor):
+        return t.to(device)
+    if isinstance(t, R.RoutingPlan):
+        return _map_plan(t, lambda x: x.to(device))
+    return t
+
+
+# --------------------------------------------------------------------------- generated rows
+def _generated(op: str, spec: OpSpec) -> list[Case]:
+    rows = []
+
+    def add(what, build, expect, category, **kw):
+        rows.append(Case(op, what, build, expect, category=category, **kw))
+
+    names = list(spec.tensors)
+    first = names[0]
+    for name, kind in spec.tensors.items():
+        if kind == "plan":
+            add(f"{name}-not-a-plan", _with(spec.build, **{name: lambda i: list(i["plan"][:3])}),
+                Raises(TypeError, "plan"), "type")
+            add(f"{name}-int64", _with(spec.build, plan=lambda i: _map_plan(i["plan"], lambda t: t.long())),
+                Raises(TypeError, "plan.offsets"), "dtype")
+            add(f"{name}-rank", _with(spec.build, plan=lambda i: i["plan"]._replace(
+                slot_to_row=i["plan"].slot_to_row.reshape(-1))), Raises(ValueError, "plan.slot_to_row"), "rank")
+            add(f"{name}-meta", _with(spec.build, plan=lambda i: i["plan"]._replace(
+                slot_to_row=i["plan"].slot_to_row.to("meta"))), Raises(ValueError, "plan.slot_to_row"), "device")
+            add(f"{name}-strided", _with(spec.build, plan=lambda i: _map_plan(i["plan"], _strided)),
+                Computes(_same_as_contiguous(op, spec.view_bitwise)), "view")
+            continue
+        add(f"{name}-dtype", _with(spec.build, **{name: lambda i, n=name, k=kind: _wrong_dtype(i[n], k)}),
+            Raises(TypeError, name), "dtype")
+        add(f"{name}-list", _with(spec.build, **{name: lambda i, n=name: i[n].float().tolist()}),
+            Raises(TypeError, name), "type")
+        if name in spec.fixed_rank:
+            add(f"{name}-rank", _with(spec.build, **{name: lambda i, n=name: i[n][None]}),
+                Raises(ValueError, name), "rank")
+        if name != first:
+            add(f"{name}-meta", _with(spec.build, **{name: lambda i, n=name: i[n].to("meta")}),
+                Raises(ValueError, name), "device")
+        for view in (_transposed, _strided, _expanded):
+            add(f"{name}-{view.__name__.strip('_')}", _with(spec.build, **{name: lambda i, n=name, v=view: v(i[n])}),
+                Computes(_same_as_contiguous(op, spec.view_bitwise)), "view")
+    add("all-meta", spec.build, MetaShapes(spec.ref_reads_values), "device",
+        transform=lambda i: {k: _to(v, "meta") for k, v in i.items()})
+    if len(names) > 1:
+        second = names[1]
+        expect = Raises(ValueError, "plan.tokens_per_expert" if spec.tensors[second] == "plan" else second)
+        add("fake-cuda-mixed", spec.build, expect, "device", fake_cuda=(first,))
+    add("fake-cuda", spec.build, MetaShapes(None), "device", sides=("kernel",), fake_cuda=tuple(names))
+
+    fp8_build = spec.fp8_build or spec.build
+    for p in spec.ints:
+        build = fp8_build if p in ("block",) else spec.build
+        minimum = 1
+        for bad, err in ((True, TypeError), (2.0, TypeError), ("2", TypeError), (torch.tensor(2), TypeError),
+                         (minimum - 1, ValueError), (-1, ValueError)):
+            add(f"{p}={bad!r}", _with(build, **{p: bad}), Raises(err, p), "python-int")
+    for p in spec.floats:
+        for bad, err in (("0.5", TypeError), (True, TypeError), (NAN, ValueError), (INF, ValueError),
+                         (-INF, ValueError)):
+            add(f"{p}={bad!r}", _with(spec.build, **{p: bad}), Raises(err, p), "python-float")
+    for p in spec.bools:
+        for bad in (1, "yes", None):
+            add(f"{p}={bad!r}", _with(spec.build, **{p: bad}), Raises(TypeError, p), "python-bool")
+    for p in spec.choices:
+        build = fp8_build if p == "scale_fmt" else spec.build
+        for bad in ("e8m0" if p == "scale_fmt" else "relu", 1, "UE8M0" if p == "scale_fmt" else "Sigmoid"):
+            add(f"{p}={bad!r}", _with(build, **{p: bad}), Raises(ValueError, p), "python-choice")
+    for p in spec.dtypes:
+        for bad in (torch.int32, "bfloat16", FP8_DTYPE):
+            add(f"{p}={bad!r}", _with(spec.build, **{p: bad}), Raises(TypeError, p), "python-dtype")
+    return rows
+
+
+# --------------------------------------------------------------------------- documented results
+def _same_as_contiguous(op: str, bitwise: bool = True):
+    """Doc of a view: the kernel gives the bits it gives for contiguous copies of the inputs (or,
+    where torch computes something first, agrees with that result as with the reference)."""
+    def doc(out, inputs):
+        dense = {k: (v.contiguous() if isinstance(v, torch.Tensor) else
+                     _map_plan(v, torch.Tensor.contiguous) if isinstance(v, R.RoutingPlan) else v)
+                 for k, v in inputs.items()}
+        (_bitwise if bitwise else COMPARE[op])(out, getattr(K, op)(**dense), dense)
+    return doc
+
+
+def _same_bits(a, b) -> None:
+    for x, y in zip(flat_tensors(a), flat_tensors(b), strict=True):
+        assert_same_bits(x, y)
+
+
+def _clamped_offsets(offsets: torch.Tensor, M: int) -> torch.Tensor:
+    return offsets.long().clamp(0, M).cummax(0).values.to(offsets.dtype if offsets.dtype == I64 else I32)
+
+
+def _offsets_rule(op: str, rows_arg: str):
+    """Malformed offsets compute as the clamped, running-max ends would; rows past the end are 0."""
+    def doc(out, inputs):
+        M = inputs[rows_arg].shape[0]
+        ends = _clamped_offsets(inputs["offsets"], M)
+        _same_bits(out, getattr(K, op)(**dict(inputs, offsets=ends)))
+        if op != "grouped_gemm_dw" and ends.numel():
+            assert not out[int(ends[-1]):].float().any(), "rows past the last clamped end must be zero"
+    return doc
+
+
+def _ids_rule(out, inputs):
+    """Ids outside [0, E) are skipped: the plan of the same ids with those set to -1."""
+    ids, E = inputs["topk_ids"], inputs["n_experts"]
+    clean = torch.where((ids >= 0) & (ids < E), ids, -1).to(I32)
+    _same_bits(out, K.make_routing(clean, E, inputs.get("align", 1)))
+
+
+def _permute_rule(out, inputs):
+    """Row r holds x[s // k] when s = row_to_slot[r] is a slot whose slot_to_row[s] is r, else 0."""
+    x, plan = inputs["x"], inputs["plan"]
+    T, k = plan.slot_to_row.shape
+    s2r, r2s = plan.slot_to_row.reshape(-1).tolist(), plan.row_to_slot.tolist()
+    for r, s in enumerate(r2s):
+        want = x[s // k] if 0 <= s < T * k and s2r[s] == r else torch.zeros_like(x[0])
+        assert_same_bits(out[r], want, f"row {r} (row_to_slot {s})")
+
+
+def _unpermute_rule(out, inputs):
+    """y[t] = Σ_j w[t, j]·ys[slot_to_row[t, j]] over the slots whose row lies in [0, M), j in order."""
+    ys, plan, w = inputs["ys"], inputs["plan"], inputs.get("topk_weights")
+    T, k = plan.slot_to_row.shape
+    M = ys.shape[0]
+    for t in range(T):
+        acc = torch.zeros(ys.shape[1], dtype=torch.float32, device=ys.device)
+        for j in range(k):
+            r = int(plan.slot_to_row[t, j])
+            if 0 <= r < M:
+                acc = acc + ys[r].float() * (1.0 if w is None else w[t, j].float())
+        assert_same_bits(out[t], acc.to(ys.dtype), f"token {t}")
+
+
+def _seqlens_rule(out, inputs):
+    """Lengths outside [0, L] compute as the clamped ones."""
+    L = inputs["kv"].shape[1]
+    lens = inputs["cache_seqlens"].clamp(0, L)
+    _same_bits(out, K.mla_decode(**dict(inputs, cache_seqlens=lens)))
+
+
+def _unused_cache_ignored(out, inputs):
+    """Keys at or past a sequence's length are never read: garbage there changes nothing."""
+    L = inputs["kv"].shape[1]
+    lens = inputs["cache_seqlens"].long().clamp(0, L)
+    used = torch.arange(L, device=DEV)[None, :, None] < lens[:, None, None]
+    _same_bits(out, K.mla_decode(**dict(inputs, kv=torch.where(used, inputs["kv"], 0))))
+
+
+def _special_scales(out, inputs):
+    """quant_act's special values: a block holding NaN gets a NaN scale, one holding ±inf an inf scale."""
+    q, s = out
+    x = inputs["x"].float()
+    xb = x.unflatten(-1, (-1, inputs.get("block", 128)))
+    assert torch.equal(s.isnan(), xb.isnan().any(-1))
+    assert torch.equal(s.isinf(), xb.isinf().any(-1) & ~xb.isnan().any(-1))
+
+
+def _zeros(out, inputs):
+    for t in flat_tensors(out):
+        assert not t.float().any()
+
+
+def _shape(*shape):
+    def doc(out, inputs):
+        assert tuple(flat_tensors(out)[0].shape) == shape
+    return doc
+
+
+# --------------------------------------------------------------------------- agreement
+def _upcast(inputs: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != FP8_DTYPE
+            else v for k, v in inputs.items()}
+
+
+def assert_same_numbers(out: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """NaN and ±inf where the reference at the same precision has them, finite values within the
+    derived tolerance of ``assert_close_derived``."""
+    assert out.dtype == lo.dtype and out.shape == lo.shape, (out.dtype, lo.dtype, out.shape, lo.shape)
+    o, lw = out.double(), lo.double()
+    assert torch.equal(o.isnan(), lw.isnan()), "NaN positions differ from the reference's"
+    assert torch.equal(o.isinf(), lw.isinf()) and torch.equal(o[o.isinf()], lw[lw.isinf()]), \
+        "±inf positions differ from the reference's"
+    fin = lw.isfinite()
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    assert_close_derived(torch.where(fin, out, zero), torch.where(fin, hi.to(torch.float64), 0),
+                         torch.where(fin, lo, zero))
+
+
+def _derived(op: str):
+    def compare(k, r, inputs):
+        hi = getattr(R, op)(**_upcast(inputs))
+        assert_same_numbers(k, hi, r)
+    return compare
+
+
+def _bitwise(k, r, inputs):
+    _same_bits(k, r)
+
+
+def _routing_weights(k, r, inputs):
+    """ids equal; weights within (k + 1) roundings of the reference in their precision (test_gate's rule)."""
+    (wk, ik), (wr, ir) = k, r
+    assert torch.equal(ik, ir), "ids differ from the reference's"
+    torch.testing.assert_close(wk, wr, rtol=(ik.shape[-1] + 1) * torch.finfo(wk.dtype).eps, atol=0, equal_nan=True)
+
+
+def _swiglu_compare(k, r, inputs):
+    if inputs.get("fp8"):  # bit for bit quant_act of the kernel's own activation (its documented result)
+        act = K.swiglu(inputs["gate"], inputs["up"])
+        _same_bits(k, R.quant_act(act, inputs.get("block", 128), inputs.get("scale_fmt")))
+        k, r = act, R.swiglu(inputs["gate"], inputs["up"])
+    assert_same_numbers(k, R.swiglu(inputs["gate"].double(), inputs["up"].double()), r)
+
+
+def _fp8_gemm_compare(k, r, inputs):
+    i = dict(inputs)
+    block = i.pop("block", 128)
+    i.pop("out_dtype", None)
+    names = ("a", "a_s", "b", "b_s") if "a" in i else ("xs", "xs_s", "w", "w_s")
+    ref32 = getattr(R, "fp8_gemm" if "a" in i else "fp8_grouped_gemm")(**i, out_dtype=torch.float32, block=block)
+    absolute = {**i, **{n: abs_fp8(i[n]) if i[n].dtype == FP8_DTYPE else i[n].abs() for n in names}}
+    mag = getattr(R, "fp8_gemm" if "a" in i else "fp8_grouped_gemm")(**absolute, out_dtype=torch.float32,
+                                                                      block=block)
+    assert k.dtype == r.dtype
+    K_dim = i[names[0]].shape[1]
+    assert_gemm_close(k, ref32, mag, -(-K_dim // block), block)
+
+
+def _fp8_linear_compare(k, r, inputs):
+    x, w, w_s, b = inputs["x"], inputs["weight"], inputs["weight_scale_inv"], inputs.get("bias")
+    block = inputs.get("block", 128)
+    q, s = R.quant_act(x.reshape(-1, x.shape[-1]), block, inputs.get("scale_fmt"))
+    ref32 = R.fp8_gemm(q, s, w, w_s, torch.float32, block)
+    mag = R.fp8_gemm(abs_fp8(q), s.abs(), abs_fp8(w), w_s.abs(), torch.float32, block)
+    extra = 0.0
+    if b is not None:
+        extra = 2.0**-24 * (ref32.abs() + b.abs().float()).double()
+        ref32 = ref32 + b.float()
+    assert k.dtype == r.dtype == x.dtype and k.shape == r.shape
+    assert_gemm_close(k.reshape(-1, w.shape[0]), ref32, mag, -(-x.shape[-1] // block), block, extra=extra)
+
+
+COMPARE: dict[str, Callable] = {
+    "route": _routing_weights, "gate": _routing_weights, "grouped_gemm": _derived("grouped_gemm"),
+    "grouped_gemm_dw": _derived("grouped_gemm_dw"), "make_routing": _bitwise, "permute": _bitwise,
+    "unpermute": _bitwise, "quant_act": _bitwise, "quant_weight": _bitwise, "dequant": _bitwise,
+    "fp8_gemm": _fp8_gemm_compare, "fp8_grouped_gemm": _fp8_gemm_compare, "fp8_linear": _fp8_linear_compare,
+    "mla_decode": _derived("mla_decode"), "swiglu": _swiglu_compare,
+}
+
+
+# --------------------------------------------------------------------------- hand-written rows
+def _list(values) -> str:
+    return "[" + ",".join(map(str, values)) + "]"
+
+
+def _offsets_rows(op: str, build, rows_arg: str, dtypes_values) -> list[Case]:
+    """Malformed offsets in int32 and int64: the documented clamped result, and validate=True raising."""
+    out = []
+    for values, dtype, isolate in dtypes_values:
+        what = f"offsets={_list(values)}-{str(dtype).removeprefix('torch.')}"
+        make = _with(build, offsets=lambda i, v=values, d=dtype: _t(v, d))
+        out.append(Case(op, what, make, Computes(_offsets_rule(op, rows_arg)), isolate=isolate, category="offsets"))
+        if "validate" in SPECS[op].bools:
+            out.append(Case(op, what + "-validate", _with(make, validate=True), Raises(ValueError, "offsets"),
+                            category="offsets"))
+    return out
+
+
+OFFSETS = [
+    ([2**32 + 3, 2**32 + 3, 2**32 + 8], I64, True),  # narrowed before clamping, these computed as [3, 3, 8]
+    ([3, 3, 2**31 + 5], I64, True),  # and this as [3, 3, 0]
+    ([2**31 - 1] * 3, I32, True),
+    ([-2**63, 0, 2**63 - 1], I64, False),
+    ([-2**31, 4, 2**31 - 1], I32, False),
+    ([-1, 5, 8], I32, False), ([-1, 5, 8], I64, False),
+    ([5, 2, 8], I32, False), ([5, 2, 8], I64, False),  # decreasing
+    ([2, 5, 100], I32, False), ([2, 5, 100], I64, False),  # past M
+]
+
+
+def _nan_rows(t: torch.Tensor, *index, value=NAN) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _route_rows() -> list[Case]:
+    b = _route
+    return [
+        Case("route", "n_groups-not-dividing-E", _with(b, logits=lambda i: _randn(5, 10)),
+             Raises(ValueError, "n_groups")),
+        Case("route", "topk-above-kept-experts", _with(b, topk=5), Raises(ValueError, "topk")),
+        Case("route", "topk_groups-above-n_groups", _with(b, topk_groups=5), Raises(ValueError, "topk_groups")),
+        Case("route", "bias-groups-of-one", _with(b, n_groups=8, topk_groups=2), Raises(ValueError, "n_groups")),
+        Case("route", "experts-above-kernel", _with(b, logits=lambda i: _randn(2, 4097), bias=None, n_groups=1,
+                                                     topk_groups=1), KernelDomain(ValueError, "logits")),
+        Case("route", "nan-logits", _with(b, logits=lambda i: _nan_rows(_nan_rows(i["logits"], 1, 3), 2)), Computes(),
+             category="nan"),
+        Case("route", "inf-logits", _with(b, logits=lambda i: _nan_rows(i["logits"], 3, 5, value=INF), bias=None,
+                                          score_func="softmax"), Computes(), category="nan"),
+        Case("route", "nan-bias", _with(b, bias=lambda i: _nan_rows(i["bias"], 2)), Computes(), category="nan"),
+        Case("route", "T=0", _with(b, logits=lambda i: _randn(0, 8)), Computes(_shape(0, 2)), category="zero"),
+        Case("route", "float64", _with(b, logits=lambda i: i["logits"].double(), bias=lambda i: i["bias"].double()),
+             Computes()),
+        Case("route", "bf16-logits-f32-bias", _with(b, logits=lambda i: i["logits"].bfloat16()), Computes()),
+        Case("route", "route_scale=0", _with(b, route_scale=0), Computes(_zeros_weights)),
+    ]
+
+
+def _zeros_weights(out, inputs):
+    assert not out[0].any()
+
+
+def _gate_rows() -> list[Case]:
+    b = _gate
+    return [
+        Case("gate", "args-dict", _with(b, args=lambda i: {"n_routed_experts": 8}), Raises(TypeError, "args")),
+        Case("gate", "weight-experts", _with(b, weight=lambda i: _randn(6, 16)), Raises(ValueError, "weight")),
+        Case("gate", "x-dim", _with(b, x=lambda i: _randn(5, 12)), Raises(ValueError, "weight")),
+        Case("gate", "bias-experts", _with(b, bias=lambda i: _randn(6)), Raises(ValueError, "bias")),
+        Case("gate", "nan-x", _with(b, x=lambda i: _nan_rows(i["x"], 1)), Computes(), category="nan"),
+        Case("gate", "T=0", _with(b, x=lambda i: _randn(0, 16)), Computes(_shape(0, 2)), category="zero"),
+        Case("gate", "no-bias", _with(b, bias=None, args=ARGS.replace(gate_bias=False)), Computes()),
+    ]
+
+
+def _grouped_gemm_rows() -> list[Case]:
+    b = _grouped_gemm
+    gg = "grouped_gemm"
+    out = [
+        Case(gg, "xs-K", _with(b, xs=lambda i: _randn(10, 12, dtype=BF)), Raises(ValueError, "xs")),
+        Case(gg, "w-K", _with(b, w=lambda i: _randn(3, 8, 12, dtype=BF)), Raises(ValueError, "xs")),
+        Case(gg, "w-dtype-of-xs", _with(b, w=lambda i: i["w"].float()), Raises(TypeError, "w")),
+        Case(gg, "offsets-length", _with(b, offsets=_t([4, 9])), Raises(ValueError, "offsets")),
+        Case(gg, "float64", _with(b, xs=lambda i: i["xs"].double(), w=lambda i: i["w"].double()),
+             KernelDomain(TypeError, "xs")),
+        Case(gg, "M=0", _with(b, xs=lambda i: _randn(0, 16, dtype=BF), offsets=_t([0, 0, 0])), Computes(_shape(0, 8)),
+             category="zero"),
+        Case(gg, "N=0", _with(b, w=lambda i: _randn(3, 0, 16, dtype=BF)), Computes(_shape(10, 0)), category="zero"),
+        Case(gg, "K=0", _with(b, xs=lambda i: _randn(10, 0, dtype=BF), w=lambda i: _randn(3, 8, 0, dtype=BF)),
+             Computes(_zeros), category="zero"),
+        Case(gg, "E=0", _with(b, w=lambda i: _randn(0, 8, 16, dtype=BF), offsets=_t([])), Computes(_zeros),
+             category="zero"),
+        Case(gg, "nan-xs-inf-w", _with(b, xs=lambda i: _nan_rows(i["xs"], 1), w=lambda i: _nan_rows(i["w"], 2, 3, 5,
+                                                                                                 value=INF)),
+             Computes(), category="nan"),
+        Case(gg, "nan-rows-past-end", _with(b, xs=lambda i: _nan_rows(i["xs"], slice(9, None))),
+             Computes(_offsets_rule(gg, "xs")), category="nan"),
+        *_offsets_rows(gg, b, "xs", OFFSETS),
+    ]
+    return out
+
+
+def _grouped_gemm_dw_rows() -> list[Case]:
+    b = _grouped_gemm_dw
+    dw = "grouped_gemm_dw"
+    return [
+        Case(dw, "dy-rows", _with(b, dy=lambda i: _randn(9, 8, dtype=BF)), Raises(ValueError, "dy")),
+        Case(dw, "dy-dtype-of-xs", _with(b, dy=lambda i: i["dy"].float()), Raises(TypeError, "dy")),
+        Case(dw, "float64", _with(b, xs=lambda i: i["xs"].double(), dy=lambda i: i["dy"].double()),
+             KernelDomain(TypeError, "xs")),
+        Case(dw, "M=0", _with(b, xs=lambda i: _randn(0, 16, dtype=BF), dy=lambda i: _randn(0, 8, dtype=BF)),
+             Computes(_zeros), category="zero"),
+        Case(dw, "nan-rows-past-end", _with(b, xs=lambda i: _nan_rows(i["xs"], slice(9, None)),
+                                            dy=lambda i: _nan_rows(i["dy"], slice(9, None))),
+             Computes(_offsets_rule(dw, "xs")), category="nan"),
+        *_offsets_rows(dw, b, "xs", [OFFSETS[0], OFFSETS[3], OFFSETS[7], OFFSETS[9]]),
+    ]
+
+
+def _make_routing_rows() -> list[Case]:
+    b = _make_routing
+    mr = "make_routing"
+    rows = []
+    for value, dtype, isolate in ((4, I32, False), (-2, I32, False), (2**31 - 1, I32, True), (-2**31, I32, False),
+                                  (2**31, I64, True), (2**32, I64, True), (-2**63, I64, False)):
+        ids = _with(b, topk_ids=lambda i, v=value, d=dtype: _nan_rows(_t(IDS, d), 2, 1, value=v))
+        what = f"id={value}-{str(dtype).removeprefix('torch.')}"
+        rows += [Case(mr, what, ids, Computes(_ids_rule), isolate=isolate, category="ids"),
+                 Case(mr, what + "-validate", _with(ids, validate=True), Raises(ValueError, "topk_ids"),
+                      category="ids")]
+    return rows + [
+        Case(mr, "experts-above-kernel", _with(b, n_experts=4097), KernelDomain(ValueError, "n_experts")),
+        Case(mr, "align-above-kernel", _with(b, align=1025), KernelDomain(ValueError, "align"), category="oversized"),
+        Case(mr, "align-above-triton-tensor", _with(b, align=2**20 + 2), KernelDomain(ValueError, "align"),
+             category="oversized"),
+        Case(mr, "align=2**40", _with(b, align=2**40), Raises(ValueError, "align"), sides=("kernel",),
+             category="oversized"),
+        Case(mr, "T=0", _with(b, topk_ids=_t([[], []]).T), Computes(_shape(4)), category="zero"),
+        Case(mr, "k=0", _with(b, topk_ids=lambda i: i["topk_ids"][:, :0]), Computes(_shape(4)), category="zero"),
+        Case(mr, "int64-ids", _with(b, topk_ids=lambda i: i["topk_ids"].long()), Computes()),
+    ]
+
+
+def _corrupt(field_name: str, index, value):
+    def change(i):
+        plan = i["plan"]
+        t = getattr(plan, field_name).clone()
+        t[index] = value
+        return plan._replace(**{field_name: t})
+    return change
+
+
+def _plan_rows(op: str, build, rule, rows_arg: str) -> list[Case]:
+    rows = []
+    for fld, index, value, isolate in (("slot_to_row", (0, 0), 10**6, True), ("slot_to_row", (0, 0), 2**30, True),
+                                       ("slot_to_row", (3, 1), 2**31 - 1, True), ("slot_to_row", (0, 0), -5, False),
+                                       ("slot_to_row", (2, 0), 0, False), ("row_to_slot", 1, 2**31 - 1, True),
+                                       ("row_to_slot", 1, -7, False), ("row_to_slot", 0, 3, False)):
+        make = _with(build, plan=_corrupt(fld, index, value))
+        what = f"plan.{fld}={value}"
+        rows += [Case(op, what, make, Computes(rule), isolate=isolate, category="plan"),
+                 Case(op, what + "-validate", _with(make, validate=True), Raises(ValueError, "plan"), category="plan")]
+    return rows
+
+
+def _permute_rows() -> list[Case]:
+    b, f = _permute, _permute_fp8
+    return [
+        *_plan_rows("permute", b, _permute_rule, "x"),
+        Case("permute", "x-tokens", _with(b, x=lambda i: _randn(6, 8, dtype=BF)),
+             Raises(ValueError, "plan.slot_to_row")),
+        Case("permute", "nan-x", _with(b, x=lambda i: _nan_rows(i["x"], 1, 2)), Computes(_permute_rule),
+             category="nan"),
+        Case("permute", "fp8-nan-inf-x", _with(f, x=lambda i: _nan_rows(_nan_rows(i["x"], 1, 2), 3, 200, value=INF)),
+             Computes(), category="nan"),
+        Case("permute", "T=0", lambda: dict(x=_randn(0, 8, dtype=BF), plan=R.make_routing(_t([[], []]).T, 4)),
+             Computes(_zeros), category="zero"),
+        Case("permute", "D=0", _with(b, x=lambda i: _randn(5, 0, dtype=BF)), Computes(), category="zero"),
+        Case("permute", "fp8-block-above-kernel", _with(f, block=2048), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("permute", "fp8-block=2**40", _with(f, block=2**40), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("permute", "float64", _with(b, x=lambda i: i["x"].double()), Computes()),
+    ]
+
+
+def _unpermute_rows() -> list[Case]:
+    b = _unpermute
+    up = "unpermute"
+    return [
+        *_plan_rows(up, b, _unpermute_rule, "ys"),
+        Case(up, "ys-rows", _with(b, ys=lambda i: _randn(7, 8, dtype=BF)), Raises(ValueError, "ys")),
+        Case(up, "topk_weights-shape", _with(b, topk_weights=lambda i: torch.rand(5, 3, device=DEV)),
+             Raises(ValueError, "topk_weights")),
+        Case(up, "nan-weight-of-skipped-slot", _with(b, topk_weights=lambda i: _nan_rows(i["topk_weights"], 1, 1)),
+             Computes(_unpermute_rule), category="nan"),
+        Case(up, "nan-unowned-rows", _with(b, ys=lambda i: _nan_rows(i["ys"], slice(9, None))),
+             Computes(_unpermute_rule), category="nan"),
+        Case(up, "inf-ys", _with(b, ys=lambda i: _nan_rows(i["ys"], 0, 1, value=INF)), Computes(_unpermute_rule),
+             category="nan"),
+        Case(up, "no-weights", _with(b, topk_weights=None), Computes(_unpermute_rule)),
+        Case(up, "float64", _with(b, ys=lambda i: i["ys"].double(), topk_weights=lambda i: i["topk_weights"].double()),
+             Computes()),
+        Case(up, "T=0", lambda: dict(ys=_randn(0, 8, dtype=BF), plan=R.make_routing(_t([[], []]).T, 4),
+                                     topk_weights=torch.rand(0, 2, device=DEV)), Computes(_shape(0, 8)),
+             category="zero"),
+    ]
+
+
+def _quant_rows() -> list[Case]:
+    qa, qw, dq = _quant_act, _quant_weight, _dequant
+    return [
+        Case("quant_act", "nan-inf-x", _with(qa, x=lambda i: _nan_rows(_nan_rows(i["x"], 0, 3), 1, 200, value=-INF)),
+             Computes(_special_scales), category="nan"),
+        Case("quant_act", "block-above-kernel", _with(qa, block=1025), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("quant_act", "block-above-triton-tensor", _with(qa, block=2**20 + 1), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("quant_act", "block=2**40", _with(qa, block=2**40), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("quant_act", "scalar-x", _with(qa, x=lambda i: i["x"][0, 0]), Raises(ValueError, "x")),
+        Case("quant_act", "rows=0", _with(qa, x=lambda i: _randn(0, 256, dtype=BF)), Computes(_shape(0, 256)),
+             category="zero"),
+        Case("quant_act", "K=0", _with(qa, x=lambda i: _randn(3, 0, dtype=BF)), Computes(_shape(3, 0)),
+             category="zero"),
+        Case("quant_act", "partial-block", _with(qa, block=96), Computes()),
+        Case("quant_act", "float64-3d", _with(qa, x=lambda i: _randn(2, 3, 256, dtype=torch.float64)), Computes()),
+        Case("quant_weight", "nan-w", _with(qw, w=lambda i: _nan_rows(i["w"], 129, 0)), Computes(), category="nan"),
+        Case("quant_weight", "block-above-kernel", _with(qw, block=1025), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("quant_weight", "block=2**40", _with(qw, block=2**40), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("quant_weight", "1d-w", _with(qw, w=lambda i: i["w"][0]), Raises(ValueError, "w")),
+        Case("quant_weight", "N=0", _with(qw, w=lambda i: _randn(0, 256, dtype=BF)), Computes(), category="zero"),
+        Case("quant_weight", "experts=0", _with(qw, w=lambda i: _randn(0, 130, 256, dtype=BF)), Computes(),
+             category="zero"),
+        Case("dequant", "nan-inf-scale", _with(dq, scale=lambda i: _nan_rows(_nan_rows(i["scale"], 0, 1), 1, 0,
+                                                                             value=INF)), Computes(), category="nan"),
+        Case("dequant", "scale-shape", _with(dq, scale=lambda i: i["scale"][:, :1]), Raises(ValueError, "scale")),
+        Case("dequant", "block=2**40", _with(dq, scale=lambda i: i["scale"][:1, :1], block=2**40), Computes(),
+             category="oversized"),
+        Case("dequant", "block-above-triton-tensor", _with(dq, scale=lambda i: i["scale"][:1, :1], block=2**20 + 1),
+             Computes(), category="oversized"),
+        Case("dequant", "float64-out", _with(dq, out_dtype=torch.float64), Computes()),
+        Case("dequant", "rows=0", _with(dq, x=lambda i: i["x"][:0], scale=lambda i: i["scale"][:0]), Computes(),
+             category="zero"),
+    ]
+
+
+def _fp8_gemm_rows() -> list[Case]:
+    g, gg, lin = _fp8_gemm, _fp8_grouped_gemm, _fp8_linear
+
+    return [
+        Case("fp8_gemm", "b-K", _with(g, b=lambda i: i["b"][:, :128]), Raises(ValueError, "b")),
+        Case("fp8_gemm", "a_s-shape", _with(g, a_s=lambda i: i["a_s"][:, :1]), Raises(ValueError, "a_s")),
+        Case("fp8_gemm", "out_dtype=float64", _with(g, out_dtype=torch.float64), Raises(TypeError, "out_dtype")),
+        Case("fp8_gemm", "K-not-a-block-multiple", _with(g, a=lambda i: i["a"][:, :200], b=lambda i: i["b"][:, :200]),
+             KernelDomain(ValueError, "a")),
+        Case("fp8_gemm", "block-above-kernel", _with(g, block=2**20, a_s=lambda i: i["a_s"][:, :1],
+                                                      b_s=lambda i: i["b_s"][:, :1]),
+             KernelDomain(ValueError, "block"), category="oversized"),
+        Case("fp8_gemm", "nan-inf-scales", _with(g, a_s=lambda i: _nan_rows(i["a_s"], 1, 0),
+                                                 b_s=lambda i: _nan_rows(i["b_s"], 0, 1, value=INF)),
+             Computes(), category="nan"),
+        Case("fp8_gemm", "M=0", _with(g, a=lambda i: i["a"][:0], a_s=lambda i: i["a_s"][:0]), Computes(_shape(0, 8)),
+             category="zero"),
+        Case("fp8_gemm", "K=0", _with(g, a=lambda i: i["a"][:, :0], a_s=lambda i: i["a_s"][:, :0],
+                                      b=lambda i: i["b"][:, :0], b_s=lambda i: i["b_s"][:, :0]),
+             Computes(_zeros), category="zero"),
+        Case("fp8_grouped_gemm", "nan-xs_s", _with(gg, xs_s=lambda i: _nan_rows(i["xs_s"], 3, 1)), Computes(),
+             category="nan"),
+        Case("fp8_grouped_gemm", "K-not-a-block-multiple",
+             _with(gg, xs=lambda i: i["xs"][:, :200], w=lambda i: i["w"][..., :200]), KernelDomain(ValueError, "xs")),
+        Case("fp8_grouped_gemm", "M=0", _with(gg, xs=lambda i: i["xs"][:0], xs_s=lambda i: i["xs_s"][:0],
+                                              offsets=_t([0, 0, 0])), Computes(_shape(0, 8)), category="zero"),
+        *_offsets_rows("fp8_grouped_gemm", gg, "xs", [OFFSETS[0], OFFSETS[3], OFFSETS[5], OFFSETS[8], OFFSETS[9]]),
+        Case("fp8_linear", "x-float64", _with(lin, x=lambda i: i["x"].double()), Raises(TypeError, "x")),
+        Case("fp8_linear", "x-K", _with(lin, x=lambda i: i["x"][:, :128]), Raises(ValueError, "x")),
+        Case("fp8_linear", "3d-x", _with(lin, x=lambda i: _randn(2, 3, 256, dtype=BF)), Computes()),
+        Case("fp8_linear", "1d-x", _with(lin, x=lambda i: i["x"][0]), Computes()),
+        Case("fp8_linear", "no-bias-float32", _with(lin, x=lambda i: i["x"].float(), bias=None), Computes()),
+        Case("fp8_linear", "nan-x", _with(lin, x=lambda i: _nan_rows(i["x"], 1, 7)), Computes(), category="nan"),
+        Case("fp8_linear", "rows=0", _with(lin, x=lambda i: i["x"][:0]), Computes(_shape(0, 8)), category="zero"),
+        Case("fp8_linear", "K-not-a-block-multiple",
+             _with(lin, x=lambda i: i["x"][:, :200], weight=lambda i: i["weight"][:, :200]),
+             KernelDomain(ValueError, "weight")),
+    ]
+
+
+def _mla_decode_rows() -> list[Case]:
+    b = _mla_decode
+    md = "mla_decode"
+    rows = []
+    for values, dtype, isolate in (([7, 6], I32, False), ([-1, 6], I32, False), ([0, 0], I64, False),
+                                   ([2**31 - 1, 2], I32, True), ([2**31, 2**32 + 2], I64, True),
+                                   ([-2**63, 2**63 - 1], I64, False)):
+        make = _with(b, cache_seqlens=lambda i, v=values, d=dtype: _t(v, d))
+        what = f"cache_seqlens={_list(values)}-{str(dtype).removeprefix('torch.')}"
+        rows += [Case(md, what, make, Computes(_seqlens_rule), isolate=isolate, category="lengths"),
+                 Case(md, what + "-validate", _with(make, validate=True), Raises(ValueError, "cache_seqlens"),
+                      category="lengths")]
+    return rows + [
+        Case(md, "nan-in-unused-cache", _with(b, kv=lambda i: _nan_rows(i["kv"], 0, slice(3, None))),
+             Computes(_unused_cache_ignored), category="nan"),
+        Case(md, "inf-q", _with(b, q=lambda i: _nan_rows(i["q"], 1, 0, 1, 5, value=INF)), Computes(), category="nan"),
+        Case(md, "S-above-L", _with(b, q=lambda i: _randn(2, 7, 2, 40, dtype=BF)), Raises(ValueError, "q")),
+        Case(md, "v_dim-above-Dk", _with(b, v_dim=41), Raises(ValueError, "v_dim")),
+        Case(md, "kv-batch", _with(b, kv=lambda i: i["kv"][:1]), Raises(ValueError, "kv")),
+        Case(md, "cache_seqlens-batch", _with(b, cache_seqlens=_t([3])), Raises(ValueError, "cache_seqlens")),
+        Case(md, "float64", _with(b, q=lambda i: i["q"].double(), kv=lambda i: i["kv"].double()),
+             KernelDomain(TypeError, "q")),
+        Case(md, "B=0", _with(b, q=lambda i: i["q"][:0], kv=lambda i: i["kv"][:0], cache_seqlens=_t([])),
+             Computes(_shape(0, 1, 2, 32)), category="zero"),
+        Case(md, "H=0", _with(b, q=lambda i: i["q"][:, :, :0]), Computes(_shape(2, 1, 0, 32)), category="zero"),
+        Case(md, "no-cache_seqlens", _with(b, cache_seqlens=None), Computes()),
+        Case(md, "softmax_scale-int", _with(b, softmax_scale=1), Computes()),
+    ]
+
+
+def _swiglu_rows() -> list[Case]:
+    b, f = _swiglu, _swiglu_fp8
+    return [
+        Case("swiglu", "up-broadcast", _with(b, up=lambda i: i["up"][:1]), Raises(ValueError, "up")),
+        Case("swiglu", "scalar-gate", _with(b, gate=lambda i: i["gate"][0, 0], up=lambda i: i["up"][0, 0]),
+             Raises(ValueError, "gate")),
+        Case("swiglu", "float64", _with(b, gate=lambda i: i["gate"].double(), up=lambda i: i["up"].double()),
+             KernelDomain(TypeError, "gate")),
+        Case("swiglu", "nan-inf-gate", _with(b, gate=lambda i: _nan_rows(_nan_rows(i["gate"], 0, 1), 2, 3, value=INF)),
+             Computes(), category="nan"),
+        Case("swiglu", "fp8-nan-inf-gate", _with(f, gate=lambda i: _nan_rows(_nan_rows(i["gate"], 0, 1), 2, 3,
+                                                                             value=-INF)),
+             Computes(), category="nan"),
+        Case("swiglu", "rows=0", _with(b, gate=lambda i: i["gate"][:0], up=lambda i: i["up"][:0]), Computes(),
+             category="zero"),
+        Case("swiglu", "3d", _with(b, gate=lambda i: _randn(2, 3, 8, dtype=BF), up=lambda i: _randn(2, 3, 8, dtype=BF)),
+             Computes()),
+        Case("swiglu", "fp8-block-above-kernel", _with(f, block=2048), KernelDomain(ValueError, "block"),
+             category="oversized"),
+        Case("swiglu", "fp8-block=2**40", _with(f, block=2**40), KernelDomain(ValueError, "block"),
+             category="oversized"),
+    ]
+
+
+def _launch(op: str, build, out, expect, what: str) -> Case:
+    return Case(op, f"out-{what}", _with(build, out=out), expect, sides=("kernel",), launch=True, category="out")
+
+
+def _out_rows() -> list[Case]:
+    gg, qa, mr, rt, md = _grouped_gemm, _quant_act, _make_routing, _route, _mla_decode
+    nan_out = lambda shape, dtype=BF: lambda i: nan_empty(shape, dtype, DEV)  # noqa: E731
+    return [
+        _launch("grouped_gemm", gg, nan_out((10, 8), torch.float32), Raises(TypeError, "out"), "dtype"),
+        _launch("grouped_gemm", gg, nan_out((10, 9)), Raises(ValueError, "out"), "shape"),
+        _launch("grouped_gemm", gg, lambda i: torch.empty(10, 8, dtype=BF, device="meta"), Raises(ValueError, "out"),
+                "meta"),
+        _launch("grouped_gemm", gg, lambda i: nan_empty((1, 8), BF, DEV).expand(10, 8), Raises(ValueError, "out"),
+                "stride-0"),
+        _launch("grouped_gemm", gg, lambda i: nan_empty((8, 10), BF, DEV).T, Computes(), "transposed"),
+        _launch("grouped_gemm", gg, lambda i: [nan_empty((10, 8), BF, DEV)], Raises(TypeError, "out"), "list"),
+        _launch("quant_act", qa, lambda i: (nan_empty((3, 256), FP8_DTYPE, DEV),), Raises(TypeError, "out"), "length"),
+        _launch("quant_act", qa, lambda i: (nan_empty((3, 256), FP8_DTYPE, DEV), nan_empty((2, 3), device=DEV).T),
+                Computes(), "col-major-scales"),
+        _launch("quant_act", qa, lambda i: (nan_empty((3, 256), FP8_DTYPE, DEV), nan_empty((1, 2), device=DEV)
+                                            .expand(3, 2)), Raises(ValueError, "out[1]"), "stride-0-scales"),
+        _launch("make_routing", mr, lambda i: tuple(nan_empty(s.shape, I32, DEV).T.contiguous().T if s.ndim == 2 else
+                                                    nan_empty(s.shape, I32, DEV) for s in R.make_routing(**i)),
+                Raises(ValueError, "out"), "non-contiguous"),
+        _launch("route", rt, lambda i: (nan_empty((2, 5), device=DEV).T, nan_empty((5, 2), I32, DEV)),
+                Raises(ValueError, "out"), "non-contiguous"),
+        _launch("mla_decode", md, lambda i: nan_empty((32, 2, 1, 2), BF, DEV).permute(3, 2, 1, 0), Computes(),
+                "reversed-strides"),
+    ]
+
+
+CASES: list[Case] = [
+    *(row for op, spec in SPECS.items() for row in _generated(op, spec)),
+    *_route_rows(), *_gate_rows(), *_grouped_gemm_rows(), *_grouped_gemm_dw_rows(), *_make_routing_rows(),
+    *_permute_rows(), *_unpermute_rows(), *_quant_rows(), *_fp8_gemm_rows(), *_mla_decode_rows(), *_swiglu_rows(),
+    *_out_rows(),
+]
+ISOLATED = [c for c in CASES if c.isolate]
+
+
+# --------------------------------------------------------------------------- running a row
+def _fake_inputs(inputs: dict, mode, on_cuda: tuple[str, ...]) -> dict:
+    """Fake tensors (inside ``mode``): the ``on_cuda`` arguments on a fake "cuda" device (no CUDA
+    needed), the others where they are."""
+    def fake(v, cuda):
+        if isinstance(v, R.RoutingPlan):
+            return _map_plan(v, lambda t: fake(t, cuda))
+        if not isinstance(v, torch.Tensor):
+            return v
+        if cuda:
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cuda")
+        return mode.from_tensor(v)
+    return {k: fake(v, k in on_cuda) for k, v in inputs.items()}
+
+
+def _spec_of(out) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(t.shape), t.dtype) for t in flat_tensors(out)]
+
+
+def check_case(case: Case) -> None:
+    inputs = case.build()
+    expect = case.expect
+    kernel = getattr(K, case.op)
+    if case.fake_cuda is not None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        real_spec = _spec_of(getattr(R, case.op)(**inputs))
+        with FakeTensorMode() as mode:
+            fake = _fake_inputs(inputs, mode, case.fake_cuda)
+            got = {side: outcome(fn, fake) for side, fn in (("kernel", kernel), ("reference", getattr(R, case.op)))
+                   if side in case.sides}
+            if isinstance(expect, Raises):
+                for side, g in got.items():
+                    check_raises(side, g, expect)
+                return
+            out = got["kernel"]
+            if isinstance(out, BaseException):
+                raise out
+            assert _spec_of(out) == real_spec
+            assert all(t.device.type == "cuda" for t in flat_tensors(out))
+        return
+    if case.transform is not None:
+        real_spec = _spec_of(getattr(R, case.op)(**inputs))
+        inputs = case.transform(inputs)
+    got = {}
+    if "kernel" in case.sides:
+        got["kernel"] = outcome(kernel.launch if case.launch else kernel, inputs)
+    if "reference" in case.sides:
+        got["reference"] = outcome(getattr(R, case.op), {k: v for k, v in inputs.items() if k != "out"})
+
+    if isinstance(expect, Raises):
+        for side, g in got.items():
+            check_raises(side, g, expect)
+    elif isinstance(expect, KernelDomain):
+        check_raises("kernel", got["kernel"], expect)
+        assert "Triton" in str(got["kernel"]), f"a kernel domain error should say so: {got['kernel']}"
+        if isinstance(got["reference"], BaseException):
+            raise got["reference"]
+    elif isinstance(expect, MetaShapes):
+        k, r = got["kernel"], got["reference"]
+        if isinstance(k, BaseException):
+            raise k
+        assert _spec_of(k) == real_spec and all(t.is_meta for t in flat_tensors(k))
+        if expect.ref_error is None:
+            if isinstance(r, BaseException):
+                raise r
+            assert _spec_of(r) == real_spec
+        else:
+            check_raises("reference", r, Raises(ValueError, expect.ref_error, "meta tensor"))
+    else:
+        for side, g in got.items():
+            if isinstance(g, BaseException):
+                raise AssertionError(f"{side} raised instead of computing: {type(g).__name__}: {g}") from g
+        k = got.get("kernel")
+        if "reference" in got:
+            r = got["reference"]
+            if k is None:
+                k = r
+            else:
+                COMPARE[case.op](k, r, {n: v for n, v in inputs.items() if n != "out"})
+        elif case.launch:  # the kernel's out= buffer against the reference
+            ref_inputs = {n: v for n, v in inputs.items() if n != "out"}
+            COMPARE[case.op](k, getattr(R, case.op)(**ref_inputs), ref_inputs)
+        if expect.doc is not None:
+            expect.doc(k, {n: v for n, v in inputs.items() if n != "out"})
+
+
+def run_cases_for_subprocess(ids: list[str]) -> None:
+    """The child side of ``bad_input_testing.run_isolated``: run the rows, one result line each."""
+    by_id = {case_id(c): c for c in CASES}
+    for i in ids:
+        print(f"START\t{i}", flush=True)
+        torch.manual_seed(0)
+        try:
+            check_case(by_id[i])
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            print(f"FAIL\t{i}\t{type(e).__name__}: {str(e)[:500]!r}", flush=True)
+        else:
+            print(f"PASS\t{i}", flush=True)
+
+
+# --------------------------------------------------------------------------- tests
+def test_every_public_op_has_a_spec_and_a_twin():
+    assert sorted(SPECS) == PUBLIC_OPS
+    for op in PUBLIC_OPS:
+        assert callable(getattr(R, op)), f"moela.reference.{op}: the kernel's twin is missing"
+    assert {c.op for c in CASES} == set(PUBLIC_OPS)
+    assert len({case_id(c) for c in CASES}) == len(CASES), "case ids must be unique"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.isolate], ids=case_id)
+def test_bad_input(case):
+    check_case(case)
+
+
+@pytest.fixture(scope="module")
+def isolated_results() -> dict[str, str]:
+    return run_isolated("test_bad_input_ops", [case_id(c) for c in ISOLATED])
+
+
+@pytest.mark.parametrize("case", ISOLATED, ids=case_id)
+def test_bad_input_in_a_subprocess(case, isolated_results):
+    """Indices far out of bounds: run in one child process, which must survive every one of them."""
+    assert isolated_results[case_id(case)] == "PASS", isolated_results[case_id(case)]
