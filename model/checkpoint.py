@@ -224,6 +224,8 @@ def _list_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict
             if not isinstance(key, str) or not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{key!r} ({_IN_MEMORY}): expected str keys and torch.Tensor values, got "
                                       f"{type(t).__name__}")
+            if t.is_meta:
+                raise CheckpointError(f"{key!r} ({_IN_MEMORY}): a meta tensor carries no values to load")
             stored[key] = _Stored(key, None, tuple(t.shape), t.dtype)
         return stored
     if not isinstance(source, (str, os.PathLike)):
@@ -449,6 +451,10 @@ def load_checkpoint(
                                      f"got {e.shape}")
 
     take = {k: e for k, e in entries.items() if k in expected}
+    on_meta = [k for k in take if expected[k].is_meta]
+    if on_meta:
+        raise ValueError(f"module: {_summarise(on_meta)} on the meta device have no storage to load into "
+                         f"(materialize the module first, e.g. module.to_empty(device='cpu'))")
     raw = _read({e.stored.key: e.stored for e in take.values()}.values(), source)
     state = {}
     for name, e in take.items():

@@ -252,6 +252,11 @@ class MoE(nn.Module):
         check_tensor("x", x, dtypes=FLOAT_DTYPES)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected a last dim of {self.dim}, got shape {tuple(x.shape)}")
+        w = self.experts[0].w1.weight
+        if x.device != w.device:
+            raise ValueError(f"x: expected device {w.device} (the layer's), got {x.device}")
+        if x.dtype != w.dtype:
+            raise TypeError(f"x: expected dtype {w.dtype} (the layer's), got {x.dtype}")
         shape = x.shape
         x = x.reshape(-1, self.dim)
         weights, ids = self.gate(x)
