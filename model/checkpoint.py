@@ -165,11 +165,22 @@ def _list_file(file: Path) -> dict[str, _Stored]:
         return out
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise KeyError(k)
+        out[k] = v
+    return out
+
+
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{index}: not valid JSON: {e}") from None
+    except KeyError as e:  # json would keep the last of two entries silently
+        raise CheckpointError(f"{index}: key {e.args[0]!r} appears twice") from None
     if not isinstance(data, dict) or "weight_map" not in data:
         raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' (key -> shard file name)")
     weight_map = data["weight_map"]

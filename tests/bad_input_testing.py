@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from moela_testing import assert_close_derived
 
 __all__ = [
     "Case", "Raises", "Computes", "KernelDomain", "MetaShapes", "named", "outcome", "check_raises",
-    "flat_tensors", "run_isolated", "case_id",
+    "flat_tensors", "run_isolated", "case_id", "assert_same_numbers", "assert_fp8_linear_close",
 ]
 
 
@@ -114,6 +115,38 @@ def _describe(out) -> str:
 def flat_tensors(out) -> list[torch.Tensor]:
     """The tensors of an op's output (a tensor, a tuple of them, or a RoutingPlan)."""
     return [out] if isinstance(out, torch.Tensor) else [t for o in out for t in flat_tensors(o)]
+
+
+def assert_same_numbers(out: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """NaN and ±inf where the reference at the same precision has them, finite values within the
+    derived tolerance of ``assert_close_derived``."""
+    assert out.dtype == lo.dtype and out.shape == lo.shape, (out.dtype, lo.dtype, out.shape, lo.shape)
+    o, lw = out.double(), lo.double()
+    assert torch.equal(o.isnan(), lw.isnan()), "NaN positions differ from the reference's"
+    assert torch.equal(o.isinf(), lw.isinf()) and torch.equal(o[o.isinf()], lw[lw.isinf()]), \
+        "±inf positions differ from the reference's"
+    fin = lw.isfinite()
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    assert_close_derived(torch.where(fin, out, zero), torch.where(fin, hi.to(torch.float64), 0),
+                         torch.where(fin, lo, zero))
+
+
+def assert_fp8_linear_close(out, x, weight, weight_scale_inv, bias=None, scale_fmt=None, block=128) -> None:
+    """``fp8_linear``'s output against its definition (quant_act, then the block-scaled GEMM in
+    float32, plus the bias): within the FP8 GEMM bound of fp8_testing plus the bias rounding."""
+    from fp8_testing import abs_fp8, assert_gemm_close
+
+    from moela import reference as R
+
+    q, s = R.quant_act(x.reshape(-1, x.shape[-1]), block, scale_fmt)
+    ref32 = R.fp8_gemm(q, s, weight, weight_scale_inv, torch.float32, block)
+    mag = R.fp8_gemm(abs_fp8(q), s.abs(), abs_fp8(weight), weight_scale_inv.abs(), torch.float32, block)
+    extra = 0.0
+    if bias is not None:
+        extra = 2.0**-24 * (ref32.abs() + bias.abs().float()).double()
+        ref32 = ref32 + bias.float()
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], weight.shape[0])
+    assert_gemm_close(out.reshape(-1, weight.shape[0]), ref32, mag, -(-x.shape[-1] // block), block, extra=extra)
 
 
 # --------------------------------------------------------------------------- isolated cases

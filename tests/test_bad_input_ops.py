@@ -29,6 +29,8 @@ from bad_input_testing import (
     KernelDomain,
     MetaShapes,
     Raises,
+    assert_fp8_linear_close,
+    assert_same_numbers,
     case_id,
     check_raises,
     flat_tensors,
@@ -36,7 +38,7 @@ from bad_input_testing import (
     run_isolated,
 )
 from fp8_testing import abs_fp8, assert_gemm_close, assert_same_bits
-from moela_testing import assert_close_derived, nan_empty
+from moela_testing import nan_empty
 
 import moela.kernels as K
 import moela.reference as R
@@ -425,20 +427,6 @@ def _upcast(inputs: dict) -> dict:
             else v for k, v in inputs.items()}
 
 
-def assert_same_numbers(out: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
-    """NaN and ±inf where the reference at the same precision has them, finite values within the
-    derived tolerance of ``assert_close_derived``."""
-    assert out.dtype == lo.dtype and out.shape == lo.shape, (out.dtype, lo.dtype, out.shape, lo.shape)
-    o, lw = out.double(), lo.double()
-    assert torch.equal(o.isnan(), lw.isnan()), "NaN positions differ from the reference's"
-    assert torch.equal(o.isinf(), lw.isinf()) and torch.equal(o[o.isinf()], lw[lw.isinf()]), \
-        "±inf positions differ from the reference's"
-    fin = lw.isfinite()
-    zero = torch.zeros((), dtype=out.dtype, device=out.device)
-    assert_close_derived(torch.where(fin, out, zero), torch.where(fin, hi.to(torch.float64), 0),
-                         torch.where(fin, lo, zero))
-
-
 def _derived(op: str):
     def compare(k, r, inputs):
         hi = getattr(R, op)(**_upcast(inputs))
@@ -480,17 +468,8 @@ def _fp8_gemm_compare(k, r, inputs):
 
 
 def _fp8_linear_compare(k, r, inputs):
-    x, w, w_s, b = inputs["x"], inputs["weight"], inputs["weight_scale_inv"], inputs.get("bias")
-    block = inputs.get("block", 128)
-    q, s = R.quant_act(x.reshape(-1, x.shape[-1]), block, inputs.get("scale_fmt"))
-    ref32 = R.fp8_gemm(q, s, w, w_s, torch.float32, block)
-    mag = R.fp8_gemm(abs_fp8(q), s.abs(), abs_fp8(w), w_s.abs(), torch.float32, block)
-    extra = 0.0
-    if b is not None:
-        extra = 2.0**-24 * (ref32.abs() + b.abs().float()).double()
-        ref32 = ref32 + b.float()
-    assert k.dtype == r.dtype == x.dtype and k.shape == r.shape
-    assert_gemm_close(k.reshape(-1, w.shape[0]), ref32, mag, -(-x.shape[-1] // block), block, extra=extra)
+    assert k.dtype == r.dtype and k.shape == r.shape
+    assert_fp8_linear_close(k, **inputs)
 
 
 COMPARE: dict[str, Callable] = {
