@@ -17,7 +17,8 @@ factory makes
   reference runs) and the kernel's domain check on meta/fake tensors, then empty outputs,
 - the autograd registration (``backward`` / ``setup_context``, torch's own conventions),
 - ``fn.launch(*args, out=None, config=None)``: contract, domain and device checks, output
-  allocation (or checks of the given ``out``), the launcher on the inputs' GPU,
+  allocation (or checks of the given ``out``: the spec's shapes and dtypes, the inputs' device,
+  no two elements sharing memory), the launcher on the inputs' GPU,
 - the public function: in plain eager inference (:func:`run_direct`) it calls ``launch``
   directly, skipping the custom op's dispatch layers; otherwise it checks the contract (so bad
   input gets moela's error, not the dispatcher's) and calls the custom op.

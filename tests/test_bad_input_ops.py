@@ -256,6 +256,10 @@ def _to(t, device):
     return t
 
 
+#: Ops whose launch takes contiguous out= buffers only (the others take any non-overlapping strides).
+CONTIGUOUS_OUT = {"make_routing", "route"}
+
+
 # --------------------------------------------------------------------------- generated rows
 def _generated(op: str, spec: OpSpec) -> list[Case]:
     rows = []
@@ -298,6 +302,32 @@ def _generated(op: str, spec: OpSpec) -> list[Case]:
         expect = Raises(ValueError, "plan.tokens_per_expert" if spec.tensors[second] == "plan" else second)
         add("fake-cuda-mixed", spec.build, expect, "device", fake_cuda=(first,))
     add("fake-cuda", spec.build, MetaShapes(None), "device", sides=("kernel",), fake_cuda=tuple(names))
+
+    if hasattr(getattr(K, op), "launch"):  # out= buffers (the registered ops' launch)
+        def buffers(change=None, min_ndim=0):
+            """NaN-filled buffers of the reference's outputs; ``change`` applied to the first of
+            at least ``min_ndim`` dims."""
+            def make(i):
+                bufs = [nan_empty(t.shape, t.dtype, DEV) for t in flat_tensors(getattr(R, op)(**i))]
+                if change is not None:
+                    j = next(j for j, b in enumerate(bufs) if b.ndim >= min_ndim)
+                    bufs[j] = change(bufs[j])
+                return bufs[0] if isinstance(getattr(R, op)(**i), torch.Tensor) else tuple(bufs)
+            return make
+
+        tuple_out = not isinstance(getattr(R, op)(**spec.build()), torch.Tensor)
+        first_out = "out[0]" if tuple_out else "out"
+        rows.append(Case(op, "out-nan-filled", _with(spec.build, out=buffers()), Computes(), sides=("kernel",),
+                         launch=True, category="out"))
+        rows.append(Case(op, "out-stride-0", _with(spec.build, out=buffers(lambda b: b[:1].expand(b.shape))),
+                         Raises(ValueError, first_out), sides=("kernel",), launch=True, category="out"))
+        rows.append(Case(op, "out-dtype", _with(spec.build, out=buffers(
+            lambda b: b.to(I32 if b.is_floating_point() else torch.float32))), Raises(TypeError, first_out),
+            sides=("kernel",), launch=True, category="out"))
+        for view, min_ndim in ((_transposed, 2), (_strided, 1)):
+            rows.append(Case(op, f"out-{view.__name__}", _with(spec.build, out=buffers(view, min_ndim)),
+                             Raises(ValueError, "out") if op in CONTIGUOUS_OUT else Computes(), sides=("kernel",),
+                             launch=True, category="out"))
 
     fp8_build = spec.fp8_build or spec.build
     for p in spec.ints:
@@ -537,7 +567,16 @@ def _route_rows() -> list[Case]:
              Computes()),
         Case("route", "bf16-logits-f32-bias", _with(b, logits=lambda i: i["logits"].bfloat16()), Computes()),
         Case("route", "route_scale=0", _with(b, route_scale=0), Computes(_zeros_weights)),
+        Case("route", "f32-logits-f64-bias", _with(b, bias=lambda i: i["bias"].double()), Computes()),
+        Case("route", "all-tied", _with(b, logits=lambda i: torch.zeros(5, 8, device=DEV), bias=None),
+             Computes(_lowest_ids_first)),
+        Case("route", "topk=E", _with(b, n_groups=1, topk_groups=1, topk=8), Computes()),
     ]
+
+
+def _lowest_ids_first(out, inputs):
+    """Ties go to the lower index."""
+    assert out[1].tolist() == [[0, 1]] * 5
 
 
 def _zeros_weights(out, inputs):
@@ -554,6 +593,7 @@ def _gate_rows() -> list[Case]:
         Case("gate", "nan-x", _with(b, x=lambda i: _nan_rows(i["x"], 1)), Computes(), category="nan"),
         Case("gate", "T=0", _with(b, x=lambda i: _randn(0, 16)), Computes(_shape(0, 2)), category="zero"),
         Case("gate", "no-bias", _with(b, bias=None, args=ARGS.replace(gate_bias=False)), Computes()),
+        Case("gate", "bf16-x-f32-weight", _with(b, x=lambda i: i["x"].bfloat16()), Computes()),
     ]
 
 
@@ -622,6 +662,9 @@ def _make_routing_rows() -> list[Case]:
         Case(mr, "T=0", _with(b, topk_ids=_t([[], []]).T), Computes(_shape(4)), category="zero"),
         Case(mr, "k=0", _with(b, topk_ids=lambda i: i["topk_ids"][:, :0]), Computes(_shape(4)), category="zero"),
         Case(mr, "int64-ids", _with(b, topk_ids=lambda i: i["topk_ids"].long()), Computes()),
+        Case(mr, "all-skipped", _with(b, topk_ids=lambda i: torch.full_like(i["topk_ids"], -1)), Computes(_ids_rule)),
+        Case(mr, "one-expert", _with(b, topk_ids=lambda i: i["topk_ids"].clamp(max=0), n_experts=1, align=1),
+             Computes()),
     ]
 
 
@@ -665,6 +708,8 @@ def _permute_rows() -> list[Case]:
         Case("permute", "fp8-block=2**40", _with(f, block=2**40), KernelDomain(ValueError, "block"),
              category="oversized"),
         Case("permute", "float64", _with(b, x=lambda i: i["x"].double()), Computes()),
+        Case("permute", "fp8-float64-x", _with(f, x=lambda i: i["x"].double()), Computes()),
+        Case("permute", "fp8-ue8m0", _with(f, scale_fmt="ue8m0"), Computes()),
     ]
 
 
@@ -683,6 +728,8 @@ def _unpermute_rows() -> list[Case]:
         Case(up, "inf-ys", _with(b, ys=lambda i: _nan_rows(i["ys"], 0, 1, value=INF)), Computes(_unpermute_rule),
              category="nan"),
         Case(up, "no-weights", _with(b, topk_weights=None), Computes(_unpermute_rule)),
+        Case(up, "bf16-weights", _with(b, topk_weights=lambda i: i["topk_weights"].bfloat16()),
+             Computes(_unpermute_rule)),
         Case(up, "float64", _with(b, ys=lambda i: i["ys"].double(), topk_weights=lambda i: i["topk_weights"].double()),
              Computes()),
         Case(up, "T=0", lambda: dict(ys=_randn(0, 8, dtype=BF), plan=R.make_routing(_t([[], []]).T, 4),
@@ -708,6 +755,9 @@ def _quant_rows() -> list[Case]:
         Case("quant_act", "K=0", _with(qa, x=lambda i: _randn(3, 0, dtype=BF)), Computes(_shape(3, 0)),
              category="zero"),
         Case("quant_act", "partial-block", _with(qa, block=96), Computes()),
+        Case("quant_act", "1d-x", _with(qa, x=lambda i: i["x"][0]), Computes()),
+        Case("quant_act", "ue8m0-tiny-values", _with(qa, x=lambda i: i["x"] * 1e-30, scale_fmt="ue8m0"), Computes()),
+        Case("quant_weight", "stacked", _with(qw, w=lambda i: _randn(2, 130, 128, dtype=BF)), Computes()),
         Case("quant_act", "float64-3d", _with(qa, x=lambda i: _randn(2, 3, 256, dtype=torch.float64)), Computes()),
         Case("quant_weight", "nan-w", _with(qw, w=lambda i: _nan_rows(i["w"], 129, 0)), Computes(), category="nan"),
         Case("quant_weight", "block-above-kernel", _with(qw, block=1025), KernelDomain(ValueError, "block"),
@@ -726,6 +776,10 @@ def _quant_rows() -> list[Case]:
         Case("dequant", "block-above-triton-tensor", _with(dq, scale=lambda i: i["scale"][:1, :1], block=2**20 + 1),
              Computes(), category="oversized"),
         Case("dequant", "float64-out", _with(dq, out_dtype=torch.float64), Computes()),
+        Case("dequant", "1d-x", _with(dq, x=lambda i: i["x"][0], scale=lambda i: i["scale"][0]), Computes()),
+        Case("dequant", "0d-x", _with(dq, x=lambda i: i["x"][0, 0], scale=lambda i: i["scale"][0, 0]), Computes()),
+        Case("dequant", "activation-scales", _with(dq, scale=lambda i: i["scale"][:1].expand(130, 1).contiguous()),
+             Computes()),
         Case("dequant", "rows=0", _with(dq, x=lambda i: i["x"][:0], scale=lambda i: i["scale"][:0]), Computes(),
              category="zero"),
     ]
@@ -746,6 +800,8 @@ def _fp8_gemm_rows() -> list[Case]:
         Case("fp8_gemm", "nan-inf-scales", _with(g, a_s=lambda i: _nan_rows(i["a_s"], 1, 0),
                                                  b_s=lambda i: _nan_rows(i["b_s"], 0, 1, value=INF)),
              Computes(), category="nan"),
+        Case("fp8_gemm", "float32-out", _with(g, out_dtype=torch.float32), Computes()),
+        Case("fp8_gemm", "float16-out", _with(g, out_dtype=torch.float16), Computes()),
         Case("fp8_gemm", "M=0", _with(g, a=lambda i: i["a"][:0], a_s=lambda i: i["a_s"][:0]), Computes(_shape(0, 8)),
              category="zero"),
         Case("fp8_gemm", "K=0", _with(g, a=lambda i: i["a"][:, :0], a_s=lambda i: i["a_s"][:, :0],
@@ -763,6 +819,8 @@ def _fp8_gemm_rows() -> list[Case]:
         Case("fp8_linear", "3d-x", _with(lin, x=lambda i: _randn(2, 3, 256, dtype=BF)), Computes()),
         Case("fp8_linear", "1d-x", _with(lin, x=lambda i: i["x"][0]), Computes()),
         Case("fp8_linear", "no-bias-float32", _with(lin, x=lambda i: i["x"].float(), bias=None), Computes()),
+        Case("fp8_linear", "nan-bias", _with(lin, bias=lambda i: _nan_rows(i["bias"], 2)), Computes(), category="nan"),
+        Case("fp8_linear", "fp16-x-bf16-bias", _with(lin, x=lambda i: i["x"].half()), Computes()),
         Case("fp8_linear", "nan-x", _with(lin, x=lambda i: _nan_rows(i["x"], 1, 7)), Computes(), category="nan"),
         Case("fp8_linear", "rows=0", _with(lin, x=lambda i: i["x"][:0]), Computes(_shape(0, 8)), category="zero"),
         Case("fp8_linear", "K-not-a-block-multiple",
@@ -797,6 +855,10 @@ def _mla_decode_rows() -> list[Case]:
              Computes(_shape(0, 1, 2, 32)), category="zero"),
         Case(md, "H=0", _with(b, q=lambda i: i["q"][:, :, :0]), Computes(_shape(2, 1, 0, 32)), category="zero"),
         Case(md, "no-cache_seqlens", _with(b, cache_seqlens=None), Computes()),
+        Case(md, "v_dim=Dk", _with(b, v_dim=40), Computes()),
+        Case(md, "v_dim=1", _with(b, v_dim=1), Computes()),
+        Case(md, "fp16", _with(b, q=lambda i: i["q"].half(), kv=lambda i: i["kv"].half()), Computes()),
+        Case(md, "S=L", _with(b, q=lambda i: _randn(2, 6, 2, 40, dtype=BF), cache_seqlens=None), Computes()),
         Case(md, "softmax_scale-int", _with(b, softmax_scale=1), Computes()),
     ]
 
@@ -830,54 +892,70 @@ def _launch(op: str, build, out, expect, what: str) -> Case:
 
 
 def _out_rows() -> list[Case]:
-    gg, qa, mr, rt, md = _grouped_gemm, _quant_act, _make_routing, _route, _mla_decode
+    gg, qa, md = _grouped_gemm, _quant_act, _mla_decode
     nan_out = lambda shape, dtype=BF: lambda i: nan_empty(shape, dtype, DEV)  # noqa: E731
     return [
-        _launch("grouped_gemm", gg, nan_out((10, 8), torch.float32), Raises(TypeError, "out"), "dtype"),
         _launch("grouped_gemm", gg, nan_out((10, 9)), Raises(ValueError, "out"), "shape"),
         _launch("grouped_gemm", gg, lambda i: torch.empty(10, 8, dtype=BF, device="meta"), Raises(ValueError, "out"),
                 "meta"),
-        _launch("grouped_gemm", gg, lambda i: nan_empty((1, 8), BF, DEV).expand(10, 8), Raises(ValueError, "out"),
-                "stride-0"),
-        _launch("grouped_gemm", gg, lambda i: nan_empty((8, 10), BF, DEV).T, Computes(), "transposed"),
         _launch("grouped_gemm", gg, lambda i: [nan_empty((10, 8), BF, DEV)], Raises(TypeError, "out"), "list"),
         _launch("quant_act", qa, lambda i: (nan_empty((3, 256), FP8_DTYPE, DEV),), Raises(TypeError, "out"), "length"),
         _launch("quant_act", qa, lambda i: (nan_empty((3, 256), FP8_DTYPE, DEV), nan_empty((2, 3), device=DEV).T),
                 Computes(), "col-major-scales"),
         _launch("quant_act", qa, lambda i: (nan_empty((3, 256), FP8_DTYPE, DEV), nan_empty((1, 2), device=DEV)
                                             .expand(3, 2)), Raises(ValueError, "out[1]"), "stride-0-scales"),
-        _launch("make_routing", mr, lambda i: tuple(nan_empty(s.shape, I32, DEV).T.contiguous().T if s.ndim == 2 else
-                                                    nan_empty(s.shape, I32, DEV) for s in R.make_routing(**i)),
-                Raises(ValueError, "out"), "non-contiguous"),
-        _launch("route", rt, lambda i: (nan_empty((2, 5), device=DEV).T, nan_empty((5, 2), I32, DEV)),
-                Raises(ValueError, "out"), "non-contiguous"),
         _launch("mla_decode", md, lambda i: nan_empty((32, 2, 1, 2), BF, DEV).permute(3, 2, 1, 0), Computes(),
                 "reversed-strides"),
     ]
+
+
+def _meta(*shape, dtype=BF):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _meta_plan(T: int, k: int, M: int, E: int = 4) -> R.RoutingPlan:
+    return R.RoutingPlan(_meta(E, dtype=I32), _meta(E, dtype=I32), _meta(T, k, dtype=I32), _meta(M, dtype=I32),
+                         _meta(M, dtype=I32))
+
+
+def _int32_rows() -> list[Case]:
+    """The kernels index rows in int32: 2**31 rows (meta tensors: the fake runs the domain check
+    without memory) are refused naming the argument."""
+    big = 2**31
+    rows = [
+        ("grouped_gemm", lambda: dict(xs=_meta(big, 16), w=_meta(3, 8, 16), offsets=_meta(3, dtype=I32)), "xs"),
+        ("grouped_gemm_dw", lambda: dict(xs=_meta(big, 16), dy=_meta(big, 8), offsets=_meta(3, dtype=I32)), "xs"),
+        ("fp8_grouped_gemm", lambda: dict(xs=_meta(big, 128, dtype=FP8_DTYPE), xs_s=_meta(big, 1, dtype=torch.float32),
+                                          w=_meta(3, 8, 128, dtype=FP8_DTYPE), w_s=_meta(3, 1, 1, dtype=torch.float32),
+                                          offsets=_meta(3, dtype=I32)), "xs"),
+        ("make_routing", lambda: dict(topk_ids=_meta(2**30, 2, dtype=I32), n_experts=4), "topk_ids"),
+        ("permute", lambda: dict(x=_meta(1, 8), plan=_meta_plan(1, 2, big)), "plan.row_to_slot"),
+        ("unpermute", lambda: dict(ys=_meta(big, 8), plan=_meta_plan(1, 2, big)), "ys"),
+    ]
+    return [Case(op, "2**31-rows", build, Raises(ValueError, arg), sides=("kernel",), category="oversized")
+            for op, build, arg in rows]
 
 
 CASES: list[Case] = [
     *(row for op, spec in SPECS.items() for row in _generated(op, spec)),
     *_route_rows(), *_gate_rows(), *_grouped_gemm_rows(), *_grouped_gemm_dw_rows(), *_make_routing_rows(),
     *_permute_rows(), *_unpermute_rows(), *_quant_rows(), *_fp8_gemm_rows(), *_mla_decode_rows(), *_swiglu_rows(),
-    *_out_rows(),
+    *_out_rows(), *_int32_rows(),
 ]
 ISOLATED = [c for c in CASES if c.isolate]
 
 
 # --------------------------------------------------------------------------- running a row
-def _fake_inputs(inputs: dict, mode, on_cuda: tuple[str, ...]) -> dict:
-    """Fake tensors (inside ``mode``): the ``on_cuda`` arguments on a fake "cuda" device (no CUDA
-    needed), the others where they are."""
-    def fake(v, cuda):
+def _fake_inputs(inputs: dict, on_cuda: tuple[str, ...]) -> dict:
+    """Fake tensors (call inside a FakeTensorMode): the ``on_cuda`` arguments on a fake "cuda"
+    device (no CUDA needed), the others on a fake "cpu"."""
+    def fake(v, device):
         if isinstance(v, R.RoutingPlan):
-            return _map_plan(v, lambda t: fake(t, cuda))
+            return _map_plan(v, lambda t: fake(t, device))
         if not isinstance(v, torch.Tensor):
             return v
-        if cuda:
-            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cuda")
-        return mode.from_tensor(v)
-    return {k: fake(v, k in on_cuda) for k, v in inputs.items()}
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
+    return {k: fake(v, "cuda" if k in on_cuda else "cpu") for k, v in inputs.items()}
 
 
 def _spec_of(out) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -892,8 +970,8 @@ def check_case(case: Case) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         real_spec = _spec_of(getattr(R, case.op)(**inputs))
-        with FakeTensorMode() as mode:
-            fake = _fake_inputs(inputs, mode, case.fake_cuda)
+        with FakeTensorMode():
+            fake = _fake_inputs(inputs, case.fake_cuda)
             got = {side: outcome(fn, fake) for side, fn in (("kernel", kernel), ("reference", getattr(R, case.op)))
                    if side in case.sides}
             if isinstance(expect, Raises):
