@@ -254,6 +254,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
     T, k = topk_ids.shape
     E, N = n_experts, T * k
     M = max_rows(T, k, E, align)
+    K = max(k, 1)  # the kernels' token of a slot, s // K (k = 0 has no slot: no division by zero)
     dev = topk_ids.device
     ids = topk_ids.contiguous()
     i32 = dict(dtype=torch.int32, device=dev)
@@ -263,7 +264,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
 
     if N <= small_max_slots:
         _small_tuned[(E,)](
-            ids, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, k, E, M, align, cdiv(M, E),
+            ids, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, K, E, M, align, cdiv(M, E),
             BLOCK_N=next_power_of_2(N), E_P=E_P, **pad,
         )
     else:
@@ -275,7 +276,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
         block_b = max(1, min(next_power_of_2(NB), 8192 // E_P))
         _scan_tuned[(1,)](blk_counts, adj, counts, offsets, NB, E, align, BLOCK_B=block_b, E_P=E_P)
         _scatter_tuned[(NB,)](
-            keys, adj, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, k, E, M, align, NB,
+            keys, adj, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, K, E, M, align, NB,
             cdiv(M, NB), BLOCK_N=sort_block, E_P=E_P, **pad,
         )
 

@@ -19,10 +19,14 @@ happen:
 ``sides=("kernel",)`` rows have no reference side (``out=`` buffers of ``.launch``);
 ``isolate=True`` rows run in one shared subprocess (see :func:`run_isolated`), because before
 the kernels were bounds-safe such an index killed the process.
+
+:func:`run_case` runs an op row; :func:`changed` derives a row's inputs from a valid call, and
+:func:`transposed` / :func:`strided` / :func:`expanded` make views of the same shape.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -36,7 +40,8 @@ from moela_testing import assert_close_derived
 
 __all__ = [
     "Case", "Raises", "Computes", "KernelDomain", "MetaShapes", "named", "outcome", "check_raises",
-    "flat_tensors", "run_isolated", "case_id", "assert_same_numbers", "assert_fp8_linear_close",
+    "flat_tensors", "run_isolated", "case_id", "assert_same_numbers", "assert_fp8_linear_close", "changed",
+    "map_plan", "transposed", "strided", "expanded", "fake_inputs", "spec_of", "run_case",
 ]
 
 
@@ -147,6 +152,143 @@ def assert_fp8_linear_close(out, x, weight, weight_scale_inv, bias=None, scale_f
         ref32 = ref32 + bias.float()
     assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], weight.shape[0])
     assert_gemm_close(out.reshape(-1, weight.shape[0]), ref32, mag, -(-x.shape[-1] // block), block, extra=extra)
+
+
+# --------------------------------------------------------------------------- input transforms
+def changed(build: Callable[[], dict], **changes) -> Callable[[], dict]:
+    """``build`` with some arguments replaced (values, or functions of the built inputs)."""
+    def make():
+        inputs = build()
+        for k, v in changes.items():
+            inputs[k] = v(inputs) if callable(v) and not isinstance(v, type) else v
+        return inputs
+    return make
+
+
+def map_plan(plan, fn):
+    return _routing_plan()(*(fn(t) for t in plan))
+
+
+def as_bytes(fn):
+    """Apply a view-making ``fn`` to e4m3 tensors through their uint8 bits (not every op has fp8)."""
+    @functools.wraps(fn)
+    def apply(t):
+        return fn(t.view(torch.uint8)).view(torch.float8_e4m3fn) if t.dtype == torch.float8_e4m3fn else fn(t)
+    return apply
+
+
+@as_bytes
+def transposed(t):
+    """Same values, the last two dims stored column-major."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.ndim >= 2 else t
+
+
+@as_bytes
+def strided(t):
+    """Same values, every other element of a wider buffer (last-dim stride 2)."""
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0] if t.ndim >= 1 else t
+
+
+@as_bytes
+def expanded(t):
+    """Row 0 repeated with stride 0 along the first dim."""
+    return t[:1].expand(t.shape) if t.ndim >= 1 and t.shape[0] > 0 else t
+
+def _routing_plan():
+    from moela.reference import RoutingPlan
+
+    return RoutingPlan
+
+
+# --------------------------------------------------------------------------- running a row
+def fake_inputs(inputs: dict, on_cuda: tuple[str, ...]) -> dict:
+    """Fake tensors (call inside a FakeTensorMode): the ``on_cuda`` arguments on a fake "cuda"
+    device (no CUDA needed), the others on a fake "cpu"."""
+    def fake(v, device):
+        if isinstance(v, _routing_plan()):
+            return map_plan(v, lambda t: fake(t, device))
+        if not isinstance(v, torch.Tensor):
+            return v
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
+    return {k: fake(v, "cuda" if k in on_cuda else "cpu") for k, v in inputs.items()}
+
+
+def spec_of(out) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(t.shape), t.dtype) for t in flat_tensors(out)]
+
+
+def run_case(case: Case, compare: dict[str, Callable]) -> None:
+    """Run one op row: the kernel (``moela.kernels.<op>``, or its ``.launch``) and the reference
+    (``moela.reference.<op>``) on the built inputs, then what ``case.expect`` asks;
+    ``compare[op](kernel_out, reference_out, inputs)`` asserts their agreement."""
+    import moela.kernels as K
+    import moela.reference as R
+
+    inputs = case.build()
+    expect = case.expect
+    kernel = getattr(K, case.op)
+    if case.fake_cuda is not None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        real_spec = spec_of(getattr(R, case.op)(**inputs))
+        with FakeTensorMode():
+            fake = fake_inputs(inputs, case.fake_cuda)
+            got = {side: outcome(fn, fake) for side, fn in (("kernel", kernel), ("reference", getattr(R, case.op)))
+                   if side in case.sides}
+            if isinstance(expect, Raises):
+                for side, g in got.items():
+                    check_raises(side, g, expect)
+                return
+            out = got["kernel"]
+            if isinstance(out, BaseException):
+                raise out
+            assert spec_of(out) == real_spec
+            assert all(t.device.type == "cuda" for t in flat_tensors(out))
+        return
+    if case.transform is not None:
+        real_spec = spec_of(getattr(R, case.op)(**inputs))
+        inputs = case.transform(inputs)
+    got = {}
+    if "kernel" in case.sides:
+        got["kernel"] = outcome(kernel.launch if case.launch else kernel, inputs)
+    if "reference" in case.sides:
+        got["reference"] = outcome(getattr(R, case.op), {k: v for k, v in inputs.items() if k != "out"})
+
+    if isinstance(expect, Raises):
+        for side, g in got.items():
+            check_raises(side, g, expect)
+    elif isinstance(expect, KernelDomain):
+        check_raises("kernel", got["kernel"], expect)
+        assert "Triton" in str(got["kernel"]), f"a kernel domain error should say so: {got['kernel']}"
+        if isinstance(got["reference"], BaseException):
+            raise got["reference"]
+    elif isinstance(expect, MetaShapes):
+        k, r = got["kernel"], got["reference"]
+        if isinstance(k, BaseException):
+            raise k
+        assert spec_of(k) == real_spec and all(t.is_meta for t in flat_tensors(k))
+        if expect.ref_error is None:
+            if isinstance(r, BaseException):
+                raise r
+            assert spec_of(r) == real_spec
+        else:
+            check_raises("reference", r, Raises(ValueError, expect.ref_error, "meta tensor"))
+    else:
+        for side, g in got.items():
+            if isinstance(g, BaseException):
+                raise AssertionError(f"{side} raised instead of computing: {type(g).__name__}: {g}") from g
+        k = got.get("kernel")
+        if "reference" in got:
+            r = got["reference"]
+            if k is None:
+                k = r
+            else:
+                compare[case.op](k, r, {n: v for n, v in inputs.items() if n != "out"})
+        elif case.launch:  # the kernel's out= buffer against the reference
+            ref_inputs = {n: v for n, v in inputs.items() if n != "out"}
+            compare[case.op](k, getattr(R, case.op)(**ref_inputs), ref_inputs)
+        if expect.doc is not None:
+            expect.doc(k, {n: v for n, v in inputs.items() if n != "out"})
 
 
 # --------------------------------------------------------------------------- isolated cases
