@@ -22,6 +22,7 @@ from ._checks import (
     TensorSpec,
     accumulate_dtype,
     check_bool,
+    check_has_values,
     check_same_device,
     check_tensor,
 )
@@ -37,6 +38,7 @@ def group_ends(offsets: torch.Tensor, num_rows: int) -> list[int]:
 
 def check_offsets(offsets: torch.Tensor, num_rows: int) -> None:
     """Value check (synchronises): offsets are non-negative, non-decreasing and end <= num_rows."""
+    check_has_values("offsets", offsets, "validate=True")
     o = offsets.long().cpu()
     if o.numel() and (o[0] < 0 or bool((o[1:] < o[:-1]).any()) or o[-1] > num_rows):
         shown = o.tolist() if o.numel() <= 16 else f"{o[:16].tolist()}..."
@@ -82,6 +84,7 @@ def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, va
         ``offsets[E-1]`` belong to no group and are zero.
     """
     N = check_grouped_gemm(xs, w, offsets, validate=validate).shape[1]
+    check_has_values("offsets", offsets, "moela.reference.grouped_gemm")
     if validate:
         check_offsets(offsets, xs.shape[0])
 
@@ -105,6 +108,7 @@ def grouped_gemm_dw(xs: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -
         (dX needs no op of its own: it is ``grouped_gemm(dy, w.transpose(1, 2), offsets)``.)
     """
     check_grouped_gemm_dw(xs, dy, offsets)
+    check_has_values("offsets", offsets, "moela.reference.grouped_gemm_dw")
     acc = accumulate_dtype(xs.dtype)
     dw = torch.zeros(offsets.shape[0], dy.shape[1], xs.shape[1], dtype=acc, device=xs.device)
     start = 0
