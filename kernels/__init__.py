@@ -26,13 +26,14 @@ from .fp8_linear import fp8_linear  # noqa: E402
 from .fp8_quant import dequant, quant_act, quant_weight  # noqa: E402
 from .gate import gate, route  # noqa: E402
 from .grouped_gemm import grouped_gemm, grouped_gemm_dw  # noqa: E402
+from .grouped_gemm_masked import grouped_gemm_masked  # noqa: E402
 from .mla_decode import mla_decode  # noqa: E402
 from .permute import permute, unpermute  # noqa: E402
 from .routing import make_routing  # noqa: E402
 from .swiglu import swiglu  # noqa: E402
 
 __all__ = [
-    "route", "gate", "grouped_gemm", "grouped_gemm_dw", "make_routing", "permute", "unpermute",
+    "route", "gate", "grouped_gemm", "grouped_gemm_dw", "grouped_gemm_masked", "make_routing", "permute", "unpermute",
     "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode", "swiglu",
     "registered_ops",
 ]

@@ -29,7 +29,7 @@ __all__ = [
     "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "m_bucket",
     "next_power_of_2", "run_direct", "check_fp8_capability", "MIN_FP8_CAPABILITY", "direct_path_probes",
     "kernel_dtype", "kernel_rows", "INTERPRETER_CAPABILITY", "INTERPRETER_SMS", "TMA_DTYPES", "device_capability",
-    "num_sms", "smem_per_block", "tma_operand_ok", "tma_path", "ensure_tma_allocator",
+    "num_sms", "smem_per_block", "tma_operand_ok", "tma_path", "uses_tma", "ensure_tma_allocator",
 ]
 
 #: e4m3 needs Ada (sm_89) or Hopper (sm_90) and later.
@@ -204,6 +204,21 @@ def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
     dtype = operands[0].dtype
     return all(t.dtype == dtype and t.dtype in TMA_DTYPES and t.numel() > 0 and tma_operand_ok(t)
                for t in operands)
+
+
+def uses_tma(*operands: torch.Tensor, config: triton.Config | None = None) -> bool:
+    """Does a GEMM op's call on ``operands`` (each in the layout its descriptor would read) run its
+    Hopper-native kernels: :func:`tma_path` on the operands' device, or, given a ``config``, the
+    family the config belongs to (TMA configs carry ``WARP_SPECIALIZE``; a TMA config where the
+    rule says no raises ValueError)."""
+    rule = tma_path(device_capability(operands[0].device), *operands)
+    if config is None:
+        return rule
+    tma_config = "WARP_SPECIALIZE" in config.kwargs
+    if tma_config and not rule:
+        raise ValueError(f"config: {config} is a config of the Hopper-native (TMA) kernels, but these operands "
+                         f"take the pointer kernels (kernels._common.tma_path)")
+    return tma_config
 
 
 def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:

@@ -44,12 +44,11 @@ from ._common import (
     autotune,
     autotune_configs,
     cdiv,
-    device_capability,
     kernel_dtype,
     kernel_rows,
     m_bucket,
     next_power_of_2,
-    tma_path,
+    uses_tma,
 )
 from .factory import kernel_op
 from .grouped_gemm_tma import grouped_gemm_dw_tma, grouped_gemm_fwd_tma
@@ -320,20 +319,6 @@ def fwd_path(M: int, E: int) -> str:
 
 def _launch_config(config: triton.Config | None) -> dict:
     return {} if config is None else config.all_kwargs()
-
-
-def uses_tma(*operands: Tensor, config: triton.Config | None = None) -> bool:
-    """Does a call on ``operands`` (each in the layout its descriptor would read: innermost
-    dimension last) run the Hopper-native kernels: ``_common.tma_path`` on the operands' device,
-    or, given a ``config``, the family it belongs to (TMA configs carry ``WARP_SPECIALIZE``)."""
-    rule = tma_path(device_capability(operands[0].device), *operands)
-    if config is None:
-        return rule
-    tma_config = "WARP_SPECIALIZE" in config.kwargs
-    if tma_config and not rule:
-        raise ValueError(f"config: {config} is a config of the Hopper-native (TMA) kernels, but these operands "
-                         f"take the pointer kernels (kernels._common.tma_path)")
-    return tma_config
 
 
 def _weight_storage(w: Tensor) -> Tensor:

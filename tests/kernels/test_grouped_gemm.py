@@ -26,8 +26,9 @@ from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference
 from moela.kernels import _common
+from moela.kernels._common import uses_tma
 from moela.kernels.group_schedule import group_schedule
-from moela.kernels.grouped_gemm import FWD_PATHS, fwd_path, grouped_gemm, grouped_gemm_dw, uses_tma
+from moela.kernels.grouped_gemm import FWD_PATHS, fwd_path, grouped_gemm, grouped_gemm_dw
 from moela.kernels.grouped_gemm_tma import TMA_FWD_PATHS, config_smem, tma_configs, wave_efficiency
 from moela.kernels.tl_helpers import SCHEDULE_BLOCK_M, SMEM_BUDGET, dot_precision
 from moela.reference.grouped_gemm import group_ends
@@ -577,7 +578,7 @@ def test_pointer_path_when_the_rule_says_so(force, monkeypatch, device):
     monkeypatch.setattr(gg, "grouped_gemm_dw_tma", refuse)
     K = 17 if force == "unaligned" else 32
     if force == "capability":
-        monkeypatch.setattr(gg, "device_capability", lambda device: (8, 0))
+        monkeypatch.setattr(_common, "device_capability", lambda device: (8, 0))
     if force == "knob":
         monkeypatch.setenv("MOELA_TMA", "0")
     sizes = [3, 0, 6]
