@@ -40,6 +40,8 @@ KNOBS: tuple[Knob, ...] = (
          "kernels; every call runs the pointer-based kernels that pre-Hopper GPUs run", "kernels"),
     Knob("MOELA_AUTOTUNE_WARMUP_MS", "5", "autotuning: warm-up per config, ms", "kernels"),
     Knob("MOELA_AUTOTUNE_REP_MS", "25", "autotuning: timed repetitions per config, ms", "kernels"),
+    Knob("MOELA_CONFIG_TABLES", "1", "0: ignore the per-GPU tuned config tables (kernels/configs/*.json); "
+         "`python -m moela.profiling tune` measures with them off", "kernels"),
     Knob("MOELA_<KERNEL>_CONFIG", None, "pin one config of a kernel, e.g. "
          "MOELA_GROUPED_GEMM_FWD_PREFILL_CONFIG='BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=4'", "kernels"),
     Knob("MOELA_FAILURE_LOG", None, "pytest: append each failure's traceback to this file as it happens", "tests"),

@@ -7,7 +7,7 @@ nothing is importable as a bare top-level ``kernels`` or ``model``.
 
 from setuptools import setup
 
-SUBPACKAGES = ("kernels", "model", "reference", "profiling")
+SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling")
 
 setup(
     name="moela",
@@ -19,6 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=["moela", *(f"moela.{name}" for name in SUBPACKAGES)],
     package_dir={"moela": ".", **{f"moela.{name}": name for name in SUBPACKAGES}},
+    package_data={"moela.kernels": ["configs/*.json", "configs/README.md"]},
     # triton is left unpinned: torch's CUDA wheels pin the triton they were built with,
     # and a second pin here would fight it. CI's exact versions live in constraints/ci.txt.
     install_requires=[

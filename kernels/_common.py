@@ -25,11 +25,14 @@ import triton
 
 from moela import knobs
 
+from . import config_tables
+
 __all__ = [
     "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "m_bucket",
     "next_power_of_2", "run_direct", "check_fp8_capability", "MIN_FP8_CAPABILITY", "direct_path_probes",
-    "kernel_dtype", "kernel_rows", "INTERPRETER_CAPABILITY", "INTERPRETER_SMS", "TMA_DTYPES", "device_capability",
-    "num_sms", "smem_per_block", "tma_operand_ok", "tma_path", "uses_tma", "ensure_tma_allocator",
+    "kernel_dtype", "kernel_rows", "chosen_configs", "TunedAutotuner", "INTERPRETER_CAPABILITY", "INTERPRETER_SMS",
+    "TMA_DTYPES", "device_capability", "num_sms", "smem_per_block", "tma_operand_ok", "tma_path", "uses_tma",
+    "ensure_tma_allocator",
 ]
 
 #: e4m3 needs Ada (sm_89) or Hopper (sm_90) and later.
@@ -103,23 +106,108 @@ def _untimed(kernel_call, quantiles):
     return [0.0] * len(quantiles)
 
 
-def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None, **kwargs):
-    """``triton.autotune`` with moela's shorter per-config timing (see the module docstring).
+_TUNERS: list[triton.runtime.Autotuner] = []
 
-    With ``MOELA_AUTOTUNE=0`` (read here, when the kernel module is imported) the kernel's
+
+class TunedAutotuner(triton.runtime.Autotuner):
+    """``triton.autotune`` that asks the per-GPU config tables (``kernels.config_tables``) first.
+
+    Triton calls ``prune_configs`` only for a key it has not met: there the table is consulted
+    (the kernel's key values from Triton's own arguments), and a hit replaces the candidates by
+    the tabled config, which the do_bench below then runs untimed. Hits cost nothing per call.
+    """
+
+    moela_name: str
+    moela_sources: dict[int, str]
+    _table_hit: bool
+    _arg_set: frozenset[str]
+    _config_kwargs: dict[int, dict]
+
+    def run(self, *args, **kwargs):
+        """Triton's ``Autotuner.run`` for a key tuned before, with less host work per launch (the
+        same key, built with a set instead of list lookups; each config's kwargs built once).
+        New keys, and anything unusual (pre-hooks), take Triton's own path."""
+        if len(self.configs) > 1:
+            all_args = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}  # args may be fewer
+            named = {k: v for k, v in all_args.items() if k in self._arg_set}
+            key = tuple([named[k] for k in self.keys if k in named]
+                        + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+            config = self.cache.get(key)
+        else:
+            config = self.configs[0]
+        if config is None or config.pre_hook is not None:
+            return super().run(*args, **kwargs)
+        self.best_config = config
+        kw = self._config_kwargs.get(id(config))
+        if kw is None:
+            kw = self._config_kwargs[id(config)] = config.all_kwargs()
+        return self.fn.run(*args, **kwargs, **kw)
+
+    def prune_configs(self, kwargs):
+        self._table_hit = False
+        if config_tables.tables_enabled():
+            named = {**self.nargs, **kwargs}
+            dev = next((v.device for v in named.values() if isinstance(v, torch.Tensor)), None)
+            if dev is not None and dev.type == "cuda":
+                key = {k: named[k] for k in self.keys if k in named}
+                dtypes = tuple(str(v.dtype) for k, v in named.items() if k in self.arg_names and hasattr(v, "dtype"))
+                cfg = config_tables.lookup(self.moela_name, key, dtypes, torch.cuda.get_device_name(dev))
+                if cfg is not None:
+                    self._table_hit = True
+                    self.moela_sources[id(cfg)] = "table"
+                    return [cfg]
+        return super().prune_configs(kwargs)
+
+    def source_of(self, config: triton.Config) -> str:
+        if len(self.configs) == 1:
+            return "pinned" if knobs.get(knobs.config_knob(self.moela_name)) else "single"
+        return self.moela_sources.get(id(config), "tuned")
+
+
+def chosen_configs() -> dict[str, tuple[str, str]]:
+    """kernel name -> (the config it ran last in this process, where it came from: "table",
+    "tuned", "pinned" or "single"); for the benchmark rows."""
+    return {t.moela_name: (str(t.best_config), t.source_of(t.best_config))
+            for t in _TUNERS if getattr(t, "best_config", None) is not None}
+
+
+def autotune(name: str, configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None, **kwargs):
+    """The autotuner of kernel ``name`` (a name unique among moela's autotuners: its config
+    tables' key, its ``MOELA_<NAME>_CONFIG`` pin): :func:`autotune_configs`'s list, the config
+    tables first (``TunedAutotuner``), then ``triton.autotune`` with moela's shorter timing.
+
+    With ``MOELA_AUTOTUNE=0`` (read when the kernel module is imported) the kernel's
     ``early_config_prune`` still runs on each new key, and only its first survivor is kept
     and run, untimed.
     """
-    do_bench = _tuning_bench
-    if len(configs) > 1 and autotune_off():
+    configs = autotune_configs(name, configs)
+    untimed = len(configs) > 1 and autotune_off()
+    if untimed:
         early = (prune_configs_by or {}).get("early_config_prune")
 
         def first_fit(cfgs, named_args, **kw):
             return (early(cfgs, named_args, **kw) if early is not None else cfgs)[:1]
 
         prune_configs_by = {**(prune_configs_by or {}), "early_config_prune": first_fit}
-        do_bench = _untimed
-    return triton.autotune(configs=configs, key=key, do_bench=do_bench, prune_configs_by=prune_configs_by, **kwargs)
+
+    def decorate(fn):
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **kwargs)(fn)
+        tuner.__class__ = TunedAutotuner
+        tuner.moela_name, tuner.moela_sources, tuner._table_hit = name, {}, False
+        tuner._arg_set, tuner._config_kwargs = frozenset(tuner.arg_names), {}
+
+        def do_bench(kernel_call, quantiles):
+            if untimed or tuner._table_hit:
+                return _untimed(kernel_call, quantiles)
+            return _tuning_bench(kernel_call, quantiles)
+
+        tuner._do_bench = do_bench  # what Triton's do_bench property returns
+        if any(t.moela_name == name for t in _TUNERS):
+            raise ValueError(f"autotune: a kernel named {name!r} exists already (names key the config tables)")
+        _TUNERS.append(tuner)
+        return tuner
+
+    return decorate
 
 
 def check_kernel_device(name: str, t: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from moela.reference.fp8 import check_fp8_gemm
 
-from ._common import autotune, autotune_configs, cdiv
+from ._common import autotune, cdiv
 from .factory import kernel_op
 from .tl_helpers import fp8_block_scaled_tile, grouped_tile_order
 
@@ -122,7 +122,7 @@ def fp8_gemm_configs(cls: str) -> list[triton.Config]:
 
 _KEY = ["N", "K", "SCALE_BLOCK", "HAS_BIAS"]
 _TUNED = {
-    cls: autotune(configs=autotune_configs("fp8_gemm", fp8_gemm_configs(cls)), key=_KEY)(_fp8_gemm_kernel)
+    cls: autotune(f"fp8_gemm_{cls}", fp8_gemm_configs(cls), key=_KEY)(_fp8_gemm_kernel)
     for cls in ("small", "medium", "large")
 }
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, autotune_configs, cdiv, kernel_rows, m_bucket, next_power_of_2
+from ._common import autotune, cdiv, kernel_rows, m_bucket, next_power_of_2
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
 from .tl_helpers import fp8_block_scaled_tile, grouped_tile_order, locate_m_tile
@@ -108,7 +108,7 @@ def _row_tiles(M: int, E: int, block_m: int) -> int:
 
 _KEY = ["N", "K", "SCALE_BLOCK", "M_BUCKET"]
 _TUNED = {
-    cls: autotune(configs=autotune_configs("fp8_grouped_gemm", fp8_grouped_gemm_configs(cls)), key=_KEY)(
+    cls: autotune(f"fp8_grouped_gemm_{cls}", fp8_grouped_gemm_configs(cls), key=_KEY)(
         _fp8_grouped_gemm_kernel)
     for cls in ("small", "medium", "large")
 }

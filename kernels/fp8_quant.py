@@ -56,7 +56,7 @@ from moela.reference.fp8 import (
     scale_divisors,
 )
 
-from ._common import autotune, autotune_configs, cdiv, next_power_of_2
+from ._common import autotune, cdiv, next_power_of_2
 from .factory import kernel_op
 from .tl_helpers import abs_bits, block_scale, saturate_to_fp8
 
@@ -167,16 +167,16 @@ def _dequant_kernel(
 def _quant_act_configs() -> list[triton.Config]:
     # Memory-bound: 16-byte loads per thread (8 bf16), enough rows per program to keep several
     # loads in flight. Key: K (and the block), never R.
-    return autotune_configs("quant_act", [
+    return [
         triton.Config({"BLOCK_R": 32}, num_warps=4),
         triton.Config({"BLOCK_R": 16}, num_warps=4),
         triton.Config({"BLOCK_R": 64}, num_warps=8),
         triton.Config({"BLOCK_R": 8}, num_warps=2),
         triton.Config({"BLOCK_R": 128}, num_warps=8),
-    ])
+    ]
 
 
-_quant_act_tuned = autotune(configs=_quant_act_configs(), key=["K", "BLOCK"])(_quant_act_kernel)
+_quant_act_tuned = autotune("quant_act", _quant_act_configs(), key=["K", "BLOCK"])(_quant_act_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

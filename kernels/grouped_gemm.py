@@ -40,21 +40,12 @@ from torch import Tensor
 
 from moela.reference.grouped_gemm import check_grouped_gemm, check_grouped_gemm_dw, check_offsets
 
-from ._common import (
-    autotune,
-    autotune_configs,
-    cdiv,
-    kernel_dtype,
-    kernel_rows,
-    m_bucket,
-    next_power_of_2,
-    uses_tma,
-)
+from ._common import autotune, cdiv, kernel_dtype, kernel_rows, m_bucket, next_power_of_2, uses_tma
 from .factory import kernel_op
 from .grouped_gemm_tma import grouped_gemm_dw_tma, grouped_gemm_fwd_tma
 from .tl_helpers import SMEM_BUDGET, dot_precision, group_rows, locate_m_tile
 
-__all__ = ["grouped_gemm", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path", "uses_tma"]
+__all__ = ["grouped_gemm", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
 
 #: Input dtypes of the kernels (float32 accumulation for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -293,13 +284,13 @@ FWD_PATHS = (
 )
 _fwd_tuned = {
     name: autotune(
-        autotune_configs(f"grouped_gemm_fwd_{name}", configs()), key=["N", "K", "stride_wk", "M_BUCKET"],
+        f"grouped_gemm_fwd_{name}", configs(), key=["N", "K", "stride_wk", "M_BUCKET"],
         prune_configs_by={"early_config_prune": _pruner("BLOCK_K", ("BLOCK_M", "BLOCK_N"), 64)},
     )(_fwd_heuristic)
     for name, _, configs in FWD_PATHS
 }
 _dw_tuned = autotune(
-    autotune_configs("grouped_gemm_dw", _dw_configs()), key=["N", "K"],
+    "grouped_gemm_dw", _dw_configs(), key=["N", "K"],
     prune_configs_by={"early_config_prune": _pruner("BLOCK_M", ("BLOCK_N", "BLOCK_K"), 32)},
 )(_grouped_gemm_dw_kernel)
 

@@ -37,7 +37,6 @@ from moela.reference.grouped_gemm import check_grouped_gemm_masked, check_masked
 
 from ._common import (
     autotune,
-    autotune_configs,
     cdiv,
     ensure_tma_allocator,
     kernel_dtype,
@@ -136,7 +135,7 @@ def _grouped_gemm_masked_tma_kernel(
     x_ptr, w_ptr, masked_m_ptr, out_ptr,
     E, MAX_M, N, K,
     stride_xe, stride_xm, stride_we, stride_wn, stride_oe, stride_om,
-    MAX_M_BUCKET,  # autotune key only: _common.m_bucket(MAX_M)
+    M_BUCKET,  # autotune key only: _common.m_bucket(MAX_M) (the config tables' nearest-bucket key)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
@@ -185,7 +184,7 @@ def _grouped_gemm_masked_kernel(
     x_ptr, w_ptr, masked_m_ptr, out_ptr,
     E, MAX_M, N, K,
     stride_xe, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_oe, stride_om, stride_on,
-    MAX_M_BUCKET,  # autotune key only: _common.m_bucket(MAX_M)
+    M_BUCKET,  # autotune key only: _common.m_bucket(MAX_M) (the config tables' nearest-bucket key)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -218,11 +217,11 @@ def _grouped_gemm_masked_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < MAX_M) & (offs_n[None, :] < N))
 
 
-_tma_tuned = autotune(autotune_configs("grouped_gemm_masked_tma", masked_tma_configs()),
-                      key=["N", "K", "MAX_M_BUCKET"], prune_configs_by={"early_config_prune": _tma_prune},
+_tma_tuned = autotune("grouped_gemm_masked_tma", masked_tma_configs(),
+                      key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _tma_prune},
                       )(_grouped_gemm_masked_tma_kernel)
-_pointer_tuned = autotune(autotune_configs("grouped_gemm_masked", masked_pointer_configs()),
-                          key=["N", "K", "MAX_M_BUCKET"], prune_configs_by={"early_config_prune": _pointer_prune},
+_pointer_tuned = autotune("grouped_gemm_masked", masked_pointer_configs(),
+                          key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _pointer_prune},
                           )(_grouped_gemm_masked_kernel)
 
 

@@ -50,7 +50,6 @@ from torch import Tensor
 
 from ._common import (
     autotune,
-    autotune_configs,
     cdiv,
     ensure_tma_allocator,
     m_bucket,
@@ -297,13 +296,13 @@ def _grouped_gemm_dw_tma_kernel(
 
 _fwd_tuned = {
     name: autotune(
-        autotune_configs(f"grouped_gemm_tma_{name}", configs()), key=["N", "K", "W_KN", "M_BUCKET"],
+        f"grouped_gemm_tma_{name}", configs(), key=["N", "K", "W_KN", "M_BUCKET"],
         prune_configs_by={"early_config_prune": _pruner(dw=False)},
     )(_grouped_gemm_tma_kernel)
     for name, configs in TMA_FWD_PATHS.items()
 }
 _dw_tuned = autotune(
-    autotune_configs("grouped_gemm_dw_tma", _dw_configs()), key=["N", "K"],
+    "grouped_gemm_dw_tma", _dw_configs(), key=["N", "K"],
     prune_configs_by={"early_config_prune": _pruner(dw=True)},
 )(_grouped_gemm_dw_tma_kernel)
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from moela.reference.mla_decode import check_mla_decode, validate_seqlens
 
-from ._common import autotune, autotune_configs, cdiv, kernel_dtype, next_power_of_2
+from ._common import autotune, cdiv, kernel_dtype, next_power_of_2
 from .factory import kernel_op
 from .tl_helpers import SMEM_BUDGET, dot_precision
 
@@ -218,10 +218,8 @@ def _mla_decode_combine_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=dv_ok)
 
 
-_fwd_tuned = autotune(
-    configs=autotune_configs("mla_decode", _configs()), key=["H", "S", "Dk", "V_DIM"], prune_configs_by={
-        "early_config_prune": _prune},
-)(_mla_decode_fwd_kernel)
+_fwd_tuned = autotune("mla_decode", _configs(), key=["H", "S", "Dk", "V_DIM"],
+                      prune_configs_by={"early_config_prune": _prune})(_mla_decode_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------

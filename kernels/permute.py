@@ -42,7 +42,7 @@ from moela.reference.dispatch import (
     validate_plan,
 )
 
-from ._common import autotune, autotune_configs, cdiv, kernel_rows, next_power_of_2
+from ._common import autotune, cdiv, kernel_rows, next_power_of_2
 from .factory import kernel_op
 from .tl_helpers import abs_bits, block_scale, saturate_to_fp8
 
@@ -284,11 +284,11 @@ def _fp8_configs() -> list[triton.Config]:
 
 
 _COPY_KEY = ["D", "K"]
-_scatter_tuned = autotune(autotune_configs("permute", _copy_configs()), key=_COPY_KEY)(_scatter_rows_kernel)
-_scatter_fp8_tuned = autotune(autotune_configs("permute_fp8", _fp8_configs()), key=["D", "K", "QBLOCK"])(
+_scatter_tuned = autotune("permute", _copy_configs(), key=_COPY_KEY)(_scatter_rows_kernel)
+_scatter_fp8_tuned = autotune("permute_fp8", _fp8_configs(), key=["D", "K", "QBLOCK"])(
     _scatter_rows_fp8_kernel)
-_combine_tuned = autotune(autotune_configs("unpermute", _copy_configs()), key=_COPY_KEY)(_combine_kernel)
-_combine_bwd_tuned = autotune(autotune_configs("unpermute_bwd", _bwd_configs()), key=_COPY_KEY)(
+_combine_tuned = autotune("unpermute", _copy_configs(), key=_COPY_KEY)(_combine_kernel)
+_combine_bwd_tuned = autotune("unpermute_bwd", _bwd_configs(), key=_COPY_KEY)(
     _combine_bwd_kernel)
 
 # No FMA contraction: the combine multiplies, rounds, then adds, like the reference.

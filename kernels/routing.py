@@ -39,7 +39,7 @@ from torch import Tensor
 
 from moela.reference.dispatch import RoutingPlan, check_make_routing, max_rows, validate_ids
 
-from ._common import autotune, autotune_configs, cdiv, kernel_rows, next_power_of_2
+from ._common import autotune, cdiv, kernel_rows, next_power_of_2
 from .factory import kernel_op
 
 __all__ = ["make_routing", "launch_make_routing", "SMALL_MAX_SLOTS", "SORT_BLOCK", "MAX_EXPERTS"]
@@ -211,13 +211,13 @@ def _warps(*ws: int) -> list[triton.Config]:
 
 
 # Latency-bound kernels: only the warp count is tuned, keyed on the block sizes (never on T).
-_small_tuned = autotune(autotune_configs("routing_small", _warps(4, 8, 2)), key=["BLOCK_N", "E_P"])(
+_small_tuned = autotune("routing_small", _warps(4, 8, 2), key=["BLOCK_N", "E_P"])(
     _routing_small_kernel)
-_sort_tuned = autotune(autotune_configs("routing_sort", _warps(4, 8)), key=["BLOCK_N", "E_P"])(
+_sort_tuned = autotune("routing_sort", _warps(4, 8), key=["BLOCK_N", "E_P"])(
     _routing_sort_kernel)
-_scan_tuned = autotune(autotune_configs("routing_scan", _warps(8, 4, 16)), key=["BLOCK_B", "E_P"])(
+_scan_tuned = autotune("routing_scan", _warps(8, 4, 16), key=["BLOCK_B", "E_P"])(
     _routing_scan_kernel)
-_scatter_tuned = autotune(autotune_configs("routing_scatter", _warps(4, 8)), key=["BLOCK_N", "E_P"])(
+_scatter_tuned = autotune("routing_scatter", _warps(4, 8), key=["BLOCK_N", "E_P"])(
     _routing_scatter_kernel)
 
 

@@ -30,7 +30,7 @@ from moela import knobs
 from moela.reference._checks import TensorSpec, check_bool, check_tensor
 from moela.reference.moe import check_swiglu
 
-from ._common import autotune, autotune_configs, cdiv, kernel_dtype, m_bucket, next_power_of_2
+from ._common import autotune, cdiv, kernel_dtype, m_bucket, next_power_of_2
 from .factory import kernel_op
 from .tl_helpers import abs_bits, block_scale, div, exp, saturate_to_fp8
 
@@ -142,10 +142,10 @@ def _fp8_configs() -> list[triton.Config]:
 
 
 # keyed on M's power-of-two bucket too: decode (a few rows) and prefill pick their own tiles
-_fp8_tuned = autotune(autotune_configs("swiglu_fp8", _fp8_configs()), key=["N", "BLOCK", "M_BUCKET"])(
+_fp8_tuned = autotune("swiglu_fp8", _fp8_configs(), key=["N", "BLOCK", "M_BUCKET"])(
     _swiglu_fp8_kernel)
-_fwd_tuned = autotune(autotune_configs("swiglu", _configs()), key=["N", "M_BUCKET"])(_swiglu_fwd_kernel)
-_bwd_tuned = autotune(autotune_configs("swiglu_bwd", _configs()), key=["N", "M_BUCKET"])(_swiglu_bwd_kernel)
+_fwd_tuned = autotune("swiglu", _configs(), key=["N", "M_BUCKET"])(_swiglu_fwd_kernel)
+_bwd_tuned = autotune("swiglu_bwd", _configs(), key=["N", "M_BUCKET"])(_swiglu_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Run ``python -m moela.profiling --help``. From Python (a GPU test reading its sh
 Modules: ``shapes`` (DeepSeek dims, token sweeps, DeepGEMM/FlashMLA grids, routings),
 ``registry`` (Op, Impl, Case; ``ops/`` holds one module per op), ``timing``, ``ceilings``,
 ``environment`` (versions, NVML), ``runner`` (check, bench), ``results``, ``report``, ``cli``,
-``layers`` (the reference layers, timed). Nothing here touches a GPU at import time.
+``layers`` (the reference layers, timed), ``audit`` (every Triton kernel compiled for sm_90 without
+a GPU, and judged; ``audit_shapes`` holds its launches). Nothing here touches a GPU at import time.
 """
 
 from .registry import NOT_IMPLEMENTED, Case, Check, Impl, Op, Unavailable, all_ops, get_op, register

@@ -8,6 +8,8 @@ references and torch baselines, write reports.
     python -m moela.profiling report A.json [B.json]   markdown + PNG plots (two runs side by side)
     python -m moela.profiling layers           the reference MoE / MLA layers, timed
     python -m moela.profiling list             ops, shape sets, implementations, kernel status
+    python -m moela.profiling audit            every Triton kernel compiled for sm_90/sm_100 (no GPU
+                                               needed), judged by moela.profiling.audit's rules
 
 Without CUDA, kernels run through the Triton interpreter and every time is CPU wall clock:
 such numbers show that things run, and nothing about GPU speed.
@@ -20,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +30,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from . import audit
 
 DEFAULT_OUT = "moela-results"
 DTYPES = ("float32", "bfloat16", "float64")
@@ -135,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dtype", default="float32", choices=DTYPES)
     la.add_argument("--reps", type=_positive(int), default=3)
 
+    tu = parser.subcommands["tune"] = sub.add_parser(
+        "tune", help="GPU: autotune the kernels at the DeepSeek problems, write kernels/configs/<gpu>.json")
+    _add_device(tu, sub=True)
+    tu.add_argument("--ops", nargs="+", metavar="OP", help="ops whose kernels to tune (default: all)")
+    tu.add_argument("--sets", nargs="+", metavar="SET", help="shape sets (default: full, the op-specific sets)")
+    tu.add_argument("--budget-s", type=_positive(float), default=900.0,
+                    help="stop starting new problems after this many seconds (default 900)")
+    tu.add_argument("--table", default=None,
+                    help="the table to write or merge into (default: the package's kernels/configs/<gpu>.json)")
+
     ls = parser.subcommands["list"] = sub.add_parser(
         "list", help="ops, shape sets, implementations, whether each kernel exists, and the MOELA_* switches")
     _add_device(ls, sub=True)
@@ -142,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--names", action="store_true", help="only the op names, one per line (scripts read this)")
     ls.add_argument("--warm-groups", action="store_true",
                     help="the GPU script's compile warm-up groups, one line of op names each")
+
+    au = parser.subcommands["audit"] = sub.add_parser(
+        "audit", help="compile every Triton kernel for sm_90 (and sm_100) without a GPU and check it against the rules",
+        description=audit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit.build_parser(au)
     return parser
 
 
@@ -467,6 +487,20 @@ def _print_layers(configs, tokens, decode_steps, device, dtype, reps, parser=Non
     return ok, out
 
 
+def cmd_tune(parser, args) -> int:
+    from .tune import tune
+
+    device = resolve_device(parser, args.device)
+    if device.type != "cuda":
+        parser.error("tune: autotuning times configs on a CUDA GPU; this machine has none (the committed "
+                     "tables in kernels/configs/ come from GPU runs)")
+    print(setup_kernels(device))
+    plan, _ = _select(parser, args.ops, args.sets, None, ["full"], device)
+    path, n = tune(plan, device, args.budget_s, Path(args.table) if args.table else None)
+    print(f"wrote {n} tuned entries to {path}")
+    return 0
+
+
 def cmd_list(parser, args) -> int:
     from moela import knobs
 
@@ -546,7 +580,20 @@ def cmd_default(parser, args) -> int:
     return 1 if bad_checks or _bench_failed(rows) or not ok_layers else 0
 
 
-COMMANDS = {"check": cmd_check, "bench": cmd_bench, "report": cmd_report, "layers": cmd_layers, "list": cmd_list}
+def cmd_audit(parser, args) -> int:
+    """The compile audit (``moela.profiling.audit``): it needs the real kernels, so with
+    ``TRITON_INTERPRET`` set it runs in a child process without it."""
+    from moela import knobs
+
+    if knobs.interpret():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "moela.profiling.audit", *audit.to_argv(args)],
+                              env=env, check=False).returncode
+    return audit.run(args)
+
+
+COMMANDS = {"check": cmd_check, "bench": cmd_bench, "report": cmd_report, "layers": cmd_layers, "list": cmd_list,
+            "tune": cmd_tune, "audit": cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

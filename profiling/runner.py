@@ -225,6 +225,8 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             timer["estimate_from_first"] = True  # nothing to compile: its first call sizes the reps
         t_time = time.perf_counter()
         row["wall_s"]["prepare"] = round(t_time - t_impl, 4)
+        if impl.kind == "moela":
+            _forget_configs()
         try:
             with telemetry.around() as samples:
                 timing, out = time_fns(fns, device, interpreter=kind_interp, flush=use_flush, **timer)
@@ -236,6 +238,8 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             continue
         row["wall_s"]["timing"] = round(time.perf_counter() - t_time, 4)  # first call (compile, tuning) included
         row.update(status="ok", **timing.as_dict(), telemetry=samples.summary())
+        if impl.kind == "moela":
+            row["configs"] = _configs_used()  # kernel -> [config, where it came from]
         derive(row, ceilings, op.compute)
         not_capturable = s.stats.setdefault("graph_not_capturable", {})  # "op / impl" -> why
         if (s.graphs and device.type == "cuda" and impl.kind != "reference" and timing.median_ms < s.graph_below_ms
@@ -249,6 +253,20 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             _record_check(row, op, out, truth_out, truth_reason)
         del out, fns
     return rows
+
+
+def _forget_configs() -> None:
+    """Clear what every autotuned moela kernel ran last, so that the next row records its own."""
+    from moela.kernels import _common
+
+    for t in _common._TUNERS:
+        t.best_config = None
+
+
+def _configs_used() -> dict[str, list[str]]:
+    from moela.kernels import _common
+
+    return {name: list(v) for name, v in _common.chosen_configs().items()}
 
 
 def _graph_timing(fns: Sequence[Callable[[], Any]], timer: dict[str, Any], flush: torch.Tensor | None) -> dict:

@@ -30,24 +30,72 @@ def test_one_config_under_the_interpreter(monkeypatch):
     assert autotune_configs("foo", CONFIGS) == CONFIGS
 
 
-def test_autotune_off_runs_the_first_config_the_pruner_keeps(monkeypatch):
-    @triton.jit
-    def _noop(x_ptr, BLOCK_M: tl.constexpr):
-        pass
+@triton.jit
+def _noop(x_ptr, N, M_BUCKET, BLOCK_M: tl.constexpr):
+    pass
 
+
+def _tuner(monkeypatch, name, **kwargs):
+    """An autotuner of _noop with both CONFIGS (the interpreter would keep one: pretend a GPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tuner = autotune(name, CONFIGS, key=["N", "M_BUCKET"], **kwargs)(_noop)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return tuner
+
+
+def test_autotune_off_runs_the_first_config_the_pruner_keeps(monkeypatch):
     def too_big_for_fp32(configs, named_args, **kwargs):  # a kernel's pruner: drops BLOCK_M=64 here
         return [c for c in configs if c.kwargs["BLOCK_M"] != named_args["drop"]]
 
     monkeypatch.setenv("MOELA_AUTOTUNE", "0")
-    tuner = autotune(CONFIGS, key=["BLOCK_M"], prune_configs_by={"early_config_prune": too_big_for_fp32})(_noop)
-    assert tuner.do_bench is _common._untimed and tuner.do_bench(lambda: 1 / 0, (0.5, 0.2)) == [0.0, 0.0]
+    tuner = _tuner(monkeypatch, "test_off_pruned", prune_configs_by={"early_config_prune": too_big_for_fp32})
+    assert tuner.do_bench(lambda: 1 / 0, (0.5, 0.2)) == [0.0, 0.0]  # untimed: never runs the call
     assert tuner.early_config_prune(CONFIGS, {"drop": 64}) == [CONFIGS[1]]
     assert tuner.early_config_prune(CONFIGS, {"drop": 0}) == [CONFIGS[0]]
-    plain = autotune(CONFIGS, key=["BLOCK_M"])(_noop)
+    plain = _tuner(monkeypatch, "test_off_plain")
     assert plain.early_config_prune(CONFIGS, {}) == [CONFIGS[0]]
     monkeypatch.delenv("MOELA_AUTOTUNE")
-    tuned = autotune(CONFIGS, key=["BLOCK_M"], prune_configs_by={"early_config_prune": too_big_for_fp32})(_noop)
-    assert tuned.do_bench is _common._tuning_bench and tuned.early_config_prune is too_big_for_fp32
+    tuned = _tuner(monkeypatch, "test_on", prune_configs_by={"early_config_prune": too_big_for_fp32})
+    assert tuned.early_config_prune is too_big_for_fp32
+    seen = []
+    monkeypatch.setattr(_common, "_tuning_bench", lambda call, q: seen.append(call()) or [1.0] * len(q))
+    assert tuned.do_bench(lambda: "timed", (0.5,)) == [1.0] and seen == ["timed"]
+    with pytest.raises(ValueError, match="exists already"):
+        _tuner(monkeypatch, "test_on")
+
+
+def test_config_tables_are_used_before_autotuning(monkeypatch, tmp_path):
+    """A tabled key skips tuning (the nearest M bucket's config, run untimed); other keys tune."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moela.kernels import config_tables as ct
+
+    big = triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3)
+    entries = [ct.entry("test_tabled", {"N": 64, "M_BUCKET": m}, ["torch.bfloat16"], cfg)
+               for m, cfg in ((16, CONFIGS[0]), (4096, big))]
+    path = ct.write_table(ct.table_path("Test GPU 9000", tmp_path), entries, {"device": "Test GPU 9000"})
+    assert path.name == "test-gpu-9000.json"
+    monkeypatch.setattr(ct, "TABLE_DIR", tmp_path)
+    assert ct.lookup("test_tabled", {"N": 64, "M_BUCKET": 64}, ("torch.bfloat16",), "Test GPU 9000").kwargs == \
+        {"BLOCK_M": 64}  # log2 distance 2 vs 6
+    assert ct.lookup("test_tabled", {"N": 64, "M_BUCKET": 2048}, ("torch.bfloat16",), "Test GPU 9000").kwargs == \
+        {"BLOCK_M": 256}
+    assert ct.lookup("test_tabled", {"N": 32, "M_BUCKET": 64}, ("torch.bfloat16",), "Test GPU 9000") is None
+    assert ct.lookup("test_tabled", {"N": 64, "M_BUCKET": 64}, ("torch.float16",), "Test GPU 9000") is None
+
+    tuner = _tuner(monkeypatch, "test_tabled")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU 9000")
+    with FakeTensorMode():
+        x = torch.empty(8, device="cuda", dtype=torch.bfloat16)
+    tuner.nargs = {"x_ptr": x, "N": 64, "M_BUCKET": 8192}
+    (cfg,) = tuner.prune_configs({})
+    assert cfg.kwargs == {"BLOCK_M": 256} and tuner.do_bench(lambda: 1 / 0, (0.5,)) == [0.0]
+    assert tuner.source_of(cfg) == "table"
+    tuner.nargs = {"x_ptr": x, "N": 128, "M_BUCKET": 8192}  # no entry: the candidates, timed
+    assert tuner.prune_configs({}) == CONFIGS and tuner.source_of(CONFIGS[0]) == "tuned"
+    monkeypatch.setenv("MOELA_CONFIG_TABLES", "0")
+    tuner.nargs = {"x_ptr": x, "N": 64, "M_BUCKET": 8192}
+    assert tuner.prune_configs({}) == CONFIGS  # tables off (what `tune` measures with)
 
 
 def test_env_pins_one_config(monkeypatch):
@@ -73,14 +121,9 @@ def test_small_math_and_device_check(monkeypatch):
 
 def test_autotune_times_configs_with_moela_short_bench(monkeypatch):
     """Every tuned kernel gets moela's do_bench: warm-up and repetitions from the environment."""
-
-    @triton.jit
-    def _noop(x_ptr, BLOCK_M: tl.constexpr):
-        pass
-
     monkeypatch.delenv("MOELA_AUTOTUNE", raising=False)
-    tuner = autotune(CONFIGS, key=["BLOCK_M"])(_noop)
-    assert tuner.configs == CONFIGS and tuner.do_bench is _common._tuning_bench
+    tuner = _tuner(monkeypatch, "test_short_bench")
+    assert tuner.configs == CONFIGS
 
     seen = {}
 
@@ -143,3 +186,33 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
     assert len(ops) >= 18
     for name, op in ops.items():
         assert "_launch_on" in op.launch.__code__.co_names, name
+
+
+def test_remembered_signatures_never_skip_a_failing_check(device):
+    """The factory remembers argument signatures whose checks passed; any change the checks can
+    see (dtype, shape, stride, device, scalar) is a new signature and is checked again."""
+    import moela.kernels as K
+    from moela.kernels import factory
+    from moela.kernels.interpreter import compat_disabled
+
+    xs, w = torch.randn(6, 32, device=device), torch.randn(2, 8, 32, device=device)
+    off = torch.tensor([3, 6], dtype=torch.int32, device=device)
+    for _ in range(2):
+        K.grouped_gemm(xs, w, off)
+    op = K.registered_ops()["grouped_gemm"]
+    assert any(sig[0][1] == torch.float32 for sig in op.launch.__globals__["_checked"])
+    with pytest.raises(TypeError, match="w: expected dtype float32"):
+        K.grouped_gemm(xs, w.double(), off)
+    with pytest.raises(TypeError, match="offsets"):
+        K.grouped_gemm(xs, w, off.float())
+    with pytest.raises(ValueError, match="xs: expected K=32"):
+        K.grouped_gemm(xs[:, :16], w, off)
+    with pytest.raises(TypeError, match="validate"):
+        K.grouped_gemm(xs, w, off, validate="yes")
+    with pytest.raises(TypeError, match="xs: expected a torch.Tensor"):
+        K.grouped_gemm([[1.0]], w, off)  # unhashable: checked, not remembered
+    if device == "cpu":  # the compatibility layer is checked on every call, remembered or not
+        with compat_disabled(), pytest.raises(RuntimeError, match="install_compat"):
+            K.grouped_gemm(xs, w, off)
+    factory.forget_checked()
+    assert not op.launch.__globals__["_checked"]

@@ -1,0 +1,374 @@
+"""The launches ``profiling audit`` compiles: every Triton kernel's arguments at DeepSeek shapes.
+
+One entry per audit target (a kernel's autotuner, or a kernel launched without one), keyed by
+the target's name (``moela.profiling.audit``: the kernel function's name without ``_`` and
+``_kernel``, plus ``/key`` for an autotuner kept in a dict under ``key``). Each entry lists
+launches; the first is the representative one (the test suite compiles only it), the others
+make up the full sweep. A launch gives every kernel parameter by name, as the kernel's launcher
+passes it at that shape: tensors on the meta device (their dtype, strides and storage offset
+decide the pointer types and the divisibility attributes Triton specialises on, as on a GPU),
+Python ints and floats, constexprs; the autotuner's config adds its block sizes. ``options``
+are the launch options the launcher passes (``num_warps`` of an untuned launch,
+``enable_fp_fusion=False``).
+
+Legend: T tokens, D model dim, I expert hidden dim, E experts, k experts per token, M rows
+after dispatch (T·k), N×K a weight, B = 128 the FP8 block.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+
+from .shapes import DEEPGEMM_DENSE, DEEPGEMM_GROUPED, FLASHMLA_DECODE, V2_LITE, V3
+
+__all__ = ["Launch", "LAUNCHES", "launches"]
+
+BF16, F32, I32, E4M3 = torch.bfloat16, torch.float32, torch.int32, torch.float8_e4m3fn
+B = 128  # FP8 scale block
+D, I, E, TOPK = V3.dim, V3.moe_inter_dim, V3.n_routed_experts, V3.n_activated_experts
+PREFILL_T, DECODE_T = 4096, 128  # tokens per GPU of a prefill chunk and of a decode step
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch: ``args`` every kernel parameter the launcher passes (config keys excluded)."""
+
+    label: str
+    args: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _t(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _col_major(rows: int, cols: int) -> torch.Tensor:
+    """(rows, cols) float32 with strides (1, rows): the FP8 GEMMs' activation-scale layout."""
+    return _t(cols, rows, dtype=F32).t()
+
+
+def _strides(names: str, t: torch.Tensor) -> dict[str, int]:
+    return dict(zip(names.split(), t.stride(), strict=True))
+
+
+def _m_bucket(M: int) -> int:
+    """The kernels' autotune key of a row count (``kernels._common.m_bucket``)."""
+    return max(16, triton.next_power_of_2(M))
+
+
+_NO_FMA = dict(enable_fp_fusion=False)
+
+
+# ---------------------------------------------------------------------------- grouped GEMM (bf16)
+def _grouped_fwd(label: str, M: int, E: int, N: int, K: int, dx: bool = False) -> Launch:
+    """Forward ``xs (M, K) · w[e]ᵀ``; ``dx``: the dX launch, w read transposed (``w.transpose(1, 2)``)."""
+    xs, out = _t(M, K), _t(M, N)
+    w = _t(E, K, N).transpose(1, 2) if dx else _t(E, N, K)
+    return Launch(label, dict(
+        x_ptr=xs, w_ptr=w, offsets_ptr=_t(E, dtype=I32), out_ptr=out, M=M, N=N, K=K, E=E,
+        **_strides("stride_xm stride_xk", xs), **_strides("stride_we stride_wn stride_wk", w),
+        **_strides("stride_om stride_on", out), M_BUCKET=_m_bucket(M),
+        BLOCK_E=triton.next_power_of_2(E + 1), DOT_PRECISION="tf32"))
+
+
+def _grouped_dw(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    xs, dy, dw = _t(M, K), _t(M, N), _t(E, N, K)
+    return Launch(label, dict(
+        x_ptr=xs, dy_ptr=dy, offsets_ptr=_t(E, dtype=I32), dw_ptr=dw, M=M, N=N, K=K, E=E,
+        **_strides("stride_xm stride_xk", xs), **_strides("stride_dym stride_dyn", dy),
+        **_strides("stride_dwe stride_dwn stride_dwk", dw), BLOCK_E=triton.next_power_of_2(E + 1),
+        DOT_PRECISION="tf32", COMPENSATED=False))
+
+
+def _deepgemm_grouped(build, rows_per_group: Callable[[int], bool]) -> list[Launch]:
+    return [build(f"{label} n{n} k{k}", g * m, g, n, k) for label, g, m, n, k in DEEPGEMM_GROUPED
+            if rows_per_group(m)]
+
+
+def _v3_moe(build, T: int) -> list[Launch]:
+    """The V3 expert GEMMs of T tokens, all E experts on one GPU: up/gate (N = 2I, K = D), down."""
+    return [build(f"V3 T={T} up n{2 * I} k{D}", T * TOPK, E, 2 * I, D),
+            build(f"V3 T={T} down n{D} k{I}", T * TOPK, E, D, I)]
+
+
+# ---------------------------------------------------------------------------- FP8 GEMMs
+def _fp8_gemm(label: str, M: int, N: int, K: int) -> Launch:
+    a, a_s, b, b_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(N, K, dtype=E4M3), \
+        _t(triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
+    return Launch(label, dict(
+        a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, c_ptr=c, bias_ptr=a_s, M=M, N=N, K=K,
+        **_strides("stride_am stride_ak", a), **_strides("stride_asm stride_ask", a_s),
+        **_strides("stride_bn stride_bk", b), **_strides("stride_bsn stride_bsk", b_s),
+        **_strides("stride_cm stride_cn", c), SCALE_BLOCK=B, HAS_BIAS=False))
+
+
+def _deepgemm_dense(m: int) -> list[Launch]:
+    return [_fp8_gemm(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
+
+
+def _fp8_grouped(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    x, x_s, w, w_s, c = _t(M, K, dtype=E4M3), _t(M, K // B, dtype=F32), _t(E, N, K, dtype=E4M3), \
+        _t(E, triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
+    return Launch(label, dict(
+        x_ptr=x, xs_ptr=x_s, w_ptr=w, ws_ptr=w_s, offsets_ptr=_t(E, dtype=I32), c_ptr=c, M=M, N=N, K=K, E=E,
+        **_strides("stride_xm stride_xk", x), **_strides("stride_xsm stride_xsk", x_s),
+        **_strides("stride_we stride_wn stride_wk", w), **_strides("stride_wse stride_wsn stride_wsk", w_s),
+        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B,
+        BLOCK_E=triton.next_power_of_2(E + 1)))
+
+
+# ---------------------------------------------------------------------------- MLA decode
+def _mla_splits(batch: int, heads: int, q_tokens: int, cache_len: int) -> tuple[int, int]:
+    """(NUM_SPLITS, chunk) as the launcher computes them for an H100/H200 (132 SMs)."""
+    from moela.kernels.mla_decode import num_splits_for
+
+    splits = num_splits_for(batch, q_tokens * heads, cache_len, 132)
+    chunk = triton.cdiv(triton.cdiv(cache_len, splits), B) * B
+    return triton.cdiv(cache_len, chunk), chunk
+
+
+def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, seqlens: bool = True) -> Launch:
+    dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
+    q, kv, out = _t(batch, q_tokens, heads, dk), _t(batch, cache_len, dk), _t(batch, q_tokens, heads, dv)
+    splits, chunk = _mla_splits(batch, heads, q_tokens, cache_len)
+    part_o = _t(batch, q_tokens * heads, splits, dv, dtype=F32) if splits > 1 else out
+    part_lse = _t(batch, q_tokens * heads, splits, dtype=F32) if splits > 1 else out
+    label = f"B={batch} S={q_tokens} H={heads} L={cache_len}{' seqlens' if seqlens else ''} splits={splits}"
+    return Launch(label, dict(
+        q_ptr=q, kv_ptr=kv, seqlens_ptr=_t(batch, dtype=I32) if seqlens else q, out_ptr=out,
+        part_o_ptr=part_o, part_lse_ptr=part_lse, H=heads, S=q_tokens, L=cache_len, Dk=dk, V_DIM=dv,
+        scale_log2=dk ** -0.5 * 1.4426950408889634, chunk=chunk,
+        **_strides("stride_qb stride_qs stride_qh stride_qd", q), **_strides("stride_kb stride_kl stride_kd", kv),
+        **_strides("stride_ob stride_os stride_oh stride_od", out),
+        BLOCK_DV=dv, BLOCK_DR=triton.next_power_of_2(dk - dv), HAS_ROPE=True, HAS_SEQLENS=seqlens,
+        NUM_SPLITS=splits, DOT_PRECISION="tf32"))
+
+
+def _mla_combine(batch: int, heads: int, q_tokens: int, cache_len: int) -> Launch:
+    dv = FLASHMLA_DECODE["v_dim"]
+    splits, _ = _mla_splits(batch, heads, q_tokens, cache_len)
+    out = _t(batch, q_tokens, heads, dv)
+    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len} splits={splits}", dict(
+        part_o_ptr=_t(batch, q_tokens * heads, splits, dv, dtype=F32),
+        part_lse_ptr=_t(batch, q_tokens * heads, splits, dtype=F32), out_ptr=out, H=heads, S=q_tokens, V_DIM=dv,
+        **_strides("stride_ob stride_os stride_oh stride_od", out), NUM_SPLITS=splits,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_DV=dv))
+
+
+def _flashmla_grid() -> list[Launch]:
+    g = FLASHMLA_DECODE
+    first = [_mla_decode(g["batch"], 128, 1, g["cache_len"][0])]
+    rest = [_mla_decode(g["batch"], h, s, n) for h in g["heads"] for s in g["q_tokens"] for n in g["cache_len"]]
+    return first + [x for x in rest if x.label != first[0].label] + [
+        _mla_decode(g["batch"], 128, 1, g["cache_len"][0], seqlens=False), _mla_decode(16, 128, 1, 4096)]
+
+
+# ---------------------------------------------------------------------------- FP8 quantization
+def _quant_act(label: str, R: int, K: int, col_major: bool = False, ue8m0: bool = False) -> Launch:
+    x, q = _t(R, K), _t(R, K, dtype=E4M3)
+    s = _col_major(R, K // B) if col_major else _t(R, K // B, dtype=F32)
+    return Launch(label, dict(
+        x_ptr=x, q_ptr=q, s_ptr=s, R=R, K=K, num_kb=K // B, **_strides("stride_xr stride_xk", x),
+        **_strides("stride_qr stride_qk", q), **_strides("stride_sr stride_sk", s),
+        BLOCK=B, BLOCK_P2=B, UE8M0=ue8m0))
+
+
+def _quant_weight(label: str, L: int, N: int, K: int) -> Launch:
+    w, q, s = _t(L, N, K), _t(L, N, K, dtype=E4M3), _t(L, triton.cdiv(N, B), triton.cdiv(K, B), dtype=F32)
+    return Launch(label, dict(
+        w_ptr=w, q_ptr=q, s_ptr=s, N=N, K=K, **_strides("stride_wl stride_wn stride_wk", w),
+        **_strides("stride_ql stride_qn stride_qk", q), **_strides("stride_sl stride_sn stride_sk", s),
+        BLOCK=B, BLOCK_P2=B, UE8M0=False), dict(num_warps=8))
+
+
+def _dequant(label: str, N: int, K: int, weight: bool) -> Launch:
+    """A weight (N, K) with B×B scales, or activations (N rows) with 1×B scales; bf16 out."""
+    q, o = _t(1, N, K, dtype=E4M3), _t(1, N, K)
+    s = _t(1, triton.cdiv(N, B) if weight else N, triton.cdiv(K, B), dtype=F32)
+    return Launch(label, dict(
+        q_ptr=q, s_ptr=s, o_ptr=o, N=N, K=K, **_strides("stride_ql stride_qn stride_qk", q),
+        **_strides("stride_sl stride_sn stride_sk", s), **_strides("stride_ol stride_on stride_ok", o),
+        DIV_N=B if weight else 1, DIV_K=B, BLOCK_N=64, BLOCK_K=128), dict(num_warps=4))
+
+
+# ---------------------------------------------------------------------------- routing
+def _route(label: str, T: int, args, bias: bool) -> Launch:
+    E, G = args.n_routed_experts, args.n_expert_groups
+    e_p = triton.next_power_of_2(E)
+    ws = min(e_p, 32)
+    logits, k = _t(T, E, dtype=F32), args.n_activated_experts
+    return Launch(label, dict(
+        logits_ptr=logits, bias_ptr=_t(E, dtype=F32) if bias else logits, weights_ptr=_t(T, k, dtype=F32),
+        ids_ptr=_t(T, k, dtype=I32), T=T, E=E, N_GROUPS=G, EG=E // G,
+        TOPK_GROUPS=args.n_limited_groups, stride_t=E,
+        route_scale_bits=struct.unpack("<q", struct.pack("<d", float(args.route_scale)))[0],
+        T_CLASS=0 if T <= 256 else 1 if T <= 4096 else 2, TOPK=k, K_P=triton.next_power_of_2(k),
+        GP=triton.next_power_of_2(G), EGP=triton.next_power_of_2(E // G), WS=ws, ITERS=e_p // ws,
+        LOG_WS=ws.bit_length() - 1,
+        SOFTMAX=args.score_func == "softmax", HAS_BIAS=bias, HAS_GROUPS=G > 1, IS_F64=False, PRECISE=True),
+        dict(enable_fp_fusion=False, enable_reflect_ftz=False))
+
+
+def _plan_pad(align: int) -> dict[str, Any]:
+    return dict(PAD_P=triton.next_power_of_2(max(align - 1, 1)), HAS_PAD=align > 1, BLOCK_TAIL=1024)
+
+
+def _routing_small(T: int, align: int = 1) -> Launch:
+    N = T * TOPK
+    M = N + min(E, N) * (align - 1)
+    return Launch(f"T={T} E={E} k={TOPK} align={align}", dict(
+        ids_ptr=_t(T, TOPK, dtype=I32), counts_ptr=_t(E, dtype=I32), offsets_ptr=_t(E, dtype=I32),
+        slot_to_row_ptr=_t(T, TOPK, dtype=I32), row_to_token_ptr=_t(M, dtype=I32), row_to_slot_ptr=_t(M, dtype=I32),
+        N=N, K=TOPK, E=E, M=M, align=align, TAIL=triton.cdiv(M, E), BLOCK_N=triton.next_power_of_2(N),
+        E_P=triton.next_power_of_2(E), **_plan_pad(align)))
+
+
+_SORT_BLOCK = 1024  # kernels.routing.SORT_BLOCK: the three-launch schedule's block
+
+
+def _routing_large(kernel: str, T: int, align: int = 1) -> Launch:
+    N = T * TOPK
+    M, NB, e_p = N + min(E, N) * (align - 1), triton.cdiv(N, _SORT_BLOCK), triton.next_power_of_2(E)
+    i32 = lambda *s: _t(*s, dtype=I32)
+    label = f"T={T} E={E} k={TOPK} align={align}"
+    if kernel == "sort":
+        return Launch(label, dict(ids_ptr=i32(T, TOPK), keys_ptr=i32(NB * _SORT_BLOCK), blk_counts_ptr=i32(NB, e_p),
+                                  N=N, E=E, BLOCK_N=_SORT_BLOCK, E_P=e_p))
+    if kernel == "scan":
+        return Launch(label, dict(blk_counts_ptr=i32(NB, e_p), adj_ptr=i32(NB, e_p), counts_ptr=i32(E),
+                                  offsets_ptr=i32(E), NB=NB, E=E, align=align,
+                                  BLOCK_B=max(1, min(triton.next_power_of_2(NB), 8192 // e_p)), E_P=e_p))
+    return Launch(label, dict(
+        keys_ptr=i32(NB * _SORT_BLOCK), adj_ptr=i32(NB, e_p), counts_ptr=i32(E), offsets_ptr=i32(E),
+        slot_to_row_ptr=i32(T, TOPK), row_to_token_ptr=i32(M), row_to_slot_ptr=i32(M), N=N, K=TOPK, E=E, M=M,
+        align=align, NB=NB, TAIL=triton.cdiv(M, NB), BLOCK_N=_SORT_BLOCK, E_P=e_p, **_plan_pad(align)))
+
+
+# ---------------------------------------------------------------------------- permute / unpermute
+_PAD_ROWS = 32  # kernels.permute.PAD_ROWS
+
+
+def _scatter_rows(T: int, weighted: bool = False) -> Launch:
+    M = T * TOPK
+    x, out = _t(T, D), _t(M, D)
+    return Launch(f"T={T} D={D} k={TOPK}{' weighted' if weighted else ''}", dict(
+        x_ptr=x, w_ptr=_t(T, TOPK, dtype=F32) if weighted else x, slot_to_row_ptr=_t(T, TOPK, dtype=I32),
+        row_to_slot_ptr=_t(M, dtype=I32), out_ptr=out, T=T, D=D, M=M, stride_x=D, stride_o=D, K=TOPK,
+        K_P=triton.next_power_of_2(TOPK), HAS_W=weighted, IS_F64=False, BLOCK_R=_PAD_ROWS,
+        PAD_BLOCK_D=2048 // x.element_size()), _NO_FMA)
+
+
+def _scatter_rows_fp8(T: int) -> Launch:
+    M, num_kb = T * TOPK, triton.cdiv(D, B)
+    return Launch(f"T={T} D={D} k={TOPK}", dict(
+        x_ptr=_t(T, D), slot_to_row_ptr=_t(T, TOPK, dtype=I32), row_to_slot_ptr=_t(M, dtype=I32),
+        q_ptr=_t(M, D, dtype=E4M3), s_ptr=_t(M, num_kb, dtype=F32), T=T, D=D, M=M, num_kb=num_kb, stride_x=D,
+        stride_q=D, stride_s=num_kb, K=TOPK, K_P=triton.next_power_of_2(TOPK), QBLOCK=B, QBLOCK_P2=B,
+        UE8M0=False, BLOCK_R=_PAD_ROWS, PAD_BLOCK_D=1024, PAD_BLOCK_S=64))
+
+
+def _combine(T: int) -> Launch:
+    M = T * TOPK
+    return Launch(f"T={T} D={D} k={TOPK}", dict(
+        ys_ptr=_t(M, D), w_ptr=_t(T, TOPK, dtype=F32), slot_to_row_ptr=_t(T, TOPK, dtype=I32), out_ptr=_t(T, D),
+        D=D, M=M, stride_y=D, stride_o=D, K=TOPK, HAS_W=True, IS_F64=False), _NO_FMA)
+
+
+def _combine_bwd(T: int) -> Launch:
+    M = T * TOPK
+    return Launch(f"T={T} D={D} k={TOPK}", dict(
+        dy_ptr=_t(T, D), ys_ptr=_t(M, D), w_ptr=_t(T, TOPK, dtype=F32), slot_to_row_ptr=_t(T, TOPK, dtype=I32),
+        row_to_slot_ptr=_t(M, dtype=I32), dys_ptr=_t(M, D), dw_ptr=_t(T, TOPK, dtype=F32), T=T, D=D, M=M,
+        stride_dy=D, stride_y=D, stride_dys=D, K=TOPK, K_P=triton.next_power_of_2(TOPK), IS_F64=False,
+        BLOCK_R=_PAD_ROWS, PAD_BLOCK_D=1024), _NO_FMA)
+
+
+# ---------------------------------------------------------------------------- SwiGLU
+def _halves(M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate and up: the two column halves of the up/gate GEMM's (M, 2I) output (strided views)."""
+    h = _t(M, 2 * I)
+    return h[:, :I], h[:, I:]
+
+
+def _swiglu(kernel: str, M: int) -> Launch:
+    g, u = _halves(M)
+    label = f"M={M} N={I} (halves of one GEMM output)"
+    if kernel == "fwd":
+        out = _t(M, I)
+        return Launch(label, dict(
+            g_ptr=g, u_ptr=u, out_ptr=out, M=M, N=I, **_strides("stride_gm stride_gn", g),
+            **_strides("stride_um stride_un", u), **_strides("stride_om stride_on", out), M_BUCKET=_m_bucket(M),
+            PRECISE=True), _NO_FMA)
+    if kernel == "bwd":
+        dy = _t(M, I)
+        return Launch(label, dict(
+            g_ptr=g, u_ptr=u, dy_ptr=dy, dg_ptr=_t(M, I), du_ptr=_t(M, I), M=M, N=I,
+            **_strides("stride_gm stride_gn", g), **_strides("stride_um stride_un", u),
+            **_strides("stride_dym stride_dyn", dy), stride_dgm=I, stride_dum=I, M_BUCKET=_m_bucket(M),
+            PRECISE=True), _NO_FMA)
+    s = _t(M, I // B, dtype=F32)
+    return Launch(label, dict(
+        g_ptr=g, u_ptr=u, q_ptr=_t(M, I, dtype=E4M3), s_ptr=s, M=M, N=I, num_kb=I // B,
+        **_strides("stride_gm stride_gn", g), **_strides("stride_um stride_un", u), stride_qm=I,
+        **_strides("stride_sm stride_sk", s), M_BUCKET=_m_bucket(M), PRECISE=True, BLOCK=B, BLOCK_P2=B,
+        UE8M0=False), _NO_FMA)
+
+
+# ---------------------------------------------------------------------------- the table
+_PREFILL_M, _DECODE_M = PREFILL_T * TOPK, DECODE_T * TOPK
+
+#: target name -> its launches (the first is the representative one).
+LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
+    "grouped_gemm_fwd/prefill": lambda: [
+        *_deepgemm_grouped(_grouped_fwd, lambda m: m > 128),
+        _grouped_fwd("dX contiguous 4x8192 n7168 k4096", 4 * 8192, 4, 7168, 4096, dx=True)],
+    "grouped_gemm_fwd/medium": lambda: [
+        *_v3_moe(_grouped_fwd, PREFILL_T),
+        _grouped_fwd(f"dX V3 T={PREFILL_T} n{D} k{2 * I}", _PREFILL_M, E, D, 2 * I, dx=True)],
+    "grouped_gemm_fwd/decode": lambda: _v3_moe(_grouped_fwd, DECODE_T),
+    "grouped_gemm_dw": lambda: [*_deepgemm_grouped(_grouped_dw, lambda m: True),
+                                _grouped_dw(f"V3 T={PREFILL_T} up", _PREFILL_M, E, 2 * I, D)],
+    "fp8_gemm/large": lambda: _deepgemm_dense(4096),
+    "fp8_gemm/medium": lambda: _deepgemm_dense(128),
+    "fp8_gemm/small": lambda: _deepgemm_dense(64),
+    "fp8_grouped_gemm/large": lambda: _deepgemm_grouped(_fp8_grouped, lambda m: m > 512),
+    "fp8_grouped_gemm/medium": lambda: [*_deepgemm_grouped(_fp8_grouped, lambda m: 64 < m <= 512),
+                                        *_v3_moe(_fp8_grouped, PREFILL_T)],
+    "fp8_grouped_gemm/small": lambda: _v3_moe(_fp8_grouped, DECODE_T),
+    "mla_decode_fwd": _flashmla_grid,
+    "mla_decode_combine": lambda: [_mla_combine(16, 128, 1, 4096), _mla_combine(16, 16, 2, 8192)],
+    "quant_act": lambda: [_quant_act(f"R={PREFILL_T} K={D}", PREFILL_T, D),
+                          _quant_act(f"R={PREFILL_T} K={D} col-major scales", PREFILL_T, D, col_major=True),
+                          _quant_act(f"R={DECODE_T} K={D} ue8m0", DECODE_T, D, ue8m0=True)],
+    "quant_weight": lambda: [_quant_weight(f"E={E} N={2 * I} K={D}", E, 2 * I, D),
+                             _quant_weight(f"N={D} K={I}", 1, D, I)],
+    "dequant": lambda: [_dequant(f"weight N={2 * I} K={D}", 2 * I, D, True),
+                        _dequant(f"activations R={PREFILL_T} K={D}", PREFILL_T, D, False)],
+    "route_fwd": lambda: [_route(f"V3 T={PREFILL_T}", PREFILL_T, V3, True),
+                          _route(f"V3 T={DECODE_T}", DECODE_T, V3, True),
+                          _route(f"V2-Lite T={PREFILL_T}", PREFILL_T, V2_LITE, False)],
+    "routing_small": lambda: [_routing_small(DECODE_T), _routing_small(DECODE_T, align=B)],
+    "routing_sort": lambda: [_routing_large("sort", PREFILL_T)],
+    "routing_scan": lambda: [_routing_large("scan", PREFILL_T), _routing_large("scan", PREFILL_T, align=B)],
+    "routing_scatter": lambda: [_routing_large("scatter", PREFILL_T), _routing_large("scatter", PREFILL_T, align=B)],
+    "scatter_rows": lambda: [_scatter_rows(PREFILL_T), _scatter_rows(PREFILL_T, weighted=True),
+                             _scatter_rows(DECODE_T)],
+    "scatter_rows_fp8": lambda: [_scatter_rows_fp8(PREFILL_T), _scatter_rows_fp8(DECODE_T)],
+    "combine": lambda: [_combine(PREFILL_T), _combine(DECODE_T)],
+    "combine_bwd": lambda: [_combine_bwd(PREFILL_T)],
+    "swiglu_fwd": lambda: [_swiglu("fwd", _PREFILL_M), _swiglu("fwd", _DECODE_M)],
+    "swiglu_bwd": lambda: [_swiglu("bwd", _PREFILL_M)],
+    "swiglu_fp8": lambda: [_swiglu("fp8", _PREFILL_M), _swiglu("fp8", _DECODE_M)],
+}
+
+
+def launches(target: str, sweep: bool = True) -> list[Launch]:
+    """The launches of ``target`` (all of them, or only the representative one)."""
+    found = LAUNCHES[target]()
+    return found if sweep else found[:1]
