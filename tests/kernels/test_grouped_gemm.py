@@ -5,9 +5,9 @@ configs (the ones the autotuner starts from) and with 16×16×16 blocks that giv
 tiles and K steps. Both kernel families run: the pointer kernels (``SMALL`` configs, odd N/K,
 float32) and the Hopper-native TMA kernels (``TMA`` configs and every default call whose
 operands TMA takes: the interpreter counts as compute capability 9.0); ``_common.tma_path``,
-the rule between them, is tested with explicit capabilities. The TMA kernels are also compiled
-for sm_90 in a subprocess (``sm90_compile``): no spills, shared memory, wgmma, TMA, warp
-specialisation, no synchronous load in the main loop. Tolerances are derived: the kernel's error
+the rule between them, is tested with explicit capabilities. Their sm_90 compiles (no spills,
+shared memory, wgmma, TMA, warp specialisation, no synchronous load in the main loop) are
+checked by ``profiling audit`` (tests/profiling/test_audit.py). Tolerances are derived: the kernel's error
 against the float64 reference within 2× the error of the reference run in the inputs' dtype
 (float32 accumulation and one rounding, what the kernel must match). The GPU tier runs DeepSeek
 shapes.
@@ -624,61 +624,3 @@ def test_tma_config_lists():
                 assert k["BLOCK_M"] in SCHEDULE_BLOCK_M, c
     assert all(c.kwargs["SWAP_AB"] and not c.kwargs["WARP_SPECIALIZE"] for c in tma_configs("decode"))
     assert wave_efficiency(264, 132) == 1.0 and wave_efficiency(133, 132) == pytest.approx(133 / 264)
-
-
-def _sm90_jobs(first_only: bool):
-    """sm90_compile jobs: the TMA configs at DeepSeek-like specialisations (16-divisible sizes)."""
-    from sm90_compile import Job
-
-    module = "moela.kernels.grouped_gemm_tma"
-    ints = ("M", "N", "K", "E")
-    fwd_args = dict(x_ptr="*bf16", w_ptr="*bf16", offsets_ptr="*i32", table_ptr="*i32", out_ptr="*bf16",
-                    stride_xm="i32", stride_we="i32", stride_wr="i32", stride_om="i32", M_BUCKET="i32",
-                    **dict.fromkeys(ints, "i32"))
-    dw_args = dict(x_ptr="*bf16", dy_ptr="*bf16", table_ptr="*i32", dw_ptr="*bf16", stride_xm="i32",
-                   stride_dym="i32", stride_dwe="i32", stride_dwn="i32", **dict.fromkeys(ints, "i32"))
-    aligned = ("N", "K", "x_ptr", "w_ptr", "dy_ptr", "out_ptr", "dw_ptr", "stride_xm", "stride_we", "stride_wr",
-               "stride_om", "stride_dym", "stride_dwe", "stride_dwn")
-    jobs = []
-    for name in (*TMA_FWD_PATHS, "dw"):
-        configs = tma_configs(name)
-        for i, c in enumerate(configs[:1] if first_only else configs):
-            for w_kn in ((False,) if name == "dw" else (False, True)):
-                label = f"{name}[{i}]{' dX' if w_kn else ''}"
-                if name == "dw":
-                    jobs.append(Job(label, module, "_grouped_gemm_dw_tma_kernel", dw_args, dict(c.kwargs, NUM_SMS=132),
-                                    c.num_warps, c.num_stages, tuple(a for a in aligned if a in dw_args)))
-                else:
-                    constexprs = dict(c.kwargs, W_KN=w_kn, BLOCK_E=512, NUM_SMS=132)
-                    jobs.append(Job(label, module, "_grouped_gemm_tma_kernel", fwd_args, constexprs, c.num_warps,
-                                    c.num_stages, tuple(a for a in aligned if a in fwd_args)))
-    return jobs, {j.name: j for j in jobs}
-
-
-def _check_sm90(first_only: bool):
-    sm90_compile = pytest.importorskip("sm90_compile")
-    missing = sm90_compile.toolchain_missing()
-    if missing:
-        pytest.skip(f"no sm_90 toolchain: {missing}")
-    jobs, by_name = _sm90_jobs(first_only)
-    for r in sm90_compile.run_jobs(jobs):
-        ws = by_name[r.name].constexprs["WARP_SPECIALIZE"]
-        assert not r.error, f"{r.name}: {r.error}"
-        assert r.spill_bytes == 0, f"{r.name}: {r.spill_bytes} bytes spilled"
-        assert r.smem <= 227 * 1024, f"{r.name}: {r.smem} bytes of shared memory"
-        assert r.wgmma and r.tma, f"{r.name}: wgmma {r.wgmma}, TMA {r.tma}"
-        assert r.warp_specialize == ws, f"{r.name}: warp specialisation {r.warp_specialize}, asked {ws}"
-        assert r.main_loop_loads == 0, f"{r.name}: {r.main_loop_loads} synchronous loads in the main loop"
-
-
-def test_sm90_compile_default_tma_configs():
-    """The first config of each TMA list (what MOELA_AUTOTUNE=0 and untuned keys start from), fwd and
-    dX, compiled for sm_90: no spills, <= 227 KB, wgmma, TMA, warp specialisation where asked, no
-    synchronous global load in the main loop."""
-    _check_sm90(first_only=True)
-
-
-@pytest.mark.slow
-def test_sm90_compile_all_tma_configs():
-    """As above, every config the autotuner may try."""
-    _check_sm90(first_only=False)

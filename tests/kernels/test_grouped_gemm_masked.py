@@ -5,8 +5,8 @@ Hopper-native TMA kernel (warp-specialised, swap-AB with and without warp specia
 every default call on operands TMA takes) and the pointer kernel (float32, odd K, explicit
 pointer configs). Outputs are pre-filled with NaN; x's rows past masked_m hold NaN (they must
 never reach a result); tolerances are derived: the kernel's error against the float64 reference
-within 2× the error of the reference run in the inputs' dtype. The TMA configs are compiled for
-sm_90 in a subprocess (``sm90_compile``).
+within 2× the error of the reference run in the inputs' dtype. The sm_90 compiles of both
+kernels are checked by ``profiling audit`` (tests/profiling/test_audit.py).
 """
 
 from __future__ import annotations
@@ -144,27 +144,6 @@ def test_config_lists():
         assert "WARP_SPECIALIZE" in c.kwargs and "SWAP_AB" in c.kwargs, c
     for c in masked_pointer_configs():
         assert "WARP_SPECIALIZE" not in c.kwargs, c  # the config families stay apart (_common.uses_tma)
-
-
-def test_sm90_compile_default_tma_config():
-    """The first TMA config, compiled for sm_90: no spills, <= 227 KB, wgmma, TMA, warp
-    specialisation, no synchronous global load in the main loop."""
-    sm90_compile = pytest.importorskip("sm90_compile")
-    missing = sm90_compile.toolchain_missing()
-    if missing:
-        pytest.skip(f"no sm_90 toolchain: {missing}")
-    c = masked_tma_configs()[0]
-    args = dict(x_ptr="*bf16", w_ptr="*bf16", masked_m_ptr="*i32", out_ptr="*bf16", MAX_M_BUCKET="i32",
-                **dict.fromkeys(("E", "MAX_M", "N", "K", "stride_xe", "stride_xm", "stride_we", "stride_wn",
-                                 "stride_oe", "stride_om"), "i32"))
-    job = sm90_compile.Job("masked[0]", "moela.kernels.grouped_gemm_masked", "_grouped_gemm_masked_tma_kernel", args,
-                           dict(c.kwargs, NUM_SMS=132), c.num_warps, c.num_stages,
-                           ("x_ptr", "w_ptr", "out_ptr", "N", "K", "stride_xe", "stride_xm", "stride_we", "stride_wn",
-                            "stride_oe", "stride_om"))
-    (r,) = sm90_compile.run_jobs([job])
-    assert not r.error, r.error
-    assert r.spill_bytes == 0 and r.smem <= 227 * 1024 and r.wgmma and r.tma, r
-    assert r.warp_specialize and r.main_loop_loads == 0, r
 
 
 @pytest.mark.gpu
