@@ -112,7 +112,8 @@ def _tma_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 
 
 def _pointer_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Pipeline buffers within the shared-memory budget; float32 at most 64 accumulators per thread."""
+    """Pipeline buffers within the shared-memory budget; float32 (FMA dots) at most 32 accumulators
+    per thread (64 spill at sm_90 next to the operand fragments)."""
     size = named_args["x_ptr"].element_size()
 
     def smem(c: triton.Config) -> int:
@@ -120,7 +121,7 @@ def _pointer_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         return c.num_stages * k["BLOCK_K"] * (k["BLOCK_M"] + k["BLOCK_N"]) * size
 
     kept = [c for c in configs if smem(c) <= SMEM_BUDGET
-            and (size == 2 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps)]
+            and (size == 2 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps)]
     return kept or [min(configs, key=smem)]
 
 
