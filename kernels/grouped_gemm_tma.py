@@ -9,8 +9,8 @@ cumulative row ends (``kernels.grouped_gemm``'s contract: rows past ``offsets[E-
 
 How. A persistent grid of ``min(SMs, tiles)`` programs walks the output tiles with a stride of
 the grid (``tl.range(..., warp_specialize=...)``): at ``num_warps=4`` Triton 3.6 splits the loop
-into one TMA producer warpgroup and two consumer warpgroups (``setmaxnreg``) that each own half
-of the tile's rows, so one tile's epilogue overlaps the next tile's loads. Tiles are ordered by
+into one TMA producer warpgroup and two consumer warpgroups (12 warps, ``setmaxnreg``) that each
+own half of the tile, so one tile's epilogue overlaps the next tile's loads. Tiles are ordered by
 an L2 swizzle (``tl_helpers.grouped_tile_order``: GROUP_M M-tiles walk the N-tiles together, so
 an expert's weight tile is read from HBM about once).
 
@@ -23,8 +23,8 @@ an expert's weight tile is read from HBM about once).
 - Stores: TMA from shared memory. The forward's output descriptor is made per tile with the
   group's end as its row extent, so the store clips at the group's end (the next group's rows
   belong to another tile); dW's output tile goes through a descriptor of its expert's (N, K)
-  matrix, made per tile too. Masked pointer stores of a
-  128×256 tile would hold a 64-bit address per element in registers: they spill.
+  matrix, made per tile too. (Masked pointer stores of a 256×128 tile hold a 64-bit address per
+  element in registers: they spill.)
 - Tile lookup without a host sync: warp-specialised configs read the table of
   ``kernels.group_schedule`` (one extra single-program launch; the real number of M-tiles
   bounds their loop); the others (decode) recompute it per tile from ``offsets``
