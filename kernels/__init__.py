@@ -49,14 +49,14 @@ else:
     from .fp8_quant import dequant, quant_act, quant_weight
     from .gate import gate, route
     from .grouped_gemm import grouped_gemm, grouped_gemm_dw
+    from .grouped_gemm_masked import grouped_gemm_masked
     from .mla_decode import mla_decode
     from .permute import permute, unpermute
     from .routing import make_routing
     from .swiglu import swiglu
 
     __all__ = [
-        "route", "gate", "grouped_gemm", "grouped_gemm_dw", "make_routing", "permute", "unpermute",
-        "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked",
-        "fp8_linear", "mla_decode", "swiglu",
-        "registered_ops",
+        "route", "gate", "grouped_gemm", "grouped_gemm_dw", "grouped_gemm_masked", "make_routing", "permute",
+        "unpermute", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked",
+        "fp8_linear", "mla_decode", "swiglu", "registered_ops",
     ]

@@ -17,7 +17,8 @@ factory makes
   reference runs) and the kernel's domain check on meta/fake tensors, then empty outputs,
 - the autograd registration (``backward`` / ``setup_context``, torch's own conventions),
 - ``fn.launch(*args, out=None, config=None)``: contract, domain and device checks, output
-  allocation (or checks of the given ``out``), the launcher on the inputs' GPU,
+  allocation (or checks of the given ``out``: the spec's shapes and dtypes, the inputs' device,
+  no two elements sharing memory), the launcher on the inputs' GPU,
 - the public function: in plain eager inference (:func:`run_direct`) it calls ``launch``
   directly, skipping the custom op's dispatch layers; otherwise it checks the contract (so bad
   input gets moela's error, not the dispatcher's) and calls the custom op.
@@ -119,6 +120,22 @@ def _check_out(name: str, out: object, spec: TensorSpec, device: torch.device) -
         raise ValueError(f"{name}: expected shape {tuple(spec.shape)}, got {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"{name}: expected device {device} (that of the inputs), got {out.device}")
+    if _overlapping(out):
+        raise ValueError(f"{name}: expected a buffer whose elements do not share memory, got strides {out.stride()} "
+                         f"for shape {tuple(out.shape)} (a stride-0 or overlapping view)")
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Could two elements of ``t`` share memory? Dims sorted by stride must each step past the
+    extent of the smaller ones (stride-0 views fail; so do rare interleaved layouts)."""
+    if t.numel() <= 1:
+        return False
+    extent = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
 
 
 def _empty_like_spec(spec, device: torch.device):

@@ -49,19 +49,9 @@ from torch import Tensor
 
 from moela.reference.fp8 import check_fp8_gemm
 
-from ._common import autotune, cdiv, m_bucket
+from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, m_bucket, num_sms
 from .factory import kernel_op
-from .fp8_mainloop import (
-    ensure_scratch_allocator,
-    fp8_path,
-    fp8_tma_tile,
-    hopper_meta,
-    hopper_tuner,
-    kernel_capability,
-    num_sms,
-    tma_config,
-    tma_pruner,
-)
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = [
@@ -239,13 +229,13 @@ def fp8_kernel_block(op: str, block: int, K: int, name: str) -> None:
 def launch_fp8_gemm(out, a, a_s, b, b_s, block, bias, config, capability=None) -> None:
     """The block-scaled GEMM into ``out`` (M, N), ``bias`` (N,) or None added to the float32
     accumulator; shared with ``fp8_linear``. ``capability`` (default: the device's,
-    ``fp8_mainloop.kernel_capability``) feeds the path rule ``fp8_mainloop.fp8_path``."""
+    ``_common.device_capability``) feeds the path rule ``fp8_mainloop.fp8_path``."""
     M, K = a.shape
     N = b.shape[0]
     if M == 0 or N == 0:
         return
     bias = None if bias is None else bias.contiguous()  # the kernels index it flat
-    cap = kernel_capability(a.device) if capability is None else capability
+    cap = device_capability(a.device) if capability is None else capability
     if fp8_path(cap, block, a, b) == "tma":
         _launch_tma(out, a, a_s, b, b_s, block, bias, config)
     else:
@@ -280,7 +270,7 @@ def _launch_tma(out, a, a_s, b, b_s, block, bias, config) -> None:
     M, N = a.shape[0], b.shape[0]
     args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias)
     sms = num_sms(a.device)
-    ensure_scratch_allocator()
+    ensure_tma_allocator()
     if config is None:
         grid = lambda meta: (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
         _TMA_TUNED[m_class(M)][grid](*args, **consts)

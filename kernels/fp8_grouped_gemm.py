@@ -45,20 +45,19 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, cdiv, kernel_rows, m_bucket, next_power_of_2
+from ._common import (
+    autotune,
+    cdiv,
+    device_capability,
+    ensure_tma_allocator,
+    kernel_rows,
+    m_bucket,
+    next_power_of_2,
+    num_sms,
+)
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
-from .fp8_mainloop import (
-    ensure_scratch_allocator,
-    fp8_path,
-    fp8_tma_tile,
-    hopper_meta,
-    hopper_tuner,
-    kernel_capability,
-    num_sms,
-    tma_config,
-    tma_pruner,
-)
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile, locate_m_tile_by_chunks
 
 __all__ = ["fp8_grouped_gemm", "launch_fp8_grouped_gemm", "fp8_grouped_gemm_configs", "fp8_grouped_gemm_tma_configs"]
@@ -249,7 +248,7 @@ def _rows_view(w: Tensor) -> Tensor | None:
 def launch_fp8_grouped_gemm(out, xs, xs_s, w, w_s, offsets, block, config, capability=None) -> None:
     """The grouped GEMM into ``out`` (M, N); ``capability`` (default: the device's) feeds the path
     rule ``fp8_mainloop.fp8_path``. M >= 1, N >= 1, offsets contiguous."""
-    cap = kernel_capability(xs.device) if capability is None else capability
+    cap = device_capability(xs.device) if capability is None else capability
     w2 = _rows_view(w)
     if fp8_path(cap, block, xs, w2) == "tma":
         _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config)
@@ -290,7 +289,7 @@ def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:
     N = w2.shape[0] // E
     args, consts = tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block)
     sms = num_sms(xs.device)
-    ensure_scratch_allocator()
+    ensure_tma_allocator()
     if config is None:
         grid = lambda meta: (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
         _TMA_TUNED[m_class(cdiv(M, max(E, 1)))][grid](*args, **consts)

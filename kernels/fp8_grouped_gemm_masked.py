@@ -35,20 +35,10 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm_masked
 from moela.reference.grouped_gemm import check_masked_m
 
-from ._common import autotune, cdiv, kernel_rows
+from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, kernel_rows, num_sms
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
-from .fp8_mainloop import (
-    ensure_scratch_allocator,
-    fp8_path,
-    fp8_tma_tile,
-    hopper_meta,
-    hopper_tuner,
-    kernel_capability,
-    num_sms,
-    tma_config,
-    tma_pruner,
-)
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = ["fp8_grouped_gemm_masked", "launch_fp8_grouped_gemm_masked", "fp8_grouped_gemm_masked_configs",
@@ -194,7 +184,7 @@ def _flat_rows(t: Tensor) -> Tensor | None:
 def launch_fp8_grouped_gemm_masked(out, x, x_s, w, w_s, masked_m, block, config, capability=None) -> None:
     """The masked grouped GEMM into ``out`` (E, max_m, N); ``capability`` (default: the device's)
     feeds the path rule ``fp8_mainloop.fp8_path``. E, max_m, N >= 1; masked_m contiguous."""
-    cap = kernel_capability(x.device) if capability is None else capability
+    cap = device_capability(x.device) if capability is None else capability
     x2, w2 = _flat_rows(x), _flat_rows(w)
     if fp8_path(cap, block, x2, w2) == "tma":
         _launch_tma(out, x2, x_s, w2, w_s, masked_m, block, config)
@@ -230,7 +220,7 @@ def _launch_tma(out, x2, x_s, w2, w_s, masked_m, block, config) -> None:
     E, max_m, N = out.shape
     args, consts = tma_launch_args(out, x2, x_s, w2, w_s, masked_m, block)
     sms = num_sms(x2.device)
-    ensure_scratch_allocator()
+    ensure_tma_allocator()
     tiles = lambda meta: E * cdiv(max_m, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     if config is None:
         _TMA_TUNED[m_class(max_m)][lambda meta: (min(tiles(meta), sms),)](*args, **consts)

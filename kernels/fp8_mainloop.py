@@ -10,7 +10,7 @@ tiles come through tensor descriptors (TMA, ``cp.async.bulk.tensor``; rows and c
 tensor are zero-filled, so no masks) that each program makes on the device
 (``tl.make_tensor_descriptor``: the block shape follows the config's constexprs, so autotuning
 and the config tables need nothing on the host; Triton's global scratch holds them, allocated
-through torch by :func:`ensure_scratch_allocator`); the scales are pointer loads (any
+through torch by ``_common.ensure_tma_allocator``); the scales are pointer loads (any
 strides), which the software pipeliner turns into ``cp.async``. Two schedules, chosen by the
 ``WARP_SPECIALIZE`` constexpr of a config:
 
@@ -35,25 +35,22 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from moela import knobs
 
+from ._common import num_sms, tma_operand_ok
+
 __all__ = [
-    "fp8_tma_tile", "fp8_path", "tma_ready", "kernel_capability", "num_sms", "ensure_scratch_allocator",
-    "tma_config", "tma_smem", "tma_config_fits", "wave_cost", "tma_pruner", "hopper_tuner", "hopper_meta",
-    "HOPPER", "HOPPER_BLOCK", "INTERPRETER_SMS", "HOPPER_SMS", "FLOP_PER_BYTE", "KEEP_CONFIGS",
+    "fp8_tma_tile", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem", "tma_config_fits", "wave_cost",
+    "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK", "HOPPER_SMS", "FLOP_PER_BYTE",
+    "KEEP_CONFIGS",
 ]
 
 #: The first compute capability with TMA and wgmma.
 HOPPER = (9, 0)
-#: The "SM count" the persistent kernels use under the interpreter: small, so that each program
-#: walks several tiles as it does on a GPU.
-INTERPRETER_SMS = 3
 #: The SM count configs are ranked for where no GPU runs them (a compile-only audit): H100 / H200.
 HOPPER_SMS = 132
 
@@ -121,82 +118,40 @@ def fp8_tma_tile(
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: the path rule, descriptors, device facts
+# Host side: the path rule, device facts
 # ----------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(device))
-
-
-def kernel_capability(device: torch.device) -> tuple[int, int]:
-    """The compute capability the kernels are built for: the GPU's; on the CPU (the Triton
-    interpreter, which runs tensor descriptors) that of Hopper, so the Hopper kernels are the
-    ones the CPU tests exercise by default."""
-    if device.type == "cuda":
-        return _cuda_capability(device)
-    return HOPPER
-
-
-@functools.cache
-def _cuda_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of the device: the persistent kernels' program count;
-    ``INTERPRETER_SMS`` under the interpreter, ``HOPPER_SMS`` for tensors no kernel will run on
-    (meta or CPU tensors outside the interpreter: a compile-only audit)."""
-    if knobs.interpret():
-        return INTERPRETER_SMS
-    if device.type == "cuda":
-        return _cuda_sms(device)
-    return HOPPER_SMS
-
-
-def tma_ready(t: torch.Tensor | None) -> bool:
-    """Can a tensor descriptor read this 2-D tensor: unit stride in its last dim, base address
-    and row stride multiples of 16 bytes, no empty dim?"""
-    if t is None or t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        return False
-    size = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
-
 
 #: The scale block the Hopper kernels take (DeepSeek's; their configs are sized for it).
 HOPPER_BLOCK = 128
 
 
+def tma_ready(t: torch.Tensor | None) -> bool:
+    """Can a tensor descriptor read this 2-D tensor (``_common.tma_operand_ok``, no empty dim)?"""
+    return t is not None and t.ndim == 2 and t.numel() > 0 and tma_operand_ok(t)
+
+
 def fp8_path(capability: tuple[int, int], block: int, *tma_operands: torch.Tensor | None) -> str:
     """The FP8 GEMM kernels' one path rule: ``"tma"`` (the Hopper kernels: tensor descriptors,
-    persistent tiles, wgmma) when the device has TMA (compute capability >= 9.0), the scale block
-    is ``HOPPER_BLOCK`` (128) and every operand those kernels read through descriptors (the e4m3
-    activations and weights as 2-D views, ``None`` where no 2-D view exists) satisfies
-    :func:`tma_ready`; otherwise ``"pointer"`` (the pointer-based kernels: Ada's sm_89, other
-    scale blocks, odd strides or alignment, K = 0). Scales and outputs go through pointers on
-    both paths: any strides.
+    persistent tiles, wgmma) when the device has TMA (compute capability >= 9.0; the interpreter
+    counts as 9.0) and ``MOELA_TMA`` is not ``0``, the scale block is ``HOPPER_BLOCK`` (128) and
+    every operand those kernels read through descriptors (the e4m3 activations and weights as
+    2-D views, ``None`` where no 2-D view exists) satisfies :func:`tma_ready`; otherwise
+    ``"pointer"`` (the pointer-based kernels: Ada's sm_89, other scale blocks, odd strides or
+    alignment, K = 0). Scales and outputs go through pointers on both paths: any strides.
+    ``capability`` is an input so that tests can run either path anywhere.
     """
-    if tuple(capability) >= HOPPER and block == HOPPER_BLOCK and all(tma_ready(t) for t in tma_operands):
-        return "tma"
-    return "pointer"
+    if knobs.get("MOELA_TMA") == "0" or tuple(capability) < HOPPER or block != HOPPER_BLOCK:
+        return "pointer"
+    return "tma" if all(tma_ready(t) for t in tma_operands) else "pointer"
 
 
-def _torch_scratch(size: int, alignment: int, stream):
-    """Triton's global scratch (the device-side tensor descriptors) from torch's caching allocator
-    on the current device (capturable in CUDA graphs)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_scratch_allocator() -> None:
-    """Give Triton an allocator for kernels' global scratch, unless one is set already (in this
-    thread's context): the Hopper kernels make their tensor descriptors there."""
-    from triton.runtime import _allocation
-
-    current = getattr(_allocation, "_allocator", None)
-    null = getattr(_allocation, "NullAllocator", None)
-    if current is None or null is None or isinstance(current.get(), null):
-        triton.set_allocator(_torch_scratch)
+def ranking_sms(device: torch.device) -> int:
+    """The SM count the pruners rank configs for: the GPU's (``_common.num_sms``), the
+    interpreter's few programs, or ``HOPPER_SMS`` for tensors no kernel will run on (meta or CPU
+    tensors outside the interpreter: a compile-only audit)."""
+    if device.type == "cuda" or knobs.interpret():
+        return num_sms(device)
+    return HOPPER_SMS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +206,7 @@ def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         block = kwargs.get("SCALE_BLOCK", nargs.get("SCALE_BLOCK"))
-        sms = num_sms(nargs[tensor].device)
+        sms = ranking_sms(nargs[tensor].device)
         fits = [c for c in configs if tma_config_fits(c, block, budget)] or configs[:1]
 
         def cost(c: triton.Config) -> float:

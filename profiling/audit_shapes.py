@@ -97,6 +97,59 @@ def _v3_moe(build, T: int) -> list[Launch]:
             build(f"V3 T={T} down n{D} k{I}", T * TOPK, E, D, I)]
 
 
+# ---------------------------------------------------------------------------- grouped GEMM, Hopper-native (TMA)
+_SMS = 132  # H100/H200: the persistent grids' size (kernels._common.num_sms)
+
+
+def _grouped_tma(label: str, M: int, E: int, N: int, K: int, dx: bool = False) -> Launch:
+    """``kernels.grouped_gemm_tma``'s forward (dX: w[e] stored (K, N), the forward's w as it is)."""
+    xs, out = _t(M, K), _t(M, N)
+    w = _t(E, K, N) if dx else _t(E, N, K)
+    return Launch(label, dict(
+        x_ptr=xs, w_ptr=w, offsets_ptr=_t(E, dtype=I32), table_ptr=_t(7, E + 1, dtype=I32), out_ptr=out,
+        M=M, N=N, K=K, E=E, stride_xm=xs.stride(0), stride_we=w.stride(0), stride_wr=w.stride(1),
+        stride_om=out.stride(0), M_BUCKET=_m_bucket(M), W_KN=dx, BLOCK_E=triton.next_power_of_2(E + 1),
+        NUM_SMS=_SMS))
+
+
+def _grouped_dw_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    xs, dy, dw = _t(M, K), _t(M, N), _t(E, N, K)
+    return Launch(label, dict(
+        x_ptr=xs, dy_ptr=dy, table_ptr=_t(7, E + 1, dtype=I32), dw_ptr=dw, M=M, N=N, K=K, E=E,
+        stride_xm=xs.stride(0), stride_dym=dy.stride(0), stride_dwe=dw.stride(0), stride_dwn=dw.stride(1),
+        NUM_SMS=_SMS))
+
+
+def _masked(label: str, E: int, max_m: int, N: int, K: int, tma: bool = True, dtype: torch.dtype = BF16) -> Launch:
+    """``kernels.grouped_gemm_masked``: x (E, max_m, K), w (E, N, K), out (E, max_m, N)."""
+    x, w, out = _t(E, max_m, K, dtype=dtype), _t(E, N, K, dtype=dtype), _t(E, max_m, N, dtype=dtype)
+    common = dict(x_ptr=x, w_ptr=w, masked_m_ptr=_t(E, dtype=I32), out_ptr=out, E=E, MAX_M=max_m, N=N, K=K,
+                  M_BUCKET=_m_bucket(max_m))
+    if tma:
+        return Launch(label, dict(common, stride_xe=x.stride(0), stride_xm=x.stride(1), stride_we=w.stride(0),
+                                  stride_wn=w.stride(1), stride_oe=out.stride(0), stride_om=out.stride(1),
+                                  NUM_SMS=_SMS))
+    return Launch(label, dict(common, **_strides("stride_xe stride_xm stride_xk", x),
+                              **_strides("stride_we stride_wn stride_wk", w),
+                              **_strides("stride_oe stride_om stride_on", out),
+                              DOT_PRECISION="ieee" if dtype == F32 else "tf32"))
+
+
+def _masked_sets(tma: bool) -> list[Launch]:
+    """DeepGEMM's masked 4 × 256 (N=7168, K=2048), and one rank's 32 experts of V3 decode at 8-way
+    expert parallelism in DeepEP's low-latency layout (max_m = 8 ranks × DECODE_T tokens)."""
+    local, max_m = E // 8, 8 * DECODE_T
+    out = [_masked("deepgemm masked 4x256 n7168 k2048", 4, 256, 7168, 2048, tma),
+           _masked(f"V3 EP8 decode T={DECODE_T} up n{2 * I} k{D}", local, max_m, 2 * I, D, tma),
+           _masked(f"V3 EP8 decode T={DECODE_T} down n{D} k{I}", local, max_m, D, I, tma)]
+    return out if tma else out + [_masked("float32 4x256 n7168 k2048", 4, 256, 7168, 2048, False, F32)]
+
+
+def _schedule(E: int, M: int) -> Launch:
+    return Launch(f"E={E} M={M}", dict(offsets_ptr=_t(E, dtype=I32), table_ptr=_t(7, E + 1, dtype=I32), M=M, E=E,
+                                       BLOCK_E=triton.next_power_of_2(E + 1)))
+
+
 # ---------------------------------------------------------------------------- FP8 GEMMs
 def _fp8_gemm(label: str, M: int, N: int, K: int) -> Launch:
     a, a_s, b, b_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(N, K, dtype=E4M3), \
@@ -382,6 +435,20 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "grouped_gemm_fwd/decode": lambda: _v3_moe(_grouped_fwd, DECODE_T),
     "grouped_gemm_dw": lambda: [*_deepgemm_grouped(_grouped_dw, lambda m: True),
                                 _grouped_dw(f"V3 T={PREFILL_T} up", _PREFILL_M, E, 2 * I, D)],
+    "grouped_gemm_tma/prefill": lambda: [
+        *_deepgemm_grouped(_grouped_tma, lambda m: m > 128),
+        _grouped_tma("dX contiguous 4x8192 n7168 k4096", 4 * 8192, 4, 7168, 4096, dx=True)],
+    "grouped_gemm_tma/medium": lambda: [
+        *_v3_moe(_grouped_tma, PREFILL_T),
+        _grouped_tma(f"dX V3 T={PREFILL_T} n{D} k{2 * I}", _PREFILL_M, E, D, 2 * I, dx=True)],
+    "grouped_gemm_tma/decode": lambda: [
+        *_v3_moe(_grouped_tma, DECODE_T),
+        _grouped_tma(f"dX V3 T={DECODE_T} n{D} k{2 * I}", _DECODE_M, E, D, 2 * I, dx=True)],
+    "grouped_gemm_dw_tma": lambda: [*_deepgemm_grouped(_grouped_dw_tma, lambda m: True),
+                                    _grouped_dw_tma(f"V3 T={PREFILL_T} up", _PREFILL_M, E, 2 * I, D)],
+    "grouped_gemm_masked_tma": lambda: _masked_sets(tma=True),
+    "grouped_gemm_masked": lambda: _masked_sets(tma=False),
+    "group_schedule": lambda: [_schedule(E, _PREFILL_M), _schedule(4, 4 * 8192)],
     "fp8_gemm/large": lambda: _deepgemm_dense(4096),
     "fp8_gemm/medium": lambda: _deepgemm_dense(128),
     "fp8_gemm/small": lambda: _deepgemm_dense(64),

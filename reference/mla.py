@@ -453,6 +453,8 @@ class MLA(nn.Module):
         w = self.kv_norm.weight
         if x.dtype != w.dtype:
             raise TypeError(f"x: expected dtype {w.dtype} (the parameters'), got {x.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"x: expected device {w.device} (the parameters'), got {x.device}")
         _check_int("start_pos", start_pos, 0)
         end = start_pos + x.shape[1]
         if end > self.args.max_seq_len:  # before anything is allocated for those positions
@@ -468,6 +470,11 @@ class MLA(nn.Module):
                              "build it with MLA.new_cache")
         if cache.dtype != x.dtype:
             raise TypeError(f"cache: expected dtype {x.dtype} (x's), got {cache.dtype}")
+        if cache.device != x.device:
+            raise ValueError(f"cache: expected device {x.device} (x's), got {cache.device}")
+        if x.shape[0] > cache.batch_size:
+            raise ValueError(f"cache: x has batch {x.shape[0]} (shape {tuple(x.shape)}), more than the cache's "
+                             f"{cache.batch_size} sequences")
         if end > cache.max_seq_len:
             raise ValueError(f"start_pos: positions [{start_pos}, {end}) run past the cache's "
                              f"max_seq_len {cache.max_seq_len}")

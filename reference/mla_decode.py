@@ -7,8 +7,9 @@ columns of the cache).
     o[b, i, h] = softmax_t(scale · q[b, i, h] · kv[b, t]ᵀ, t <= len_b - S + i) · kv[b, t, :Dv]
 
 with ``len_b = L``, or ``cache_seqlens[b]`` clamped into [0, L] (a fixed-size cache buffer whose
-sequences hold their first len_b keys; ``validate=True`` raises on lengths outside [S, L]). A
-query row that sees no key gets zeros. Scores and softmax are float32 (float64 for float64
+sequences hold their first len_b keys; ``validate=True`` raises on lengths outside [S, L]). Rows
+of kv at or past len_b are never used, whatever they hold (NaN included). A query row that sees
+no key gets zeros. Scores and softmax are float32 (float64 for float64
 inputs) and the probabilities are rounded to the cache dtype before the product with the values,
 as FlashMLA does: every head attends to the same latent keys, so the rows of a sequence form one
 wide multi-query head.
@@ -25,6 +26,7 @@ from ._checks import (
     accumulate_dtype,
     check_bool,
     check_float,
+    check_has_values,
     check_int,
     check_same_device,
     check_tensor,
@@ -58,6 +60,7 @@ def check_mla_decode(q: object, kv: object, softmax_scale: object, *, v_dim: obj
 
 def validate_seqlens(cache_seqlens: torch.Tensor, S: int, L: int) -> None:
     """Raise ValueError unless every ``S <= cache_seqlens[b] <= L`` (reads the values: a sync)."""
+    check_has_values("cache_seqlens", cache_seqlens, "validate=True")
     bad = (cache_seqlens < S) | (cache_seqlens > L)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
@@ -90,4 +93,6 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, softmax_scale: float, *, v_dim
     scores = torch.bmm(rows, kv.to(acc).transpose(1, 2)) * softmax_scale
     p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     p = torch.where(visible.any(-1, keepdim=True), p, 0).to(q.dtype)  # a row that sees no key: zeros
-    return torch.bmm(p, kv[..., :v_dim]).view(B, S, H, v_dim)
+    in_cache = torch.arange(L, device=q.device)[None, :, None] < lens[:, None, None]  # (B, L, 1)
+    values = kv[..., :v_dim].masked_fill(~in_cache, 0)  # rows past len_b hold no data (0·NaN would be NaN)
+    return torch.bmm(p, values).view(B, S, H, v_dim)

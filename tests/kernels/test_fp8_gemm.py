@@ -20,8 +20,9 @@ from fp8_testing import PATHS, abs_fp8, assert_gemm_close
 from moela_testing import nan_empty
 
 from moela import reference as ref
+from moela.kernels._common import INTERPRETER_SMS
 from moela.kernels.fp8_gemm import fp8_gemm, launch_fp8_gemm, m_class
-from moela.kernels.fp8_mainloop import INTERPRETER_SMS, fp8_path, tma_ready
+from moela.kernels.fp8_mainloop import fp8_path, tma_ready
 from moela.kernels.fp8_quant import FP8_DTYPE, quant_act, quant_weight, to_col_major
 
 # the modules (moela.kernels.fp8_gemm is the op once the package exports it)

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from moela_testing import nan_empty
 
 from moela import reference as ref
+from moela.kernels._common import INTERPRETER_SMS
 from moela.kernels.fp8_grouped_gemm import fp8_grouped_gemm, launch_fp8_grouped_gemm
-from moela.kernels.fp8_mainloop import INTERPRETER_SMS
 from moela.kernels.fp8_quant import quant_act, quant_weight, to_col_major
 from moela.kernels.tl_helpers import locate_m_tile, locate_m_tile_by_chunks
 
@@ -229,7 +229,7 @@ def test_fp8_grouped_gemm_public_op_and_calc_diff_against_bf16(device):
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_malformed_offsets_validate_or_stay_in_bounds(path, monkeypatch, device):
-    monkeypatch.setattr(fp8_grouped_gemm_module, "kernel_capability", lambda device: PATHS[path])
+    monkeypatch.setattr(fp8_grouped_gemm_module, "device_capability", lambda device: PATHS[path])
     _, _, xs, xs_s, w8, w_s, _ = _operands([6, 6, 6], 2, 32, 128, device)
     M = xs.shape[0]
     for bad in ([4, 2, 20], [-3, 5, 10], [5, 10, M + 7]):

@@ -90,7 +90,7 @@ def test_configs(cfg, device):
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_strided_output_and_no_out_of_bounds_writes(path, monkeypatch, device):
-    monkeypatch.setattr(masked_module, "kernel_capability", lambda device: PATHS[path])
+    monkeypatch.setattr(masked_module, "device_capability", lambda device: PATHS[path])
     counts, max_m, N, K = [3, 8], 8, 40, 128
     _, _, qx, sx, qw, sw = _operands(2, max_m, N, K, device)
     masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
@@ -121,9 +121,9 @@ def test_validate_raises_on_out_of_range_counts(device):
     _, _, qx, sx, qw, sw = _operands(2, 4, 32, 128, device)
     for bad in ([-1, 2], [2, 5]):
         masked_m = torch.tensor(bad, dtype=torch.int32, device=device)
-        with pytest.raises(ValueError, match=r"masked_m: expected row counts in \[0, max_m=4\]"):
+        with pytest.raises(ValueError, match=r"masked_m: expected row counts in \[0, 4\] \(max_m\)"):
             fp8_grouped_gemm_masked(qx, sx, qw, sw, masked_m, validate=True)
-        with pytest.raises(ValueError, match=r"masked_m: expected row counts in \[0, max_m=4\]"):
+        with pytest.raises(ValueError, match=r"masked_m: expected row counts in \[0, 4\] \(max_m\)"):
             ref.fp8_grouped_gemm_masked(qx, sx, qw, sw, masked_m, validate=True)
     fp8_grouped_gemm_masked(qx, sx, qw, sw, torch.tensor([0, 4], device=device), validate=True)  # the bounds pass
 

@@ -152,6 +152,25 @@ def test_rule(report, rule, kernel):
         raise RuleBroken(f"{kernel}: {sorted(broken)} break {rule!r} ({RULES[rule]})")
 
 
+#: The Hopper-native GEMMs: TMA pipelines, so nothing in their main loop may wait on a plain load.
+_TMA_GEMMS = ("grouped_gemm_tma/prefill", "grouped_gemm_tma/medium", "grouped_gemm_tma/decode", "grouped_gemm_dw_tma",
+              "grouped_gemm_masked_tma")
+
+
+@pytest.mark.parametrize("kernel", _TMA_GEMMS)
+def test_hopper_native_gemms(report, kernel):
+    """Every config of the TMA GEMMs: wgmma fed by TMA, warp specialisation exactly where the config
+    asks for it (Triton 3.6 takes it at num_warps=4), no synchronous global load in the main loop."""
+    if report["archs"].get("90"):
+        pytest.skip(f"no sm_90 toolchain: {report['archs']['90']}")
+    found = [f for f in report["findings"] if f["kernel"] == kernel and f["arch"] == 90 and not f["error"]]
+    assert found, f"{kernel}: no compiled config in the audit"
+    for f in found:
+        assert f["mma"] == "wgmma" and f["tma"] and f["asks_tma"], f
+        assert f["warp_specialized"] == ("WARP_SPECIALIZE=True" in f["config"]), f
+        assert f["loop_loads"] == 0, f
+
+
 # ------------------------------------------------------------------------------- the detectors
 @pytest.fixture(scope="module")
 def probes() -> dict[str, dict]:
