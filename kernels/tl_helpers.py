@@ -235,6 +235,7 @@ def locate_m_tile_by_chunks(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, CH
     return group, (found >> 32).to(tl.int32), found.to(tl.int32)
 
 
+@triton.jit
 def schedule_row(BLOCK_M: tl.constexpr):
     """The table row (``kernels.group_schedule``) of the tile counts of BLOCK_M-row tiles."""
     tl.static_assert((BLOCK_M == 16) or (BLOCK_M == 32) or (BLOCK_M == 64) or (BLOCK_M == 128)
