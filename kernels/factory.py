@@ -274,7 +274,7 @@ def kernel_op(
             if p in tensors:
                 return (f"(None if {p} is None else (type({p}), {p}.dtype, {p}.device, {p}.shape, {p}.stride())) "
                         f"if isinstance({p}, _Tensor) or {p} is None else {p}")
-            return p
+            return f"(type({p}), {p})"  # 2 == 2.0 == True: the type is part of the signature
 
         sig = f"({', '.join(meta(p.name) for p in public_params)},)"
         ns["_checked"], ns["_remember"], ns["_compat_ok"] = {}, _remember, _compat_ok
