@@ -467,16 +467,18 @@ def _domain(q, kv, softmax_scale, *, v_dim=512, cache_seqlens=None, block_table=
     if block_table is not None and kv.shape[1] % PAGE_ALIGN:
         raise ValueError(f"kv: the Triton mla_decode kernel takes pages of a multiple of {PAGE_ALIGN} tokens, got "
                          f"page size {kv.shape[1]} (moela.reference.mla_decode computes it)")
-    if kv.dtype == FP8_DTYPE and (kv.stride(-1) != 1 or any(s % 4 for s in kv.stride()[:-1])
-                                  or kv.storage_offset() % 4):
+    if kv.dtype == FP8_DTYPE and (kv.stride(-1) != 1 or any(s % 4 for s in kv.stride()[:-1])):
         raise ValueError(f"kv: the Triton mla_decode kernel reads FP8 rows with contiguous columns and 4-byte "
-                         f"aligned rows (float32 scales), got strides {kv.stride()}, offset {kv.storage_offset()}")
+                         f"aligned rows (float32 scales), got strides {kv.stride()}")
 
 
 def _cache_parts(kv: Tensor, v_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """(values, scales, rope) views of the cache: FP8 rows -> e4m3, float32, bf16 views; else kv twice."""
     if kv.dtype != FP8_DTYPE:
         return kv, kv, kv[..., v_dim:]
+    if kv.storage_offset() % 4:  # (checked here, at run time: compiled graphs do not trace offsets)
+        raise ValueError(f"kv: the Triton mla_decode kernel reads FP8 rows 4-byte aligned (float32 scales), got "
+                         f"a view at byte offset {kv.storage_offset()}")
     nb = v_dim // FP8_LATENT_BLOCK
     raw = kv.view(torch.uint8)
     return (kv[..., :v_dim], raw[..., v_dim:v_dim + 4 * nb].view(torch.float32),
@@ -501,6 +503,19 @@ def _pinned(config: dict | None, kind: str, block_dv: int, block_dr: int) -> Cho
         raise ValueError(f"config: {tile} takes {smem} bytes of shared memory, more than {_SMEM_PER_BLOCK}")
     ctas = min(4, _SMEM_PER_SM // (smem + _SMEM_RESERVED))
     return Choice("pinned", 0, bh, bn, tile.num_warps, tile.num_stages, 0, ctas)
+
+
+def _schedule(seqlens: Tensor | None, B: int, L: int, num_parts: int, overhead: int, device: torch.device) -> Tensor:
+    """The work pieces (``_mla_decode_schedule_kernel``'s int32 layout, B + num_parts - 1 slots)."""
+    slots = B + num_parts - 1
+    sched = torch.empty(3 * slots + 2 * B, dtype=torch.int32, device=device)
+    block_slot = min(128, next_power_of_2(slots))
+    _mla_decode_schedule_kernel[(cdiv(slots, block_slot),)](
+        sched if seqlens is None else seqlens, sched, B, L, num_parts, slots,
+        HAS_SEQLENS=seqlens is not None, BLOCK_S=_BLOCK_S, OVERHEAD=overhead,
+        BLOCK_B=min(64, next_power_of_2(B)), BLOCK_SLOT=block_slot,
+    )
+    return sched
 
 
 @kernel_op("mla_decode", contract=check_mla_decode, domain=_domain)
@@ -558,16 +573,11 @@ def mla_decode(out, q: Tensor, kv: Tensor, softmax_scale: float, *, v_dim: int =
         raise ValueError(f"num_parts: expected a positive int, got {num_parts!r}")
 
     dev = q.device
-    seqlens = cache_seqlens.contiguous() if cache_seqlens is not None else q  # (q: an unread placeholder)
-    has_seqlens = cache_seqlens is not None
+    seqlens = cache_seqlens.contiguous() if cache_seqlens is not None else None
+    sched = _schedule(seqlens, B, L, num_parts, _overhead(choice.block_h), dev)
     slots = B + num_parts - 1
-    sched = torch.empty(3 * slots + 2 * B, dtype=torch.int32, device=dev)
-    block_slot = min(128, next_power_of_2(slots))
-    _mla_decode_schedule_kernel[(cdiv(slots, block_slot),)](
-        seqlens, sched, B, L, num_parts, slots,
-        HAS_SEQLENS=has_seqlens, BLOCK_S=_BLOCK_S, OVERHEAD=_overhead(choice.block_h),
-        BLOCK_B=min(64, next_power_of_2(B)), BLOCK_SLOT=block_slot,
-    )
+    has_seqlens = seqlens is not None
+    seqlens = seqlens if has_seqlens else q  # (an unread placeholder)
     part_o = torch.empty(slots, R, v_dim, dtype=torch.float32, device=dev)
     part_lse = torch.empty(slots, R, dtype=torch.float32, device=dev)
     lse_arg = lse_out if lse_out is not None else part_lse
