@@ -124,23 +124,23 @@ def _fp8_grouped(label: str, M: int, E: int, N: int, K: int) -> Launch:
 
 
 # ---------------------------------------------------------------------------- MLA decode
-def _mla_plan(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool):
+def _mla_plan(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool, dtype: torch.dtype = BF16):
     """(config choice, head tiles, parts) as the launcher computes them for an H100/H200 (132 SMs)."""
     from moela.kernels.mla_decode import config_for, num_parts_for
 
-    choice = config_for(q_tokens * heads, BF16, fp8)
+    choice = config_for(q_tokens * heads, dtype, fp8)
     tiles = triton.cdiv(q_tokens * heads, choice.block_h)
     return choice, tiles, num_parts_for(batch, tiles, cache_len, 132, choice.ctas_per_sm)
 
 
-def _mla_cache(batch: int, cache_len: int, fp8: bool, paged: bool):
+def _mla_cache(batch: int, cache_len: int, fp8: bool, paged: bool, dtype: torch.dtype = BF16):
     """(kv, values, scales, rope, block_table) as the launcher passes them (FP8: FlashMLA's 656-byte rows)."""
     from moela.kernels.mla_decode import PAGE_ALIGN
 
     dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
     width = dv + 4 * (dv // B) + 2 * (dk - dv) if fp8 else dk
     shape = (batch * cache_len // PAGE_ALIGN, PAGE_ALIGN, width) if paged else (batch, cache_len, width)
-    kv = _t(*shape, dtype=E4M3 if fp8 else BF16)
+    kv = _t(*shape, dtype=E4M3 if fp8 else dtype)
     if fp8:
         raw, nb = kv.view(torch.uint8), dv // B
         values, scales, rope = kv[..., :dv], raw[..., dv:dv + 4 * nb].view(F32), raw[..., dv + 4 * nb:].view(BF16)
@@ -151,17 +151,18 @@ def _mla_cache(batch: int, cache_len: int, fp8: bool, paged: bool):
 
 
 def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool = False, paged: bool = False,
-                seqlens: bool = True, lse: bool = False) -> Launch:
+                seqlens: bool = True, lse: bool = False, fp32: bool = False) -> Launch:
     dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
-    choice, tiles, parts = _mla_plan(batch, heads, q_tokens, cache_len, fp8)
+    choice, tiles, parts = _mla_plan(batch, heads, q_tokens, cache_len, fp8, F32 if fp32 else BF16)
     R = q_tokens * heads
-    q, out = _t(batch, q_tokens, heads, dk), _t(batch, q_tokens, heads, dv)
-    kv, values, scales, rope, table = _mla_cache(batch, cache_len, fp8, paged)
+    dtype = F32 if fp32 else BF16
+    q, out = _t(batch, q_tokens, heads, dk, dtype=dtype), _t(batch, q_tokens, heads, dv, dtype=dtype)
+    kv, values, scales, rope, table = _mla_cache(batch, cache_len, fp8, paged, dtype)
     slots = batch + parts - 1
     sched = _t(3 * slots + 2 * batch, dtype=I32)
     lse_t = _t(batch, q_tokens, heads, dtype=F32) if lse else None
-    label = (f"B={batch} S={q_tokens} H={heads} L={cache_len}{' fp8' if fp8 else ''}{' paged' if paged else ''}"
-             f"{' seqlens' if seqlens else ''}{' lse' if lse else ''} parts={parts}")
+    label = (f"B={batch} S={q_tokens} H={heads} L={cache_len}{' fp8' if fp8 else ''}{' fp32' if fp32 else ''}"
+             f"{' paged' if paged else ''}{' seqlens' if seqlens else ''}{' lse' if lse else ''} parts={parts}")
     return Launch(label, dict(
         q_ptr=q, kv_ptr=values, kvs_ptr=scales, kvr_ptr=rope, bt_ptr=table if paged else sched,
         seqlens_ptr=_t(batch, dtype=I32) if seqlens else q, sched_ptr=sched, out_ptr=out,
@@ -176,7 +177,7 @@ def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool
         **(_strides("stride_lb stride_ls stride_lh", lse_t) if lse else dict(stride_lb=0, stride_ls=0, stride_lh=0)),
         BLOCK_H=choice.block_h, BLOCK_N=choice.block_n, BLOCK_DV=dv, BLOCK_DR=triton.next_power_of_2(dk - dv),
         SCALE_BLOCK=B, HAS_ROPE=True, HAS_SEQLENS=seqlens, PAGED=paged, FP8=fp8, WRITE_LSE=lse,
-        DOT_PRECISION="tf32"), dict(num_warps=choice.num_warps, num_stages=choice.num_stages))
+        DOT_PRECISION="tf32" if fp32 else "ieee"), dict(num_warps=choice.num_warps, num_stages=choice.num_stages))
 
 
 def _mla_schedule(batch: int, heads: int, q_tokens: int, cache_len: int) -> Launch:
@@ -205,16 +206,19 @@ def _mla_combine(batch: int, heads: int, q_tokens: int, cache_len: int, lse: boo
 
 
 def _flashmla_grid() -> list[Launch]:
-    """The representative launch (V3's 128 heads, the 64-row config), then one launch per config
-    and cache kind at FlashMLA's shapes, paged and lse variants."""
-    g = FLASHMLA_DECODE
-    b, (l0, l1) = g["batch"], g["cache_len"]
-    first = _mla_decode(b, 128, 1, l0)
-    rest = [_mla_decode(b, h, s, n) for h in g["heads"] for s in g["q_tokens"] for n in g["cache_len"]]
-    rest += [_mla_decode(b, h, s, l1, fp8=True) for h in g["heads"] for s in g["q_tokens"]]
-    rest += [_mla_decode(b, h, 1, l1, fp8=fp8, paged=True) for h in (16, 128) for fp8 in (False, True)]
-    rest += [_mla_decode(b, 16, 1, l0, seqlens=False, lse=True), _mla_decode(16, 128, 1, l0, lse=True)]
-    return [first] + [x for x in rest if x.label != first.label]
+    """One launch per distinct compile at FlashMLA's shapes (B=128, L=8192): the representative
+    one first (V3's 128 heads, the 64-row config), then every config of ``CONFIGS`` at S = 1 and
+    2 (Triton specialises S == 1), the paged, lse and no-cache_seqlens variants. Other heads and
+    lengths compile the same kernels (ints divisible by 16 specialise alike)."""
+    b, (l0, l1) = FLASHMLA_DECODE["batch"], FLASHMLA_DECODE["cache_len"]
+    return [
+        _mla_decode(b, 128, 1, l1),
+        *[_mla_decode(b, h, s, l1) for h, s in ((16, 1), (32, 1), (16, 2), (32, 2))],
+        *[_mla_decode(b, h, s, l1, fp8=True) for h, s in ((16, 1), (16, 2), (128, 1))],
+        *[_mla_decode(b, h, 1, l1, fp8=fp8, paged=True) for h, fp8 in ((16, False), (128, False), (16, True))],
+        _mla_decode(b, 16, 1, l0, seqlens=False, lse=True), _mla_decode(16, 128, 1, l0, lse=True),
+        _mla_decode(b, 16, 1, l1, fp32=True),
+    ]
 
 
 # ---------------------------------------------------------------------------- FP8 quantization
