@@ -3,40 +3,42 @@
 Legend: B batch, S new query tokens per sequence, H query heads, L cache length, Dk key width
 (kv_lora_rank + rope dim: 512 + 64 for DeepSeek), Dv = ``v_dim`` value width (the first Dv
 columns of a key), R = S·H query rows per sequence (row r = token r // H, head r % H), P the
-number of parts (work ranges) the schedule cuts the cache into.
+number of parts the schedule cuts the work into.
 
-One op, FlashMLA's ``flash_mla_with_kvcache`` contract: the cache layout is a property of the
-``kv`` argument, not a different computation, so contiguous or paged (``block_table``, pages of
+One op with FlashMLA's ``flash_mla_with_kvcache`` contract: the cache layout is a property of
+the ``kv`` argument, not another computation, so contiguous or paged (``block_table``, pages of
 64 tokens or a multiple) and bf16 or FP8 (``kv`` float8_e4m3fn in FlashMLA's 656-byte rows)
-are optional arguments of ``mla_decode``, with one reference, one kernel (constexpr switches)
-and one test file; ``return_lse=True`` adds the log-sum-exp output. Separate ops would
-multiply the API by the layouts without changing the math.
+are optional arguments of ``mla_decode`` with one reference, one kernel (constexpr switches) and
+one test file; ``return_lse=True`` adds FlashMLA's second output. Separate ops would multiply
+the API by the layouts without changing the math. FlashMLA's ``tile_scheduler_metadata`` and
+``num_splits`` are not arguments: every call schedules on the device (a few microseconds).
 
 Three kernels per call, no host sync (one CUDA graph replays any lengths):
 
-1. ``_mla_decode_schedule_kernel`` (FlashMLA's ``get_mla_metadata``, on the device): each
-   sequence costs ``ceil(len_b / 64) + OVERHEAD`` units (64-key blocks plus its fixed cost);
-   the units of all sequences, in order, are cut into P equal ranges (P from shapes and the SM
-   count: :func:`num_parts_for`). It writes the units per part, each part's first sequence and
-   each sequence's first key-block unit.
-2. ``_mla_decode_fwd_kernel``, grid (P · cdiv(R, BLOCK_H),): a program owns one part and one
-   BLOCK_H tile of query rows; it walks the sequences of its range and streams their keys past
-   the tile in BLOCK_N blocks (each key byte feeds BLOCK_H rows). A key block is one tile of its
-   first Dv columns (keys and values at once: the B operand of q·kᵀ and of p·v) and one of the
-   rope columns; FP8 rows are dequantized in registers to bf16 (``bf16(e4m3 · scale)``, as the
-   reference) before the same bf16 dots. Softmax in float32 with online rescaling in the exp2
-   domain; p is rounded to the keys' dtype before p·v. A sequence wholly inside one part is
-   written to ``out`` (and ``lse``) directly; otherwise the part writes its normalised partial
-   o and log2-sum-exp2 to slot ``b + part`` (unique: parts and sequences advance together).
-3. ``_mla_decode_combine_kernel``, grid (B, cdiv(R, 16)): merges the partials of split
-   sequences and writes zeros / -inf for sequences with no key.
+1. ``_mla_decode_schedule_kernel`` (FlashMLA's ``get_mla_metadata``, on the device): sequence b
+   costs ``ceil(len_b / 64) + OVERHEAD`` units (its 64-key blocks and a fixed cost); the units
+   of all sequences, laid end to end, are cut into P equal parts (P from shapes and the SM
+   count: :func:`num_parts_for`), and a sequence's key blocks inside one part form a piece.
+   Pieces get distinct slots (``b + part``: at most B + P - 1), each with its key range.
+2. ``_mla_decode_fwd_kernel``, grid (slots · cdiv(R, BLOCK_H),): a program attends one BLOCK_H
+   tile of query rows over one piece, streaming its keys past the tile in BLOCK_N blocks (each
+   key byte feeds BLOCK_H rows). A key block is one tile of its first Dv columns (keys and
+   values at once: the B operand of q·kᵀ and of p·v) and one of the rope columns; FP8 rows are
+   dequantized in registers (``bf16(e4m3 · scale)``, the reference's rounding) before the same
+   bf16 dots. Float32 online softmax in the exp2 domain; p is rounded to the keys' dtype before
+   p·v. A sequence in one piece is written to ``out`` (and ``lse``) directly; otherwise the
+   piece's normalised partial o and log2-sum-exp2 go to its slot.
+3. ``_mla_decode_combine_kernel``, grid (B, cdiv(R, 16)): merges the pieces of split
+   sequences; a sequence without keys gets zeros (lse -inf).
 
-Configs (:func:`config_for`) come from the sm_90 compile (registers, spills, shared memory and
-CTAs per SM: ``CONFIGS``), keyed on R and the cache's kind: 16/32-row tiles with 4 warps fit 2-3
-CTAs per SM for few heads (memory bound); 64-row tiles (wgmma's M) with 8 warps for many heads
-(compute bound; the 64 × 512 float32 accumulator takes half the register file: one CTA per SM).
-Bounds: ``cache_seqlens`` is clamped into [0, L] and a page id outside the pool holds no key
-(masked, never read), the reference's rule; ``validate=True`` raises instead.
+One program per piece, not FlashMLA's one persistent CTA per SM walking its sequences: a loop
+over sequences around the key loop costs Triton ~75 registers (spills), and the hardware's
+block scheduler balances equal-sized pieces as well.
+
+Configs (:data:`CONFIGS`, :func:`config_for`) come from the sm_90 compile (registers, spills,
+shared memory, CTAs per SM; ``tests/kernels/test_mla_decode_sm90.py`` checks them), keyed on R
+and the cache kind. Bounds: ``cache_seqlens`` is clamped into [0, L] and a page id outside the
+pool holds no key (masked, never read), the reference's rule; ``validate=True`` raises instead.
 """
 
 from __future__ import annotations
