@@ -25,7 +25,7 @@ factory = importlib.import_module("moela.kernels.factory")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_DENSE
-except ImportError:  # the shapes registry is optional for the kernel tests (ANCHORS.md's grid)
+except ImportError:  # the shapes registry is optional for the kernel tests (DeepGEMM's grid)
     DEEPGEMM_DENSE = {"m": (64, 128, 4096), "nk": ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384),
                                                    (4096, 7168), (7168, 2048))}
 
@@ -172,6 +172,7 @@ def test_launcher_checks_the_fp8_capability(monkeypatch, device):
         raise RuntimeError(f"{name}: old GPU")
 
     monkeypatch.setattr(factory, "check_fp8_capability", refuse)
+    factory.forget_checked()  # signatures checked before this test were checked with the real capability
     _, _, a, a_s, b, b_s = _operands(4, 64, 128, device)
     with pytest.raises(RuntimeError, match="fp8_gemm: old GPU"):
         fp8_gemm(a, a_s, b, b_s)

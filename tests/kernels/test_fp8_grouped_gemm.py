@@ -27,7 +27,7 @@ factory = importlib.import_module("moela.kernels.factory")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_GROUPED
-except ImportError:  # ANCHORS.md's grouped shapes: (label, groups, rows per group, n, k)
+except ImportError:  # DeepGEMM's grouped shapes: (label, groups, rows per group, n, k)
     DEEPGEMM_GROUPED = (("contiguous 4x8192", 4, 8192, 4096, 7168), ("contiguous 8x4096", 8, 4096, 7168, 2048),
                         ("masked 4x256", 4, 256, 7168, 2048))
 
@@ -205,6 +205,7 @@ def test_launcher_checks_the_fp8_capability(monkeypatch, device):
         raise RuntimeError(f"{name}: old GPU")
 
     monkeypatch.setattr(factory, "check_fp8_capability", refuse)
+    factory.forget_checked()  # signatures checked before this test were checked with the real capability
     _, _, xs, xs_s, w8, w_s, offsets = _operands([3], 0, 64, 128, device)
     with pytest.raises(RuntimeError, match="fp8_grouped_gemm: old GPU"):
         fp8_grouped_gemm(xs, xs_s, w8, w_s, offsets)
