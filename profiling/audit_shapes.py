@@ -225,49 +225,101 @@ def _masked_problems(tma: bool, cls: str) -> list[Launch]:
 
 
 # ---------------------------------------------------------------------------- MLA decode
-def _mla_splits(batch: int, heads: int, q_tokens: int, cache_len: int) -> tuple[int, int]:
-    """(NUM_SPLITS, chunk) as the launcher computes them for an H100/H200 (132 SMs)."""
-    from moela.kernels.mla_decode import num_splits_for
+def _mla_plan(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool, dtype: torch.dtype = BF16):
+    """(config choice, head tiles, parts) as the launcher computes them for an H100/H200 (132 SMs)."""
+    from moela.kernels.mla_decode import config_for, num_parts_for
 
-    splits = num_splits_for(batch, q_tokens * heads, cache_len, 132)
-    chunk = triton.cdiv(triton.cdiv(cache_len, splits), B) * B
-    return triton.cdiv(cache_len, chunk), chunk
+    choice = config_for(q_tokens * heads, dtype, fp8)
+    tiles = triton.cdiv(q_tokens * heads, choice.block_h)
+    return choice, tiles, num_parts_for(batch, tiles, cache_len, 132, choice.ctas_per_sm)
 
 
-def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, seqlens: bool = True) -> Launch:
+def _mla_cache(batch: int, cache_len: int, fp8: bool, paged: bool, dtype: torch.dtype = BF16):
+    """(kv, values, scales, rope, block_table) as the launcher passes them (FP8: FlashMLA's 656-byte rows)."""
+    from moela.kernels.mla_decode import PAGE_ALIGN
+
     dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
-    q, kv, out = _t(batch, q_tokens, heads, dk), _t(batch, cache_len, dk), _t(batch, q_tokens, heads, dv)
-    splits, chunk = _mla_splits(batch, heads, q_tokens, cache_len)
-    part_o = _t(batch, q_tokens * heads, splits, dv, dtype=F32) if splits > 1 else out
-    part_lse = _t(batch, q_tokens * heads, splits, dtype=F32) if splits > 1 else out
-    label = f"B={batch} S={q_tokens} H={heads} L={cache_len}{' seqlens' if seqlens else ''} splits={splits}"
+    width = dv + 4 * (dv // B) + 2 * (dk - dv) if fp8 else dk
+    shape = (batch * cache_len // PAGE_ALIGN, PAGE_ALIGN, width) if paged else (batch, cache_len, width)
+    kv = _t(*shape, dtype=E4M3 if fp8 else dtype)
+    if fp8:
+        raw, nb = kv.view(torch.uint8), dv // B
+        values, scales, rope = kv[..., :dv], raw[..., dv:dv + 4 * nb].view(F32), raw[..., dv + 4 * nb:].view(BF16)
+    else:
+        values, scales, rope = kv, kv, kv[..., dv:]
+    table = _t(batch, cache_len // PAGE_ALIGN, dtype=I32) if paged else None
+    return kv, values, scales, rope, table
+
+
+def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool = False, paged: bool = False,
+                seqlens: bool = True, lse: bool = False, fp32: bool = False) -> Launch:
+    dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
+    choice, tiles, parts = _mla_plan(batch, heads, q_tokens, cache_len, fp8, F32 if fp32 else BF16)
+    R = q_tokens * heads
+    dtype = F32 if fp32 else BF16
+    q, out = _t(batch, q_tokens, heads, dk, dtype=dtype), _t(batch, q_tokens, heads, dv, dtype=dtype)
+    kv, values, scales, rope, table = _mla_cache(batch, cache_len, fp8, paged, dtype)
+    slots = batch + parts - 1
+    sched = _t(3 * slots + 2 * batch, dtype=I32)
+    lse_t = _t(batch, q_tokens, heads, dtype=F32) if lse else None
+    label = (f"B={batch} S={q_tokens} H={heads} L={cache_len}{' fp8' if fp8 else ''}{' fp32' if fp32 else ''}"
+             f"{' paged' if paged else ''}{' seqlens' if seqlens else ''}{' lse' if lse else ''} parts={parts}")
     return Launch(label, dict(
-        q_ptr=q, kv_ptr=kv, seqlens_ptr=_t(batch, dtype=I32) if seqlens else q, out_ptr=out,
-        part_o_ptr=part_o, part_lse_ptr=part_lse, H=heads, S=q_tokens, L=cache_len, Dk=dk, V_DIM=dv,
-        scale_log2=dk ** -0.5 * 1.4426950408889634, chunk=chunk,
-        **_strides("stride_qb stride_qs stride_qh stride_qd", q), **_strides("stride_kb stride_kl stride_kd", kv),
+        q_ptr=q, kv_ptr=values, kvs_ptr=scales, kvr_ptr=rope, bt_ptr=table if paged else sched,
+        seqlens_ptr=_t(batch, dtype=I32) if seqlens else q, sched_ptr=sched, out_ptr=out,
+        lse_ptr=lse_t if lse else _t(slots, R, dtype=F32),
+        part_o_ptr=_t(slots, R, dv, dtype=F32), part_lse_ptr=_t(slots, R, dtype=F32),
+        B=batch, H=heads, S=q_tokens, L=cache_len, V_DIM=dv, DR=dk - dv, num_pages=kv.shape[0], page_size=kv.shape[1],
+        num_slots=slots, scale_log2=dk ** -0.5 * 1.4426950408889634,
+        **_strides("stride_qb stride_qs stride_qh stride_qd", q),
+        **_strides("stride_kp stride_kl stride_kd", values), **_strides("stride_sp stride_sl", scales[..., 0]),
+        **_strides("stride_rp stride_rl stride_rd", rope), stride_btb=table.stride(0) if paged else 0,
         **_strides("stride_ob stride_os stride_oh stride_od", out),
-        BLOCK_DV=dv, BLOCK_DR=triton.next_power_of_2(dk - dv), HAS_ROPE=True, HAS_SEQLENS=seqlens,
-        NUM_SPLITS=splits, DOT_PRECISION="tf32"))
+        **(_strides("stride_lb stride_ls stride_lh", lse_t) if lse else dict(stride_lb=0, stride_ls=0, stride_lh=0)),
+        BLOCK_H=choice.block_h, BLOCK_N=choice.block_n, BLOCK_DV=dv, BLOCK_DR=triton.next_power_of_2(dk - dv),
+        SCALE_BLOCK=B, HAS_ROPE=True, HAS_SEQLENS=seqlens, PAGED=paged, FP8=fp8, WRITE_LSE=lse,
+        DOT_PRECISION="tf32" if fp32 else "ieee"), dict(num_warps=choice.num_warps, num_stages=choice.num_stages))
 
 
-def _mla_combine(batch: int, heads: int, q_tokens: int, cache_len: int) -> Launch:
+def _mla_schedule(batch: int, heads: int, q_tokens: int, cache_len: int) -> Launch:
+    _, _, parts = _mla_plan(batch, heads, q_tokens, cache_len, False)
+    slots = batch + parts - 1
+    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len} parts={parts}", dict(
+        seqlens_ptr=_t(batch, dtype=I32), sched_ptr=_t(3 * slots + 2 * batch, dtype=I32), B=batch, L=cache_len,
+        num_parts=parts, num_slots=slots, HAS_SEQLENS=True, BLOCK_S=64, OVERHEAD=2,
+        BLOCK_B=min(64, triton.next_power_of_2(batch)), BLOCK_SLOT=min(128, triton.next_power_of_2(slots))),
+        dict(num_warps=4))
+
+
+def _mla_combine(batch: int, heads: int, q_tokens: int, cache_len: int, lse: bool = False) -> Launch:
     dv = FLASHMLA_DECODE["v_dim"]
-    splits, _ = _mla_splits(batch, heads, q_tokens, cache_len)
-    out = _t(batch, q_tokens, heads, dv)
-    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len} splits={splits}", dict(
-        part_o_ptr=_t(batch, q_tokens * heads, splits, dv, dtype=F32),
-        part_lse_ptr=_t(batch, q_tokens * heads, splits, dtype=F32), out_ptr=out, H=heads, S=q_tokens, V_DIM=dv,
-        **_strides("stride_ob stride_os stride_oh stride_od", out), NUM_SPLITS=splits,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_DV=dv))
+    _, _, parts = _mla_plan(batch, heads, q_tokens, cache_len, False)
+    R = q_tokens * heads
+    out, lse_t = _t(batch, q_tokens, heads, dv), _t(batch, q_tokens, heads, dtype=F32)
+    slots = batch + parts - 1
+    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len}{' lse' if lse else ''} parts={parts}", dict(
+        sched_ptr=_t(3 * slots + 2 * batch, dtype=I32), part_o_ptr=_t(slots, R, dv, dtype=F32),
+        part_lse_ptr=_t(slots, R, dtype=F32), out_ptr=out, lse_ptr=lse_t, B=batch, H=heads, S=q_tokens, V_DIM=dv,
+        num_slots=slots,
+        **_strides("stride_ob stride_os stride_oh stride_od", out),
+        **(_strides("stride_lb stride_ls stride_lh", lse_t) if lse else dict(stride_lb=0, stride_ls=0, stride_lh=0)),
+        BLOCK_R=16, BLOCK_DV=dv, WRITE_LSE=lse), dict(num_warps=4))
 
 
 def _flashmla_grid() -> list[Launch]:
-    g = FLASHMLA_DECODE
-    first = [_mla_decode(g["batch"], 128, 1, g["cache_len"][0])]
-    rest = [_mla_decode(g["batch"], h, s, n) for h in g["heads"] for s in g["q_tokens"] for n in g["cache_len"]]
-    return first + [x for x in rest if x.label != first[0].label] + [
-        _mla_decode(g["batch"], 128, 1, g["cache_len"][0], seqlens=False), _mla_decode(16, 128, 1, 4096)]
+    """One launch per distinct compile at FlashMLA's shapes (B=128, L=8192): the representative
+    one first (V3's 128 heads, the 64-row config), then every config of ``CONFIGS`` at S = 1 and
+    2 (Triton specialises S == 1), the paged, lse and no-cache_seqlens variants. Other heads and
+    lengths compile the same kernels (ints divisible by 16 specialise alike)."""
+    b, (l0, l1) = FLASHMLA_DECODE["batch"], FLASHMLA_DECODE["cache_len"]
+    return [
+        _mla_decode(b, 128, 1, l1),
+        *[_mla_decode(b, h, s, l1) for h, s in ((16, 1), (32, 1), (16, 2), (32, 2))],
+        *[_mla_decode(b, h, s, l1, fp8=True) for h, s in ((16, 1), (16, 2), (128, 1))],
+        *[_mla_decode(b, h, 1, l1, fp8=fp8, paged=True) for h, fp8 in ((16, False), (128, False), (16, True))],
+        _mla_decode(b, 16, 1, l0, seqlens=False, lse=True), _mla_decode(16, 128, 1, l0, lse=True),
+        _mla_decode(b, 16, 1, l1, fp32=True),
+    ]
 
 
 # ---------------------------------------------------------------------------- FP8 quantization
@@ -470,7 +522,8 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "fp8_grouped_gemm_masked_tma/medium": lambda: _masked_problems(True, "medium"),
     "fp8_grouped_gemm_masked_tma/small": lambda: _masked_problems(True, "small"),
     "mla_decode_fwd": _flashmla_grid,
-    "mla_decode_combine": lambda: [_mla_combine(16, 128, 1, 4096), _mla_combine(16, 16, 2, 8192)],
+    "mla_decode_schedule": lambda: [_mla_schedule(128, 16, 1, 8192), _mla_schedule(1024, 128, 1, 4096)],
+    "mla_decode_combine": lambda: [_mla_combine(128, 16, 1, 4096), _mla_combine(16, 128, 2, 8192, lse=True)],
     "quant_act": lambda: [_quant_act(f"R={PREFILL_T} K={D}", PREFILL_T, D),
                           _quant_act(f"R={PREFILL_T} K={D} col-major scales", PREFILL_T, D, col_major=True),
                           _quant_act(f"R={DECODE_T} K={D} ue8m0", DECODE_T, D, ue8m0=True)],

@@ -62,6 +62,7 @@ def masked_rows(masked_m: torch.Tensor, max_m: int) -> list[int]:
 
 def check_masked_m(masked_m: torch.Tensor, max_m: int) -> None:
     """Value check (synchronises): every ``masked_m[e]`` lies in [0, max_m]."""
+    check_has_values("masked_m", masked_m, "validate=True")
     m = masked_m.long().cpu()
     bad = (m < 0) | (m > max_m)
     if bool(bad.any()):
@@ -149,6 +150,7 @@ def grouped_gemm_masked(x: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor
         (E, max_m, N) in x.dtype, accumulated in float32 (float64 for float64).
     """
     spec = check_grouped_gemm_masked(x, w, masked_m, validate=validate)
+    check_has_values("masked_m", masked_m, "moela.reference.grouped_gemm_masked")
     if validate:
         check_masked_m(masked_m, x.shape[1])
     acc = accumulate_dtype(x.dtype)

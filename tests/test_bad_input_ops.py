@@ -94,6 +94,10 @@ def _grouped_gemm_dw():
     return dict(xs=_randn(10, 16, dtype=BF), dy=_randn(10, 8, dtype=BF), offsets=_t([4, 4, 9]))
 
 
+def _grouped_gemm_masked():
+    return dict(x=_randn(3, 4, 16, dtype=BF), w=_randn(3, 8, 16, dtype=BF, scale=0.25), masked_m=_t([4, 0, 2]))
+
+
 def _make_routing():
     return dict(topk_ids=_t(IDS), n_experts=4, align=2)
 
@@ -186,6 +190,8 @@ SPECS: dict[str, OpSpec] = {
                            bools=("validate",), ref_reads_values="offsets"),
     "grouped_gemm_dw": OpSpec(_grouped_gemm_dw, {"xs": "float", "dy": "float", "offsets": "int"},
                               ("xs", "dy", "offsets"), ref_reads_values="offsets"),
+    "grouped_gemm_masked": OpSpec(_grouped_gemm_masked, {"x": "float", "w": "float", "masked_m": "int"},
+                                  ("x", "w", "masked_m"), bools=("validate",), ref_reads_values="masked_m"),
     "make_routing": OpSpec(_make_routing, {"topk_ids": "int"}, ("topk_ids",), ints=("n_experts", "align"),
                            bools=("validate",), ref_reads_values="topk_ids"),
     "permute": OpSpec(_permute, {"x": "float", "plan": "plan"}, ("x", "plan"), ints=("block",),
@@ -472,7 +478,8 @@ def _fp8_linear_compare(k, r, inputs):
 
 COMPARE: dict[str, Callable] = {
     "route": _routing_weights, "gate": _routing_weights, "grouped_gemm": _derived("grouped_gemm"),
-    "grouped_gemm_dw": _derived("grouped_gemm_dw"), "make_routing": _bitwise, "permute": _bitwise,
+    "grouped_gemm_dw": _derived("grouped_gemm_dw"), "grouped_gemm_masked": _derived("grouped_gemm_masked"),
+    "make_routing": _bitwise, "permute": _bitwise,
     "unpermute": _bitwise, "quant_act": _bitwise, "quant_weight": _bitwise, "dequant": _bitwise,
     "fp8_gemm": _fp8_gemm_compare, "fp8_grouped_gemm": _fp8_gemm_compare, "fp8_linear": _fp8_linear_compare,
     "mla_decode": _derived("mla_decode"), "swiglu": _swiglu_compare,

@@ -28,7 +28,6 @@ from moela.profiling.audit_shapes import LAUNCHES
 
 _FP8_LOOP = ("the pointer (pre-Hopper) FP8 K loop loads its a_s / b_s scales with ld.global in every step (not through "
              "the pipeline)")
-_MLA_SPILLS = "the float32 accumulator (BLOCK_H x 512) and the score tile do not fit these tiles' registers"
 _FP8_WS = ("the warp-specialised configs' math warpgroups load a_s / b_s with ld.global themselves, one K block ahead "
            "of their use (Triton 3.6 leaves loads that feed no dot operand in the consumer partitions)")
 _WS_128 = "M=128 N=128 GROUP_M=8 WARP_SPECIALIZE=True STAGES=4 w4 s4"
@@ -36,7 +35,6 @@ _WS_64 = "M=128 N=64 GROUP_M=8 WARP_SPECIALIZE=True STAGES=6 w4 s6"
 
 #: (rule, kernel) -> the configs that break it on sm_90 today, and why.
 KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[set[str], str]] = {
-    ("spills", "mla_decode_fwd"): ({"H=64 N=64 w8 s2", "H=64 N=16 w4 s4", "H=32 N=64 w4 s2"}, _MLA_SPILLS),
     ("fp8-loop-load", "fp8_gemm/large"): ({
         "M=128 N=128 GROUP_M=8 w8 s4", "M=64 N=128 GROUP_M=8 w4 s4", "M=128 N=64 GROUP_M=8 w4 s4",
         "M=128 N=128 GROUP_M=8 w8 s3", "M=64 N=256 GROUP_M=8 w8 s3", "M=128 N=128 GROUP_M=8 w8 s5",
