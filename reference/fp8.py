@@ -365,6 +365,7 @@ def fp8_grouped_gemm_masked(
         (E, max_m, N) in out_dtype.
     """
     E, max_m, N = check_fp8_grouped_gemm_masked(x, x_s, w, w_s, masked_m, out_dtype, block, validate=validate).shape
+    check_has_values("masked_m", masked_m, "moela.reference.fp8_grouped_gemm_masked")
     if validate:
         check_masked_m(masked_m, max_m)
     out = torch.zeros(E, max_m, N, dtype=out_dtype, device=x.device)
