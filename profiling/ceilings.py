@@ -2,8 +2,8 @@
 
 CUDA: a 1 GiB device-to-device copy (bytes read + written), a bf16 8192³ ``torch.matmul``, an
 FP8 8192³ ``torch._scaled_mm`` with per-tensor scales (sm_89+) and, for information, the
-cuBLAS block-wise FP8 GEMM (sm_90). ANCHORS.md has what an H200 reached before (copy ≈ 4.3
-TB/s, bf16 ≈ 770-800 TFLOP/s). CPU: a 64 MiB copy and a float32 1024³ matmul, wall clock.
+cuBLAS block-wise FP8 GEMM (sm_90). An H200 reached a copy of ≈ 4.3 TB/s and a bf16 matmul of
+≈ 770-800 TFLOP/s this way. CPU: a 64 MiB copy and a float32 1024³ matmul, wall clock.
 
 Each ceiling is ``{"value", "unit", "median_ms", "what"}`` or ``{"skipped": reason}``. Results
 are compared with ``ceiling_for(compute, ceilings)``: the matmul rate of their compute dtype
@@ -103,7 +103,7 @@ def measure_ceilings(device: torch.device, quick: bool = False, warmup_ms: float
     bench's own settings), ``attempts`` times, and the best median is kept. Timing them longer
     measures something else: an H200 under ~100 ms of back-to-back 8192³ matmuls holds its
     700 W power cap at ~670 TFLOP/s (two runs of 2026-11-28), while the 2-3 ms grouped GEMMs
-    timed like the rows reached 780-800 (ANCHORS.md: ~790 after three warm-ups)."""
+    timed like the rows reached 780-800 (~790 after three warm-ups)."""
     if device.type == "cuda":
         timer = {"rep_ms": rep_ms if not quick else min(rep_ms, 20.0), "warmup_ms": warmup_ms}
         n = 8192 if not quick else 4096

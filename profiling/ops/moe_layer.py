@@ -4,8 +4,8 @@ moe_layer:          ``moela.model.MoE`` (gate -> plan -> permute -> grouped GEMM
 moe_layer_fwd_bwd:  the same plus ``backward`` of a random output gradient (router and experts)
 
 against the reference loop (``moela.reference.MoE``, with the same weights) and a torch-native
-composition: ``torch.topk`` routing, argsort + index_select dispatch, ``torch._grouped_mm`` and
-``index_add_`` combine (no host sync).
+composition: the reference gate's routing (plain torch), argsort + index_select dispatch,
+``torch._grouped_mm`` and ``index_add_`` combine (no host sync).
 
 FLOPs: 3 expert GEMMs (``6·T·k·D·I``) plus the shared experts (``6·T·D·I_shared``) plus the router
 (``2·T·D·E``); ×3 with the backward. Bytes: the weights of the experts that receive tokens (the
@@ -128,7 +128,7 @@ def _reference(case: Case):
 
 
 def _torch_native(case: Case):
-    """topk routing, argsort dispatch, torch's grouped GEMM, index_add_ combine."""
+    """Plain-torch routing, argsort dispatch, torch's grouped GEMM, index_add_ combine."""
     fn, name = grouped_mm()
     i = case.inputs
     layer, a = i["layer"], i["args"]
@@ -138,10 +138,13 @@ def _torch_native(case: Case):
     w13t, w2t = layer.w13.transpose(1, 2), layer.w2.transpose(1, 2)  # (E, D, 2I), (E, I, D)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weights, ids = layer.gate(x)  # the same routing as the layer
+        # The layer's routing in plain torch (moela.reference.gate): layer.gate would run moela's
+        # gate kernel, and on a CPU the Triton interpreter would then dominate this baseline.
+        weights, ids = ref_gate(x, layer.gate.weight, layer.gate.bias, a)
         flat = ids.reshape(-1).long()
         order = torch.argsort(flat, stable=True)
-        offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offsets = torch.cumsum(counts, 0).to(torch.int32)  # (bincount would sync: its length depends on the ids)
         xs = x.index_select(0, order // k)
         h = fn(xs, w13t, offs=offsets)
         act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
