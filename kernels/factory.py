@@ -41,7 +41,7 @@ from moela.reference._checks import TensorSpec
 from ._common import check_fp8_capability, check_kernel_device, run_direct
 from .interpreter import compat_installed
 
-__all__ = ["KernelOp", "kernel_op", "registered_ops", "get_op", "TensorSpec"]
+__all__ = ["KernelOp", "kernel_op", "registered_ops", "get_op", "forget_checked", "TensorSpec"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,12 @@ _REGISTRY: dict[str, KernelOp] = {}
 def registered_ops() -> dict[str, KernelOp]:
     """Every op the factory made, by name (importing ``moela.kernels`` registers all of them)."""
     return dict(_REGISTRY)
+
+
+def forget_checked() -> None:
+    """Forget every remembered argument signature (tests that change what the checks see)."""
+    for op in _REGISTRY.values():
+        op.launch.__globals__["_checked"].clear()
 
 
 def get_op(name: str) -> KernelOp:
@@ -131,6 +137,24 @@ def _kernel_device(op: str, name: str, t: torch.Tensor, fp8: bool) -> torch.devi
     if fp8:
         check_fp8_capability(op, t.device)
     return t.device
+
+
+def _compat_ok(name: str, device: torch.device) -> None:
+    """The check of ``_kernel_device`` that a remembered signature cannot vouch for (the layer can
+    be uninstalled at any time)."""
+    if device.type == "cpu" and not compat_installed():
+        _kernel_device("", name, torch.empty(0), False)
+
+
+#: Argument signatures (per op) whose contract, domain and device checks passed: a repeated
+#: signature skips them (they read only types, dtypes, shapes, strides and devices).
+_CHECKED_LIMIT = 4096
+
+
+def _remember(checked: dict, sig: tuple, state: tuple) -> None:
+    if len(checked) >= _CHECKED_LIMIT:  # shapes that keep changing (prefill lengths): start over
+        checked.clear()
+    checked[sig] = state
 
 
 def _launch_on(device: torch.device, launcher: Callable, *args, **kwargs) -> None:
@@ -228,13 +252,33 @@ def kernel_op(
                        for p in public_params]
         first = tensors[0]
         launch_defs = [*defs] if star_done else [*defs, "*"]
+
+        def meta(p: str) -> str:  # what a contract reads of an argument (a hashable signature)
+            if p in tensors:
+                return (f"(None if {p} is None else (type({p}), {p}.dtype, {p}.device, {p}.shape, {p}.stride())) "
+                        f"if isinstance({p}, _Tensor) or {p} is None else {p}")
+            return p
+
+        sig = f"({', '.join(meta(p.name) for p in public_params)},)"
+        ns["_checked"], ns["_remember"], ns["_compat_ok"] = {}, _remember, _compat_ok
         domain_call = f"    _domain({', '.join(call)})\n" if domain is not None else ""
         detach = "".join(f"    {t} = {t}.detach() if isinstance({t}, _Tensor) else {t}\n" for t in tensors)
         src = (
             f"def launch({', '.join([*launch_defs, 'out=None', 'config=None'])}):\n"
-            f"    spec = _contract({', '.join(call)})\n"
-            f"{domain_call}"
-            f"    device = _kernel_device(_name, {first!r}, {first}, _fp8)\n"
+            f"    try:\n"
+            f"        sig = {sig}\n"
+            f"        state = _checked.get(sig)\n"
+            f"    except TypeError:  # an unhashable argument: the contract names it\n"
+            f"        sig = state = None\n"
+            f"    if state is None:\n"
+            f"        spec = _contract({', '.join(call)})\n"
+            f"{'    ' + domain_call if domain_call else ''}"
+            f"        device = _kernel_device(_name, {first!r}, {first}, _fp8)\n"
+            f"        if sig is not None:\n"
+            f"            _remember(_checked, sig, (spec, device))\n"
+            f"    else:\n"
+            f"        spec, device = state\n"
+            f"        _compat_ok({first!r}, device)\n"
             f"    out = _outputs(_name, spec, device, out)\n"
             f"    _launch_on(device, _launcher, out, {', '.join(call)}, config=config)\n"
             f"    return _result(out)\n"

@@ -186,3 +186,33 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
     assert len(ops) >= 18
     for name, op in ops.items():
         assert "_launch_on" in op.launch.__code__.co_names, name
+
+
+def test_remembered_signatures_never_skip_a_failing_check(device):
+    """The factory remembers argument signatures whose checks passed; any change the checks can
+    see (dtype, shape, stride, device, scalar) is a new signature and is checked again."""
+    import moela.kernels as K
+    from moela.kernels import factory
+    from moela.kernels.interpreter import compat_disabled
+
+    xs, w = torch.randn(6, 32, device=device), torch.randn(2, 8, 32, device=device)
+    off = torch.tensor([3, 6], dtype=torch.int32, device=device)
+    for _ in range(2):
+        K.grouped_gemm(xs, w, off)
+    op = K.registered_ops()["grouped_gemm"]
+    assert any(sig[0][1] == torch.float32 for sig in op.launch.__globals__["_checked"])
+    with pytest.raises(TypeError, match="w: expected dtype float32"):
+        K.grouped_gemm(xs, w.double(), off)
+    with pytest.raises(TypeError, match="offsets"):
+        K.grouped_gemm(xs, w, off.float())
+    with pytest.raises(ValueError, match="xs: expected K=32"):
+        K.grouped_gemm(xs[:, :16], w, off)
+    with pytest.raises(TypeError, match="validate"):
+        K.grouped_gemm(xs, w, off, validate="yes")
+    with pytest.raises(TypeError, match="xs: expected a torch.Tensor"):
+        K.grouped_gemm([[1.0]], w, off)  # unhashable: checked, not remembered
+    if device == "cpu":  # the compatibility layer is checked on every call, remembered or not
+        with compat_disabled(), pytest.raises(RuntimeError, match="install_compat"):
+            K.grouped_gemm(xs, w, off)
+    factory.forget_checked()
+    assert not op.launch.__globals__["_checked"]

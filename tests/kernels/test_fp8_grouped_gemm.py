@@ -205,6 +205,7 @@ def test_launcher_checks_the_fp8_capability(monkeypatch, device):
         raise RuntimeError(f"{name}: old GPU")
 
     monkeypatch.setattr(factory, "check_fp8_capability", refuse)
+    factory.forget_checked()  # signatures checked before this test were checked with the real capability
     _, _, xs, xs_s, w8, w_s, offsets = _operands([3], 0, 64, 128, device)
     with pytest.raises(RuntimeError, match="fp8_grouped_gemm: old GPU"):
         fp8_grouped_gemm(xs, xs_s, w8, w_s, offsets)

@@ -381,6 +381,7 @@ def test_every_quant_launcher_checks_the_capability(monkeypatch, device):
         raise RuntimeError(f"{name}: old GPU")
 
     monkeypatch.setattr(factory, "check_fp8_capability", refuse)
+    factory.forget_checked()  # signatures checked before this test were checked with the real capability
     x = torch.randn(4, 256, device=device)
     q, s = ref.quant_act(x)
     for call in (lambda: quant_act(x), lambda: quant_weight(x), lambda: dequant(q, s)):
