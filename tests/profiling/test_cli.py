@@ -114,6 +114,7 @@ def test_list(capsys):
     assert "fp8_gemm:" in out and "deepgemm-dense (18)" in out
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "moela.profiling", "--help"], capture_output=True, text=True,
                        timeout=60)
