@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import audit
+from .report import check_text
 
 DEFAULT_OUT = "moela-results"
 DTYPES = ("float32", "bfloat16", "float64")
@@ -302,16 +303,6 @@ def bench_line(r: dict[str, Any]) -> str | None:
               else f"  graph: {graph['reason'][:60]}" if "reason" in graph else "")
     return (f"{head} {_fmt_ms(r['median_ms']):>10} {_opt(r.get('tflops'), '.3g'):>8} {_opt(r.get('gbps'), '.3g'):>8} "
             f"{_opt(roof, '.0f'):>6} {speedup:>8} {_opt(peak, '.1f'):>9}  {check}{replay}".rstrip())
-
-
-def check_text(chk: dict[str, Any]) -> str:
-    """A check in words: ``calc_diff 0.5 > tol 1e-05``, or its detail where nothing was measured."""
-    detail = chk.get("detail") or ""
-    if chk.get("metric") is None or chk.get("value") is None:
-        return detail or "no measurement"
-    op = "<=" if chk.get("ok") else ">"
-    text = f"{chk['metric']} {chk['value']:.3g} {op} tol {chk['tol']:.3g}"
-    return f"{text}: {detail}" if detail else text
 
 
 def print_bench(rows: list[dict[str, Any]], lines: bool = True) -> None:
