@@ -67,7 +67,7 @@ def _add_selection(p: argparse.ArgumentParser, sets_help: str) -> None:
     p.add_argument("--ops", nargs="+", metavar="OP", help="ops to run (default: all); see `list`")
     p.add_argument("--sets", nargs="+", metavar="SET", help=sets_help)
     p.add_argument("--impls", nargs="+", metavar="IMPL",
-                   help="implementation names or kinds (moela, reference, torch, all)")
+                   help="implementation names or kinds (moela, reference, torch, outside, all)")
     p.add_argument("--cpu-large", action="store_true",
                    help="allow DeepSeek-sized sets on a CPU (gigabytes of inputs; the interpreter takes hours)")
 
@@ -214,7 +214,7 @@ def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, defau
         parser.error(f"unknown shape set(s) {', '.join(bad)} for the chosen ops; known: "
                      f"{', '.join(sorted(known_sets))}")
     if impls_arg:
-        known_impls = {i.name for op in chosen for i in op.impls()} | {"moela", "reference", "torch", "all"}
+        known_impls = {i.name for op in chosen for i in op.impls()} | {"moela", "reference", "torch", "outside", "all"}
         bad = [i for i in impls_arg if i not in known_impls]
         if bad:
             parser.error(f"unknown implementation(s) {', '.join(bad)}; known: {', '.join(sorted(known_impls))}")

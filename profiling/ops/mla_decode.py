@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..registry import Case, Impl, Op, register
 from ..shapes import FLASHMLA_DECODE, V3, Problem
 from ._common import close, generator, randn
+from ._outside import flash_mla_impl
 
 OP = "mla_decode"
 DK, DV = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
@@ -127,6 +128,7 @@ register(Op(
     baselines=(
         Impl("torch math", _math, note="bmm + float32 softmax + bmm, one wide MQA head"),
         Impl("torch sdpa", _sdpa, note="F.scaled_dot_product_attention, one wide MQA head"),
+        flash_mla_impl(DV),
     ),
     baseline_order=("torch sdpa", "torch math"),
     truth="torch math",
