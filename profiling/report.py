@@ -150,7 +150,7 @@ def _index(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
     return {(r["op"], r["set"], r["problem"], r["impl"]): r for r in rows}
 
 
-def _cell(row: dict[str, Any], flag: int | None) -> str:
+def _cell(row: dict[str, Any], flag: int | None = None) -> str:
     if row["status"] != "ok":
         if row["status"] == "skipped" and _OOM in (row.get("reason") or ""):
             return "skipped (out of memory)"
