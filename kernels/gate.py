@@ -44,7 +44,6 @@ from __future__ import annotations
 import struct
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -52,7 +51,7 @@ from torch import Tensor
 from moela import knobs
 from moela.reference._checks import accumulate_dtype
 from moela.reference.config import ModelArgs
-from moela.reference.moe import check_gate, check_route
+from moela.reference.moe import check_route, gate_with
 
 from ._common import autotune, cdiv, next_power_of_2
 from .factory import kernel_op
@@ -296,10 +295,4 @@ def gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args:
     Returns:
         (topk_weights (T, k), topk_ids (T, k) int32), k = ``args.n_activated_experts``.
     """
-    check_gate(x, weight, bias, args)
-    acc = accumulate_dtype(x.dtype, weight.dtype)
-    logits = F.linear(x.to(acc), weight.to(acc))
-    return route(
-        logits, bias, topk=args.n_activated_experts, n_groups=args.n_expert_groups,
-        topk_groups=args.n_limited_groups, score_func=args.score_func, route_scale=args.route_scale,
-    )
+    return gate_with(route, x, weight, bias, args)

@@ -400,7 +400,9 @@ def load_checkpoint(
             and files it does not name are not read).
         strict: missing or unexpected keys raise :class:`CheckpointKeyError` naming them.
         ignore: regexes over the (moela-named) keys to drop first, e.g. ``r"^layers\\.61\\."``
-            for DeepSeek-V3's multi-token-prediction layer.
+            for DeepSeek-V3's multi-token-prediction layer. Submodules that hold part of a layer
+            on purpose declare their own (``checkpoint_ignore``: an expert-parallel MoE names
+            the experts of the other ranks), which are added, so ``strict=True`` holds as is.
         prefix: load one submodule of a whole-model checkpoint: only keys under this module path
             (``"layers.3.ffn."`` or HF's ``"model.layers.3.mlp."``), with the prefix removed.
 
@@ -415,8 +417,9 @@ def load_checkpoint(
         raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
     if isinstance(ignore, str):
         raise TypeError("ignore: expected an iterable of regexes, got a single string (wrap it in a list)")
+    declared = [p for m in module.modules() for p in getattr(m, "checkpoint_ignore", ())]
     try:
-        patterns = [re.compile(p) for p in ignore]
+        patterns = [re.compile(p) for p in [*ignore, *declared]]
     except (re.error, TypeError) as e:
         raise ValueError(f"ignore: not a list of regexes: {e}") from None
     entries = _moela_entries(_list_source(source))

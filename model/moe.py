@@ -10,15 +10,22 @@ and ``w2 (E, D, I)`` the down projections. ``state_dict()`` still speaks DeepSee
 ``args.dtype == "fp8"`` the stacked weights are e4m3 with 128×128 ``*_scale_inv`` blocks
 (``experts.{i}.w1.weight_scale_inv`` in the checkpoint), activations are quantized on the fly.
 
-The forward never synchronises with the host: every shape is known from T, k and E.
+Expert parallelism: ``MoE(args, ep_group=group)`` holds only its rank's block of
+``E / W`` experts (``state_dict`` names them by their global ids) and moves tokens with a
+``moela.distributed`` dispatcher; the gate and the shared experts are replicated.
+
+The forward never synchronises with the host: every shape is known from T, k and E (the
+all-to-all dispatcher reads its split sizes once).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moela.distributed import DISPATCHERS, ContiguousLayout, Dispatcher, MaskedLayout, from_masked, to_masked
 from moela.reference import ModelArgs
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_tensor
 from moela.reference.moe import MLP
@@ -89,21 +96,39 @@ def _route_weights(logits: torch.Tensor, ids: torch.Tensor, score_func: str, rou
     return w * route_scale
 
 
-def sequence_balance_loss(logits: torch.Tensor, ids: torch.Tensor, args: ModelArgs, seq_len: int) -> torch.Tensor:
+def sequence_balance_loss(logits: torch.Tensor, ids: torch.Tensor, args: ModelArgs, seq_len: int | None,
+                          *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss (without its α factor).
 
     Per sequence of ``seq_len`` tokens: ``Σ_i f_i · P_i`` with ``f_i = E/(k·T) · #{t: i ∈ topk(t)}``
     and ``P_i = mean_t s'_{i,t}``, ``s'`` the scores normalised over all experts; averaged over
-    sequences. logits: (B·seq_len, E); ids: (B·seq_len, k).
+    sequences. logits: (B·seq_len, E); ids: (B·seq_len, k); ``seq_len=None``: all rows are one sequence.
+
+    ``group``: the rows are this rank's share of a batch sharded over the group (expert
+    parallelism); the result is this rank's share of that batch's loss (the shares sum to it, in
+    value and gradient). With ``seq_len=None`` the one sequence spans the ranks: the expert
+    loads and the token count are all-reduced; otherwise the mean runs over all ranks' sequences.
     """
     E, k = args.n_routed_experts, args.n_activated_experts
     scores = logits.softmax(-1) if args.score_func == "softmax" else logits.sigmoid()
     scores = scores / scores.sum(-1, keepdim=True)
-    B = logits.shape[0] // seq_len
-    chosen = torch.zeros(B * seq_len, E, device=logits.device).scatter_(1, ids.long(), 1.0)
-    f = chosen.view(B, seq_len, E).sum(1) * (E / (k * seq_len))  # (B, E)
-    p = scores.view(B, seq_len, E).mean(1)  # (B, E)
-    return (f * p).sum(-1).mean()
+    T = logits.shape[0]
+    chosen = torch.zeros(T, E, device=logits.device).scatter_(1, ids.long(), 1.0)
+    if group is not None and seq_len is None:
+        stats = torch.cat([chosen.sum(0), chosen.new_full((1,), T)])  # the group's loads and token count
+        dist.all_reduce(stats, group=group)
+        f = stats[:E] * (E / k) / stats[E]
+        return (f * (scores.sum(0) / stats[E])).sum()  # this rank's part of P_i = Σ_t s'_{i,t} / T_all
+    seq = T if seq_len is None else seq_len
+    B = T // seq
+    f = chosen.view(B, seq, E).sum(1) * (E / (k * seq))  # (B, E)
+    p = scores.view(B, seq, E).mean(1)  # (B, E)
+    per_seq = (f * p).sum(-1)  # (B,)
+    if group is None:
+        return per_seq.mean()
+    n_seqs = per_seq.new_full((1,), B)
+    dist.all_reduce(n_seqs, group=group)
+    return per_seq.sum() / n_seqs[0]
 
 
 class MoE(nn.Module):
@@ -114,13 +139,29 @@ class MoE(nn.Module):
     Training: the gate weight gets gradients; call :meth:`update_gate_bias` for DeepSeek's
     aux-loss-free balancing; ``seq_aux_alpha > 0`` leaves the sequence-wise balance loss in
     ``self.aux_loss`` after each forward.
+
+    Expert parallelism (``ep_group``, a torch.distributed process group of W ranks): this rank
+    holds experts ``local_experts = range(r·E/W, (r+1)·E/W)`` (``w13 (E/W, 2I, D)``...) and
+    ``dispatcher`` moves the tokens: ``"all_to_all"`` (each rank brings its own tokens: training,
+    prefill), ``"all_reduce"`` (every rank brings the same tokens: decode), ``"deep_ep"``, or a
+    ``moela.distributed.Dispatcher``. The gate and the shared experts are replicated: build every
+    rank from the same checkpoint or seed. ``state_dict`` holds only the local experts, under their
+    global names; ``load_state_dict`` of a whole layer's state takes this rank's experts from it
+    (``load_checkpoint(layer, path)`` likewise: it skips the other ranks' experts). With the
+    token-sharding dispatchers a replicated parameter gets this rank's share of its gradient (sum
+    them over the group, as data parallelism does); :meth:`update_gate_bias` and the balance loss
+    use the whole group's expert loads.
     """
 
-    def __init__(self, args: ModelArgs, seq_aux_alpha: float = 0.0):
+    def __init__(self, args: ModelArgs, seq_aux_alpha: float = 0.0, *, ep_group: dist.ProcessGroup | None = None,
+                 dispatcher: str | Dispatcher = "all_to_all"):
         super().__init__()
         self.args = args
         self.seq_aux_alpha = seq_aux_alpha
-        E, I, D = args.n_routed_experts, args.moe_inter_dim, args.dim
+        self.ep_group = ep_group
+        self.dispatcher = None if ep_group is None else _make_dispatcher(dispatcher, args.n_routed_experts, ep_group)
+        self.local_experts = range(args.n_routed_experts) if self.dispatcher is None else self.dispatcher.experts
+        E, I, D = len(self.local_experts), args.moe_inter_dim, args.dim
         self.fp8 = args.dtype == "fp8"
         if self.fp8 and (I % _BLOCK or D % _BLOCK):
             raise ValueError(f"dtype='fp8' needs moe_inter_dim and dim multiples of {_BLOCK} "
@@ -143,7 +184,9 @@ class MoE(nn.Module):
         self.shared_experts = MLP(D, args.n_shared_experts * I) if args.n_shared_experts else None
         if self.fp8 and self.shared_experts is not None:
             quantize_linears_(self.shared_experts, args)
-        self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
+        # tokens routed to each of the E experts since the last update_gate_bias (under EP: to this rank's)
+        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.register_state_dict_post_hook(_experts_to_checkpoint)
         self.register_load_state_dict_pre_hook(_experts_from_checkpoint)
@@ -165,27 +208,53 @@ class MoE(nn.Module):
         ops = ops_for(a.backend, x.device)
 
         weights, ids = self.gate(x2)
-        plan = ops.make_routing(ids, a.n_routed_experts)
-        I = a.moe_inter_dim
-        if self.fp8:  # activations quantized while they are dispatched (one quantization per token)
-            q, s = ops.permute(x2, plan, fp8=True, scale_fmt=a.scale_fmt)  # (M, D) e4m3, (M, D/128)
-            h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, plan.offsets, out_dtype=x.dtype)
-            q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=128, scale_fmt=a.scale_fmt)  # quantized in one pass
-            ys = ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, plan.offsets, out_dtype=x.dtype)
+        if self.dispatcher is not None:
+            y = self._expert_parallel(x2, weights, ids, ops)
         else:
-            xs = ops.permute(x2, plan)  # (M, D)
-            h = ops.grouped_gemm(xs, self.w13, plan.offsets)  # (M, 2I)
-            act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
-            ys = ops.grouped_gemm(act, self.w2, plan.offsets)  # (M, D)
-        y = ops.unpermute(ys, plan, weights)  # (T, D)
+            plan = ops.make_routing(ids, a.n_routed_experts)
+            if self.fp8:  # activations quantized while they are dispatched (one quantization per token)
+                xs = ops.permute(x2, plan, fp8=True, scale_fmt=a.scale_fmt)  # (M, D) e4m3, (M, D/128)
+            else:
+                xs = ops.permute(x2, plan)  # (M, D)
+            y = ops.unpermute(self._experts(xs, plan.offsets, ops, x.dtype), plan, weights)  # (T, D)
+            if self.training:
+                self.expert_load += plan.tokens_per_expert.float()  # no host sync
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
-        if self.training:
-            self.expert_load += plan.tokens_per_expert.float()  # no host sync
-            if self.seq_aux_alpha > 0:
-                seq = shape[-2] if x.ndim >= 3 else x2.shape[0]
-                self.aux_loss = self.seq_aux_alpha * sequence_balance_loss(self.gate.logits(x2), ids, a, seq)
+        if self.training and self.seq_aux_alpha > 0:
+            sharded = self.dispatcher is not None and self.dispatcher.shards_tokens
+            seq = shape[-2] if x.ndim >= 3 else None
+            self.aux_loss = self.seq_aux_alpha * sequence_balance_loss(
+                self.gate.logits(x2), ids, a, seq, group=self.ep_group if sharded else None)
         return y.view(shape)
+
+    def _experts(self, xs, offsets: torch.Tensor, ops, out_dtype: torch.dtype) -> torch.Tensor:
+        """The routed experts on rows grouped by expert: xs (M, D), or (e4m3, scale) for FP8 -> (M, D)."""
+        a, I = self.args, self.args.moe_inter_dim
+        if self.fp8:
+            q, s = xs if isinstance(xs, tuple) else ops.quant_act(xs, _BLOCK, a.scale_fmt)
+            h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, offsets, out_dtype=out_dtype)
+            q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=_BLOCK, scale_fmt=a.scale_fmt)  # one pass
+            return ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, offsets, out_dtype=out_dtype)
+        h = ops.grouped_gemm(xs, self.w13, offsets)  # (M, 2I)
+        act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
+        return ops.grouped_gemm(act, self.w2, offsets)  # (M, D)
+
+    def _expert_parallel(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ops) -> torch.Tensor:
+        """Dispatch to the experts' ranks, run the local experts, combine: (T, D) -> (T, D)."""
+        xs, layout, handle = self.dispatcher.dispatch(x2, weights, ids, ops=ops)
+        if isinstance(layout, MaskedLayout):  # as contiguous rows, until a masked grouped GEMM takes the blocks
+            E_l, max_m = xs.shape[:2]
+            rows = ContiguousLayout(torch.cumsum(layout.tokens_per_expert, 0, dtype=torch.int32),
+                                    layout.tokens_per_expert)
+            ys = self._experts(from_masked(xs, rows, E_l * max_m), rows.offsets, ops, x2.dtype)
+            ys = to_masked(ys, rows, max_m)[0]
+        else:
+            ys = self._experts(xs, layout.offsets, ops, x2.dtype)
+        if self.training:  # this rank counts its own experts' rows; update_gate_bias sums over the group
+            first = self.local_experts.start
+            self.expert_load[first:first + len(self.local_experts)] += layout.tokens_per_expert.float()
+        return self.dispatcher.combine(ys, handle)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() move the FP8 experts but keep their dtypes, and the float32 load
@@ -197,17 +266,44 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_gate_bias(self, rate: float = 1e-3) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): ``bias += rate · sign(mean load − load)`` from the
-        loads counted since the last call, then reset the counts."""
+        loads counted since the last call, then reset the counts. Under expert parallelism the
+        loads are all-reduced over the group first (a collective: every rank calls it), so every
+        rank takes the same step, from the global loads."""
         if self.gate.bias is None:
             raise ValueError("update_gate_bias: this config has no gate bias (gate_bias=False)")
         load = self.expert_load
+        if self.ep_group is not None:
+            load = load.clone()
+            dist.all_reduce(load, group=self.ep_group)
         self.gate.bias += rate * torch.sign(load.mean() - load)
-        load.zero_()
+        self.expert_load.zero_()
+
+    @property
+    def checkpoint_ignore(self) -> list[str]:
+        """Regexes matching the keys of the experts other ranks hold (``[]`` without expert
+        parallelism); ``load_checkpoint`` skips them, so each rank reads only its own experts."""
+        others = [str(i) for i in range(self.args.n_routed_experts) if i not in self.local_experts]
+        return [rf"(^|\.)experts\.({'|'.join(others)})\."] if others else []
 
     def extra_repr(self) -> str:
         a = self.args
+        ep = "" if self.dispatcher is None else f", ep={self.dispatcher!r}"
         return (f"experts={a.n_routed_experts}, k={a.n_activated_experts}, dim={a.dim}, "
-                f"inter={a.moe_inter_dim}, dtype={a.dtype}, backend={a.backend}")
+                f"inter={a.moe_inter_dim}, dtype={a.dtype}, backend={a.backend}{ep}")
+
+
+def _make_dispatcher(dispatcher: str | Dispatcher, n_experts: int, group: dist.ProcessGroup) -> Dispatcher:
+    """The dispatcher of ``MoE(ep_group=group, dispatcher=...)``: built from its name, or checked."""
+    if isinstance(dispatcher, Dispatcher):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if (dispatcher.n_experts, dispatcher.world, dispatcher.rank) != (n_experts, world, rank):
+            raise ValueError(f"dispatcher: expected one for {n_experts} experts over the ep_group's {world} ranks "
+                             f"(this one rank {rank}), got {dispatcher!r}")
+        return dispatcher
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"dispatcher: expected one of {sorted(DISPATCHERS)} or a moela.distributed.Dispatcher, "
+                         f"got {dispatcher!r}")
+    return DISPATCHERS[dispatcher](n_experts, group)
 
 
 # ---------------------------------------------------------------------- checkpoint names
@@ -219,27 +315,33 @@ def _stacked_names(module: MoE) -> list[tuple[str, str]]:
 
 
 def _experts_to_checkpoint(module: MoE, state: dict, prefix: str, local_metadata: dict) -> None:
-    """w13/w2 (stacked) -> experts.{i}.w1/w2/w3.weight (+ weight_scale_inv)."""
+    """w13/w2 (stacked) -> experts.{i}.w1/w2/w3.weight (+ weight_scale_inv), i the global expert ids."""
     I = module.args.moe_inter_dim
     split = I // _BLOCK if module.fp8 else I
     for attr, leaf in _stacked_names(module):
         t = state.pop(prefix + attr)
         half = split if attr.endswith("scale_inv") else I
-        for i in range(t.shape[0]):
+        for local, i in enumerate(module.local_experts):
             if attr.startswith("w13"):
-                state[f"{prefix}experts.{i}.w1.{leaf}"] = t[i, :half]
-                state[f"{prefix}experts.{i}.w3.{leaf}"] = t[i, half:]
+                state[f"{prefix}experts.{i}.w1.{leaf}"] = t[local, :half]
+                state[f"{prefix}experts.{i}.w3.{leaf}"] = t[local, half:]
             else:
-                state[f"{prefix}experts.{i}.w2.{leaf}"] = t[i]
+                state[f"{prefix}experts.{i}.w2.{leaf}"] = t[local]
 
 
 def _experts_from_checkpoint(module: MoE, state: dict, prefix: str, local_metadata, strict, missing, unexpected,
                              errors) -> None:
-    """experts.{i}.w1/w2/w3.weight (+ weight_scale_inv) -> w13/w2 (stacked)."""
-    E = module.args.n_routed_experts
+    """experts.{i}.w1/w2/w3.weight (+ weight_scale_inv) -> w13/w2 (stacked). Under expert
+    parallelism the keys of other ranks' experts are dropped: a whole layer's state loads on every rank."""
+    local = module.local_experts
+    if len(local) != module.args.n_routed_experts:
+        remote = {str(i) for i in range(module.args.n_routed_experts) if i not in local}
+        head = f"{prefix}experts."
+        for name in [k for k in state if k.startswith(head) and k[len(head):].split(".", 1)[0] in remote]:
+            del state[name]
     for attr, leaf in _stacked_names(module):
-        keys = ([(f"{prefix}experts.{i}.w1.{leaf}", f"{prefix}experts.{i}.w3.{leaf}") for i in range(E)]
-                if attr.startswith("w13") else [(f"{prefix}experts.{i}.w2.{leaf}",) for i in range(E)])
+        keys = ([(f"{prefix}experts.{i}.w1.{leaf}", f"{prefix}experts.{i}.w3.{leaf}") for i in local]
+                if attr.startswith("w13") else [(f"{prefix}experts.{i}.w2.{leaf}",) for i in local])
         if not all(k in state for group in keys for k in group):
             continue  # left to load_state_dict's missing-key report (or an already-stacked state)
         rows = [torch.cat([state.pop(k) for k in group]) for group in keys]

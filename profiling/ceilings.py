@@ -2,8 +2,8 @@
 
 CUDA: a 1 GiB device-to-device copy (bytes read + written), a bf16 8192³ ``torch.matmul``, an
 FP8 8192³ ``torch._scaled_mm`` with per-tensor scales (sm_89+) and, for information, the
-cuBLAS block-wise FP8 GEMM (sm_90). An H200 reached a copy of ≈ 4.3 TB/s and a bf16 matmul of
-≈ 770-800 TFLOP/s this way. CPU: a 64 MiB copy and a float32 1024³ matmul, wall clock.
+cuBLAS block-wise FP8 GEMM (sm_90). profiling/results/ has what an H200 reached before (copy ≈ 4.3
+TB/s, bf16 ≈ 770-800 TFLOP/s). CPU: a 64 MiB copy and a float32 1024³ matmul, wall clock.
 
 Each ceiling is ``{"value", "unit", "median_ms", "what"}`` or ``{"skipped": reason}``. Results
 are compared with ``ceiling_for(compute, ceilings)``: the matmul rate of their compute dtype

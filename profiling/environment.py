@@ -46,7 +46,7 @@ def git_ref() -> str:
     """``<sha>[-dirty]`` of the checkout moela runs from, or "unknown" outside a git tree.
 
     ``MOELA_GIT_REF`` overrides it: for a copy of a working tree whose ``.git`` is not the
-    tree's (the remote GPU machine of the 2026-11-28 runs reported the session's first commit).
+    tree's (a remote GPU machine that receives a copy of the working tree).
     """
     if knobs.get("MOELA_GIT_REF"):
         return knobs.get("MOELA_GIT_REF")

@@ -12,7 +12,7 @@ Building blocks:
 - ``expert_gemms(dims)``: the two GEMMs of one expert, up/gate fused (N = 2·I, K = D) and
   down (N = D, K = I).
 - ``DECODE_TOKENS`` (1…256 per GPU) and ``PREFILL_TOKENS`` (4096…16384).
-- ``DEEPGEMM_DENSE`` and ``DEEPGEMM_GROUPED``: DeepGEMM's benchmark grids.
+- ``DEEPGEMM_DENSE`` and ``DEEPGEMM_GROUPED``: DeepGEMM's benchmark grids (its README's tables).
 - ``FLASHMLA_DECODE``: FlashMLA's decode shapes.
 - ``routing_ids(T, E, k, load)``: deterministic expert choices, ``"balanced"`` (uniform) or
   ``"zipf"`` (expert popularity ∝ 1/rank^1.2, ranks shuffled); ``group_sizes`` counts them.
@@ -47,7 +47,7 @@ TINY = ModelArgs.from_name("tiny")
 #: Short names the problems use for the configs.
 CONFIGS = {"v3": V3, "v2lite": V2_LITE, "tiny": TINY}
 
-#: Tokens per GPU in a decode step and in a prefill chunk (the DeepSeek serving regimes).
+#: Tokens per GPU in a decode step and in a prefill chunk.
 DECODE_TOKENS = (1, 4, 16, 64, 128, 256)
 PREFILL_TOKENS = (4096, 8192, 16384)
 

@@ -274,7 +274,9 @@ def permute(
     if check_bool("validate", validate):
         validate_plan(plan)
     ok, token = _consistent_rows(plan)
-    xs = torch.where(ok[:, None], x[token] if x.shape[0] else x.new_zeros(plan.max_rows, x.shape[1]), 0)
+    # no tokens: every row is unowned; x[:0]'s expand keeps the result in x's autograd graph
+    src = x[token] if x.shape[0] else x[:0].sum(0, keepdim=True).expand(plan.max_rows, -1)
+    xs = torch.where(ok[:, None], src, 0)
     if fp8:
         from .fp8 import quant_act
 
@@ -305,7 +307,8 @@ def unpermute(ys: torch.Tensor, plan: RoutingPlan, topk_weights: torch.Tensor | 
     for j in range(k):
         rows = plan.slot_to_row[:, j].long()  # (T,)
         valid = (rows >= 0) & (rows < M)
-        contrib = ys[torch.where(valid, rows, 0)].to(acc) if M else y
+        # no rows: every slot is skipped; ys's empty sum keeps the result in ys's autograd graph
+        contrib = ys[torch.where(valid, rows, 0)].to(acc) if M else ys.to(acc).sum(0, keepdim=True).expand(T, -1)
         if topk_weights is not None:
             contrib = contrib * topk_weights[:, j, None].to(acc)
         y += torch.where(valid[:, None], contrib, 0)

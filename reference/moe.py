@@ -42,7 +42,7 @@ from ._checks import (
 from .config import ModelArgs
 from .fp8 import check_quant_act, quant_act
 
-__all__ = ["route", "gate", "Gate", "MLP", "MoE", "swiglu", "check_route", "check_gate", "check_swiglu",
+__all__ = ["route", "gate", "gate_with", "Gate", "MLP", "MoE", "swiglu", "check_route", "check_gate", "check_swiglu",
            "SCORE_FUNCS"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -161,10 +161,18 @@ def gate(
 
     The logits are computed in float32 (float64 for float64 input); see :func:`route`.
     """
+    return gate_with(route, x, weight, bias, args)
+
+
+def gate_with(route_fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args: ModelArgs
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate`` over a given ``route`` (the reference's or the kernel's): the contract check, the
+    logits ``F.linear`` of x and weight upcast to float32 (float64 for float64 input), then
+    ``route_fn`` with the config's routing fields."""
     check_gate(x, weight, bias, args)
     acc = accumulate_dtype(x.dtype, weight.dtype)
     logits = F.linear(x.to(acc), weight.to(acc))
-    return route(
+    return route_fn(
         logits, bias, topk=args.n_activated_experts, n_groups=args.n_expert_groups,
         topk_groups=args.n_limited_groups, score_func=args.score_func, route_scale=args.route_scale,
     )

@@ -2,7 +2,7 @@
 
 Import as ``import fp8_testing`` (pyproject puts tests/ on the path).
 
-The block-scaled GEMM bound (STYLE.md 9: derived, not tuned). For one output element, with
+The block-scaled GEMM bound (derived, not tuned). For one output element, with
 ``S_kb = Σ_{k in block kb} |a_k·b_k|`` and ``mag = Σ_kb |a_s|·|b_s|·S_kb`` (the reference run on
 |a|, |b|), the kernel and the reference:
 

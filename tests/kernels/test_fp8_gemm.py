@@ -25,7 +25,7 @@ factory = importlib.import_module("moela.kernels.factory")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_DENSE
-except ImportError:  # the shapes registry is optional for the kernel tests (ANCHORS.md's grid)
+except ImportError:  # the shapes registry is optional for the kernel tests (DeepGEMM's grid)
     DEEPGEMM_DENSE = {"m": (64, 128, 4096), "nk": ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384),
                                                    (4096, 7168), (7168, 2048))}
 

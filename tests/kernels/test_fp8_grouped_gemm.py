@@ -27,7 +27,7 @@ factory = importlib.import_module("moela.kernels.factory")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_GROUPED
-except ImportError:  # ANCHORS.md's grouped shapes: (label, groups, rows per group, n, k)
+except ImportError:  # DeepGEMM's grouped shapes: (label, groups, rows per group, n, k)
     DEEPGEMM_GROUPED = (("contiguous 4x8192", 4, 8192, 4096, 7168), ("contiguous 8x4096", 8, 4096, 7168, 2048),
                         ("masked 4x256", 4, 256, 7168, 2048))
 

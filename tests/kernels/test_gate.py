@@ -3,7 +3,7 @@
 The ids must be equal to the reference's, bit for bit: on random logits (no two scores
 within rounding of each other) and on tie-heavy ones (small integers: many exactly equal
 scores, where the lower expert / group index must win). The weights must be within float32
-rounding: derived tolerance (STYLE.md 9), the kernel's error against the reference run in
+rounding: derived tolerance, the kernel's error against the reference run in
 float64 within 2x the error of the reference run in float32. Variants: DeepSeek-V3 (sigmoid,
 bias, 8 groups, 4 kept, route_scale 2.5) scaled down to 32 experts, V2-Lite (softmax, no
 groups), and odd ones (groups of 3, prime E, E not a power of two). The GPU tier runs the

@@ -2,7 +2,7 @@
 
 CPU tests run the kernels through the Triton interpreter at small shapes, with the default
 configs (the ones the autotuner starts from) and with 16×16×16 blocks that give several
-tiles and K steps. Tolerances are derived (STYLE.md 9): the kernel's error against the
+tiles and K steps. Tolerances are derived: the kernel's error against the
 float64 reference within 2× the error of the reference run in the inputs' dtype (float32
 accumulation and one rounding, what the kernel must match). The GPU tier runs DeepSeek shapes.
 """

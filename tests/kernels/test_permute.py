@@ -6,7 +6,7 @@ an unwritten element fails. What must be bitwise equal to the reference is check
 ``torch.equal``: permute (a copy), the combine (the same multiply-then-add in the same slot
 order, in float32 or float64) and the combine's ``dys`` (one multiply, one rounding).
 Gradients that sum in another order (``dx`` of permute, ``dw``) are checked with derived
-tolerances (STYLE.md 9): against the float64 reference, within 2x the error the reference
+tolerances: against the float64 reference, within 2x the error the reference
 makes in the inputs' dtype; in float64, inputs are float32 values, so sums of k of them are
 exact and ``dx`` must be exact too. The GPU tier runs DeepSeek shapes.
 """

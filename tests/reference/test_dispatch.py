@@ -125,3 +125,26 @@ def test_permute_fp8_is_quant_act_of_the_rows():
     q, s = permute(x, plan, fp8=True, scale_fmt="ue8m0")
     q_ref, s_ref = quant_act(permute(x, plan), 128, "ue8m0")
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+def test_empty_plans_keep_the_gradient_path():
+    """T = 0 tokens or M = 0 rows: the results are zeros that still belong to the inputs' graph
+    (a rank with nothing to do joins the backward)."""
+    x = torch.randn(0, 4, requires_grad=True)
+    plan = make_routing(torch.zeros(0, 2, dtype=torch.int32), 3)
+    xs = permute(x, plan)
+    assert xs.shape == (0, 4) and xs.requires_grad
+    xs.sum().backward()
+    assert x.grad.shape == (0, 4)
+    ys = torch.randn(0, 4, requires_grad=True)  # M = 0 rows
+    y = unpermute(ys, plan, torch.rand(0, 2, requires_grad=True))
+    assert y.shape == (0, 4) and y.requires_grad
+    y.sum().backward()
+    assert ys.grad.shape == (0, 4)
+    plan = make_routing(torch.full((3, 2), -1, dtype=torch.int32), 3)  # every slot skipped
+    ys = torch.randn(plan.max_rows, 4, requires_grad=True)
+    w = torch.rand(3, 2, requires_grad=True)
+    y = unpermute(ys, plan, w)
+    assert torch.equal(y, torch.zeros(3, 4)) and y.requires_grad
+    y.sum().backward()
+    assert torch.equal(ys.grad, torch.zeros_like(ys)) and torch.equal(w.grad, torch.zeros(3, 2))
