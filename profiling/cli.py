@@ -2,7 +2,8 @@
 references and torch baselines, write reports.
 
     python -m moela.profiling                  environment, check, ceilings + quick benchmark,
-                                               reference layers; results saved (about a minute on CPU)
+                                               reference layers; results saved (minutes on a CPU)
+    python -m moela.profiling --only OP ...    the same, on these ops only
     python -m moela.profiling check            each available moela kernel against its reference
     python -m moela.profiling bench            ceilings, then every implementation of every problem
     python -m moela.profiling report A.json [B.json]   markdown + PNG plots (two runs side by side)
@@ -12,7 +13,8 @@ references and torch baselines, write reports.
                                                needed), judged by moela.profiling.audit's rules
 
 Without CUDA, kernels run through the Triton interpreter and every time is CPU wall clock:
-such numbers show that things run, and nothing about GPU speed.
+such numbers show that things run, and nothing about GPU speed (the main job times each
+interpreted kernel once, right after its check ran it).
 """
 
 from __future__ import annotations

@@ -73,15 +73,15 @@ def test_parser_reads_fences_and_marks():
 
 
 def test_inventory():
-    """Every block is python, bash or text; every mark has a reason; most code actually runs."""
+    """Every block is python, bash or text; every mark has a reason and sits above code; the
+    examples of the layers, the kernels and the profiler run (at least four blocks)."""
     unknown = [f"line {b.line}: ```{b.lang}" for b in BLOCKS if b.lang not in RUN + NOT_CODE]
     assert not unknown, f"README blocks of no known language (use python, bash or text): {unknown}"
     assert all(b.not_run for b in BLOCKS if b.not_run is not None), "a `not run` mark needs its reason"
     stray = [f"line {b.line}" for b in BLOCKS if b.not_run and b.lang not in RUN]
     assert not stray, f"`not run` marks above blocks that are not code: {stray}"
     run = [b for b in CODE if b.not_run is None]
-    assert len(run) >= 4 and len(run) > len(CODE) - len(run), (
-        f"{len(run)} of {len(CODE)} README code blocks run; the rest are marked `not run`")
+    assert len(run) >= 4, f"only {len(run)} of {len(CODE)} README code blocks run; the rest are marked `not run`"
 
 
 def _env() -> dict[str, str]:
