@@ -134,7 +134,6 @@ class BenchSettings:
     on_row: Callable[[dict[str, Any]], None] | None = None  # called as each row completes
     graphs: bool = False  # CUDA: also time CUDA-graph replays of the rows faster than graph_below_ms
     graph_below_ms: float = 1.0
-    skip_kinds: dict[str, str] = field(default_factory=dict)  # impl kind -> reason it is not timed
     # Calls per interpreted moela row, with no separate warm-up (a check ran them already), or None:
     # timed like every other row.
     interpreter_calls: int | None = None
@@ -245,9 +244,6 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             continue
         except Exception as e:
             row["status"], row["reason"] = "error", f"prepare: {_reason(e)}"
-            continue
-        if impl.kind in s.skip_kinds:
-            row["reason"] = s.skip_kinds[impl.kind]
             continue
         kind_interp = impl.kind == "moela" and interpreter_active()
         timer = {"warmup_ms": s.warmup_ms, "rep_ms": s.rep_ms}
