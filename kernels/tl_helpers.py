@@ -8,7 +8,8 @@
 - GEMM tiling: :func:`grouped_tile_order` (the GROUP_M L2 swizzle),
   :func:`fp8_block_scaled_tile` (the per-128 promoted FP8 main loop) and the grouped GEMMs'
   bounds-safe reading of ``offsets``: :func:`group_bounds`, :func:`group_rows`,
-  :func:`locate_m_tile`;
+  :func:`locate_m_tile`, and :func:`scheduled_m_tile`, the same lookup from the table of
+  ``kernels.group_schedule`` with loads and reductions only (what warp-specialised loops take);
 - host side: :func:`dot_precision` (torch's TF32 setting for float32 dots) and
   :data:`SMEM_BUDGET`, what a config's pipeline may take of Hopper's shared memory.
 """
@@ -22,11 +23,15 @@ from triton.language.extra import libdevice
 
 __all__ = [
     "exp", "div", "abs_bits", "ue8m0_ceil", "block_scale", "saturate_to_fp8", "grouped_tile_order",
-    "fp8_block_scaled_tile", "group_bounds", "group_rows", "locate_m_tile", "dot_precision", "SMEM_BUDGET",
+    "fp8_block_scaled_tile", "group_bounds", "group_rows", "locate_m_tile", "scheduled_m_tile", "schedule_row",
+    "dot_precision", "SMEM_BUDGET", "SCHEDULE_BLOCK_M",
 ]
 
 #: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
 SMEM_BUDGET = 220 * 1024
+
+#: The M-tile heights ``kernels.group_schedule`` counts tiles for (one table row each).
+SCHEDULE_BLOCK_M = (16, 32, 64, 128, 256)
 
 
 @triton.jit
@@ -192,6 +197,35 @@ def locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.
     group = tl.sum(tl.where(mine, e, 0), 0)
     return group, (rows >> 32).to(tl.int32), rows.to(tl.int32)
 
+
+@triton.jit
+def schedule_row(BLOCK_M: tl.constexpr):
+    """The table row (``kernels.group_schedule``) of the tile counts of BLOCK_M-row tiles."""
+    tl.static_assert((BLOCK_M == 16) or (BLOCK_M == 32) or (BLOCK_M == 64) or (BLOCK_M == 128)
+                     or (BLOCK_M == 256), "the schedule table counts tiles of 16, 32, 64, 128 or 256 rows")
+    ROW: tl.constexpr = 2 + (BLOCK_M >= 32) + (BLOCK_M >= 64) + (BLOCK_M >= 128) + (BLOCK_M >= 256)
+    return ROW
+
+
+@triton.jit
+def scheduled_m_tile(table_ptr, tile_m, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`locate_m_tile` read from ``kernels.group_schedule``'s table: M-tile ``tile_m`` ->
+    (group, first row, end row); group E is the tail; past the last tile: group E + 1, rows 0, 0.
+
+    Loads and reductions only, CHUNK groups at a time (Triton 3.6's warp specialisation takes
+    neither scans nor a reduction over 128 or more lanes whose result both partitions need).
+    """
+    tile_ends = table_ptr + schedule_row(BLOCK_M) * (E + 1)
+    lane = tl.arange(0, CHUNK)
+    group = 0
+    for g0 in range(0, E + 1, CHUNK):
+        ends = tl.load(tile_ends + g0 + lane, mask=g0 + lane <= E, other=2**31 - 1)
+        group += tl.sum((ends <= tile_m).to(tl.int32), 0)
+    valid = group <= E
+    first = tl.load(tile_ends + group - 1, mask=valid & (group > 0), other=0)
+    row_start = tl.load(table_ptr + group, mask=valid, other=0) + (tile_m - first) * BLOCK_M
+    row_end = tl.load(table_ptr + (E + 1) + group, mask=valid, other=0)
+    return group, tl.where(valid, row_start, 0), row_end
 
 
 def dot_precision(dtype: torch.dtype) -> str:

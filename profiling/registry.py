@@ -281,8 +281,8 @@ CONTRACT_ORDER = (
 #: Order in which ``full`` runs the op-specific sets (the anchors' grids first), so that a time
 #: budget cuts the least important problems. Sets not named here run last.
 SET_PRIORITY = (
-    "tiny", "check", "quick", "deepgemm-dense", "deepgemm-grouped", "flashmla-decode", "flashmla-ragged", "v3-decode",
-    "v3-prefill",
+    "tiny", "check", "quick", "deepgemm-dense", "deepgemm-grouped", "flashmla-decode", "flashmla-ragged",
+    "flashmla-fp8", "flashmla-paged", "v3-decode", "v3-prefill",
     "v3-linear", "deepseek", "v2lite-decode", "v2lite-prefill",
 )
 

@@ -34,6 +34,7 @@ from ._checks import (
     check_bool,
     check_choice,
     check_dtype_arg,
+    check_has_values,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -197,6 +198,12 @@ def _to_fp8(y: torch.Tensor) -> torch.Tensor:
     return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def _covering(n: int, block: int) -> int:
+    """A block size that splits a dim of n into the same blocks: a block longer than the dim
+    holds all of it (so a huge ``block`` never allocates its padding)."""
+    return min(block, max(n, 1))
+
+
 def _pad_to(x: torch.Tensor, dim: int, block: int) -> torch.Tensor:
     """Zero-pad ``x`` along ``dim`` (negative) to a multiple of ``block``."""
     pad = -x.shape[dim] % block
@@ -210,6 +217,7 @@ def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
     """1×block quantization along the last dim: ``x (..., K) -> (fp8 (..., K), scale (..., ceil(K/B)))``."""
     check_quant_act(x, block, scale_fmt)
     K = x.shape[-1]
+    block = _covering(K, block)
     xb = _pad_to(x.float(), -1, block).unflatten(-1, (-1, block))  # (..., Kb, B)
     scale = block_scale(xb.abs().amax(dim=-1), scale_fmt)  # (..., Kb)
     y = (xb / scale.unsqueeze(-1)).flatten(-2)[..., :K]
@@ -223,8 +231,9 @@ def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None
     """
     check_quant_weight(w, block, scale_fmt)
     N, K = w.shape[-2:]
-    wb = _pad_to(_pad_to(w.float(), -1, block), -2, block)
-    wb = wb.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # (..., Nb, B, Kb, B)
+    bn, bk = _covering(N, block), _covering(K, block)
+    wb = _pad_to(_pad_to(w.float(), -1, bk), -2, bn)
+    wb = wb.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn))  # (..., Nb, B, Kb, B)
     scale = block_scale(wb.abs().amax(dim=(-3, -1)), scale_fmt)  # (..., Nb, Kb)
     y = wb / scale[..., :, None, :, None]
     y = y.flatten(-2).flatten(-3, -2)[..., :N, :K]
@@ -235,7 +244,7 @@ def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int, name: str)
     """Broadcast a block scale to ``shape``: each dim is either full size or ceil(size/block)."""
     for d, div in enumerate(scale_divisors(tuple(scale.shape), tuple(shape), block, name)):
         if div != 1:
-            scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, shape[d])
+            scale = scale.repeat_interleave(_covering(shape[d], block), dim=d).narrow(d, 0, shape[d])
     return scale
 
 
@@ -266,7 +275,7 @@ def fp8_gemm(
     check_fp8_gemm(a, a_s, b, b_s, out_dtype, block)
     M, K = a.shape
     N = b.shape[0]
-    b_s_rows = b_s.repeat_interleave(block, dim=0)[:N]  # (N, Kb): each row's scale per K block
+    b_s_rows = b_s.repeat_interleave(_covering(N, block), dim=0)[:N]  # (N, Kb): each row's scale per K block
     acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
     for kb, k0 in enumerate(range(0, K, block)):
         partial = a[:, k0:k0 + block].float() @ b[:, k0:k0 + block].float().T  # exact fp32 products
@@ -296,6 +305,7 @@ def fp8_grouped_gemm(
         (M, N) in out_dtype; rows past offsets[E-1] are zero.
     """
     M, N = check_fp8_grouped_gemm(xs, xs_s, w, w_s, offsets, out_dtype, block, validate=validate).shape
+    check_has_values("offsets", offsets, "moela.reference.fp8_grouped_gemm")
     if validate:
         check_offsets(offsets, M)
     out = torch.zeros(M, N, dtype=out_dtype, device=xs.device)

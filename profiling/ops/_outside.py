@@ -222,30 +222,39 @@ def sgl_kernel_impls(op: str) -> tuple[Impl, ...]:
 
 # ------------------------------------------------------------------ FlashMLA
 def _flash_mla(case: Case, v_dim: int):
+    """FlashMLA on the problem's own cache: 64-token pages (``block_table``) as they are, a dense
+    ``(B, L, 576)`` cache viewed as pages in order; FlashMLA's FP8 rows with ``is_fp8_kvcache``."""
     i = case.inputs
     what = "flash_mla.flash_mla_with_kvcache"
     fm = outside_module("flash_mla", what)
     q, kv = i["q"], i["kv"]
     need_cuda(q.device, at_least=(9, 0), what=what)
     B, S, H, _ = q.shape
-    L, page = kv.shape[1], 64
-    if L % page:
-        raise Unavailable(f"{what}: the cache length {L} is not a multiple of its {page}-token pages")
+    page = 64
+    table = i.get("block_table")
+    if table is None:  # a dense cache: sequence b's pages are b·L/64 ... in order
+        L = kv.shape[1]
+        if L % page:
+            raise Unavailable(f"{what}: the cache length {L} is not a multiple of its {page}-token pages")
+        kv = kv.reshape(B * (L // page), page, kv.shape[-1])
+        table = torch.arange(B * (L // page), dtype=torch.int32, device=q.device).view(B, L // page)
+    elif kv.shape[1] != page:
+        raise Unavailable(f"{what}: pages of {kv.shape[1]} tokens (FlashMLA's are {page})")
     seqlens = i.get("cache_seqlens")
     if seqlens is None:
-        seqlens = torch.full((B,), L, dtype=torch.int32, device=q.device)
-    blocks = kv.view(B * (L // page), page, 1, kv.shape[-1])  # the cache as pages, one KV head
-    table = torch.arange(B * (L // page), dtype=torch.int32, device=q.device).view(B, L // page)
+        seqlens = torch.full((B,), table.shape[1] * page, dtype=torch.int32, device=q.device)
+    blocks = kv.unsqueeze(2)  # (pages, 64, one KV head, row)
     metadata, splits = _first(fm, ("get_mla_metadata",), what)(seqlens, S * H, 1)
     call = _first(fm, ("flash_mla_with_kvcache",), what)
+    kw = {"is_fp8_kvcache": True} if kv.dtype != q.dtype else {}
     return probed(lambda: call(q, blocks, table, seqlens, v_dim, metadata, splits,
-                               softmax_scale=i["softmax_scale"], causal=True)[0], what)
+                               softmax_scale=i["softmax_scale"], causal=True, **kw)[0], what)
 
 
 def flash_mla_impl(v_dim: int) -> Impl:
     """FlashMLA's decode of ``mla_decode`` (values: the first ``v_dim`` columns of the cache)."""
     return Impl("flashmla", lambda c: _flash_mla(c, v_dim), kind="outside",
-                note="FlashMLA, the cache as 64-token pages")
+                note="FlashMLA on the problem's cache (dense: as 64-token pages in order)")
 
 
 # ------------------------------------------------------------------ whole MoE layers
