@@ -44,6 +44,7 @@ else:
     from .factory import registered_ops
     from .fp8_gemm import fp8_gemm
     from .fp8_grouped_gemm import fp8_grouped_gemm
+    from .fp8_grouped_gemm_masked import fp8_grouped_gemm_masked
     from .fp8_linear import fp8_linear
     from .fp8_quant import dequant, quant_act, quant_weight
     from .gate import gate, route
@@ -56,6 +57,6 @@ else:
 
     __all__ = [
         "route", "gate", "grouped_gemm", "grouped_gemm_dw", "grouped_gemm_masked", "make_routing", "permute",
-        "unpermute", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
-        "mla_decode", "swiglu", "registered_ops",
+        "unpermute", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked",
+        "fp8_linear", "mla_decode", "swiglu", "registered_ops",
     ]

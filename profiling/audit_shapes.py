@@ -176,6 +176,54 @@ def _fp8_grouped(label: str, M: int, E: int, N: int, K: int) -> Launch:
         BLOCK_E=triton.next_power_of_2(E + 1)))
 
 
+def _fp8_gemm_tma(label: str, M: int, N: int, K: int) -> Launch:
+    a, a_s, b, b_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(N, K, dtype=E4M3), \
+        _t(triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
+    return Launch(label, dict(
+        a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, c_ptr=c, bias_ptr=a_s, M=M, N=N, K=K, stride_am=K,
+        **_strides("stride_asm stride_ask", a_s), stride_bn=K, **_strides("stride_bsn stride_bsk", b_s),
+        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, HAS_BIAS=False))
+
+
+def _deepgemm_dense_tma(m: int) -> list[Launch]:
+    return [_fp8_gemm_tma(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
+
+
+def _fp8_grouped_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    x, x_s, w_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(E, triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
+    return Launch(label, dict(
+        x_ptr=x, xs_ptr=x_s, w_ptr=_t(E * N, K, dtype=E4M3), ws_ptr=w_s, offsets_ptr=_t(E, dtype=I32), c_ptr=c,
+        M=M, N=N, K=K, E=E, stride_xm=K, **_strides("stride_xsm stride_xsk", x_s), stride_wn=K,
+        **_strides("stride_wse stride_wsn stride_wsk", w_s), **_strides("stride_cm stride_cn", c),
+        M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, E_CHUNK=min(triton.next_power_of_2(E + 1), 16)))
+
+
+def _fp8_masked(label: str, E: int, max_m: int, N: int, K: int, tma: bool) -> Launch:
+    """The masked layout: x (E, max_m, K), scales (E, max_m, K/B), out (E, max_m, N)."""
+    x, x_s, w, w_s, c = _t(E, max_m, K, dtype=E4M3), _t(E, max_m, K // B, dtype=F32), _t(E, N, K, dtype=E4M3), \
+        _t(E, triton.cdiv(N, B), K // B, dtype=F32), _t(E, max_m, N)
+    common = dict(xs_ptr=x_s, ws_ptr=w_s, masked_m_ptr=_t(E, dtype=I32), c_ptr=c, E=E, MAX_M=max_m, N=N, K=K,
+                  **_strides("stride_xse stride_xsm stride_xsk", x_s),
+                  **_strides("stride_wse stride_wsn stride_wsk", w_s), **_strides("stride_ce stride_cm stride_cn", c),
+                  SCALE_BLOCK=B)
+    if tma:
+        return Launch(label, dict(x_ptr=x, w_ptr=w, stride_xm=K, stride_wn=K, **common))
+    return Launch(label, dict(x_ptr=x, w_ptr=w, **_strides("stride_xe stride_xm stride_xk", x),
+                              **_strides("stride_we stride_wn stride_wk", w), **common))
+
+
+def _masked_problems(tma: bool, cls: str) -> list[Launch]:
+    """By max_m class: a V3 decode rank (32 experts, 64-row buffers), DeepGEMM's masked 4 × 256
+    (N 7168, K 2048), 4 buffers of 1024 rows (a prefill-sized dispatch)."""
+    if cls == "small":
+        return [_fp8_masked(f"V3 decode E=32 max_m=64 {lbl}", 32, 64, n, k, tma)
+                for lbl, n, k in ((f"up n{2 * I} k{D}", 2 * I, D), (f"down n{D} k{I}", D, I))]
+    if cls == "medium":
+        return [_fp8_masked(f"{label} n={n} k={k}", groups, rows, n, k, tma)
+                for label, groups, rows, n, k in DEEPGEMM_GROUPED if label.startswith("masked")]
+    return [_fp8_masked(f"E=4 max_m=1024 n{2 * I} k{D}", 4, 1024, 2 * I, D, tma)]
+
+
 # ---------------------------------------------------------------------------- MLA decode
 def _mla_plan(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool, dtype: torch.dtype = BF16):
     """(config choice, head tiles, parts) as the launcher computes them for an H100/H200 (132 SMs)."""
@@ -460,6 +508,19 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "fp8_grouped_gemm/medium": lambda: [*_deepgemm_grouped(_fp8_grouped, lambda m: 64 < m <= 512),
                                         *_v3_moe(_fp8_grouped, PREFILL_T)],
     "fp8_grouped_gemm/small": lambda: _v3_moe(_fp8_grouped, DECODE_T),
+    "fp8_gemm_tma/large": lambda: _deepgemm_dense_tma(4096),
+    "fp8_gemm_tma/medium": lambda: _deepgemm_dense_tma(128),
+    "fp8_gemm_tma/small": lambda: _deepgemm_dense_tma(64),
+    "fp8_grouped_gemm_tma/large": lambda: _deepgemm_grouped(_fp8_grouped_tma, lambda m: m > 512),
+    "fp8_grouped_gemm_tma/medium": lambda: [*_deepgemm_grouped(_fp8_grouped_tma, lambda m: 64 < m <= 512),
+                                            *_v3_moe(_fp8_grouped_tma, PREFILL_T)],
+    "fp8_grouped_gemm_tma/small": lambda: _v3_moe(_fp8_grouped_tma, DECODE_T),
+    "fp8_grouped_gemm_masked/large": lambda: _masked_problems(False, "large"),
+    "fp8_grouped_gemm_masked/medium": lambda: _masked_problems(False, "medium"),
+    "fp8_grouped_gemm_masked/small": lambda: _masked_problems(False, "small"),
+    "fp8_grouped_gemm_masked_tma/large": lambda: _masked_problems(True, "large"),
+    "fp8_grouped_gemm_masked_tma/medium": lambda: _masked_problems(True, "medium"),
+    "fp8_grouped_gemm_masked_tma/small": lambda: _masked_problems(True, "small"),
     "mla_decode_fwd": _flashmla_grid,
     "mla_decode_schedule": lambda: [_mla_schedule(128, 16, 1, 8192), _mla_schedule(1024, 128, 1, 4096)],
     "mla_decode_combine": lambda: [_mla_combine(128, 16, 1, 4096), _mla_combine(16, 128, 2, 8192, lse=True)],

@@ -274,7 +274,8 @@ def get_op(name: str) -> Op:
 
 CONTRACT_ORDER = (
     "route", "gate", "make_routing", "permute", "unpermute", "moe_dispatch_combine", "grouped_gemm", "swiglu",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear",
+    "mla_decode",
 )
 
 

@@ -5,7 +5,17 @@ Readable definitions of every op and layer; kernels, tests and benchmarks import
 
 from .config import PRESETS, ModelArgs, load_config
 from .dispatch import RoutingPlan, make_routing, max_rows, permute, unpermute
-from .fp8 import FP8_DTYPE, FP8_MAX, dequant, fp8_gemm, fp8_grouped_gemm, fp8_linear, quant_act, quant_weight
+from .fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    dequant,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_masked,
+    fp8_linear,
+    quant_act,
+    quant_weight,
+)
 from .grouped_gemm import grouped_gemm, grouped_gemm_dw, grouped_gemm_masked
 from .metrics import calc_diff, cosine_diff
 from .mla import MLA, KVCache, RMSNorm, apply_rotary_emb, precompute_freqs_cis, rms_norm
@@ -17,7 +27,8 @@ __all__ = [
     "Gate", "MLP", "MoE", "gate", "route", "swiglu",
     "RoutingPlan", "make_routing", "max_rows", "permute", "unpermute",
     "grouped_gemm", "grouped_gemm_dw", "grouped_gemm_masked",
-    "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
+    "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm",
+    "fp8_grouped_gemm_masked", "fp8_linear",
     "mla_decode", "MLA", "KVCache", "RMSNorm", "rms_norm", "precompute_freqs_cis", "apply_rotary_emb",
     "calc_diff", "cosine_diff",
 ]

@@ -39,13 +39,13 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
-from .grouped_gemm import check_offsets, group_ends
+from .grouped_gemm import check_masked_m, check_offsets, group_ends, masked_rows
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "AMAX_FLOOR", "SCALE_FMTS", "OUT_DTYPES", "block_scale",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear",
     "check_quant_act", "check_quant_weight", "check_dequant", "check_fp8_gemm", "check_fp8_grouped_gemm",
-    "check_fp8_linear", "check_scale_fmt",
+    "check_fp8_grouped_gemm_masked", "check_fp8_linear", "check_scale_fmt",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -155,6 +155,28 @@ def check_fp8_grouped_gemm(xs: object, xs_s: object, w: object, w_s: object, off
     check_same_device(xs=xs, xs_s=xs_s, w=w, w_s=w_s, offsets=offsets)
     check_bool("validate", validate)
     return TensorSpec((M, N), out_dtype)
+
+
+def check_fp8_grouped_gemm_masked(x: object, x_s: object, w: object, w_s: object, masked_m: object,
+                                  out_dtype: object = torch.bfloat16, block: object = 128, *,
+                                  validate: object = False) -> TensorSpec:
+    """The contract of ``fp8_grouped_gemm_masked``: x (E, max_m, K) and w (E, N, K) e4m3 with
+    their block scales (E, max_m, Kb) and (E, Nb, Kb), masked_m (E,) int32/int64 ->
+    (E, max_m, N)."""
+    check_tensor("x", x, ndim=3, dtypes=(FP8_DTYPE,))
+    check_tensor("w", w, ndim=3, dtypes=(FP8_DTYPE,))
+    check_positive_int("block", block)
+    check_dtype_arg("out_dtype", out_dtype, OUT_DTYPES)
+    E, N, K = w.shape
+    max_m, Kb = x.shape[1], _kb(K, block)
+    if x.shape[0] != E or x.shape[2] != K:
+        raise ValueError(f"x: expected (E={E}, max_m, K={K}) to match w {tuple(w.shape)}, got shape {tuple(x.shape)}")
+    check_tensor("x_s", x_s, dtypes=(torch.float32,), shape=(E, max_m, Kb))
+    check_tensor("w_s", w_s, dtypes=(torch.float32,), shape=(E, _kb(N, block), Kb))
+    check_tensor("masked_m", masked_m, dtypes=INT_DTYPES, shape=(E,))
+    check_same_device(x=x, x_s=x_s, w=w, w_s=w_s, masked_m=masked_m)
+    check_bool("validate", validate)
+    return TensorSpec((E, max_m, N), out_dtype)
 
 
 def check_fp8_linear(x: object, weight: object, weight_scale_inv: object, bias: object = None,
@@ -314,6 +336,42 @@ def fp8_grouped_gemm(
         if end > start:
             out[start:end] = fp8_gemm(xs[start:end], xs_s[start:end], w[e], w_s[e], out_dtype, block)
         start = end
+    return out
+
+
+def fp8_grouped_gemm_masked(
+    x: torch.Tensor,
+    x_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    masked_m: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+    *,
+    validate: bool = False,
+) -> torch.Tensor:
+    """The grouped expert GEMM in FP8, masked layout: ``out[e, :m_e] = x[e, :m_e] · w[e]ᵀ`` with
+    block scales, ``m_e = clamp(masked_m[e], 0, max_m)``; rows at or past ``m_e`` are zero.
+
+    DeepGEMM's ``m_grouped_fp8_gemm_nt_masked``: the layout of an expert-parallel decode step
+    (DeepEP's low-latency dispatch), one fixed-size buffer per expert, under CUDA graphs.
+
+    Args:
+        x: (E, max_m, K) e4m3, x_s: (E, max_m, ceil(K/B)) float32.
+        w: (E, N, K) e4m3, w_s: (E, ceil(N/B), ceil(K/B)) float32.
+        masked_m: (E,) int32/int64 real rows per expert.
+        validate: raise ValueError on a count outside [0, max_m] (else: clamped).
+    Returns:
+        (E, max_m, N) in out_dtype.
+    """
+    E, max_m, N = check_fp8_grouped_gemm_masked(x, x_s, w, w_s, masked_m, out_dtype, block, validate=validate).shape
+    check_has_values("masked_m", masked_m, "moela.reference.fp8_grouped_gemm_masked")
+    if validate:
+        check_masked_m(masked_m, max_m)
+    out = torch.zeros(E, max_m, N, dtype=out_dtype, device=x.device)
+    for e, m in enumerate(masked_rows(masked_m, max_m)):
+        if m:
+            out[e, :m] = fp8_gemm(x[e, :m], x_s[e, :m], w[e], w_s[e], out_dtype, block)
     return out
 
 

@@ -140,6 +140,12 @@ def _fp8_grouped_gemm():
     return dict(xs=xs, xs_s=xs_s, w=w, w_s=w_s, offsets=_t([2, 2, 5]), out_dtype=BF, block=128)
 
 
+def _fp8_grouped_gemm_masked():
+    x, x_s = R.quant_act(_randn(3, 4, 128))
+    w, w_s = R.quant_weight(_randn(3, 8, 128, scale=1 / 16))
+    return dict(x=x, x_s=x_s, w=w, w_s=w_s, masked_m=_t([4, 0, 2]), out_dtype=BF, block=128)
+
+
 def _fp8_linear():
     w, w_s = R.quant_weight(_randn(8, 256, scale=1 / 16))
     return dict(x=_randn(3, 256, dtype=BF), weight=w, weight_scale_inv=w_s, bias=_randn(8, dtype=BF))
@@ -207,6 +213,10 @@ SPECS: dict[str, OpSpec] = {
                                                    "offsets": "int"}, ("xs", "xs_s", "w", "w_s", "offsets"),
                                ints=("block",), bools=("validate",), dtypes=("out_dtype",),
                                ref_reads_values="offsets"),
+    "fp8_grouped_gemm_masked": OpSpec(_fp8_grouped_gemm_masked, {"x": "fp8", "x_s": "f32", "w": "fp8", "w_s": "f32",
+                                                                 "masked_m": "int"},
+                                      ("x", "x_s", "w", "w_s", "masked_m"), ints=("block",), bools=("validate",),
+                                      dtypes=("out_dtype",), ref_reads_values="masked_m"),
     "fp8_linear": OpSpec(_fp8_linear, {"x": "float", "weight": "fp8", "weight_scale_inv": "f32", "bias": "float"},
                          ("weight", "weight_scale_inv", "bias"), ints=("block",), choices=("scale_fmt",)),
     "mla_decode": OpSpec(_mla_decode, {"q": "float", "kv": "float", "cache_seqlens": "int"},
@@ -471,6 +481,17 @@ def _fp8_gemm_compare(k, r, inputs):
     assert_gemm_close(k, ref32, mag, -(-K_dim // block), block)
 
 
+def _fp8_masked_compare(k, r, inputs):
+    i = dict(inputs)
+    block = i.pop("block", 128)
+    i.pop("out_dtype", None)
+    ref32 = R.fp8_grouped_gemm_masked(**i, out_dtype=torch.float32, block=block)
+    absolute = {**i, "x": abs_fp8(i["x"]), "x_s": i["x_s"].abs(), "w": abs_fp8(i["w"]), "w_s": i["w_s"].abs()}
+    mag = R.fp8_grouped_gemm_masked(**absolute, out_dtype=torch.float32, block=block)
+    assert k.dtype == r.dtype
+    assert_gemm_close(k, ref32, mag, -(-i["x"].shape[2] // block), block)
+
+
 def _fp8_linear_compare(k, r, inputs):
     assert k.dtype == r.dtype and k.shape == r.shape
     assert_fp8_linear_close(k, **inputs)
@@ -481,7 +502,8 @@ COMPARE: dict[str, Callable] = {
     "grouped_gemm_dw": _derived("grouped_gemm_dw"), "grouped_gemm_masked": _derived("grouped_gemm_masked"),
     "make_routing": _bitwise, "permute": _bitwise,
     "unpermute": _bitwise, "quant_act": _bitwise, "quant_weight": _bitwise, "dequant": _bitwise,
-    "fp8_gemm": _fp8_gemm_compare, "fp8_grouped_gemm": _fp8_gemm_compare, "fp8_linear": _fp8_linear_compare,
+    "fp8_gemm": _fp8_gemm_compare, "fp8_grouped_gemm": _fp8_gemm_compare,
+    "fp8_grouped_gemm_masked": _fp8_masked_compare, "fp8_linear": _fp8_linear_compare,
     "mla_decode": _derived("mla_decode"), "swiglu": _swiglu_compare,
 }
 
@@ -763,9 +785,19 @@ def _quant_rows() -> list[Case]:
 
 
 def _fp8_gemm_rows() -> list[Case]:
-    g, gg, lin = _fp8_gemm, _fp8_grouped_gemm, _fp8_linear
+    g, gg, lin, gm = _fp8_gemm, _fp8_grouped_gemm, _fp8_linear, _fp8_grouped_gemm_masked
 
     return [
+        Case("fp8_grouped_gemm_masked", "nan-past-masked_m", changed(gm, x=lambda i: _nan_rows(i["x"], 1, 2),
+                                                                   x_s=lambda i: _nan_rows(i["x_s"], 2, 3)),
+             Computes(), category="nan"),
+        *(Case("fp8_grouped_gemm_masked", f"masked_m={_list(m)}-{str(d)[6:]}", changed(gm, masked_m=_t(m, d)),
+               Computes(), category="indices") for m in ([-1, 9, 2], [0, 0, 0], [4, 4, 4]) for d in (I32, I64)),
+        Case("fp8_grouped_gemm_masked", "K-not-a-block-multiple",
+             changed(gm, x=lambda i: i["x"][..., :100], w=lambda i: i["w"][..., :100]), KernelDomain(ValueError, "x")),
+        Case("fp8_grouped_gemm_masked", "max_m=0",
+             changed(gm, x=lambda i: i["x"][:, :0], x_s=lambda i: i["x_s"][:, :0]), Computes(_shape(3, 0, 8)),
+             category="zero"),
         Case("fp8_gemm", "b-K", changed(g, b=lambda i: i["b"][:, :128]), Raises(ValueError, "b")),
         Case("fp8_gemm", "a_s-shape", changed(g, a_s=lambda i: i["a_s"][:, :1]), Raises(ValueError, "a_s")),
         Case("fp8_gemm", "out_dtype=float64", changed(g, out_dtype=torch.float64), Raises(TypeError, "out_dtype")),
@@ -908,6 +940,10 @@ def _int32_rows() -> list[Case]:
         ("fp8_grouped_gemm", lambda: dict(xs=_meta(big, 128, dtype=FP8_DTYPE), xs_s=_meta(big, 1, dtype=torch.float32),
                                           w=_meta(3, 8, 128, dtype=FP8_DTYPE), w_s=_meta(3, 1, 1, dtype=torch.float32),
                                           offsets=_meta(3, dtype=I32)), "xs"),
+        ("fp8_grouped_gemm_masked", lambda: dict(
+            x=_meta(2, 2**30, 128, dtype=FP8_DTYPE), x_s=_meta(2, 2**30, 1, dtype=torch.float32),
+            w=_meta(2, 8, 128, dtype=FP8_DTYPE), w_s=_meta(2, 1, 1, dtype=torch.float32), masked_m=_meta(2, dtype=I32)),
+         "x"),
         ("make_routing", lambda: dict(topk_ids=_meta(2**30, 2, dtype=I32), n_experts=4), "topk_ids"),
         ("permute", lambda: dict(x=_meta(1, 8), plan=_meta_plan(1, 2, big)), "plan.row_to_slot"),
         ("unpermute", lambda: dict(ys=_meta(big, 8), plan=_meta_plan(1, 2, big)), "ys"),

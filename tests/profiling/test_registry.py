@@ -11,7 +11,7 @@ from moela.profiling import NOT_IMPLEMENTED, Unavailable, all_ops, get_op, shape
 from moela.profiling.registry import expand_sets, make_plan, resolve_kernel
 
 CONTRACT = ("route", "gate", "make_routing", "permute", "unpermute", "grouped_gemm", "quant_act", "quant_weight",
-            "dequant", "fp8_gemm", "fp8_grouped_gemm")
+            "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked")
 
 
 def test_every_contract_op_is_registered():
