@@ -24,6 +24,7 @@ from ._common import (
     scaled_mm_blockwise_runner,
     scaled_mm_tensorwise_runner,
 )
+from ._outside import deepgemm_impls, sgl_kernel_impls
 
 OP = "fp8_gemm"
 
@@ -85,6 +86,8 @@ register(Op(
         Impl("torch scaled_mm blockwise", _blockwise, note="cuBLAS BlockWise1x128 x BlockWise128x128"),
         Impl("torch scaled_mm tensorwise", _tensorwise, same_function=False, note="one scale per tensor"),
         Impl("torch matmul bf16", _bf16, same_function=False, note="bf16 GEMM of the same shape"),
+        *deepgemm_impls(OP),
+        *sgl_kernel_impls(OP),
     ),
     baseline_order=("torch scaled_mm blockwise", "torch matmul bf16", "reference"),
     compute="fp8",

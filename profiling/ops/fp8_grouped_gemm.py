@@ -36,6 +36,7 @@ from ._common import (
     rand_fp8,
     rand_scale,
 )
+from ._outside import deepgemm_impls
 
 OP = "fp8_grouped_gemm"
 v3 = moe_dims(V3, "v3")
@@ -133,6 +134,7 @@ register(Op(
              note="moela's bf16 grouped GEMM, same shapes"),
         Impl("torch scaled_grouped_mm rowwise", _rowwise, same_function=False,
              note="row-wise FP8 scales (a cheaper recipe)"),
+        *deepgemm_impls(OP),
     ),
     baseline_order=("torch grouped_mm bf16", "reference"),
     compute="fp8",
