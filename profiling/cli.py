@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-ceilings", action="store_true", help="do not measure the ceilings first")
     b.add_argument("--no-verify", action="store_true", help="do not check outputs against the reference")
     b.add_argument("--no-telemetry", action="store_true", help="no NVML sampling around the timings")
+    b.add_argument("--allow-busy", action="store_true",
+                   help="time even when another process holds the GPU (the rows are flagged; refused otherwise)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
     r = parser.subcommands["report"] = sub.add_parser(
@@ -298,6 +300,11 @@ def bench_line(r: dict[str, Any]) -> str | None:
     if chk.get("ok") is False:
         check += f" ({check_text(chk)})"
     roof = None if r.get("frac_roofline") is None else 100 * r["frac_roofline"]
+    db = r.get("do_bench") or {}
+    if db.get("agree") is False:
+        check += f" [do_bench {db['ms']:.4g} ms: {db['ratio']:.2f}x the events' median]"
+    if r.get("gpu_busy"):
+        check += " [GPU busy]"
     speedup = "base" if r.get("baseline") == r["impl"] else _opt(r.get("speedup"), ".2f")
     peak = (r.get("memory") or {}).get("above_start_mib")
     graph = r.get("graph") or {}
@@ -362,12 +369,30 @@ def _environment():
     return collect_environment()
 
 
+def _busy_gpu(parser, device, allow: bool) -> list[dict[str, Any]]:
+    """Other processes on the GPU make timings noisy (sub-millisecond rows most): refuse, or with
+    ``--allow-busy`` warn loudly and record them (every row of the results carries the flag)."""
+    if device.type != "cuda":
+        return []
+    from .environment import nvml_index, other_gpu_processes
+
+    others = other_gpu_processes(nvml_index(device.index or 0))
+    if others and not allow:
+        parser.error(f"another process holds the GPU ({', '.join(str(p['pid']) for p in others)}): timings would "
+                     "be noisy; wait for it, or pass --allow-busy to time anyway (the rows are flagged)")
+    if others:
+        print(f"WARNING: timing on a busy GPU (processes {', '.join(str(p['pid']) for p in others)}); every row is "
+              "flagged gpu_busy", flush=True)
+    return others
+
+
 def _bench(parser, args, device, sets_default, quick_ceilings: bool, interpreter_calls: int | None = None):
     from .ceilings import measure_ceilings
     from .runner import BenchSettings, run_bench
 
     plan, sets = _select(parser, args.ops, args.sets, args.impls, sets_default, device,
                          getattr(args, "cpu_large", False), getattr(args, "interleave", False))
+    busy = _busy_gpu(parser, device, getattr(args, "allow_busy", False))
     ceilings: dict[str, Any] = {}
     rep_ms = getattr(args, "rep_ms", None) or (40.0 if device.type == "cuda" else 100.0)
     if not getattr(args, "no_ceilings", False):
@@ -380,7 +405,7 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, interpreter
         time_budget_s=getattr(args, "time_budget", None), verify=not getattr(args, "no_verify", False),
         progress=_progress_enabled(args), seed=getattr(args, "seed", 0),
         telemetry=not getattr(args, "no_telemetry", False), interpreter_calls=interpreter_calls,
-        graphs=getattr(args, "graphs", False),
+        graphs=getattr(args, "graphs", False), gpu_busy=busy,
     )
     print(f"bench on {device}: {len(plan)} problems, sets {', '.join(sets)}")
     if device.type != "cuda":

@@ -137,6 +137,8 @@ class BenchSettings:
     # Calls per interpreted moela row, with no separate warm-up (a check ran them already), or None:
     # timed like every other row.
     interpreter_calls: int | None = None
+    gpu_busy: list[dict[str, Any]] = field(default_factory=list)  # other processes on the GPU (rows flagged)
+    cross_check: bool = True  # CUDA: each moela row timed again by triton.testing.do_bench
     stats: dict[str, Any] = field(default_factory=dict)  # filled: problems run / left out, seconds
 
 
@@ -276,6 +278,10 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         row.update(status="ok", **timing.as_dict(), telemetry=samples.summary(), memory=memory.result)
         if impl.kind == "moela":
             row["configs"] = _configs_used()  # kernel -> [config, where it came from]
+            if s.cross_check and device.type == "cuda":
+                row["do_bench"] = _do_bench_check(fns[0], timing.median_ms, timer)
+        if s.gpu_busy:
+            row["gpu_busy"] = [p["pid"] for p in s.gpu_busy]
         derive(row, ceilings, op.compute)
         not_capturable = s.stats.setdefault("graph_not_capturable", {})  # "op / impl" -> why
         if (s.graphs and device.type == "cuda" and impl.kind != "reference" and timing.median_ms < s.graph_below_ms
@@ -289,6 +295,23 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             _record_check(row, op, out, truth_out, truth_reason)
         del out, fns
     return rows
+
+
+#: moela's CUDA-event median and triton's do_bench median may differ by this much (relative)
+#: before a row is flagged: different warm-up, flushing and repetition choices, not a wrong clock.
+TIMER_TOLERANCE = 0.15
+
+
+def _do_bench_check(fn: Callable[[], Any], median_ms: float, timer: dict[str, Any]) -> dict[str, Any]:
+    """The same call timed by ``triton.testing.do_bench`` (a second, independent clock)."""
+    import triton.testing
+
+    try:
+        ms = float(triton.testing.do_bench(fn, warmup=timer["warmup_ms"], rep=timer["rep_ms"], return_mode="median"))
+    except Exception as e:
+        return {"ms": None, "agree": None, "reason": _reason(e)}
+    ratio = ms / median_ms if median_ms > 0 else float("nan")
+    return {"ms": ms, "ratio": ratio, "agree": abs(ratio - 1) <= TIMER_TOLERANCE}
 
 
 def _forget_configs() -> None:
