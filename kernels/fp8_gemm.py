@@ -51,7 +51,7 @@ from moela.reference.fp8 import check_fp8_gemm
 
 from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, m_bucket, num_sms
 from .factory import kernel_op
-from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, scale_tma, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = [
@@ -113,19 +113,28 @@ def _fp8_gemm_tma_kernel(
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
 ):
     """c[M, N] = Σ_kb promote(a_kb · b_kbᵀ) (+ bias) on Hopper: tensor descriptors, persistent tiles.
 
     grid: (min(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p computes tiles p, p + grid,
     p + 2·grid, ... (tile -> (pid_m, pid_n) in GROUP_M super-rows), each with
-    ``fp8_mainloop.fp8_tma_tile``. a (M, K) and b (N, K) are read through descriptors made here.
+    ``fp8_mainloop.fp8_tma_tile``. a (M, K) and b (N, K) are read through descriptors made here,
+    and with SCALE_TMA (``fp8_mainloop.scale_tma``) a_s as (Kb, M) and b_s as (N/B, Kb) too.
     """
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, SCALE_BLOCK])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_kb = K // SCALE_BLOCK
+    if WARP_SPECIALIZE and SCALE_TMA:
+        as_desc = tl.make_tensor_descriptor(as_ptr, shape=[num_kb, M], strides=[stride_ask, 1],
+                                            block_shape=[1, BLOCK_M])
+        bs_desc = tl.make_tensor_descriptor(bs_ptr, shape=[tl.cdiv(N, SCALE_BLOCK), num_kb], strides=[stride_bsn, 1],
+                                            block_shape=[1, 4])
+    else:
+        as_desc = None
+        bs_desc = None
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=False):
         pid_m, pid_n = grouped_tile_order(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,7 +145,8 @@ def _fp8_gemm_tma_kernel(
         else:
             bs_ptrs = bs_ptr + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_bsn
         acc = fp8_tma_tile(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_ask, stride_bsk,
-                           num_kb, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES)
+                           num_kb, as_desc, bs_desc, 0, pid_m * BLOCK_M, pid_n * BLOCK_N // SCALE_BLOCK,
+                           BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, SCALE_TMA)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)[None, :]
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -216,7 +226,8 @@ _TUNED = {
 }
 _TMA_TUNED = {
     cls: hopper_tuner(autotune(
-        f"fp8_gemm_tma_{cls}", fp8_gemm_tma_configs(cls), key=["N", "K", "SCALE_BLOCK", "HAS_BIAS", "M_BUCKET"],
+        f"fp8_gemm_tma_{cls}", fp8_gemm_tma_configs(cls),
+        key=["N", "K", "SCALE_BLOCK", "HAS_BIAS", "M_BUCKET", "SCALE_TMA"],
         prune_configs_by={"early_config_prune": tma_pruner(_dense_tiles, SMEM_BUDGET, "a_ptr")})(_fp8_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
 }
@@ -273,7 +284,7 @@ def tma_launch_args(out, a, a_s, b, b_s, block, bias) -> tuple[tuple, dict]:
     N = b.shape[0]
     args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, M, N, K, a.stride(0), *a_s.stride(), b.stride(0),
             *b_s.stride(), *out.stride(), m_bucket(M))
-    return args, dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None)
+    return args, dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None, SCALE_TMA=scale_tma(a_s.t(), b_s))
 
 
 def _launch_tma(out, a, a_s, b, b_s, block, bias, config) -> None:

@@ -144,8 +144,10 @@ def _fp8_grouped_gemm_tma_kernel(
         else:
             bs_ptrs = ws_base + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_wsn
         tile_kb = tl.where((grp < E) & (start < end), num_kb, 0)  # the tail group: no K loop, zeros
+        # pointer scales on every schedule: groups start at any row (fp8_mainloop's SCALE_TMA)
         acc = fp8_tma_tile(x_desc, w_desc, start, expert * N + pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_xsk,
-                           stride_wsk, tile_kb, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES)
+                           stride_wsk, tile_kb, None, None, 0, 0, 0, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE,
+                           STAGES, False)
         mask = (offs_m < end)[:, None] & (offs_n < N)[None, :]
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)

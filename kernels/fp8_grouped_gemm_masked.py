@@ -38,7 +38,16 @@ from moela.reference.grouped_gemm import check_masked_m
 from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, kernel_rows, num_sms
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class, pointer_meta
-from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
+from .fp8_mainloop import (
+    fp8_path,
+    fp8_tma_tile,
+    hopper_meta,
+    hopper_tuner,
+    merged_rows,
+    scale_tma,
+    tma_config,
+    tma_pruner,
+)
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = ["fp8_grouped_gemm_masked", "launch_fp8_grouped_gemm_masked", "fp8_grouped_gemm_masked_configs",
@@ -94,9 +103,10 @@ def _fp8_grouped_gemm_masked_tma_kernel(
     stride_ce, stride_cm, stride_cn,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
 ):
-    """The masked grouped FP8 GEMM on Hopper: descriptors over x as (E·max_m, K), w as (E·N, K).
+    """The masked grouped FP8 GEMM on Hopper: descriptors over x as (E·max_m, K), w as (E·N, K),
+    with SCALE_TMA (``fp8_mainloop.scale_tma``) x_s as (E·Kb, max_m) and w_s as (E·N/B, Kb).
 
     grid: (min(E * cdiv(MAX_M, BLOCK_M) * cdiv(N, BLOCK_N), SMs),); program p walks tiles p,
     p + grid, ... (the pointer kernel's order). A tile's rows past max_m belong to the next
@@ -110,6 +120,15 @@ def _fp8_grouped_gemm_masked_tma_kernel(
     tiles_m = tl.cdiv(MAX_M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_kb = K // SCALE_BLOCK
+    n_blocks = tl.cdiv(N, SCALE_BLOCK)
+    if WARP_SPECIALIZE and SCALE_TMA:
+        as_desc = tl.make_tensor_descriptor(xs_ptr, shape=[E * num_kb, MAX_M], strides=[stride_xsk, 1],
+                                            block_shape=[1, BLOCK_M])
+        bs_desc = tl.make_tensor_descriptor(ws_ptr, shape=[E * n_blocks, num_kb], strides=[stride_wsn, 1],
+                                            block_shape=[1, 4])
+    else:
+        as_desc = None
+        bs_desc = None
     for tile in tl.range(tl.program_id(0), E * tiles_m * num_pid_n, tl.num_programs(0), flatten=False):
         r, pid_n = grouped_tile_order(tile, E * tiles_m, num_pid_n, GROUP_M)
         e = r // tiles_m
@@ -126,7 +145,9 @@ def _fp8_grouped_gemm_masked_tma_kernel(
             bs_ptrs = ws_base + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_wsn
         tile_kb = tl.where(row0 < rows_e, num_kb, 0)  # tiles past m_e: zeros
         acc = fp8_tma_tile(x_desc, w_desc, e * MAX_M + row0, e * N + pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_xsk,
-                           stride_wsk, tile_kb, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES)
+                           stride_wsk, tile_kb, as_desc, bs_desc, e * num_kb, row0,
+                           e * n_blocks + pid_n * BLOCK_N // SCALE_BLOCK,
+                           BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, SCALE_TMA)
         acc = tl.where((offs_m < rows_e)[:, None], acc, 0.0)
         mask = (offs_m < MAX_M)[:, None] & (offs_n < N)[None, :]
         c_ptrs = c_ptr + e64 * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -167,7 +188,7 @@ _TUNED = {
 }
 _TMA_TUNED = {
     cls: hopper_tuner(autotune(
-        f"fp8_grouped_gemm_masked_tma_{cls}", fp8_grouped_gemm_masked_tma_configs(cls), key=_KEY,
+        f"fp8_grouped_gemm_masked_tma_{cls}", fp8_grouped_gemm_masked_tma_configs(cls), key=[*_KEY, "SCALE_TMA"],
         prune_configs_by={"early_config_prune": tma_pruner(_masked_tiles, SMEM_BUDGET, "x_ptr")},
     )(_fp8_grouped_gemm_masked_tma_kernel))
     for cls in ("small", "medium", "large")
@@ -214,7 +235,7 @@ def tma_launch_args(out, x2, x_s, w2, w_s, masked_m, block) -> tuple[tuple, dict
     K = x2.shape[1]
     args = (x2, x_s, w2, w_s, masked_m, out, E, max_m, N, K, x2.stride(0), *x_s.stride(), w2.stride(0), *w_s.stride(),
             *out.stride())
-    return args, dict(SCALE_BLOCK=block)
+    return args, dict(SCALE_BLOCK=block, SCALE_TMA=scale_tma(merged_rows(x_s.transpose(1, 2)), merged_rows(w_s)))
 
 
 def _launch_tma(out, x2, x_s, w2, w_s, masked_m, block, config) -> None:

@@ -28,7 +28,14 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
   wgmma before promoting it (Triton lowers the consumers' dots synchronously), so the overlap is
   between warpgroups: one promotes while the other's wgmma runs, as in DeepGEMM. The math
   warpgroups load the scales themselves (Triton leaves loads that feed no dot operand in the
-  consumers) with ``ld.global``, one K block ahead of their use.
+  consumers) with ``ld.global``, one K block ahead of their use, unless ``SCALE_TMA``: then the
+  scales come through descriptors too (the producer's TMA, as in DeepGEMM): the activation
+  scales as a (Kb, M) view, M contiguous (column-major, :func:`fp8_quant.empty_col_major_scales`),
+  one (1, BLOCK_M) row per K block; the weight scale from a (1, 4) box of the (N/B, Kb) weight
+  scales (16 bytes, TMA's least) at the aligned column ``kb // 4 * 4``. Box columns start
+  16-byte aligned (the interpreter insists), so the tile's first row must be a multiple of 4:
+  the dense and masked kernels take this schedule, the contiguous grouped one (groups start at
+  any row) keeps pointer scales. :func:`scale_tma` is the host's rule.
 
 :func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
 """
@@ -46,7 +53,7 @@ from ._common import num_sms, tma_operand_ok
 __all__ = [
     "fp8_tma_tile", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem", "tma_config_fits", "wave_cost",
     "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK", "HOPPER_SMS", "FLOP_PER_BYTE",
-    "KEEP_CONFIGS",
+    "KEEP_CONFIGS", "scale_tma", "merged_rows",
 ]
 
 #: The first compute capability with TMA and wgmma.
@@ -74,8 +81,9 @@ def _block_scale(as_ptrs, bs_ptrs, kb, valid, stride_ask, stride_bsk,
 @triton.jit
 def fp8_tma_tile(
     a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, num_kb,
+    as_desc, bs_desc, as_kb0, as_m, bs_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
 ):
     """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb < num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
 
@@ -87,9 +95,21 @@ def fp8_tma_tile(
     row; num_kb >= 0.
     STAGES: the software pipeline's depth, named on the loop (``num_stages`` of the config): with
     it the pipeliner also takes the scale loads, which feed no dot operand.
+    SCALE_TMA (warp-specialised schedule only; None descriptors otherwise): the scales through
+    as_desc (rows: K blocks from ``as_kb0``, columns: M from ``as_m``, block (1, BLOCK_M)) and
+    bs_desc (row ``bs_row``, columns: K blocks, block (1, 4)) instead of as_ptrs / bs_ptrs.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WARP_SPECIALIZE:
+    if WARP_SPECIALIZE and SCALE_TMA:
+        tl.static_assert(BLOCK_N <= SCALE_BLOCK, "descriptor scales: one weight scale per tile and K block")
+        for kb in tl.range(0, num_kb, warp_specialize=True):
+            a = a_desc.load([a_row, kb * SCALE_BLOCK])
+            b = b_desc.load([b_row, kb * SCALE_BLOCK])
+            a_s = tl.trans(as_desc.load([as_kb0 + kb, as_m]))  # (BLOCK_M, 1)
+            b4 = bs_desc.load([bs_row, kb // 4 * 4])  # (1, 4) from a 16-byte aligned column
+            b_s = tl.sum(tl.where(tl.arange(0, 4)[None, :] == kb % 4, b4, 0.0), axis=1, keep_dims=True)  # (1, 1)
+            acc += tl.dot(a, b.T) * (a_s * b_s)
+    elif WARP_SPECIALIZE:
         s_next = _block_scale(as_ptrs, bs_ptrs, 0, num_kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
         for kb in tl.range(0, num_kb, warp_specialize=True):
             s = s_next  # loaded one block ahead: its latency hides behind this block's wgmma
@@ -128,6 +148,24 @@ HOPPER_BLOCK = 128
 def tma_ready(t: torch.Tensor | None) -> bool:
     """Can a tensor descriptor read this 2-D tensor (``_common.tma_operand_ok``, no empty dim)?"""
     return t is not None and t.ndim == 2 and t.numel() > 0 and tma_operand_ok(t)
+
+
+def merged_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """A 3-D tensor's first two dims merged into one (a view), or None where its strides do not
+    allow a view; a 2-D tensor as it is."""
+    if t.ndim == 2:
+        return t
+    if t.ndim == 3 and t.stride(0) == t.shape[1] * t.stride(1):
+        return t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), t.stride(2)))
+    return None
+
+
+def scale_tma(a_scales_t: torch.Tensor | None, b_scales: torch.Tensor | None) -> bool:
+    """Can the warp-specialised schedule read the scales through descriptors (``SCALE_TMA``)?
+    ``a_scales_t``: the activation scales as (K blocks, rows), rows contiguous (the transposed
+    view of column-major scales); ``b_scales``: the weight scales as (N blocks, K blocks), K
+    blocks contiguous; both :func:`tma_ready` (None: no such view)."""
+    return tma_ready(a_scales_t) and tma_ready(b_scales)
 
 
 def fp8_path(capability: tuple[int, int], block: int, *tma_operands: torch.Tensor | None) -> str:
@@ -182,9 +220,10 @@ def tma_smem(config: triton.Config, block: int) -> int:
 def tma_config_fits(config: triton.Config, block: int, budget: int) -> bool:
     """Within the shared-memory budget, and warp specialisation only where Triton 3.6 lowers it
     well: num_warps=4 and 128-row tiles (two math warpgroups of 64 rows; 64-row tiles would
-    make both warpgroups compute the same rows)."""
+    make both warpgroups compute the same rows), at most one scale block of columns (one weight
+    scale per K block: what the descriptor-fed scales take)."""
     k = config.kwargs
-    if k["WARP_SPECIALIZE"] and (config.num_warps != 4 or k["BLOCK_M"] != 128):
+    if k["WARP_SPECIALIZE"] and (config.num_warps != 4 or k["BLOCK_M"] != 128 or k["BLOCK_N"] > block):
         return False
     return tma_smem(config, block) <= budget
 

@@ -24,8 +24,9 @@ interpreter (with ``moela.kernels.interpreter``'s compatibility layer) and on th
 Scale layouts. The public ops return the reference's layout: activation scales
 ``(..., Kb)`` row-major, weight scales ``(..., Nb, Kb)`` row-major. The GEMMs read any strides;
 what they read fastest is the *column-major* activation scale (DeepGEMM's layout): a ``(R, Kb)``
-tensor with strides ``(1, R)``, i.e. the transpose of a contiguous ``(Kb, R)`` buffer, so that a
-GEMM tile's BLOCK_M row scales for one K block are one contiguous load instead of BLOCK_M
+tensor with strides ``(1, R')``, R' = R rounded up to a multiple of 4 (16 bytes, what a tensor
+descriptor needs), i.e. the transpose of a ``(Kb, R')`` buffer, so that a GEMM tile's BLOCK_M
+row scales for one K block are one contiguous load (a TMA load on Hopper) instead of BLOCK_M
 scattered ones. ``quant_act_fwd(..., scale_out=empty_col_major_scales(R, Kb))`` writes that
 layout directly; ``to_col_major`` / ``to_row_major`` convert (same shape and values, only the
 strides change). Weight scales are read once per (128-row N block, K block): their layout does
@@ -190,19 +191,30 @@ def _domain_block(op: str, block: int) -> None:
                          f"got {block} (moela.reference.{op} takes any)")
 
 
+def _aligned_rows(rows: int) -> int:
+    """The column stride of column-major scales: rows rounded up to 16 bytes of float32."""
+    return -(-rows // 4) * 4
+
+
 def empty_col_major_scales(rows: int, num_kb: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An uninitialised ``(rows, num_kb)`` float32 scale buffer in column-major layout
-    (strides ``(1, rows)``): what ``fp8_gemm`` reads fastest for ``a_s``."""
-    return torch.empty(num_kb, rows, dtype=torch.float32, device=device).t()
+    """An uninitialised ``(rows, num_kb)`` float32 scale buffer in column-major layout (strides
+    ``(1, R')``, R' = rows rounded up to a multiple of 4): what ``fp8_gemm`` reads fastest for
+    ``a_s``."""
+    return torch.empty(num_kb, _aligned_rows(rows), dtype=torch.float32, device=device)[:, :rows].t()
 
 
 def to_col_major(scale: torch.Tensor) -> torch.Tensor:
     """Activation scales ``(..., R, Kb)`` -> same shape and values, column-major in the last two
-    dims (strides ``(.., 1, R)``). A copy unless it already is."""
+    dims (strides ``(..., 1, R')``, R' = R rounded up to a multiple of 4; the leading dims
+    compact). A copy unless a 2-D ``scale`` already is."""
     check_tensor("scale", scale, dtypes=(torch.float32,))
     if scale.ndim < 2:
         raise ValueError(f"scale: expected at least 2 dims (..., R, Kb), got shape {tuple(scale.shape)}")
-    return scale.transpose(-1, -2).contiguous().transpose(-1, -2)
+    *lead, rows, num_kb = scale.shape
+    if scale.ndim == 2 and scale.stride() == (1, _aligned_rows(rows)):
+        return scale
+    buf = torch.empty(*lead, num_kb, _aligned_rows(rows), dtype=scale.dtype, device=scale.device)[..., :rows]
+    return buf.copy_(scale.transpose(-1, -2)).transpose(-1, -2)
 
 
 def to_row_major(scale: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,7 @@ def _fp8_gemm_tma(label: str, M: int, N: int, K: int) -> Launch:
     return Launch(label, dict(
         a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, c_ptr=c, bias_ptr=a_s, M=M, N=N, K=K, stride_am=K,
         **_strides("stride_asm stride_ask", a_s), stride_bn=K, **_strides("stride_bsn stride_bsk", b_s),
-        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, HAS_BIAS=False))
+        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, HAS_BIAS=False, SCALE_TMA=True))
 
 
 def _deepgemm_dense_tma(m: int) -> list[Launch]:
@@ -199,15 +199,17 @@ def _fp8_grouped_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
 
 
 def _fp8_masked(label: str, E: int, max_m: int, N: int, K: int, tma: bool) -> Launch:
-    """The masked layout: x (E, max_m, K), scales (E, max_m, K/B), out (E, max_m, N)."""
-    x, x_s, w, w_s, c = _t(E, max_m, K, dtype=E4M3), _t(E, max_m, K // B, dtype=F32), _t(E, N, K, dtype=E4M3), \
+    """The masked layout: x (E, max_m, K), scales (E, max_m, K/B) (column-major per expert on the
+    Hopper kernel: its warp-specialised configs read them through descriptors), out (E, max_m, N)."""
+    x_s = _t(E, K // B, max_m, dtype=F32).transpose(1, 2) if tma else _t(E, max_m, K // B, dtype=F32)
+    x, w, w_s, c = _t(E, max_m, K, dtype=E4M3), _t(E, N, K, dtype=E4M3), \
         _t(E, triton.cdiv(N, B), K // B, dtype=F32), _t(E, max_m, N)
     common = dict(xs_ptr=x_s, ws_ptr=w_s, masked_m_ptr=_t(E, dtype=I32), c_ptr=c, E=E, MAX_M=max_m, N=N, K=K,
                   **_strides("stride_xse stride_xsm stride_xsk", x_s),
                   **_strides("stride_wse stride_wsn stride_wsk", w_s), **_strides("stride_ce stride_cm stride_cn", c),
                   SCALE_BLOCK=B)
     if tma:
-        return Launch(label, dict(x_ptr=x, w_ptr=w, stride_xm=K, stride_wn=K, **common))
+        return Launch(label, dict(x_ptr=x, w_ptr=w, stride_xm=K, stride_wn=K, SCALE_TMA=True, **common))
     return Launch(label, dict(x_ptr=x, w_ptr=w, **_strides("stride_xe stride_xm stride_xk", x),
                               **_strides("stride_we stride_wn stride_wk", w), **common))
 

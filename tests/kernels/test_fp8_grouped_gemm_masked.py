@@ -19,7 +19,7 @@ from moela_testing import nan_empty
 
 from moela import reference as ref
 from moela.kernels import fp8_grouped_gemm_masked
-from moela.kernels.fp8_quant import quant_act, quant_weight
+from moela.kernels.fp8_quant import quant_act, quant_weight, to_col_major
 
 masked_module = importlib.import_module("moela.kernels.fp8_grouped_gemm_masked")
 
@@ -85,6 +85,23 @@ def test_configs(cfg, device):
     masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
     out = nan_empty((len(counts), max_m, N), torch.float32, device)
     masked_module.launch_fp8_grouped_gemm_masked(out, qx, sx, qw, sw, masked_m, 128, config, capability=PATHS[path])
+    _check(out, qx, sx, qw, sw, masked_m)
+
+
+def test_warp_specialized_scales_through_descriptors(device):
+    """Column-major x_s (per expert, padded to 16 bytes) and Kb a multiple of 4: the
+    warp-specialised schedule reads the scales through descriptors (SCALE_TMA): x_s as (E·Kb,
+    max_m), w_s as (E·N/B, Kb)."""
+    counts, max_m, N, K = [5, 0, 130], 130, 160, 512
+    _, _, qx, sx, qw, sw = _operands(len(counts), max_m, N, K, device)
+    col = to_col_major(sx)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
+    out = nan_empty((len(counts), max_m, N), torch.float32, device)
+    x2, w2 = qx.reshape(-1, K), qw.reshape(-1, K)
+    assert masked_module.tma_launch_args(out, x2, col, w2, sw, masked_m, 128)[1]["SCALE_TMA"]
+    assert not masked_module.tma_launch_args(out, x2, sx, w2, sw, masked_m, 128)[1]["SCALE_TMA"]
+    config = dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4, num_stages=4)
+    masked_module.launch_fp8_grouped_gemm_masked(out, qx, col, qw, sw, masked_m, 128, config, capability=PATHS["tma"])
     _check(out, qx, sx, qw, sw, masked_m)
 
 

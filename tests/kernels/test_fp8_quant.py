@@ -145,12 +145,14 @@ def test_quant_act_empty_and_scale_layouts(device):
     col = empty_col_major_scales(5, 3, device)
     col.fill_(float("nan"))
     q, s = quant_act.launch(x, out=(torch.empty(x.shape, dtype=FP8_DTYPE, device=device), col))
-    assert s is col and s.stride() == (1, 5)
+    assert s is col and s.stride() == (1, 8)  # the column stride padded to 16 bytes (TMA)
     assert_same_bits(s, s_ref, "column-major scale")
-    assert to_col_major(s_ref).stride() == (1, 5) and torch.equal(to_col_major(s_ref), s_ref)
+    assert to_col_major(s_ref).stride() == (1, 8) and torch.equal(to_col_major(s_ref), s_ref)
+    assert to_col_major(col) is col
     assert to_row_major(s).is_contiguous() and torch.equal(to_row_major(s), s_ref)
-    s3 = to_col_major(torch.ones(2, 3, 4))
-    assert s3.stride() == (12, 1, 3)
+    s3_ref = torch.randn(2, 3, 4)
+    s3 = to_col_major(s3_ref)
+    assert s3.stride() == (16, 1, 4) and torch.equal(s3, s3_ref)
     with pytest.raises(ValueError, match=r"out\[1\]: its leading dims must flatten"):
         quant_act.launch(torch.randn(3, 2, 256, device=device), out=(
             torch.empty(3, 2, 256, dtype=FP8_DTYPE, device=device), to_col_major(torch.ones(3, 2, 2, device=device))))

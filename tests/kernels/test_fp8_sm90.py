@@ -75,7 +75,8 @@ def _launch(kernel: str, shape: dict):
         E, max_m, N, K = shape["E"], shape["max_m"], shape["N"], shape["K"]
         args, consts = mod.tma_launch_args(
             torch.empty(E, max_m, N, dtype=torch.bfloat16), torch.empty(E * max_m, K, dtype=f8),
-            torch.empty(E, max_m, K // 128), torch.empty(E * N, K, dtype=f8), torch.empty(E, cdiv(N, 128), K // 128),
+            torch.empty(E, K // 128, max_m).transpose(1, 2),  # column-major per expert: descriptor-read scales
+            torch.empty(E * N, K, dtype=f8), torch.empty(E, cdiv(N, 128), K // 128),
             torch.full((E,), max_m, dtype=torch.int32), 128)
         cls, fn = m_class(max_m), mod._fp8_grouped_gemm_masked_tma_kernel
     return mod._TMA_TUNED[cls], fn, {**dict(zip(fn.arg_names[:len(args)], args, strict=True)), **consts}
@@ -137,6 +138,7 @@ def collect() -> None:
             r = sm90_compile.compile_launch(fn, kw, c.num_warps, c.num_stages)
             ttgir, ptx = r.pop("ttgir"), r.pop("ptx")
             rows.append(dict(kernel=kernel, problem=label, config={**c.kwargs, "num_warps": c.num_warps},
+                             scale_tma=nargs.get("SCALE_TMA", False),
                              overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx), **r))
     print("SM90-JSON " + json.dumps(rows))
 
@@ -186,7 +188,10 @@ def test_warp_specialisation_where_asked(compiled):
     for r in compiled:
         if r["config"]["WARP_SPECIALIZE"]:
             assert r["warp_specialized"] and r["setmaxnreg"], r
-            assert r["loop_ld_global"] == 4, r  # a_s and b_s, one block ahead, in each math warpgroup
+            # the scales through the producer's TMA, or (the contiguous grouped kernel) a_s and b_s
+            # loaded one block ahead in each math warpgroup
+            assert r["loop_ld_global"] == (0 if r["scale_tma"] else 4), r
+            assert r["scale_tma"] == (r["kernel"] != "fp8_grouped_gemm"), r
         else:
             assert not r["warp_specialized"], r
 
