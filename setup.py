@@ -7,7 +7,7 @@ nothing is importable as a bare top-level ``kernels`` or ``model``.
 
 from setuptools import setup
 
-SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling")
+SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling", "train")
 
 setup(
     name="moela",

@@ -9,6 +9,9 @@ and ``w2 (E, D, I)`` the down projections. ``state_dict()`` still speaks DeepSee
 (``experts.{i}.w1.weight`` ...) through state-dict hooks, so checkpoints load unchanged. With
 ``args.dtype == "fp8"`` the stacked weights are e4m3 with 128×128 ``*_scale_inv`` blocks
 (``experts.{i}.w1.weight_scale_inv`` in the checkpoint), activations are quantized on the fly.
+With ``args.train_fp8`` the stacked weights are floating master weights and the routed experts
+train in FP8 (``model.fp8_training.fp8_experts_train``: every GEMM of forward and backward in
+e4m3, the weights re-quantized once per optimizer step), as do the shared experts (FP8Linear).
 
 Expert parallelism: ``MoE(args, ep_group=group)`` holds only its rank's block of
 ``E / W`` experts (``state_dict`` names them by their global ids) and moves tokens with a
@@ -31,7 +34,8 @@ from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_tensor
 from moela.reference.moe import MLP
 
 from .backend import ops_for
-from .quantize import keep_dtype, quantize_linears_
+from .fp8_training import FP8WeightCache, fp8_experts_train
+from .quantize import keep_dtype, quantize_linears_, uses_fp8_linears
 
 __all__ = ["Gate", "MoE", "sequence_balance_loss"]
 
@@ -163,9 +167,11 @@ class MoE(nn.Module):
         self.local_experts = range(args.n_routed_experts) if self.dispatcher is None else self.dispatcher.experts
         E, I, D = len(self.local_experts), args.moe_inter_dim, args.dim
         self.fp8 = args.dtype == "fp8"
-        if self.fp8 and (I % _BLOCK or D % _BLOCK):
-            raise ValueError(f"dtype='fp8' needs moe_inter_dim and dim multiples of {_BLOCK} "
+        if uses_fp8_linears(args) and (I % _BLOCK or D % _BLOCK):
+            what = "dtype='fp8'" if self.fp8 else "train_fp8=True"
+            raise ValueError(f"{what} needs moe_inter_dim and dim multiples of {_BLOCK} "
                              f"(128×128 weight blocks), got moe_inter_dim={I}, dim={D}")
+        self.fp8_cache = FP8WeightCache(_BLOCK, args.scale_fmt) if args.train_fp8 else None
         self.gate = Gate(args)
         w13, w2 = torch.empty(E, 2 * I, D), torch.empty(E, D, I)
         nn.init.normal_(w13, std=D**-0.5)
@@ -182,7 +188,7 @@ class MoE(nn.Module):
             self.w13 = nn.Parameter(w13)
             self.w2 = nn.Parameter(w2)
         self.shared_experts = MLP(D, args.n_shared_experts * I) if args.n_shared_experts else None
-        if self.fp8 and self.shared_experts is not None:
+        if uses_fp8_linears(args) and self.shared_experts is not None:
             quantize_linears_(self.shared_experts, args)
         # tokens routed to each of the E experts since the last update_gate_bias (under EP: to this rank's)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32),
@@ -231,6 +237,8 @@ class MoE(nn.Module):
     def _experts(self, xs, offsets: torch.Tensor, ops, out_dtype: torch.dtype) -> torch.Tensor:
         """The routed experts on rows grouped by expert: xs (M, D), or (e4m3, scale) for FP8 -> (M, D)."""
         a, I = self.args, self.args.moe_inter_dim
+        if self.fp8_cache is not None:  # FP8 training: every GEMM of forward and backward in e4m3
+            return fp8_experts_train(xs, self.w13, self.w2, offsets, self.fp8_cache, ops)
         if self.fp8:
             q, s = xs if isinstance(xs, tuple) else ops.quant_act(xs, _BLOCK, a.scale_fmt)
             h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, offsets, out_dtype=out_dtype)
