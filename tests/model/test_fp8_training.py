@@ -147,10 +147,11 @@ def test_moe_fp8_training_against_bf16_and_between_backends(device):
 
 
 def test_moe_fp8_training_saves_no_more_than_bf16_and_requantizes_per_step(device):
-    x = torch.randn(64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(32, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     fp8, bf16 = _moe(device, backend="triton", train_fp8=True), _moe(device, backend="triton")
     assert _saved_bytes(fp8, x) <= _saved_bytes(bf16, x)
     assert list(fp8.state_dict()) == list(bf16.state_dict())  # the same checkpoint names and master weights
+    fp8 = _moe(device, backend="reference", train_fp8=True)  # the cache is the backends' common code
     opt = torch.optim.SGD(fp8.parameters(), lr=0.1)
     fp8(x).sum().backward()
     copies = fp8.fp8_cache._copies
