@@ -6,6 +6,7 @@ Subpackages (each imported on demand; nothing here touches a GPU at import time)
 - ``moela.kernels``    Triton kernels, launchers and torch.library ops
 - ``moela.model``      drop-in nn.Modules
 - ``moela.profiling``  benchmarks, telemetry, reports (``python -m moela.profiling``)
+- ``moela.integrations``  ``hf.patch(model)`` for transformers, vLLM-shaped ``vllm.fused_experts``
 """
 
 __version__ = "0.1.0"

@@ -36,6 +36,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("TRITON_INTERPRET", None, "Triton's switch: run kernels through its interpreter on the CPU "
          "(1/true/on/yes/y); moela installs its compatibility layer when moela.kernels is imported", "kernels"),
     Knob("MOELA_AUTOTUNE", "1", "0: time nothing; each kernel runs the first config its pruner keeps", "kernels"),
+    Knob("MOELA_TMA", "1", "0: the GEMM ops never take their Hopper-native (TMA, persistent, warp-specialised) "
+         "kernels; every call runs the pointer-based kernels that pre-Hopper GPUs run", "kernels"),
     Knob("MOELA_AUTOTUNE_WARMUP_MS", "5", "autotuning: warm-up per config, ms", "kernels"),
     Knob("MOELA_AUTOTUNE_REP_MS", "25", "autotuning: timed repetitions per config, ms", "kernels"),
     Knob("MOELA_CONFIG_TABLES", "1", "0: ignore the per-GPU tuned config tables (kernels/configs/*.json); "

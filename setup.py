@@ -7,7 +7,8 @@ nothing is importable as a bare top-level ``kernels`` or ``model``.
 
 from setuptools import setup
 
-SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling", "train")
+NESTED = ("profiling.ops",)  # packages inside the subpackages
+SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling", "integrations", "train")
 
 setup(
     name="moela",
@@ -17,8 +18,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["moela", *(f"moela.{name}" for name in SUBPACKAGES)],
-    package_dir={"moela": ".", **{f"moela.{name}": name for name in SUBPACKAGES}},
+    packages=["moela", *(f"moela.{name}" for name in SUBPACKAGES), *(f"moela.{name}" for name in NESTED)],
+    package_dir={"moela": ".", **{f"moela.{name}": name for name in SUBPACKAGES},
+                 **{f"moela.{name}": name.replace(".", "/") for name in NESTED}},
     package_data={"moela.kernels": ["configs/*.json", "configs/README.md"]},
     # triton is left unpinned: torch's CUDA wheels pin the triton they were built with,
     # and a second pin here would fight it. CI's exact versions live in constraints/ci.txt.
@@ -35,6 +37,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
         "dev": ["ruff>=0.5"],
+        "hf": ["transformers>=5.0"],  # moela.integrations.hf
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

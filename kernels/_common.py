@@ -8,6 +8,12 @@ nothing: every kernel runs the first of its configs that its pruner keeps for th
 ``MOELA_AUTOTUNE_WARMUP_MS`` (25 and 5 ms by default, instead of Triton's 100 + 25 ms).
 
 :func:`run_direct` decides when a public op may skip its ``torch.library`` dispatch layers.
+
+Hopper-native kernels (TMA loads, persistent tiles, warp specialisation) are taken by the rule of
+:func:`tma_path`; :func:`device_capability`, :func:`num_sms` and :func:`smem_per_block` describe a
+device without a host sync (cached; the Triton interpreter stands for an H100/H200:
+``INTERPRETER_CAPABILITY``, ``INTERPRETER_SMS`` programs); :func:`ensure_tma_allocator` gives
+Triton the global scratch its device-side tensor descriptors need.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from . import config_tables
 __all__ = [
     "autotune", "autotune_configs", "autotune_off", "parse_config", "check_kernel_device", "cdiv", "m_bucket",
     "next_power_of_2", "run_direct", "check_fp8_capability", "MIN_FP8_CAPABILITY", "direct_path_probes",
-    "kernel_dtype", "kernel_rows", "chosen_configs", "TunedAutotuner",
+    "kernel_dtype", "kernel_rows", "chosen_configs", "TunedAutotuner", "INTERPRETER_CAPABILITY", "INTERPRETER_SMS",
+    "TMA_DTYPES", "device_capability", "num_sms", "smem_per_block", "tma_operand_ok", "tma_path", "uses_tma",
+    "ensure_tma_allocator",
 ]
 
 #: e4m3 needs Ada (sm_89) or Hopper (sm_90) and later.
@@ -214,6 +222,115 @@ def check_kernel_device(name: str, t: torch.Tensor) -> None:
 @functools.cache
 def _device_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
+
+
+#: What the Triton interpreter (CPU tensors) stands for: a Hopper GPU with this many SMs (few, so
+#: that each persistent program walks several tiles) and Hopper's shared memory per block.
+INTERPRETER_CAPABILITY = (9, 0)
+INTERPRETER_SMS = 3
+_HOPPER_SMEM_PER_BLOCK = 227 * 1024
+
+#: Input dtypes of the Hopper-native (TMA) GEMM kernels.
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cuda_index(device: torch.device) -> torch.device:
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device (cached), ``INTERPRETER_CAPABILITY`` for CPU tensors."""
+    if device.type != "cuda":
+        return INTERPRETER_CAPABILITY
+    return _device_capability(_cuda_index(device))
+
+
+@functools.cache
+def _cuda_props(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached): a persistent kernel's grid size;
+    ``INTERPRETER_SMS`` for CPU tensors."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_props(_cuda_index(device)).multi_processor_count
+
+
+def smem_per_block(device: torch.device) -> int:
+    """The shared memory one block may take (opt-in limit) on a CUDA device; Hopper's for CPU tensors."""
+    if device.type != "cuda":
+        return _HOPPER_SMEM_PER_BLOCK
+    return getattr(_cuda_props(_cuda_index(device)), "shared_memory_per_block_optin", _HOPPER_SMEM_PER_BLOCK)
+
+
+def tma_operand_ok(t: torch.Tensor) -> bool:
+    """Can a TMA tensor descriptor read or write ``t`` as it is: base address and every stride but
+    the last in multiples of 16 bytes, the last stride 1."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+
+
+def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
+    """The rule that picks a GEMM op's kernels: the Hopper-native ones (TMA, persistent, warp
+    specialised) exactly when
+
+    - the GPU has TMA: compute capability >= 9.0 (the interpreter counts as 9.0), and
+      ``MOELA_TMA`` is not ``0``;
+    - the inputs are fp16/bf16 (float32 stays on the pointer kernels: its IEEE dots run on FMA
+      units, its TF32 wgmma would need K-major operands that dX does not have);
+    - every operand, in the layout its descriptor reads (innermost dimension last), passes
+      :func:`tma_operand_ok`, and none is empty.
+
+    Otherwise the pointer-based kernels (cp.async or plain loads, any strides) run. ``capability``
+    is an input so that tests can run either path anywhere.
+    """
+    if knobs.get("MOELA_TMA") == "0" or tuple(capability) < (9, 0):
+        return False
+    dtype = operands[0].dtype
+    return all(t.dtype == dtype and t.dtype in TMA_DTYPES and t.numel() > 0 and tma_operand_ok(t)
+               for t in operands)
+
+
+def uses_tma(*operands: torch.Tensor, config: triton.Config | None = None) -> bool:
+    """Does a GEMM op's call on ``operands`` (each in the layout its descriptor would read) run its
+    Hopper-native kernels: :func:`tma_path` on the operands' device, or, given a ``config``, the
+    family the config belongs to (TMA configs carry ``WARP_SPECIALIZE``; a TMA config where the
+    rule says no raises ValueError)."""
+    rule = tma_path(device_capability(operands[0].device), *operands)
+    if config is None:
+        return rule
+    tma_config = "WARP_SPECIALIZE" in config.kwargs
+    if tma_config and not rule:
+        raise ValueError(f"config: {config} is a config of the Hopper-native (TMA) kernels, but these operands "
+                         f"take the pointer kernels (kernels._common.tma_path)")
+    return tma_config
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's allocator: global scratch for the tensor maps a kernel builds on the device. From
+    torch's caching allocator on the current device and stream (Triton launches there): no host
+    sync, and under CUDA-graph capture the block comes from the graph's private pool."""
+    device = "cuda" if torch.cuda.is_available() and not knobs.interpret() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def ensure_tma_allocator() -> None:
+    """Install :func:`_tma_scratch` as Triton's allocator unless one is set in this context.
+
+    Triton keeps the allocator in a ContextVar, so a thread that never set one (autograd runs
+    backward on its own threads) has none: launchers of kernels with device-side descriptors call
+    this before each launch (~100 ns). An allocator the user set is kept.
+    """
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is not None and null is not None and not isinstance(current.get(), null):
+        return
+    triton.set_allocator(_tma_scratch)
 
 
 def check_fp8_capability(name: str, device: torch.device) -> None:

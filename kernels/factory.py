@@ -17,12 +17,16 @@ factory makes
   reference runs) and the kernel's domain check on meta/fake tensors, then empty outputs,
 - the autograd registration (``backward`` / ``setup_context``, torch's own conventions),
 - ``fn.launch(*args, out=None, config=None)``: contract, domain and device checks, output
-  allocation (or checks of the given ``out``), the launcher on the inputs' GPU,
+  allocation (or checks of the given ``out``: the spec's shapes and dtypes, the inputs' device,
+  no two elements sharing memory), the launcher on the inputs' GPU,
 - the public function: in plain eager inference (:func:`run_direct`) it calls ``launch``
   directly, skipping the custom op's dispatch layers; otherwise it checks the contract (so bad
   input gets moela's error, not the dispatcher's) and calls the custom op.
 
-The contract returns the outputs' :class:`TensorSpec` (one, or a tuple); every registered op
+The contract returns the outputs' :class:`TensorSpec` (one, or a tuple); an op whose number of
+outputs depends on an argument (``mla_decode(..., return_lse=True)``) annotates its launcher
+``-> list[Tensor]``: the custom op then returns a list (schema ``Tensor[]``) and the public
+function and ``launch`` return what the contract promised, one tensor or a tuple. Every registered op
 is listed by :func:`registered_ops` (tests, profiling and the GPU script read that list).
 The public function is generated source, so it keeps its signature and costs one call.
 """
@@ -119,6 +123,34 @@ def _check_out(name: str, out: object, spec: TensorSpec, device: torch.device) -
         raise ValueError(f"{name}: expected shape {tuple(spec.shape)}, got {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"{name}: expected device {device} (that of the inputs), got {out.device}")
+    if _overlapping(out):
+        raise ValueError(f"{name}: expected a buffer whose elements do not share memory, got strides {out.stride()} "
+                         f"for shape {tuple(out.shape)} (a stride-0 or overlapping view)")
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Could two elements of ``t`` share memory? Dims sorted by stride must each step past the
+    extent of the smaller ones (stride-0 views fail; so do rare interleaved layouts)."""
+    if t.numel() <= 1:
+        return False
+    extent = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def _as_list(outputs) -> list[torch.Tensor]:
+    """A variadic op's outputs as its custom op returns them (schema ``Tensor[]``)."""
+    return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+
+
+def _from_list(outputs):
+    """A variadic op's outputs as the contract promised them: one tensor, or a tuple."""
+    if isinstance(outputs, list):
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    return outputs
 
 
 def _empty_like_spec(spec, device: torch.device):
@@ -219,6 +251,8 @@ def kernel_op(
         schema_params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[p.name])
                          for p in public_params]
         returns = hints.get("return", sig.return_annotation)
+        variadic = typing.get_origin(returns) is list  # -> list[Tensor]: as many outputs as the contract says
+        user_result = result or (lambda o: o)
 
         def prototype(*args, **kwargs):
             raise AssertionError("schema prototype")
@@ -233,7 +267,9 @@ def kernel_op(
         ns: dict[str, object] = {
             "_contract": contract, "_domain": domain, "_launcher": launcher, "_outputs": _outputs,
             "_kernel_device": _kernel_device, "_launch_on": _launch_on, "_run_direct": run_direct,
-            "_fp8": fp8, "_name": name, "_grad": differentiable, "_result": result or (lambda o: o),
+            "_fp8": fp8, "_name": name, "_grad": differentiable,
+            "_result": (lambda o: user_result(_from_list(o))) if variadic else user_result,
+            "_fake_result": _as_list if variadic else (lambda o: o),
         }
         defs, call = [], []
         star_done = False
@@ -257,7 +293,7 @@ def kernel_op(
             if p in tensors:
                 return (f"(None if {p} is None else (type({p}), {p}.dtype, {p}.device, {p}.shape, {p}.stride())) "
                         f"if isinstance({p}, _Tensor) or {p} is None else {p}")
-            return p
+            return f"(type({p}), {p})"  # 2 == 2.0 == True: the type is part of the signature
 
         sig = f"({', '.join(meta(p.name) for p in public_params)},)"
         ns["_checked"], ns["_remember"], ns["_compat_ok"] = {}, _remember, _compat_ok
@@ -289,7 +325,7 @@ def kernel_op(
             f"def fake({', '.join(schema_defs)}):\n"
             f"    spec = _contract({', '.join(call)})\n"
             f"{domain_call}"
-            f"    return _empty_like_spec(spec, {first}.device)\n"
+            f"    return _fake_result(_empty_like_spec(spec, {first}.device))\n"
             f"\n"
             f"def public({', '.join(defs)}):\n"
             f"    if _run_direct({', '.join(tensors)}, grad=_grad):\n"
@@ -302,10 +338,10 @@ def kernel_op(
         ns["_empty_like_spec"] = _empty_like_spec
         ns["_Tensor"] = torch.Tensor
         exec(compile(src, f"<moela op {name}>", "exec"), ns)  # noqa: S102 - generated from the signature
-        if result is None:
+        if result is None and not variadic:
             ns["_raw_launch"] = ns["launch"]
-        else:  # the custom op's implementation returns the plain outputs
-            raw_ns = dict(ns, _result=lambda o: o)
+        else:  # the custom op's implementation returns the plain outputs (a list for a variadic op)
+            raw_ns = dict(ns, _result=_as_list if variadic else (lambda o: o))
             exec(compile(src, f"<moela op {name} (raw)>", "exec"), raw_ns)  # noqa: S102
             ns["_raw_launch"] = raw_ns["launch"]
         op = torch.library.custom_op(f"moela::{name}", ns["impl"], mutates_args=(), schema=schema)

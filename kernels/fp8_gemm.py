@@ -12,23 +12,32 @@ Kb = K/B.
 Algorithm (the reference's per-block promotion): for each K block kb, ``p = a_blk · b_blkᵀ`` on the
 tensor cores into a fresh float32 tile, then ``acc += p · (a_s[:, kb] · b_s[n // B, kb])``; the
 tile is cast to ``out_dtype`` once at the end. The reference multiplies ``(p · a_s) · b_s``; the
-kernel forms the combined scale first (BLOCK_M multiplies per K block instead of BLOCK_M·BLOCK_N,
-so the promotion is one FMA per accumulator element): the two differ by at most one float32
-rounding per block. On a GPU, Hopper's FP8 tensor cores accumulate a 128-deep block with less than
-float32 precision (about 14 bits, DeepSeek-V3 report §3.3.2): that is why the promotion happens
-every 128 of K, and why GPU results are near, not bit, exact against the reference.
+kernels form the combined scale first (one FMA per accumulator element): the two differ by at
+most one float32 rounding per block. On a GPU, Hopper's FP8 tensor cores accumulate a 128-deep
+block with less than float32 precision (about 14 bits, DeepSeek-V3 report §3.3.2): that is why the
+promotion happens every 128 of K, and why GPU results are near, not bit, exact.
 
-Tiles: BLOCK_K = B, so each K step is exactly one scale block. When BLOCK_N <= B a tile lies in
-one B-row block of b and ``b_s`` is one scalar per K step; wider tiles read a vector of scales.
-Programs are ordered in GROUP_M super-rows so that neighbouring programs share tiles of a and b
-in L2. Rows past M and columns past N are clamped for loads (no masks in the K loop) and masked
-for stores: any M >= 0 and N >= 0 work; K must be a multiple of B.
+Two kernels, one rule (``fp8_mainloop.fp8_path``):
 
-Configs come in three lists chosen by an M class (decode M <= 64, medium M <= 512, large) and are
-autotuned keyed on (N, K) only: the exact token count never enters the key, so a model is tuned at
-most three times per weight shape. ``MOELA_FP8_GEMM_CONFIG`` pins one config for all classes.
-The kernel's domain is narrower than the reference's: K a multiple of the block, blocks of 32,
-64, 128 or 256.
+- ``_fp8_gemm_tma_kernel`` (Hopper, sm_90+, block 128, a and b TMA-readable): persistent,
+  ``min(tiles, SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows (L2
+  reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
+  overlapped with the next wgmma, or the warp-specialised schedule). Rows past M and columns
+  past N are zero-filled by TMA and masked at the store. Decode-sized M runs 64-row tiles
+  (wgmma's smallest; TMA reads only the rows that exist) over narrow column tiles, so that every
+  SM streams its share of the weight (M = 64, N = 2112: 16-column tiles make 132 programs).
+- ``_fp8_gemm_kernel`` (pointer loads, cp.async pipelines): GPUs before Hopper (sm_89), scale
+  blocks other than 128 and operands a descriptor cannot take; one program per tile, rows and
+  columns clamped for loads.
+
+Both take any M >= 0 and N >= 0, K a multiple of the block; scales and the output any strides.
+
+Configs come in three lists per kernel chosen by an M class (decode M <= 64, medium M <= 512,
+large). The Hopper lists are pruned and ordered by a wave model (``fp8_mainloop.tma_pruner``:
+tiles over SMs, the tile's MMA work and operand bytes) and autotuned keyed on (N, K, M's
+power-of-two bucket); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_<CLASS>_CONFIG`` /
+``MOELA_FP8_GEMM_TMA_<CLASS>_CONFIG`` (CLASS: SMALL, MEDIUM, LARGE) pin one config. The kernels'
+domain is narrower than the reference's: K a multiple of the block, blocks of 32, 64, 128 or 256.
 """
 
 from __future__ import annotations
@@ -40,11 +49,15 @@ from torch import Tensor
 
 from moela.reference.fp8 import check_fp8_gemm
 
-from ._common import autotune, cdiv
+from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, m_bucket, num_sms
 from .factory import kernel_op
-from .tl_helpers import fp8_block_scaled_tile, grouped_tile_order
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
+from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
-__all__ = ["fp8_gemm", "fp8_kernel_block", "fp8_gemm_configs", "fp8_config", "launch_fp8_gemm", "m_class", "BLOCKS"]
+__all__ = [
+    "fp8_gemm", "fp8_kernel_block", "fp8_gemm_configs", "fp8_gemm_tma_configs", "fp8_config", "launch_fp8_gemm",
+    "m_class", "BLOCKS",
+]
 
 #: The scale blocks the FP8 GEMM kernels take (the K tile is the scale block).
 BLOCKS = (32, 64, 128, 256)
@@ -91,6 +104,45 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _fp8_gemm_tma_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cm, stride_cn,
+    M_BUCKET,  # autotune key only: _common.m_bucket(M)
+    SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """c[M, N] = Σ_kb promote(a_kb · b_kbᵀ) (+ bias) on Hopper: tensor descriptors, persistent tiles.
+
+    grid: (min(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p computes tiles p, p + grid,
+    p + 2·grid, ... (tile -> (pid_m, pid_n) in GROUP_M super-rows), each with
+    ``fp8_mainloop.fp8_tma_tile``. a (M, K) and b (N, K) are read through descriptors made here.
+    """
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, SCALE_BLOCK])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_kb = K // SCALE_BLOCK
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=False):
+        pid_m, pid_n = grouped_tile_order(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        as_ptrs = as_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_asm
+        if BLOCK_N <= SCALE_BLOCK:
+            bs_ptrs = bs_ptr + (pid_n * BLOCK_N // SCALE_BLOCK) * stride_bsn + tl.zeros([BLOCK_M], tl.int32)
+        else:
+            bs_ptrs = bs_ptr + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_bsn
+        acc = fp8_tma_tile(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_ask, stride_bsk,
+                           num_kb, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)[None, :]
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 def m_class(M: int) -> str:
     """The config list an M picks: "small" (decode, M <= 64), "medium" (M <= 512), "large"."""
     return "small" if M <= 64 else "medium" if M <= 512 else "large"
@@ -101,7 +153,8 @@ def fp8_config(bm: int, bn: int, warps: int, stages: int, group_m: int = 8) -> t
 
 
 def fp8_gemm_configs(cls: str) -> list[triton.Config]:
-    """Hopper configs per M class (first = default). BLOCK_K is the scale block, not tuned.
+    """The pointer kernel's configs per M class (first = default; sized for Hopper's and Ada's
+    shared memory). BLOCK_K is the scale block, not tuned.
 
     The promotion keeps two float32 tiles live (the accumulator and the fresh block product), so
     a tile gets at most ~64 accumulator registers per thread: 128×128 with 8 warps, 64×128 or
@@ -120,9 +173,40 @@ def fp8_gemm_configs(cls: str) -> list[triton.Config]:
             c(128, 128, 8, 5), c(64, 64, 4, 5)]
 
 
+def fp8_gemm_tma_configs(cls: str) -> list[triton.Config]:
+    """Hopper configs per M class (``tma_pruner`` orders them by the wave model; compiled for sm_90
+    by tests/kernels/test_fp8_sm90.py: no spills, within shared memory).
+
+    Without warp specialisation the promotion keeps three float32 tiles live (the accumulator,
+    the waited block, the block in flight): 64 rows × up to 128 columns per warpgroup, so 128-row
+    tiles take 8 warps. Stages hold two K blocks each. Decode (M <= 64): 64-row tiles (wgmma's
+    smallest; TMA zero-fills rows past M without reading them) over 16-64 columns, deep pipelines.
+    The warp-specialised configs (``ws``) are 128-row tiles at num_warps=4 (+ the producer).
+    """
+    c = tma_config
+    if cls == "small":
+        return [c(64, 16, 4, 8), c(64, 32, 4, 6), c(64, 64, 4, 5), c(64, 128, 4, 3)]
+    if cls == "medium":  # the narrow tiles fill the SMs when M is a tile or two (128 x 2112: 64x32 -> 132 tiles)
+        return [c(64, 128, 4, 3), c(128, 128, 8, 2), c(64, 64, 4, 5), c(128, 64, 8, 4),
+                c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True), c(64, 32, 4, 6), c(64, 16, 4, 8)]
+    return [c(128, 128, 8, 2), c(128, 64, 8, 4), c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True),
+            c(64, 128, 4, 3)]
+
+
+def _dense_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
+    M, N = nargs["M"], nargs["N"]
+    return cdiv(M, bm) * cdiv(N, bn), min(bm, M)
+
+
 _KEY = ["N", "K", "SCALE_BLOCK", "HAS_BIAS"]
 _TUNED = {
     cls: autotune(f"fp8_gemm_{cls}", fp8_gemm_configs(cls), key=_KEY)(_fp8_gemm_kernel)
+    for cls in ("small", "medium", "large")
+}
+_TMA_TUNED = {
+    cls: hopper_tuner(autotune(
+        f"fp8_gemm_tma_{cls}", fp8_gemm_tma_configs(cls), key=["N", "K", "SCALE_BLOCK", "HAS_BIAS", "M_BUCKET"],
+        prune_configs_by={"early_config_prune": tma_pruner(_dense_tiles, SMEM_BUDGET, "a_ptr")})(_fp8_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
 }
 
@@ -142,14 +226,25 @@ def fp8_kernel_block(op: str, block: int, K: int, name: str) -> None:
                          f"got K={K} (moela.reference.{op} takes partial blocks)")
 
 
-def launch_fp8_gemm(out, a, a_s, b, b_s, block, bias, config) -> None:
+def launch_fp8_gemm(out, a, a_s, b, b_s, block, bias, config, capability=None) -> None:
     """The block-scaled GEMM into ``out`` (M, N), ``bias`` (N,) or None added to the float32
-    accumulator; shared with ``fp8_linear``."""
+    accumulator; shared with ``fp8_linear``. ``capability`` (default: the device's,
+    ``_common.device_capability``) feeds the path rule ``fp8_mainloop.fp8_path``."""
     M, K = a.shape
     N = b.shape[0]
     if M == 0 or N == 0:
         return
-    bias = None if bias is None else bias.contiguous()  # the kernel indexes it flat
+    bias = None if bias is None else bias.contiguous()  # the kernels index it flat
+    cap = device_capability(a.device) if capability is None else capability
+    if fp8_path(cap, block, a, b) == "tma":
+        _launch_tma(out, a, a_s, b, b_s, block, bias, config)
+    else:
+        _launch_pointer(out, a, a_s, b, b_s, block, bias, config)
+
+
+def _launch_pointer(out, a, a_s, b, b_s, block, bias, config) -> None:
+    M, K = a.shape
+    N = b.shape[0]
     args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, M, N, K,
             *a.stride(), *a_s.stride(), *b.stride(), *b_s.stride(), *out.stride())
     consts = dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None)
@@ -160,6 +255,29 @@ def launch_fp8_gemm(out, a, a_s, b, b_s, block, bias, config) -> None:
         meta = dict(config)
         meta.setdefault("GROUP_M", 8)
         _fp8_gemm_kernel[(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)](*args, **consts, **meta)
+
+
+def tma_launch_args(out, a, a_s, b, b_s, block, bias) -> tuple[tuple, dict]:
+    """The Hopper kernel's arguments and constexprs (also what the sm_90 compile test binds)."""
+    M, K = a.shape
+    N = b.shape[0]
+    args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, M, N, K, a.stride(0), *a_s.stride(), b.stride(0),
+            *b_s.stride(), *out.stride(), m_bucket(M))
+    return args, dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None)
+
+
+def _launch_tma(out, a, a_s, b, b_s, block, bias, config) -> None:
+    M, N = a.shape[0], b.shape[0]
+    args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias)
+    sms = num_sms(a.device)
+    ensure_tma_allocator()
+    if config is None:
+        grid = lambda meta: (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        _TMA_TUNED[m_class(M)][grid](*args, **consts)
+    else:
+        meta = hopper_meta(config)
+        grid = (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        _fp8_gemm_tma_kernel[grid](*args, **consts, **meta)
 
 
 def _domain(a, a_s, b, b_s, out_dtype=torch.bfloat16, block=128) -> None:

@@ -11,21 +11,28 @@ B the scale block (128), Kb = K/B.
 Each group's rows are computed exactly like ``fp8_gemm`` (same per-block promotion, same main
 loop), as in the reference.
 
-Scheduling without a host sync: the grid is an upper bound on the number of row tiles,
-``min(cdiv(M, BLOCK_M) + E, M)`` (Σ_g ceil(count_g / BLOCK_M) over the E groups and the tail of
-rows past offsets[E-1] is below ``cdiv(M, BLOCK_M) + E``, and every tile holds at least one row,
-so a decode step with more experts than rows launches no idle row tiles), times the column
-tiles. Every program loads the E offsets as one vector, turns them into per-group tile counts
-and their cumulative sum, and finds its group and row tile with one comparison and a few
-reductions (no table in memory, no extra launch).
-Programs past the real tile count exit at once; they come last in launch order. Tail tiles
-store zeros without a K loop. Offsets are read as ``grouped_gemm`` reads them (clamped into
-[0, M] in their own width, then a running max: a documented result for malformed offsets, never
-an out-of-bounds access); ``validate=True`` checks them (a host sync) and raises.
+Scheduling without a host sync: the row tiles are bounded by ``min(cdiv(M, BLOCK_M) + E, M)``
+(Σ_g ceil(count_g / BLOCK_M) over the E groups and the tail of rows past offsets[E-1] is below
+``cdiv(M, BLOCK_M) + E``, and every tile holds at least one row, so a decode step with more
+experts than rows has no idle row tiles), times the column tiles. A tile loads the E offsets as
+one vector, turns them into per-group tile counts and their cumulative sum, and finds its group
+and row tile with one comparison and a few reductions (``tl_helpers.locate_m_tile``: no table in
+memory, no extra launch). Tiles past the real tile count do nothing; tail tiles store zeros
+without a K loop. Offsets are read as ``grouped_gemm`` reads them (clamped into [0, M] in their
+own width, then a running max: a documented result for malformed offsets, never an
+out-of-bounds access); ``validate=True`` checks them (a host sync) and raises.
 
-Configs: three lists chosen by the mean rows per expert (``fp8_gemm.m_class(ceil(M / E))``),
-autotuned keyed on (N, K, M's power-of-two bucket: see ``_common.m_bucket``);
-``MOELA_FP8_GROUPED_GEMM_CONFIG`` pins one.
+Two kernels, one rule (``fp8_mainloop.fp8_path``): on Hopper with TMA-readable ``xs`` and ``w``
+(as the 2-D view (E·N, K)), ``_fp8_grouped_gemm_tma_kernel`` runs ``min(tiles, SMs)`` persistent
+programs over the virtual tiles (GROUP_M super-rows) with ``fp8_mainloop.fp8_tma_tile``: a
+tile's rows past its group belong to the next group and columns past N to the next expert; the
+descriptors read them, the store masks them. Otherwise ``_fp8_grouped_gemm_kernel`` (pointer
+loads, one program per virtual tile, rows and columns clamped).
+
+Configs: three lists per kernel chosen by the mean rows per expert (``fp8_gemm.m_class(ceil(M /
+E))``), autotuned keyed on (N, K, M's power-of-two bucket: see ``_common.m_bucket``); the Hopper
+lists are ordered by the wave model (``fp8_mainloop.tma_pruner``).
+``MOELA_FP8_GROUPED_GEMM_<CLASS>_CONFIG`` / ``MOELA_FP8_GROUPED_GEMM_TMA_<CLASS>_CONFIG`` pin one.
 """
 
 from __future__ import annotations
@@ -38,12 +45,22 @@ from torch import Tensor
 from moela.reference.fp8 import check_fp8_grouped_gemm
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, cdiv, kernel_rows, m_bucket, next_power_of_2
+from ._common import (
+    autotune,
+    cdiv,
+    device_capability,
+    ensure_tma_allocator,
+    kernel_rows,
+    m_bucket,
+    next_power_of_2,
+    num_sms,
+)
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
-from .tl_helpers import fp8_block_scaled_tile, grouped_tile_order, locate_m_tile
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
+from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile, locate_m_tile_by_chunks
 
-__all__ = ["fp8_grouped_gemm"]
+__all__ = ["fp8_grouped_gemm", "launch_fp8_grouped_gemm", "fp8_grouped_gemm_configs", "fp8_grouped_gemm_tma_configs"]
 
 
 @triton.jit
@@ -88,6 +105,51 @@ def _fp8_grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _fp8_grouped_gemm_tma_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, offsets_ptr, c_ptr,
+    M, N, K, E,
+    stride_xm, stride_xsm, stride_xsk, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_cm, stride_cn,
+    M_BUCKET,  # autotune key only: _common.m_bucket(M)
+    SCALE_BLOCK: tl.constexpr, E_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The grouped FP8 GEMM on Hopper: tensor descriptors over xs (M, K) and w as (E·N, K).
+
+    grid: (min(_row_tiles(M, E, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p walks the virtual
+    tiles p, p + grid, ...; tile -> (row tile t over all groups, column tile) in GROUP_M
+    super-rows, t -> (group, rows) through ``locate_m_tile_by_chunks`` (E_CHUNK groups at a time;
+    no scans, which warp specialisation rejects). Group E (the tail) and tiles past the last get
+    no K loop: zeros, or nothing to store. w's experts are consecutive blocks of N rows
+    (stride_we = N · stride_wn, checked by the launcher).
+    """
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, SCALE_BLOCK])
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    row_tiles = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)
+    num_kb = K // SCALE_BLOCK
+    for tile in tl.range(tl.program_id(0), row_tiles * num_pid_n, tl.num_programs(0), flatten=False):
+        t, pid_n = grouped_tile_order(tile, row_tiles, num_pid_n, GROUP_M)
+        grp, start, end = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK)
+        expert = tl.maximum(tl.minimum(grp, E - 1), 0)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        as_ptrs = xs_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xsm
+        ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+        if BLOCK_N <= SCALE_BLOCK:
+            bs_ptrs = ws_base + (pid_n * BLOCK_N // SCALE_BLOCK) * stride_wsn + tl.zeros([BLOCK_M], tl.int32)
+        else:
+            bs_ptrs = ws_base + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_wsn
+        tile_kb = tl.where((grp < E) & (start < end), num_kb, 0)  # the tail group: no K loop, zeros
+        acc = fp8_tma_tile(x_desc, w_desc, start, expert * N + pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_xsk,
+                           stride_wsk, tile_kb, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES)
+        mask = (offs_m < end)[:, None] & (offs_n < N)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 def fp8_grouped_gemm_configs(cls: str) -> list[triton.Config]:
     """Same reasoning as fp8_gemm's configs; by mean rows per expert. Small groups (decode: a few
     rows per expert) waste most of a 64-row tile, so the small class starts at BLOCK_M = 16."""
@@ -100,16 +162,46 @@ def fp8_grouped_gemm_configs(cls: str) -> list[triton.Config]:
             c(128, 128, 8, 5)]
 
 
+def fp8_grouped_gemm_tma_configs(cls: str) -> list[triton.Config]:
+    """Hopper configs by mean rows per expert (``fp8_gemm.fp8_gemm_tma_configs``' reasoning;
+    small groups waste rows of a 64-row tile, so the small class has narrow column tiles and deep
+    pipelines, reading the weights once)."""
+    c = tma_config
+    if cls == "small":
+        return [c(64, 64, 4, 5), c(64, 32, 4, 6), c(64, 128, 4, 3), c(64, 16, 4, 8)]
+    if cls == "medium":
+        return [c(64, 128, 4, 3), c(128, 128, 8, 2), c(64, 64, 4, 5), c(128, 64, 8, 4),
+                c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True), c(64, 32, 4, 6)]
+    return [c(128, 128, 8, 2), c(128, 64, 8, 4), c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True),
+            c(64, 128, 4, 3)]
+
+
+def _grouped_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
+    """The wave model's view: the rows as if spread evenly over the experts."""
+    M, N, E = nargs["M"], nargs["N"], max(nargs["E"], 1)
+    rows = cdiv(M, E)
+    return E * cdiv(rows, bm) * cdiv(N, bn), min(bm, rows)
+
+
 def _row_tiles(M: int, E: int, block_m: int) -> int:
     """The grid's row tiles: at least the real ones, Σ_g ceil(count_g / BLOCK_M) over the E groups
     and the tail (module docstring); the kernel's ``num_pid_m``."""
     return min(cdiv(M, block_m) + E, M)
 
 
+#: Groups the Hopper kernel's tile search takes at a time: (E_CHUNK, E_CHUNK) triangular reductions.
+E_CHUNK = 16
 _KEY = ["N", "K", "SCALE_BLOCK", "M_BUCKET"]
 _TUNED = {
     cls: autotune(f"fp8_grouped_gemm_{cls}", fp8_grouped_gemm_configs(cls), key=_KEY)(
         _fp8_grouped_gemm_kernel)
+    for cls in ("small", "medium", "large")
+}
+_TMA_TUNED = {
+    cls: hopper_tuner(autotune(
+        f"fp8_grouped_gemm_tma_{cls}", fp8_grouped_gemm_tma_configs(cls), key=_KEY,
+        prune_configs_by={"early_config_prune": tma_pruner(_grouped_tiles, SMEM_BUDGET, "x_ptr")},
+    )(_fp8_grouped_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
 }
 
@@ -141,7 +233,32 @@ def fp8_grouped_gemm(out, xs: Tensor, xs_s: Tensor, w: Tensor, w_s: Tensor, offs
         check_offsets(offsets, M)
     if M == 0 or N == 0:
         return
-    offsets = offsets.contiguous()  # the kernel indexes it flat
+    offsets = offsets.contiguous()  # the kernels index it flat
+    launch_fp8_grouped_gemm(out, xs, xs_s, w, w_s, offsets, block, config)
+
+
+def _rows_view(w: Tensor) -> Tensor | None:
+    """w (E, N, K) as (E·N, K) without a copy, or None."""
+    E, N, K = w.shape
+    if E == 0 or w.stride(0) != N * w.stride(1):
+        return None
+    return w.reshape(E * N, K)
+
+
+def launch_fp8_grouped_gemm(out, xs, xs_s, w, w_s, offsets, block, config, capability=None) -> None:
+    """The grouped GEMM into ``out`` (M, N); ``capability`` (default: the device's) feeds the path
+    rule ``fp8_mainloop.fp8_path``. M >= 1, N >= 1, offsets contiguous."""
+    cap = device_capability(xs.device) if capability is None else capability
+    w2 = _rows_view(w)
+    if fp8_path(cap, block, xs, w2) == "tma":
+        _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config)
+    else:
+        _launch_pointer(out, xs, xs_s, w, w_s, offsets, block, config)
+
+
+def _launch_pointer(out, xs, xs_s, w, w_s, offsets, block, config) -> None:
+    M, K = xs.shape
+    E, N, _ = w.shape
     args = (xs, xs_s, w, w_s, offsets, out, M, N, K, E,
             *xs.stride(), *xs_s.stride(), *w.stride(), *w_s.stride(), *out.stride(), m_bucket(M))
     consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
@@ -153,3 +270,30 @@ def fp8_grouped_gemm(out, xs: Tensor, xs_s: Tensor, w: Tensor, w_s: Tensor, offs
         meta.setdefault("GROUP_M", 8)
         grid = (_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _fp8_grouped_gemm_kernel[grid](*args, **consts, **meta)
+
+
+def tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block) -> tuple[tuple, dict]:
+    """The Hopper kernel's arguments (``w2``: w as (E·N, K)) and constexprs; also what the sm_90
+    compile test binds."""
+    M, K = xs.shape
+    E = offsets.shape[0]
+    N = w2.shape[0] // E
+    args = (xs, xs_s, w2, w_s, offsets, out, M, N, K, E, xs.stride(0), *xs_s.stride(), w2.stride(0), *w_s.stride(),
+            *out.stride(), m_bucket(M))
+    return args, dict(SCALE_BLOCK=block, E_CHUNK=min(next_power_of_2(E + 1), E_CHUNK))
+
+
+def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:
+    M = xs.shape[0]
+    E = offsets.shape[0]
+    N = w2.shape[0] // E
+    args, consts = tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block)
+    sms = num_sms(xs.device)
+    ensure_tma_allocator()
+    if config is None:
+        grid = lambda meta: (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        _TMA_TUNED[m_class(cdiv(M, max(E, 1)))][grid](*args, **consts)
+    else:
+        meta = hopper_meta(config)
+        grid = (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        _fp8_grouped_gemm_tma_kernel[grid](*args, **consts, **meta)

@@ -306,7 +306,7 @@ def dequant(out, x: Tensor, scale: Tensor, block: int = 128, out_dtype: torch.dt
     divs = scale_divisors(tuple(scale.shape), shape, block)
     for d in range(max(x.ndim - 2, 0)):
         if divs[d] != 1:
-            scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, shape[d])
+            scale = scale.repeat_interleave(min(block, shape[d]), dim=d).narrow(d, 0, shape[d])
     # (L, N, K) views; a 1-D x is one row, a 0-D x one element (as in the reference).
     pad = (1,) * max(2 - x.ndim, 0)
     N, K = (*pad, *shape)[-2:]

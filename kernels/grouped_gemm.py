@@ -19,9 +19,16 @@ Offsets are read on the device and made safe there: clamped into [0, M] in their
 malformed offsets tensor computes a documented result (a group ending before its predecessor
 is empty) and never addresses memory out of bounds; ``validate=True`` raises on it instead.
 
+Two kernel families, chosen per call by one rule (``_common.tma_path``): on Hopper and later,
+for fp16/bf16 operands that a TMA descriptor takes (16-byte aligned base and strides, unit inner
+stride), the Hopper-native kernels of ``kernels.grouped_gemm_tma`` (TMA, persistent tiles, warp
+specialisation, swap-AB for decode); otherwise — GPUs before Hopper, float32, odd strides,
+``MOELA_TMA=0`` — the pointer-based kernels here (cp.async pipelines, any strides). A ``config``
+passed to ``launch`` picks its family (a TMA config where the rule says no raises).
+
 Configs come from functions, one list per path (decode <= 16 rows per expert, medium <= 128,
 prefill; ``FWD_PATHS``), keyed on N, K, the weight layout and M's power-of-two bucket, pruned by
-shared memory. Loads are pointer based (cp.async pipelines), taking any strides.
+shared memory.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from torch import Tensor
 
 from moela.reference.grouped_gemm import check_grouped_gemm, check_grouped_gemm_dw, check_offsets
 
-from ._common import autotune, cdiv, kernel_dtype, kernel_rows, m_bucket, next_power_of_2
+from ._common import autotune, cdiv, kernel_dtype, kernel_rows, m_bucket, next_power_of_2, uses_tma
 from .factory import kernel_op
+from .grouped_gemm_tma import grouped_gemm_dw_tma, grouped_gemm_fwd_tma
 from .tl_helpers import SMEM_BUDGET, dot_precision, group_rows, locate_m_tile
 
 __all__ = ["grouped_gemm", "grouped_gemm_dw", "KERNEL_DTYPES", "FWD_PATHS", "fwd_path"]
@@ -304,6 +312,11 @@ def _launch_config(config: triton.Config | None) -> dict:
     return {} if config is None else config.all_kwargs()
 
 
+def _weight_storage(w: Tensor) -> Tensor:
+    """w (E, N, K) as a TMA descriptor reads it: (E, N, K), or (E, K, N) for dX's transposed view."""
+    return w if w.stride(2) == 1 else w.transpose(1, 2)
+
+
 def _domain(xs, w, offsets, *, validate=False) -> None:
     kernel_dtype("grouped_gemm", "xs", xs, KERNEL_DTYPES)
     kernel_rows("grouped_gemm", "xs", xs.shape[0])
@@ -358,6 +371,9 @@ def grouped_gemm(out, xs: Tensor, w: Tensor, offsets: Tensor, *, validate: bool 
     if M == 0 or N == 0:
         return
     offsets = offsets.contiguous()  # the kernel indexes it flat
+    if uses_tma(xs, _weight_storage(w), out, config=config):
+        grouped_gemm_fwd_tma(out, xs, w, offsets, fwd_path(M, E), config)
+        return
     kernel = _fwd_heuristic if config is not None else _fwd_tuned[fwd_path(M, E)]
 
     def grid(meta: dict) -> tuple[int]:
@@ -394,6 +410,9 @@ def grouped_gemm_dw(out, xs: Tensor, dy: Tensor, offsets: Tensor, *, config=None
     if out.numel() == 0:
         return
     offsets = offsets.contiguous()  # the kernel indexes it flat
+    if uses_tma(xs, dy, out, config=config):
+        grouped_gemm_dw_tma(out, xs, dy, offsets, config)
+        return
     kernel = _dw_tuned if config is None else _grouped_gemm_dw_kernel
     precision = dot_precision(xs.dtype)  # "ieee" only for float32 without TF32
 

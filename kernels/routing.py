@@ -27,7 +27,8 @@ Two schedules, picked from the shapes (N <= ``SMALL_MAX_SLOTS``, i.e. decode):
 Decode (T <= 256, k = 8, E = 256) is one launch of E programs each reading <= 16 KB of ids
 from L2; prefill (T = 16384) sorts 128 blocks of 1024 keys in parallel, scans 128 × 256 counts
 in one program and stores rows coalesced: ~1.5 MB of traffic, so the launches dominate. The
-kernels take at most ``MAX_EXPERTS`` experts and plans of fewer than 2**31 rows (int32).
+kernels take at most ``MAX_EXPERTS`` experts, ``align`` up to ``MAX_ALIGN`` (an expert's padding
+rows are one vector of ``align - 1``) and plans of fewer than 2**31 rows (int32).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from moela.reference.dispatch import RoutingPlan, check_make_routing, max_rows, 
 from ._common import autotune, cdiv, kernel_rows, next_power_of_2
 from .factory import kernel_op
 
-__all__ = ["make_routing", "launch_make_routing", "SMALL_MAX_SLOTS", "SORT_BLOCK", "MAX_EXPERTS"]
+__all__ = ["make_routing", "launch_make_routing", "SMALL_MAX_SLOTS", "SORT_BLOCK", "MAX_EXPERTS", "MAX_ALIGN"]
 
 #: Plans of at most this many slots (T·k) take the one-launch schedule.
 SMALL_MAX_SLOTS = 4096
@@ -50,6 +51,8 @@ SMALL_MAX_SLOTS = 4096
 SORT_BLOCK = 1024
 #: Largest expert count the kernels take (histograms of E bins live in registers).
 MAX_EXPERTS = 4096
+#: Largest ``align`` the kernels take (a program writes an expert's padding rows as one vector).
+MAX_ALIGN = 1024
 #: Tail rows (past offsets[E-1]) one store covers.
 _TAIL_BLOCK = 1024
 
@@ -230,6 +233,9 @@ def _domain(topk_ids, n_experts, align=1, *, validate=False) -> None:
     if n_experts > MAX_EXPERTS:
         raise ValueError(f"n_experts: the Triton make_routing kernels take at most {MAX_EXPERTS} experts "
                          f"(histograms in registers), got {n_experts} (moela.reference.make_routing takes any)")
+    if align > MAX_ALIGN:
+        raise ValueError(f"align: the Triton make_routing kernels take align up to {MAX_ALIGN} (an expert's padding "
+                         f"rows are one vector), got {align} (moela.reference.make_routing takes any)")
     T, k = topk_ids.shape
     kernel_rows("make_routing", "topk_ids", max_rows(T, k, n_experts, align))
 
@@ -248,6 +254,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
     T, k = topk_ids.shape
     E, N = n_experts, T * k
     M = max_rows(T, k, E, align)
+    K = max(k, 1)  # the kernels' token of a slot, s // K (k = 0 has no slot: no division by zero)
     dev = topk_ids.device
     ids = topk_ids.contiguous()
     i32 = dict(dtype=torch.int32, device=dev)
@@ -257,7 +264,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
 
     if N <= small_max_slots:
         _small_tuned[(E,)](
-            ids, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, k, E, M, align, cdiv(M, E),
+            ids, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, K, E, M, align, cdiv(M, E),
             BLOCK_N=next_power_of_2(N), E_P=E_P, **pad,
         )
     else:
@@ -269,7 +276,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
         block_b = max(1, min(next_power_of_2(NB), 8192 // E_P))
         _scan_tuned[(1,)](blk_counts, adj, counts, offsets, NB, E, align, BLOCK_B=block_b, E_P=E_P)
         _scatter_tuned[(NB,)](
-            keys, adj, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, k, E, M, align, NB,
+            keys, adj, counts, offsets, slot_to_row, row_to_token, row_to_slot, N, K, E, M, align, NB,
             cdiv(M, NB), BLOCK_N=sort_block, E_P=E_P, **pad,
         )
 
@@ -285,7 +292,8 @@ def make_routing(out, topk_ids: Tensor, n_experts: int, align: int = 1, *, valid
         topk_ids: (T, k) int32/int64 expert ids, on CUDA (or CPU under the interpreter). Ids
             outside ``[0, n_experts)`` (e.g. -1 for remote experts) are skipped.
         n_experts: E, at most ``MAX_EXPERTS``.
-        align: pad every expert's segment to a multiple of this many rows (block-aligned GEMMs).
+        align: pad every expert's segment to a multiple of this many rows (block-aligned GEMMs), at
+            most ``MAX_ALIGN``.
         validate: raise ValueError if an id is neither -1 nor in ``[0, n_experts)`` (reads the
             ids: synchronises with the device; off in the fast path).
     Returns:

@@ -10,7 +10,9 @@
   :func:`fp8_scaled_range_tile` (the training GEMMs' main loop: a reduction range with partial
   blocks, per-row or per-block scales of the second operand) and the grouped GEMMs'
   bounds-safe reading of ``offsets``: :func:`group_bounds`, :func:`group_rows`,
-  :func:`locate_m_tile`;
+  :func:`locate_m_tile`, and two lookups with loads and reductions only (what warp-specialised
+  loops take): :func:`locate_m_tile_by_chunks` (the offsets read in chunks) and
+  :func:`scheduled_m_tile` (the table of ``kernels.group_schedule``);
 - host side: :func:`dot_precision` (torch's TF32 setting for float32 dots),
   :data:`SMEM_BUDGET`, what a config's pipeline may take of Hopper's shared memory, and
   :func:`fp8_train_block`, the scale blocks the FP8 training GEMMs take.
@@ -25,12 +27,16 @@ from triton.language.extra import libdevice
 
 __all__ = [
     "exp", "div", "abs_bits", "ue8m0_ceil", "block_scale", "saturate_to_fp8", "grouped_tile_order",
-    "fp8_block_scaled_tile", "fp8_scaled_range_tile", "group_bounds", "group_rows", "locate_m_tile", "dot_precision",
-    "SMEM_BUDGET", "FP8_TRAIN_BLOCKS", "fp8_train_block",
+    "fp8_block_scaled_tile", "fp8_scaled_range_tile", "group_bounds", "group_rows", "locate_m_tile",
+    "locate_m_tile_by_chunks", "scheduled_m_tile", "schedule_row", "dot_precision", "SMEM_BUDGET", "SCHEDULE_BLOCK_M",
+    "FP8_TRAIN_BLOCKS", "fp8_train_block",
 ]
 
 #: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
 SMEM_BUDGET = 220 * 1024
+
+#: The M-tile heights ``kernels.group_schedule`` counts tiles for (one table row each).
+SCHEDULE_BLOCK_M = (16, 32, 64, 128, 256)
 
 
 @triton.jit
@@ -246,6 +252,71 @@ def locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.
     group = tl.sum(tl.where(mine, e, 0), 0)
     return group, (rows >> 32).to(tl.int32), rows.to(tl.int32)
 
+
+@triton.jit
+def locate_m_tile_by_chunks(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`locate_m_tile` without scans: the same (group, first row, end row), the same rule
+    for the offsets (clamped into [0, M] in their own width, then a running max; the tail
+    [ends[E-1], M) is group E; a tile past the last gets 0, 0).
+
+    Walks the E + 1 groups CHUNK at a time, carrying the running max of the ends and the tiles
+    before the chunk; inside a chunk the exclusive running max and the inclusive tile sum are
+    (CHUNK, CHUNK) triangular reductions. For kernels where ``tt.scan`` cannot go (Triton 3.6's
+    Hopper warp specialisation rejects it).
+    """
+    i = tl.arange(0, CHUNK)
+    before = i[None, :] < i[:, None]  # [row i, column j]: j < i
+    upto = i[None, :] <= i[:, None]
+    prev_end = M * 0  # running max of the clamped ends before the chunk (int32)
+    tiles_before = M * 0
+    found = (M * 0).to(tl.int64)  # (first row << 32) | end row of the owning group, 0 if none
+    group = M * 0
+    for c in range(0, tl.cdiv(E + 1, CHUNK)):
+        g = c * CHUNK + i
+        raw = tl.load(offsets_ptr + g, mask=g < E, other=M)  # the tail (g == E) and past it end at M
+        ends_in = tl.minimum(tl.maximum(raw, 0), M).to(tl.int32)
+        starts = tl.maximum(tl.max(tl.where(before, ends_in[None, :], 0), axis=1), prev_end)
+        ends = tl.maximum(starts, ends_in)
+        tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+        last = tiles_before + tl.sum(tl.where(upto, tiles[None, :], 0), axis=1)
+        first = last - tiles
+        mine = (first <= tile_m) & (tile_m < last)  # true for at most one group overall
+        row_start = starts + (tile_m - first) * BLOCK_M
+        found += tl.sum(tl.where(mine, (row_start.to(tl.int64) << 32) | ends.to(tl.int64), 0), 0)
+        group += tl.sum(tl.where(mine, g, 0), 0)
+        prev_end = tl.max(ends, 0)
+        tiles_before += tl.sum(tiles, 0)
+    return group, (found >> 32).to(tl.int32), found.to(tl.int32)
+
+
+@triton.jit
+def schedule_row(BLOCK_M: tl.constexpr):
+    """The table row (``kernels.group_schedule``) of the tile counts of BLOCK_M-row tiles."""
+    tl.static_assert((BLOCK_M == 16) or (BLOCK_M == 32) or (BLOCK_M == 64) or (BLOCK_M == 128)
+                     or (BLOCK_M == 256), "the schedule table counts tiles of 16, 32, 64, 128 or 256 rows")
+    ROW: tl.constexpr = 2 + (BLOCK_M >= 32) + (BLOCK_M >= 64) + (BLOCK_M >= 128) + (BLOCK_M >= 256)
+    return ROW
+
+
+@triton.jit
+def scheduled_m_tile(table_ptr, tile_m, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`locate_m_tile` read from ``kernels.group_schedule``'s table: M-tile ``tile_m`` ->
+    (group, first row, end row); group E is the tail; past the last tile: group E + 1, rows 0, 0.
+
+    Loads and reductions only, CHUNK groups at a time (Triton 3.6's warp specialisation takes
+    neither scans nor a reduction over 128 or more lanes whose result both partitions need).
+    """
+    tile_ends = table_ptr + schedule_row(BLOCK_M) * (E + 1)
+    lane = tl.arange(0, CHUNK)
+    group = 0
+    for g0 in range(0, E + 1, CHUNK):
+        ends = tl.load(tile_ends + g0 + lane, mask=g0 + lane <= E, other=2**31 - 1)
+        group += tl.sum((ends <= tile_m).to(tl.int32), 0)
+    valid = group <= E
+    first = tl.load(tile_ends + group - 1, mask=valid & (group > 0), other=0)
+    row_start = tl.load(table_ptr + group, mask=valid, other=0) + (tile_m - first) * BLOCK_M
+    row_end = tl.load(table_ptr + (E + 1) + group, mask=valid, other=0)
+    return group, tl.where(valid, row_start, 0), row_end
 
 
 def dot_precision(dtype: torch.dtype) -> str:

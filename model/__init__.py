@@ -10,14 +10,16 @@ from moela.reference import RMSNorm
 
 from .backend import BACKENDS, ops_for
 from .checkpoint import CheckpointKeyError, load_checkpoint, save_checkpoint
+from .latent_cache import LatentCache, PagedLatentCache
 from .linear import FP8Linear
 from .mla import MLA
-from .moe import Gate, MoE, sequence_balance_loss
+from .moe import Gate, MoE, grouped_experts, routed_experts, sequence_balance_loss
 from .quantize import quantize_linears_
 from .transformer import Block, Transformer
 
 __all__ = [
     "BACKENDS", "ops_for", "CheckpointKeyError", "load_checkpoint", "save_checkpoint",
-    "Gate", "MoE", "sequence_balance_loss", "MLA", "FP8Linear", "RMSNorm", "quantize_linears_",
+    "Gate", "MoE", "grouped_experts", "routed_experts", "sequence_balance_loss", "MLA", "LatentCache",
+    "PagedLatentCache", "FP8Linear", "RMSNorm", "quantize_linears_",
     "Block", "Transformer",
 ]

@@ -165,11 +165,22 @@ def _list_file(file: Path) -> dict[str, _Stored]:
         return out
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise KeyError(k)
+        out[k] = v
+    return out
+
+
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{index}: not valid JSON: {e}") from None
+    except KeyError as e:  # json would keep the last of two entries silently
+        raise CheckpointError(f"{index}: key {e.args[0]!r} appears twice") from None
     if not isinstance(data, dict) or "weight_map" not in data:
         raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' (key -> shard file name)")
     weight_map = data["weight_map"]
@@ -224,6 +235,8 @@ def _list_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict
             if not isinstance(key, str) or not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{key!r} ({_IN_MEMORY}): expected str keys and torch.Tensor values, got "
                                       f"{type(t).__name__}")
+            if t.is_meta:
+                raise CheckpointError(f"{key!r} ({_IN_MEMORY}): a meta tensor carries no values to load")
             stored[key] = _Stored(key, None, tuple(t.shape), t.dtype)
         return stored
     if not isinstance(source, (str, os.PathLike)):
@@ -452,6 +465,10 @@ def load_checkpoint(
                                      f"got {e.shape}")
 
     take = {k: e for k, e in entries.items() if k in expected}
+    on_meta = [k for k in take if expected[k].is_meta]
+    if on_meta:
+        raise ValueError(f"module: {_summarise(on_meta)} on the meta device have no storage to load into "
+                         f"(materialize the module first, e.g. module.to_empty(device='cpu'))")
     raw = _read({e.stored.key: e.stored for e in take.values()}.values(), source)
     state = {}
     for name, e in take.items():

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moela import reference
+from moela.reference._checks import FLOAT_DTYPES, check_tensor
 
 from .backend import ops_for
 from .fp8_training import MASTER_DTYPES, FP8WeightCache, fp8_linear_train
@@ -167,6 +168,12 @@ class FP8Linear(nn.Module):
         return "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) float -> (..., out_features) in x's dtype (the "triton" kernel: 16/32-bit x)."""
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected a last dim of {self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x: expected device {self.weight.device} (the layer's), got {x.device}")
         backend = self.resolved_backend(x)
         if self.master_weights:
             return fp8_linear_train(x, self.weight, self.bias, self.fp8_cache, ops_for(backend, x.device))

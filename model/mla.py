@@ -6,12 +6,16 @@ and decode; ``moela.reference.mla``) with three additions:
 - Decode on the kernels: in the absorbed form, a step of at most ``DECODE_MAX_TOKENS`` new
   tokens per sequence over a cache runs its attention through ``moela.kernels.mla_decode``
   (FlashMLA's problem: one latent head shared by all query heads) when ``args.backend`` picks
-  the kernels ("triton", or "auto" on CUDA) and no gradient is recorded. The cache this module
-  builds (:meth:`MLA.new_cache`, a :class:`LatentCache`) keeps the latent ``kv`` (C columns)
-  and the rotary key ``pe`` (R columns) side by side in one (batch, T_max, C + R) buffer, the
-  kernel's layout; ``kv`` and ``pe`` are views of it, so the reference's code writes it
-  unchanged. Other short steps over a cache (the reference layer's two buffers, or a step that
-  records gradients) run the reference's absorbed attention, O(S·H·T) for S new tokens.
+  the kernels ("triton", or "auto" on CUDA) and no gradient is recorded. The caches this module
+  builds are in the kernel's layouts (``moela.model.latent_cache``): :meth:`MLA.new_cache`, a
+  :class:`LatentCache` (the latent ``kv`` and the rotary key ``pe`` side by side in one
+  (batch, T_max, C + R) buffer), and :meth:`MLA.new_paged_cache`, a :class:`PagedLatentCache`
+  (FlashMLA's 64-token pages, block table and lengths on the device, pages allocated as
+  sequences grow). ``fp8=True`` on either stores FlashMLA's FP8 rows (e4m3 latent quantized when
+  written, one float32 scale per 128 columns, bf16 rope: 656 bytes a token for DeepSeek); the
+  default keeps the model's dtype. Other short steps over a cache (the reference layer's two
+  buffers, or a step that records gradients) run the reference's absorbed attention over the
+  cache's (dequantized) prefix, O(S·H·T) for S new tokens.
 - Prefill on SDPA: a longer step, or a forward without a cache (training), in bf16/fp16 with
   the kernels backend expands the latent into per-head keys and values (``wkv_b``, as DeepSeek's and vLLM's
   prefill do) and runs ``F.scaled_dot_product_attention`` (causal, or a mask for a chunk after
@@ -35,12 +39,12 @@ from einops import einsum
 
 from moela.reference import MLA as _ReferenceMLA
 from moela.reference import KVCache, ModelArgs
-from moela.reference._checks import check_tensor
 
 from .backend import ops_for
+from .latent_cache import PAGE_SIZE, LatentCache, PagedLatentCache
 from .quantize import quantize_linears_, uses_fp8_linears
 
-__all__ = ["MLA", "KVCache", "LatentCache", "DECODE_MAX_TOKENS"]
+__all__ = ["MLA", "KVCache", "LatentCache", "PagedLatentCache", "DECODE_MAX_TOKENS"]
 
 #: The most new tokens per sequence a step may have to run on the decode kernel (decode, and
 #: speculative/multi-token-prediction steps); longer steps are prefill chunks.
@@ -48,21 +52,6 @@ DECODE_MAX_TOKENS = 16
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SDPA_DTYPES = (torch.float16, torch.bfloat16)
-
-
-class LatentCache(KVCache):
-    """The absorbed form's cache in the decode kernel's layout: ``latent`` (batch, T_max, C + R)
-    holds the latent ``kv`` in its first C columns and the rotary key ``pe`` in the last R;
-    ``cache["kv"]`` and ``cache["pe"]`` are views of it, so the reference's code writes it as
-    any :class:`KVCache`."""
-
-    def __init__(self, latent: torch.Tensor, kv_lora_rank: int):
-        check_tensor("latent", latent, ndim=3)
-        if not 0 < kv_lora_rank < latent.shape[-1]:
-            raise ValueError(f"kv_lora_rank: expected 0 < kv_lora_rank < {latent.shape[-1]} (latent's last dim), "
-                             f"got {kv_lora_rank}")
-        super().__init__({"kv": latent[..., :kv_lora_rank], "pe": latent[..., kv_lora_rank:]})
-        self.latent = latent
 
 
 class MLA(_ReferenceMLA):
@@ -88,27 +77,54 @@ class MLA(_ReferenceMLA):
         max_seq_len: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        fp8: bool = False,
     ) -> KVCache:
-        """A zeroed cache; absorbed form: a :class:`LatentCache` (``kv`` and ``pe`` are the two
-        column ranges of one (batch, T_max, C + R) buffer, which the decode kernel reads in
-        place). Otherwise as the reference's ``new_cache``."""
+        """A zeroed cache; absorbed form: a :class:`LatentCache` (one (batch, T_max, W) buffer the
+        decode kernel reads in place; ``fp8=True``: FlashMLA's FP8 rows, computing in bf16).
+        Otherwise as the reference's ``new_cache``."""
         if self.attn_impl != "absorb":
+            if fp8:
+                raise ValueError("fp8: an FP8 cache holds the absorbed form's latent; this layer is 'naive'")
             return super().new_cache(batch, max_seq_len, dtype, device)
         max_seq_len, dtype, device = self._cache_defaults(max_seq_len, dtype, device)
-        width = self.kv_lora_rank + self.qk_rope_head_dim
-        buf = KVCache.zeros(batch, max_seq_len, {"latent": (width,)}, dtype=dtype, device=device)["latent"]
-        return LatentCache(buf, self.kv_lora_rank)
+        return LatentCache.zeros(batch, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype=dtype,
+                                 device=device, fp8=fp8, quant=self._quant_act(device))
+
+    def new_paged_cache(
+        self,
+        num_pages: int,
+        batch: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        fp8: bool = False,
+        page_size: int = PAGE_SIZE,
+    ) -> PagedLatentCache:
+        """A :class:`PagedLatentCache` of ``num_pages`` pages (absorbed form only): ``batch``
+        sequences of up to ``max_seq_len`` positions (default ``args.max_seq_len``) take pages as
+        they grow; ``fp8=True``: FlashMLA's FP8 rows."""
+        if self.attn_impl != "absorb":
+            raise ValueError("new_paged_cache: a paged cache holds the absorbed form's latent; this layer is 'naive'")
+        max_seq_len, dtype, device = self._cache_defaults(max_seq_len, dtype, device)
+        return PagedLatentCache(num_pages, batch, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype=dtype,
+                                device=device, fp8=fp8, page_size=page_size, quant=self._quant_act(device))
+
+    def _quant_act(self, device: torch.device | str):
+        """The FP8 caches' quantizer: the kernels' quant_act on the kernels backend (bit for bit the reference's)."""
+        return ops_for(self.args.backend, torch.device(device)).quant_act
 
     def _decode_kernel(self, q_nope, q_pe, kv, k_pe, cache: KVCache | None):
         """``moela.kernels.mla_decode`` when this step may run on it, else None."""
-        if not isinstance(cache, LatentCache):  # no cache, or two separate buffers (the reference's)
+        if not isinstance(cache, (LatentCache, PagedLatentCache)):  # no cache, or the reference's two buffers
             return None
         if q_nope.shape[1] > DECODE_MAX_TOKENS or cache.dtype not in _KERNEL_DTYPES:
             return None
         if any(t.dtype != cache.dtype for t in (q_nope, q_pe, kv, k_pe)):  # autocast: the reference's math
             return None
         if torch.is_grad_enabled() and any(  # the kernel has no backward: whatever feeds it must need no grad
-                t.requires_grad for t in (q_nope, q_pe, kv, k_pe, cache.latent, self.wkv_b.weight)):
+                t.requires_grad for t in (q_nope, q_pe, kv, k_pe, self.wkv_b.weight)):
             return None
         ops = ops_for(self.args.backend, q_nope.device)  # the references have no decode kernel: their math
         if ops.__name__ != "moela.kernels":
@@ -156,8 +172,9 @@ class MLA(_ReferenceMLA):
                 mla_decode = None
         if mla_decode is None:
             return super()._attend_absorbed(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
-        cache.update(start_pos, kv=kv, pe=k_pe)  # writes the two column ranges of cache.latent
-        latent = cache.latent[: q_nope.shape[0], : start_pos + q_nope.shape[1]]  # (B, T, C + R)
+        end = cache.write(start_pos, kv=kv, pe=k_pe)  # (FP8: quantized as it is written)
+        inputs = cache.decode_inputs(q_nope.shape[0], end)
         q = torch.cat([q_lat, q_pe], dim=-1)  # (B, S, H, C + R), the kernel's query
-        o_lat = mla_decode(q, latent, self.softmax_scale, v_dim=self.kv_lora_rank)  # (B, S, H, C)
+        o_lat = mla_decode(q, inputs["kv"], self.softmax_scale, v_dim=self.kv_lora_rank,
+                           cache_seqlens=inputs["cache_seqlens"], block_table=inputs["block_table"])  # (B, S, H, C)
         return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")

@@ -23,6 +23,8 @@ all-to-all dispatcher reads its split sizes once).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,13 +33,14 @@ from torch import nn
 from moela.distributed import DISPATCHERS, ContiguousLayout, Dispatcher, MaskedLayout, from_masked, to_masked
 from moela.reference import ModelArgs
 from moela.reference._checks import FLOAT_DTYPES, accumulate_dtype, check_tensor
+from moela.reference.dispatch import RoutingPlan
 from moela.reference.moe import MLP
 
 from .backend import ops_for
 from .fp8_training import FP8WeightCache, fp8_experts_train
 from .quantize import keep_dtype, quantize_linears_, uses_fp8_linears
 
-__all__ = ["Gate", "MoE", "sequence_balance_loss"]
+__all__ = ["Gate", "MoE", "grouped_experts", "routed_experts", "sequence_balance_loss"]
 
 _BLOCK = 128
 _FP8_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -133,6 +136,81 @@ def sequence_balance_loss(logits: torch.Tensor, ids: torch.Tensor, args: ModelAr
     n_seqs = per_seq.new_full((1,), B)
     dist.all_reduce(n_seqs, group=group)
     return per_seq.sum() / n_seqs[0]
+
+
+def grouped_experts(
+    ops: ModuleType,
+    xs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    offsets: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    w13_scale_inv: torch.Tensor | None = None,
+    w2_scale_inv: torch.Tensor | None = None,
+    scale_fmt: str | None = None,
+    fp8_cache: FP8WeightCache | None = None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The experts on rows grouped by expert: ``ys = w2_e · swiglu(w13_e · xs)`` for the rows
+    ``offsets[e-1]:offsets[e]``, with ``ops`` (``moela.kernels`` or ``moela.reference``, from
+    :func:`~moela.model.backend.ops_for`).
+
+    xs: (M, D), or for FP8 experts (e4m3 (M, D), scale (M, ⌈D/128⌉)) or (M, D) to quantize;
+    w13: (E, 2I, D), each expert's gate projection (rows ``[0, I)``) over its up projection;
+    w2: (E, D, I). FP8 experts: e4m3 ``w13``/``w2`` with float32 128×128 block scales
+    ``w13_scale_inv`` (E, ⌈2I/128⌉, ⌈D/128⌉) and ``w2_scale_inv`` (E, ⌈D/128⌉, ⌈I/128⌉), the
+    activations quantized on the fly (1×128 blocks, ``scale_fmt``). FP8 training (``fp8_cache``,
+    the layer's :class:`~moela.model.fp8_training.FP8WeightCache`): ``w13``/``w2`` are floating
+    master weights, xs (M, D) floating, and every GEMM of forward and backward runs in e4m3
+    (:func:`~moela.model.fp8_training.fp8_experts_train`; the cache's scale format). Returns (M, D)
+    in ``out_dtype``.
+    """
+    if fp8_cache is not None:
+        if w13_scale_inv is not None or w2_scale_inv is not None:
+            raise ValueError("fp8_cache: FP8 training takes floating master weights, not e4m3 ones with scales")
+        return fp8_experts_train(xs, w13, w2, offsets, fp8_cache, ops).to(out_dtype)
+    if (w13_scale_inv is None) != (w2_scale_inv is None):
+        raise ValueError("w13_scale_inv, w2_scale_inv: expected both (FP8 experts) or neither, got "
+                         f"{type(w13_scale_inv).__name__} and {type(w2_scale_inv).__name__}")
+    check_tensor("w13", w13, ndim=3)
+    I = w13.shape[1] // 2
+    if w13.shape[1] != 2 * I:
+        raise ValueError(f"w13: expected shape (E, 2I, D) with an even middle dim, got {tuple(w13.shape)}")
+    if w13_scale_inv is not None:
+        q, s = xs if isinstance(xs, tuple) else ops.quant_act(xs, _BLOCK, scale_fmt)
+        h = ops.fp8_grouped_gemm(q, s, w13, w13_scale_inv, offsets, out_dtype=out_dtype)
+        q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=_BLOCK, scale_fmt=scale_fmt)  # quantized in one pass
+        return ops.fp8_grouped_gemm(q, s, w2, w2_scale_inv, offsets, out_dtype=out_dtype)
+    h = ops.grouped_gemm(xs, w13, offsets)  # (M, 2I)
+    act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
+    return ops.grouped_gemm(act, w2, offsets)  # (M, D)
+
+
+def routed_experts(
+    ops: ModuleType,
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    weights: torch.Tensor | None,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    w13_scale_inv: torch.Tensor | None = None,
+    w2_scale_inv: torch.Tensor | None = None,
+    scale_fmt: str | None = None,
+    fp8_cache: FP8WeightCache | None = None,
+) -> torch.Tensor:
+    """The routed experts of a routing plan on one device: ``y[t] = Σ_j weights[t, j] · expert_e(x[t])``
+    with ``e`` the plan's expert of slot (t, j) (skipped slots add nothing): permute ->
+    :func:`grouped_experts` -> unpermute. x: (T, D); plan: ``ops.make_routing(ids, E)``; weights:
+    (T, k) float or None (unit weights); the weights as :func:`grouped_experts` (FP8: the tokens
+    are quantized once, while they are dispatched; FP8 training, ``fp8_cache``: dispatched in x's
+    dtype, quantized by the experts' training function). Returns (T, D) in x's dtype.
+    """
+    fp8 = w13_scale_inv is not None
+    xs = ops.permute(x, plan, fp8=True, scale_fmt=scale_fmt) if fp8 else ops.permute(x, plan)
+    ys = grouped_experts(ops, xs, plan.offsets, w13, w2, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv,
+                         scale_fmt=scale_fmt, fp8_cache=fp8_cache, out_dtype=x.dtype)
+    return ops.unpermute(ys, plan, weights)  # (T, D)
 
 
 class MoE(nn.Module):
@@ -236,17 +314,12 @@ class MoE(nn.Module):
 
     def _experts(self, xs, offsets: torch.Tensor, ops, out_dtype: torch.dtype) -> torch.Tensor:
         """The routed experts on rows grouped by expert: xs (M, D), or (e4m3, scale) for FP8 -> (M, D)."""
-        a, I = self.args, self.args.moe_inter_dim
         if self.fp8_cache is not None:  # FP8 training: every GEMM of forward and backward in e4m3
-            return fp8_experts_train(xs, self.w13, self.w2, offsets, self.fp8_cache, ops)
+            return grouped_experts(ops, xs, offsets, self.w13, self.w2, fp8_cache=self.fp8_cache, out_dtype=out_dtype)
         if self.fp8:
-            q, s = xs if isinstance(xs, tuple) else ops.quant_act(xs, _BLOCK, a.scale_fmt)
-            h = ops.fp8_grouped_gemm(q, s, self.w13, self.w13_scale_inv, offsets, out_dtype=out_dtype)
-            q, s = ops.swiglu(h[:, :I], h[:, I:], fp8=True, block=_BLOCK, scale_fmt=a.scale_fmt)  # one pass
-            return ops.fp8_grouped_gemm(q, s, self.w2, self.w2_scale_inv, offsets, out_dtype=out_dtype)
-        h = ops.grouped_gemm(xs, self.w13, offsets)  # (M, 2I)
-        act = ops.swiglu(h[:, :I], h[:, I:]).contiguous()  # (M, I); the kernel's is contiguous already
-        return ops.grouped_gemm(act, self.w2, offsets)  # (M, D)
+            return grouped_experts(ops, xs, offsets, self.w13, self.w2, w13_scale_inv=self.w13_scale_inv,
+                                   w2_scale_inv=self.w2_scale_inv, scale_fmt=self.args.scale_fmt, out_dtype=out_dtype)
+        return grouped_experts(ops, xs, offsets, self.w13, self.w2, out_dtype=out_dtype)
 
     def _expert_parallel(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ops) -> torch.Tensor:
         """Dispatch to the experts' ranks, run the local experts, combine: (T, D) -> (T, D)."""

@@ -64,6 +64,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens: expected a (B, S) int32/int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        device = self.embed.weight.device
+        if tokens.device != device:
+            raise ValueError(f"tokens: expected device {device} (the embedding's), got {tokens.device}")
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"caches: expected {len(self.layers)} caches (one per layer), got {len(caches)}")
         h = self.embed(tokens)

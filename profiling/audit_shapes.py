@@ -97,6 +97,59 @@ def _v3_moe(build, T: int) -> list[Launch]:
             build(f"V3 T={T} down n{D} k{I}", T * TOPK, E, D, I)]
 
 
+# ---------------------------------------------------------------------------- grouped GEMM, Hopper-native (TMA)
+_SMS = 132  # H100/H200: the persistent grids' size (kernels._common.num_sms)
+
+
+def _grouped_tma(label: str, M: int, E: int, N: int, K: int, dx: bool = False) -> Launch:
+    """``kernels.grouped_gemm_tma``'s forward (dX: w[e] stored (K, N), the forward's w as it is)."""
+    xs, out = _t(M, K), _t(M, N)
+    w = _t(E, K, N) if dx else _t(E, N, K)
+    return Launch(label, dict(
+        x_ptr=xs, w_ptr=w, offsets_ptr=_t(E, dtype=I32), table_ptr=_t(7, E + 1, dtype=I32), out_ptr=out,
+        M=M, N=N, K=K, E=E, stride_xm=xs.stride(0), stride_we=w.stride(0), stride_wr=w.stride(1),
+        stride_om=out.stride(0), M_BUCKET=_m_bucket(M), W_KN=dx, BLOCK_E=triton.next_power_of_2(E + 1),
+        NUM_SMS=_SMS))
+
+
+def _grouped_dw_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    xs, dy, dw = _t(M, K), _t(M, N), _t(E, N, K)
+    return Launch(label, dict(
+        x_ptr=xs, dy_ptr=dy, table_ptr=_t(7, E + 1, dtype=I32), dw_ptr=dw, M=M, N=N, K=K, E=E,
+        stride_xm=xs.stride(0), stride_dym=dy.stride(0), stride_dwe=dw.stride(0), stride_dwn=dw.stride(1),
+        NUM_SMS=_SMS))
+
+
+def _masked(label: str, E: int, max_m: int, N: int, K: int, tma: bool = True, dtype: torch.dtype = BF16) -> Launch:
+    """``kernels.grouped_gemm_masked``: x (E, max_m, K), w (E, N, K), out (E, max_m, N)."""
+    x, w, out = _t(E, max_m, K, dtype=dtype), _t(E, N, K, dtype=dtype), _t(E, max_m, N, dtype=dtype)
+    common = dict(x_ptr=x, w_ptr=w, masked_m_ptr=_t(E, dtype=I32), out_ptr=out, E=E, MAX_M=max_m, N=N, K=K,
+                  M_BUCKET=_m_bucket(max_m))
+    if tma:
+        return Launch(label, dict(common, stride_xe=x.stride(0), stride_xm=x.stride(1), stride_we=w.stride(0),
+                                  stride_wn=w.stride(1), stride_oe=out.stride(0), stride_om=out.stride(1),
+                                  NUM_SMS=_SMS))
+    return Launch(label, dict(common, **_strides("stride_xe stride_xm stride_xk", x),
+                              **_strides("stride_we stride_wn stride_wk", w),
+                              **_strides("stride_oe stride_om stride_on", out),
+                              DOT_PRECISION="ieee" if dtype == F32 else "tf32"))
+
+
+def _masked_sets(tma: bool) -> list[Launch]:
+    """DeepGEMM's masked 4 × 256 (N=7168, K=2048), and one rank's 32 experts of V3 decode at 8-way
+    expert parallelism in DeepEP's low-latency layout (max_m = 8 ranks × DECODE_T tokens)."""
+    local, max_m = E // 8, 8 * DECODE_T
+    out = [_masked("deepgemm masked 4x256 n7168 k2048", 4, 256, 7168, 2048, tma),
+           _masked(f"V3 EP8 decode T={DECODE_T} up n{2 * I} k{D}", local, max_m, 2 * I, D, tma),
+           _masked(f"V3 EP8 decode T={DECODE_T} down n{D} k{I}", local, max_m, D, I, tma)]
+    return out if tma else out + [_masked("float32 4x256 n7168 k2048", 4, 256, 7168, 2048, False, F32)]
+
+
+def _schedule(E: int, M: int) -> Launch:
+    return Launch(f"E={E} M={M}", dict(offsets_ptr=_t(E, dtype=I32), table_ptr=_t(7, E + 1, dtype=I32), M=M, E=E,
+                                       BLOCK_E=triton.next_power_of_2(E + 1)))
+
+
 # ---------------------------------------------------------------------------- FP8 GEMMs
 def _fp8_gemm(label: str, M: int, N: int, K: int) -> Launch:
     a, a_s, b, b_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(N, K, dtype=E4M3), \
@@ -123,50 +176,150 @@ def _fp8_grouped(label: str, M: int, E: int, N: int, K: int) -> Launch:
         BLOCK_E=triton.next_power_of_2(E + 1)))
 
 
-# ---------------------------------------------------------------------------- MLA decode
-def _mla_splits(batch: int, heads: int, q_tokens: int, cache_len: int) -> tuple[int, int]:
-    """(NUM_SPLITS, chunk) as the launcher computes them for an H100/H200 (132 SMs)."""
-    from moela.kernels.mla_decode import num_splits_for
-
-    splits = num_splits_for(batch, q_tokens * heads, cache_len, 132)
-    chunk = triton.cdiv(triton.cdiv(cache_len, splits), B) * B
-    return triton.cdiv(cache_len, chunk), chunk
-
-
-def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, seqlens: bool = True) -> Launch:
-    dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
-    q, kv, out = _t(batch, q_tokens, heads, dk), _t(batch, cache_len, dk), _t(batch, q_tokens, heads, dv)
-    splits, chunk = _mla_splits(batch, heads, q_tokens, cache_len)
-    part_o = _t(batch, q_tokens * heads, splits, dv, dtype=F32) if splits > 1 else out
-    part_lse = _t(batch, q_tokens * heads, splits, dtype=F32) if splits > 1 else out
-    label = f"B={batch} S={q_tokens} H={heads} L={cache_len}{' seqlens' if seqlens else ''} splits={splits}"
+def _fp8_gemm_tma(label: str, M: int, N: int, K: int) -> Launch:
+    a, a_s, b, b_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(N, K, dtype=E4M3), \
+        _t(triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
     return Launch(label, dict(
-        q_ptr=q, kv_ptr=kv, seqlens_ptr=_t(batch, dtype=I32) if seqlens else q, out_ptr=out,
-        part_o_ptr=part_o, part_lse_ptr=part_lse, H=heads, S=q_tokens, L=cache_len, Dk=dk, V_DIM=dv,
-        scale_log2=dk ** -0.5 * 1.4426950408889634, chunk=chunk,
-        **_strides("stride_qb stride_qs stride_qh stride_qd", q), **_strides("stride_kb stride_kl stride_kd", kv),
+        a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, c_ptr=c, bias_ptr=a_s, M=M, N=N, K=K, stride_am=K,
+        **_strides("stride_asm stride_ask", a_s), stride_bn=K, **_strides("stride_bsn stride_bsk", b_s),
+        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, HAS_BIAS=False))
+
+
+def _deepgemm_dense_tma(m: int) -> list[Launch]:
+    return [_fp8_gemm_tma(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
+
+
+def _fp8_grouped_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    x, x_s, w_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(E, triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
+    return Launch(label, dict(
+        x_ptr=x, xs_ptr=x_s, w_ptr=_t(E * N, K, dtype=E4M3), ws_ptr=w_s, offsets_ptr=_t(E, dtype=I32), c_ptr=c,
+        M=M, N=N, K=K, E=E, stride_xm=K, **_strides("stride_xsm stride_xsk", x_s), stride_wn=K,
+        **_strides("stride_wse stride_wsn stride_wsk", w_s), **_strides("stride_cm stride_cn", c),
+        M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, E_CHUNK=min(triton.next_power_of_2(E + 1), 16)))
+
+
+def _fp8_masked(label: str, E: int, max_m: int, N: int, K: int, tma: bool) -> Launch:
+    """The masked layout: x (E, max_m, K), scales (E, max_m, K/B), out (E, max_m, N)."""
+    x, x_s, w, w_s, c = _t(E, max_m, K, dtype=E4M3), _t(E, max_m, K // B, dtype=F32), _t(E, N, K, dtype=E4M3), \
+        _t(E, triton.cdiv(N, B), K // B, dtype=F32), _t(E, max_m, N)
+    common = dict(xs_ptr=x_s, ws_ptr=w_s, masked_m_ptr=_t(E, dtype=I32), c_ptr=c, E=E, MAX_M=max_m, N=N, K=K,
+                  **_strides("stride_xse stride_xsm stride_xsk", x_s),
+                  **_strides("stride_wse stride_wsn stride_wsk", w_s), **_strides("stride_ce stride_cm stride_cn", c),
+                  SCALE_BLOCK=B)
+    if tma:
+        return Launch(label, dict(x_ptr=x, w_ptr=w, stride_xm=K, stride_wn=K, **common))
+    return Launch(label, dict(x_ptr=x, w_ptr=w, **_strides("stride_xe stride_xm stride_xk", x),
+                              **_strides("stride_we stride_wn stride_wk", w), **common))
+
+
+def _masked_problems(tma: bool, cls: str) -> list[Launch]:
+    """By max_m class: a V3 decode rank (32 experts, 64-row buffers), DeepGEMM's masked 4 × 256
+    (N 7168, K 2048), 4 buffers of 1024 rows (a prefill-sized dispatch)."""
+    if cls == "small":
+        return [_fp8_masked(f"V3 decode E=32 max_m=64 {lbl}", 32, 64, n, k, tma)
+                for lbl, n, k in ((f"up n{2 * I} k{D}", 2 * I, D), (f"down n{D} k{I}", D, I))]
+    if cls == "medium":
+        return [_fp8_masked(f"{label} n={n} k={k}", groups, rows, n, k, tma)
+                for label, groups, rows, n, k in DEEPGEMM_GROUPED if label.startswith("masked")]
+    return [_fp8_masked(f"E=4 max_m=1024 n{2 * I} k{D}", 4, 1024, 2 * I, D, tma)]
+
+
+# ---------------------------------------------------------------------------- MLA decode
+def _mla_plan(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool, dtype: torch.dtype = BF16):
+    """(config choice, head tiles, parts) as the launcher computes them for an H100/H200 (132 SMs)."""
+    from moela.kernels.mla_decode import config_for, num_parts_for
+
+    choice = config_for(q_tokens * heads, dtype, fp8)
+    tiles = triton.cdiv(q_tokens * heads, choice.block_h)
+    return choice, tiles, num_parts_for(batch, tiles, cache_len, 132, choice.ctas_per_sm)
+
+
+def _mla_cache(batch: int, cache_len: int, fp8: bool, paged: bool, dtype: torch.dtype = BF16):
+    """(kv, values, scales, rope, block_table) as the launcher passes them (FP8: FlashMLA's 656-byte rows)."""
+    from moela.kernels.mla_decode import PAGE_ALIGN
+
+    dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
+    width = dv + 4 * (dv // B) + 2 * (dk - dv) if fp8 else dk
+    shape = (batch * cache_len // PAGE_ALIGN, PAGE_ALIGN, width) if paged else (batch, cache_len, width)
+    kv = _t(*shape, dtype=E4M3 if fp8 else dtype)
+    if fp8:
+        raw, nb = kv.view(torch.uint8), dv // B
+        values, scales, rope = kv[..., :dv], raw[..., dv:dv + 4 * nb].view(F32), raw[..., dv + 4 * nb:].view(BF16)
+    else:
+        values, scales, rope = kv, kv, kv[..., dv:]
+    table = _t(batch, cache_len // PAGE_ALIGN, dtype=I32) if paged else None
+    return kv, values, scales, rope, table
+
+
+def _mla_decode(batch: int, heads: int, q_tokens: int, cache_len: int, fp8: bool = False, paged: bool = False,
+                seqlens: bool = True, lse: bool = False, fp32: bool = False) -> Launch:
+    dk, dv = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
+    choice, tiles, parts = _mla_plan(batch, heads, q_tokens, cache_len, fp8, F32 if fp32 else BF16)
+    R = q_tokens * heads
+    dtype = F32 if fp32 else BF16
+    q, out = _t(batch, q_tokens, heads, dk, dtype=dtype), _t(batch, q_tokens, heads, dv, dtype=dtype)
+    kv, values, scales, rope, table = _mla_cache(batch, cache_len, fp8, paged, dtype)
+    slots = batch + parts - 1
+    sched = _t(3 * slots + 2 * batch, dtype=I32)
+    lse_t = _t(batch, q_tokens, heads, dtype=F32) if lse else None
+    label = (f"B={batch} S={q_tokens} H={heads} L={cache_len}{' fp8' if fp8 else ''}{' fp32' if fp32 else ''}"
+             f"{' paged' if paged else ''}{' seqlens' if seqlens else ''}{' lse' if lse else ''} parts={parts}")
+    return Launch(label, dict(
+        q_ptr=q, kv_ptr=values, kvs_ptr=scales, kvr_ptr=rope, bt_ptr=table if paged else sched,
+        seqlens_ptr=_t(batch, dtype=I32) if seqlens else q, sched_ptr=sched, out_ptr=out,
+        lse_ptr=lse_t if lse else _t(slots, R, dtype=F32),
+        part_o_ptr=_t(slots, R, dv, dtype=F32), part_lse_ptr=_t(slots, R, dtype=F32),
+        B=batch, H=heads, S=q_tokens, L=cache_len, V_DIM=dv, DR=dk - dv, num_pages=kv.shape[0], page_size=kv.shape[1],
+        num_slots=slots, scale_log2=dk ** -0.5 * 1.4426950408889634,
+        **_strides("stride_qb stride_qs stride_qh stride_qd", q),
+        **_strides("stride_kp stride_kl stride_kd", values), **_strides("stride_sp stride_sl", scales[..., 0]),
+        **_strides("stride_rp stride_rl stride_rd", rope), stride_btb=table.stride(0) if paged else 0,
         **_strides("stride_ob stride_os stride_oh stride_od", out),
-        BLOCK_DV=dv, BLOCK_DR=triton.next_power_of_2(dk - dv), HAS_ROPE=True, HAS_SEQLENS=seqlens,
-        NUM_SPLITS=splits, DOT_PRECISION="tf32"))
+        **(_strides("stride_lb stride_ls stride_lh", lse_t) if lse else dict(stride_lb=0, stride_ls=0, stride_lh=0)),
+        BLOCK_H=choice.block_h, BLOCK_N=choice.block_n, BLOCK_DV=dv, BLOCK_DR=triton.next_power_of_2(dk - dv),
+        SCALE_BLOCK=B, HAS_ROPE=True, HAS_SEQLENS=seqlens, PAGED=paged, FP8=fp8, WRITE_LSE=lse,
+        DOT_PRECISION="tf32" if fp32 else "ieee"), dict(num_warps=choice.num_warps, num_stages=choice.num_stages))
 
 
-def _mla_combine(batch: int, heads: int, q_tokens: int, cache_len: int) -> Launch:
+def _mla_schedule(batch: int, heads: int, q_tokens: int, cache_len: int) -> Launch:
+    _, _, parts = _mla_plan(batch, heads, q_tokens, cache_len, False)
+    slots = batch + parts - 1
+    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len} parts={parts}", dict(
+        seqlens_ptr=_t(batch, dtype=I32), sched_ptr=_t(3 * slots + 2 * batch, dtype=I32), B=batch, L=cache_len,
+        num_parts=parts, num_slots=slots, HAS_SEQLENS=True, BLOCK_S=64, OVERHEAD=2,
+        BLOCK_B=min(64, triton.next_power_of_2(batch)), BLOCK_SLOT=min(128, triton.next_power_of_2(slots))),
+        dict(num_warps=4))
+
+
+def _mla_combine(batch: int, heads: int, q_tokens: int, cache_len: int, lse: bool = False) -> Launch:
     dv = FLASHMLA_DECODE["v_dim"]
-    splits, _ = _mla_splits(batch, heads, q_tokens, cache_len)
-    out = _t(batch, q_tokens, heads, dv)
-    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len} splits={splits}", dict(
-        part_o_ptr=_t(batch, q_tokens * heads, splits, dv, dtype=F32),
-        part_lse_ptr=_t(batch, q_tokens * heads, splits, dtype=F32), out_ptr=out, H=heads, S=q_tokens, V_DIM=dv,
-        **_strides("stride_ob stride_os stride_oh stride_od", out), NUM_SPLITS=splits,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_DV=dv))
+    _, _, parts = _mla_plan(batch, heads, q_tokens, cache_len, False)
+    R = q_tokens * heads
+    out, lse_t = _t(batch, q_tokens, heads, dv), _t(batch, q_tokens, heads, dtype=F32)
+    slots = batch + parts - 1
+    return Launch(f"B={batch} S={q_tokens} H={heads} L={cache_len}{' lse' if lse else ''} parts={parts}", dict(
+        sched_ptr=_t(3 * slots + 2 * batch, dtype=I32), part_o_ptr=_t(slots, R, dv, dtype=F32),
+        part_lse_ptr=_t(slots, R, dtype=F32), out_ptr=out, lse_ptr=lse_t, B=batch, H=heads, S=q_tokens, V_DIM=dv,
+        num_slots=slots,
+        **_strides("stride_ob stride_os stride_oh stride_od", out),
+        **(_strides("stride_lb stride_ls stride_lh", lse_t) if lse else dict(stride_lb=0, stride_ls=0, stride_lh=0)),
+        BLOCK_R=16, BLOCK_DV=dv, WRITE_LSE=lse), dict(num_warps=4))
 
 
 def _flashmla_grid() -> list[Launch]:
-    g = FLASHMLA_DECODE
-    first = [_mla_decode(g["batch"], 128, 1, g["cache_len"][0])]
-    rest = [_mla_decode(g["batch"], h, s, n) for h in g["heads"] for s in g["q_tokens"] for n in g["cache_len"]]
-    return first + [x for x in rest if x.label != first[0].label] + [
-        _mla_decode(g["batch"], 128, 1, g["cache_len"][0], seqlens=False), _mla_decode(16, 128, 1, 4096)]
+    """One launch per distinct compile at FlashMLA's shapes (B=128, L=8192): the representative
+    one first (V3's 128 heads, the 64-row config), then every config of ``CONFIGS`` at S = 1 and
+    2 (Triton specialises S == 1), the paged, lse and no-cache_seqlens variants. Other heads and
+    lengths compile the same kernels (ints divisible by 16 specialise alike)."""
+    b, (l0, l1) = FLASHMLA_DECODE["batch"], FLASHMLA_DECODE["cache_len"]
+    return [
+        _mla_decode(b, 128, 1, l1),
+        *[_mla_decode(b, h, s, l1) for h, s in ((16, 1), (32, 1), (16, 2), (32, 2))],
+        *[_mla_decode(b, h, s, l1, fp8=True) for h, s in ((16, 1), (16, 2), (128, 1))],
+        *[_mla_decode(b, h, 1, l1, fp8=fp8, paged=True) for h, fp8 in ((16, False), (128, False), (16, True))],
+        _mla_decode(b, 16, 1, l0, seqlens=False, lse=True), _mla_decode(16, 128, 1, l0, lse=True),
+        _mla_decode(b, 16, 1, l1, fp32=True),
+    ]
 
 
 # ---------------------------------------------------------------------------- FP8 quantization
@@ -412,6 +565,20 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "grouped_gemm_fwd/decode": lambda: _v3_moe(_grouped_fwd, DECODE_T),
     "grouped_gemm_dw": lambda: [*_deepgemm_grouped(_grouped_dw, lambda m: True),
                                 _grouped_dw(f"V3 T={PREFILL_T} up", _PREFILL_M, E, 2 * I, D)],
+    "grouped_gemm_tma/prefill": lambda: [
+        *_deepgemm_grouped(_grouped_tma, lambda m: m > 128),
+        _grouped_tma("dX contiguous 4x8192 n7168 k4096", 4 * 8192, 4, 7168, 4096, dx=True)],
+    "grouped_gemm_tma/medium": lambda: [
+        *_v3_moe(_grouped_tma, PREFILL_T),
+        _grouped_tma(f"dX V3 T={PREFILL_T} n{D} k{2 * I}", _PREFILL_M, E, D, 2 * I, dx=True)],
+    "grouped_gemm_tma/decode": lambda: [
+        *_v3_moe(_grouped_tma, DECODE_T),
+        _grouped_tma(f"dX V3 T={DECODE_T} n{D} k{2 * I}", _DECODE_M, E, D, 2 * I, dx=True)],
+    "grouped_gemm_dw_tma": lambda: [*_deepgemm_grouped(_grouped_dw_tma, lambda m: True),
+                                    _grouped_dw_tma(f"V3 T={PREFILL_T} up", _PREFILL_M, E, 2 * I, D)],
+    "grouped_gemm_masked_tma": lambda: _masked_sets(tma=True),
+    "grouped_gemm_masked": lambda: _masked_sets(tma=False),
+    "group_schedule": lambda: [_schedule(E, _PREFILL_M), _schedule(4, 4 * 8192)],
     "fp8_gemm/large": lambda: _deepgemm_dense(4096),
     "fp8_gemm/medium": lambda: _deepgemm_dense(128),
     "fp8_gemm/small": lambda: _deepgemm_dense(64),
@@ -419,8 +586,22 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "fp8_grouped_gemm/medium": lambda: [*_deepgemm_grouped(_fp8_grouped, lambda m: 64 < m <= 512),
                                         *_v3_moe(_fp8_grouped, PREFILL_T)],
     "fp8_grouped_gemm/small": lambda: _v3_moe(_fp8_grouped, DECODE_T),
+    "fp8_gemm_tma/large": lambda: _deepgemm_dense_tma(4096),
+    "fp8_gemm_tma/medium": lambda: _deepgemm_dense_tma(128),
+    "fp8_gemm_tma/small": lambda: _deepgemm_dense_tma(64),
+    "fp8_grouped_gemm_tma/large": lambda: _deepgemm_grouped(_fp8_grouped_tma, lambda m: m > 512),
+    "fp8_grouped_gemm_tma/medium": lambda: [*_deepgemm_grouped(_fp8_grouped_tma, lambda m: 64 < m <= 512),
+                                            *_v3_moe(_fp8_grouped_tma, PREFILL_T)],
+    "fp8_grouped_gemm_tma/small": lambda: _v3_moe(_fp8_grouped_tma, DECODE_T),
+    "fp8_grouped_gemm_masked/large": lambda: _masked_problems(False, "large"),
+    "fp8_grouped_gemm_masked/medium": lambda: _masked_problems(False, "medium"),
+    "fp8_grouped_gemm_masked/small": lambda: _masked_problems(False, "small"),
+    "fp8_grouped_gemm_masked_tma/large": lambda: _masked_problems(True, "large"),
+    "fp8_grouped_gemm_masked_tma/medium": lambda: _masked_problems(True, "medium"),
+    "fp8_grouped_gemm_masked_tma/small": lambda: _masked_problems(True, "small"),
     "mla_decode_fwd": _flashmla_grid,
-    "mla_decode_combine": lambda: [_mla_combine(16, 128, 1, 4096), _mla_combine(16, 16, 2, 8192)],
+    "mla_decode_schedule": lambda: [_mla_schedule(128, 16, 1, 8192), _mla_schedule(1024, 128, 1, 4096)],
+    "mla_decode_combine": lambda: [_mla_combine(128, 16, 1, 4096), _mla_combine(16, 128, 2, 8192, lse=True)],
     "quant_act": lambda: [_quant_act(f"R={PREFILL_T} K={D}", PREFILL_T, D),
                           _quant_act(f"R={PREFILL_T} K={D} col-major scales", PREFILL_T, D, col_major=True),
                           _quant_act(f"R={DECODE_T} K={D} ue8m0", DECODE_T, D, ue8m0=True)],

@@ -272,15 +272,16 @@ def get_op(name: str) -> Op:
 
 CONTRACT_ORDER = (
     "route", "gate", "make_routing", "permute", "unpermute", "moe_dispatch_combine", "grouped_gemm", "swiglu",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear", "mla_decode",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear",
+    "mla_decode",
 )
 
 
 #: Order in which ``full`` runs the op-specific sets (the anchors' grids first), so that a time
 #: budget cuts the least important problems. Sets not named here run last.
 SET_PRIORITY = (
-    "tiny", "check", "quick", "deepgemm-dense", "deepgemm-grouped", "flashmla-decode", "flashmla-ragged", "v3-decode",
-    "v3-prefill",
+    "tiny", "check", "quick", "deepgemm-dense", "deepgemm-grouped", "flashmla-decode", "flashmla-ragged",
+    "flashmla-fp8", "flashmla-paged", "v3-decode", "v3-prefill",
     "v3-linear", "deepseek", "v2lite-decode", "v2lite-prefill",
 )
 

@@ -2,7 +2,8 @@
 
 Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong rank, shape,
 device or value) naming the argument, what was expected and what was given. None of them
-reads tensor values, so they never synchronise with the device.
+reads tensor values, so they never synchronise with the device. :func:`check_has_values` is
+what a function that must read values (a reference, a ``validate=True`` check) runs first.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     for n, t in items[1:]:
         if t.device != first.device:
             raise ValueError(f"{n}: expected device {first.device} (that of {first_name}), got {t.device}")
+
+
+def check_has_values(name: str, t: torch.Tensor, reader: str) -> None:
+    """``t`` holds values ``reader`` can read: not a meta tensor (those carry shapes only)."""
+    if t.is_meta:
+        raise ValueError(f"{name}: got a meta tensor, which carries no values, and {reader} reads them "
+                         f"(moela.kernels gives shapes on meta tensors)")
 
 
 def check_int(name: str, v: object, minimum: int = 0) -> int:

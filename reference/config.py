@@ -155,6 +155,8 @@ class ModelArgs:
         Every error names the file: unreadable or invalid JSON (empty, truncated, a key given
         twice), a top level that is not an object, and each field :meth:`from_dict` refuses.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()

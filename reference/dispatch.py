@@ -33,6 +33,7 @@ from ._checks import (
     TensorSpec,
     accumulate_dtype,
     check_bool,
+    check_has_values,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -85,6 +86,7 @@ def check_make_routing(topk_ids: object, n_experts: object, align: object = 1, *
 
 def validate_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
     """Raise ValueError unless every id is -1 or in ``[0, n_experts)`` (reads the ids: a sync)."""
+    check_has_values("topk_ids", topk_ids, "validate=True")
     bad = (topk_ids < -1) | (topk_ids >= n_experts)
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
@@ -120,6 +122,8 @@ def validate_plan(plan: RoutingPlan) -> None:
     Raises ValueError naming the first inconsistency found.
     """
     plan = check_plan(plan)
+    for name, t in zip(RoutingPlan._fields, plan, strict=True):
+        check_has_values(f"plan.{name}", t, "validate=True")
     T, k = plan.slot_to_row.shape
     M, E = plan.max_rows, plan.num_experts
     s2r = plan.slot_to_row.reshape(-1).long()
@@ -207,6 +211,7 @@ def make_routing(topk_ids: torch.Tensor, n_experts: int, align: int = 1, *, vali
     ``validate=True`` raises ValueError on ids that are neither -1 nor in ``[0, n_experts)``.
     """
     check_make_routing(topk_ids, n_experts, align, validate=validate)
+    check_has_values("topk_ids", topk_ids, "moela.reference.make_routing")
     if validate:
         validate_ids(topk_ids, n_experts)
     T, k = topk_ids.shape

@@ -34,17 +34,18 @@ from ._checks import (
     check_bool,
     check_choice,
     check_dtype_arg,
+    check_has_values,
     check_positive_int,
     check_same_device,
     check_tensor,
 )
-from .grouped_gemm import check_offsets, group_ends
+from .grouped_gemm import check_masked_m, check_offsets, group_ends, masked_rows
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "AMAX_FLOOR", "SCALE_FMTS", "OUT_DTYPES", "block_scale",
-    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_linear",
+    "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear",
     "check_quant_act", "check_quant_weight", "check_dequant", "check_fp8_gemm", "check_fp8_grouped_gemm",
-    "check_fp8_linear", "check_scale_fmt",
+    "check_fp8_grouped_gemm_masked", "check_fp8_linear", "check_scale_fmt",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -156,6 +157,28 @@ def check_fp8_grouped_gemm(xs: object, xs_s: object, w: object, w_s: object, off
     return TensorSpec((M, N), out_dtype)
 
 
+def check_fp8_grouped_gemm_masked(x: object, x_s: object, w: object, w_s: object, masked_m: object,
+                                  out_dtype: object = torch.bfloat16, block: object = 128, *,
+                                  validate: object = False) -> TensorSpec:
+    """The contract of ``fp8_grouped_gemm_masked``: x (E, max_m, K) and w (E, N, K) e4m3 with
+    their block scales (E, max_m, Kb) and (E, Nb, Kb), masked_m (E,) int32/int64 ->
+    (E, max_m, N)."""
+    check_tensor("x", x, ndim=3, dtypes=(FP8_DTYPE,))
+    check_tensor("w", w, ndim=3, dtypes=(FP8_DTYPE,))
+    check_positive_int("block", block)
+    check_dtype_arg("out_dtype", out_dtype, OUT_DTYPES)
+    E, N, K = w.shape
+    max_m, Kb = x.shape[1], _kb(K, block)
+    if x.shape[0] != E or x.shape[2] != K:
+        raise ValueError(f"x: expected (E={E}, max_m, K={K}) to match w {tuple(w.shape)}, got shape {tuple(x.shape)}")
+    check_tensor("x_s", x_s, dtypes=(torch.float32,), shape=(E, max_m, Kb))
+    check_tensor("w_s", w_s, dtypes=(torch.float32,), shape=(E, _kb(N, block), Kb))
+    check_tensor("masked_m", masked_m, dtypes=INT_DTYPES, shape=(E,))
+    check_same_device(x=x, x_s=x_s, w=w, w_s=w_s, masked_m=masked_m)
+    check_bool("validate", validate)
+    return TensorSpec((E, max_m, N), out_dtype)
+
+
 def check_fp8_linear(x: object, weight: object, weight_scale_inv: object, bias: object = None,
                      scale_fmt: object = None, block: object = 128) -> TensorSpec:
     """The contract of ``fp8_linear``: x (..., K) 16/32-bit float, weight (N, K) e4m3 with its
@@ -197,6 +220,12 @@ def _to_fp8(y: torch.Tensor) -> torch.Tensor:
     return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def _covering(n: int, block: int) -> int:
+    """A block size that splits a dim of n into the same blocks: a block longer than the dim
+    holds all of it (so a huge ``block`` never allocates its padding)."""
+    return min(block, max(n, 1))
+
+
 def _pad_to(x: torch.Tensor, dim: int, block: int) -> torch.Tensor:
     """Zero-pad ``x`` along ``dim`` (negative) to a multiple of ``block``."""
     pad = -x.shape[dim] % block
@@ -210,6 +239,7 @@ def quant_act(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
     """1×block quantization along the last dim: ``x (..., K) -> (fp8 (..., K), scale (..., ceil(K/B)))``."""
     check_quant_act(x, block, scale_fmt)
     K = x.shape[-1]
+    block = _covering(K, block)
     xb = _pad_to(x.float(), -1, block).unflatten(-1, (-1, block))  # (..., Kb, B)
     scale = block_scale(xb.abs().amax(dim=-1), scale_fmt)  # (..., Kb)
     y = (xb / scale.unsqueeze(-1)).flatten(-2)[..., :K]
@@ -223,8 +253,9 @@ def quant_weight(w: torch.Tensor, block: int = 128, scale_fmt: str | None = None
     """
     check_quant_weight(w, block, scale_fmt)
     N, K = w.shape[-2:]
-    wb = _pad_to(_pad_to(w.float(), -1, block), -2, block)
-    wb = wb.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # (..., Nb, B, Kb, B)
+    bn, bk = _covering(N, block), _covering(K, block)
+    wb = _pad_to(_pad_to(w.float(), -1, bk), -2, bn)
+    wb = wb.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn))  # (..., Nb, B, Kb, B)
     scale = block_scale(wb.abs().amax(dim=(-3, -1)), scale_fmt)  # (..., Nb, Kb)
     y = wb / scale[..., :, None, :, None]
     y = y.flatten(-2).flatten(-3, -2)[..., :N, :K]
@@ -235,7 +266,7 @@ def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int, name: str)
     """Broadcast a block scale to ``shape``: each dim is either full size or ceil(size/block)."""
     for d, div in enumerate(scale_divisors(tuple(scale.shape), tuple(shape), block, name)):
         if div != 1:
-            scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, shape[d])
+            scale = scale.repeat_interleave(_covering(shape[d], block), dim=d).narrow(d, 0, shape[d])
     return scale
 
 
@@ -266,7 +297,7 @@ def fp8_gemm(
     check_fp8_gemm(a, a_s, b, b_s, out_dtype, block)
     M, K = a.shape
     N = b.shape[0]
-    b_s_rows = b_s.repeat_interleave(block, dim=0)[:N]  # (N, Kb): each row's scale per K block
+    b_s_rows = b_s.repeat_interleave(_covering(N, block), dim=0)[:N]  # (N, Kb): each row's scale per K block
     acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
     for kb, k0 in enumerate(range(0, K, block)):
         partial = a[:, k0:k0 + block].float() @ b[:, k0:k0 + block].float().T  # exact fp32 products
@@ -296,6 +327,7 @@ def fp8_grouped_gemm(
         (M, N) in out_dtype; rows past offsets[E-1] are zero.
     """
     M, N = check_fp8_grouped_gemm(xs, xs_s, w, w_s, offsets, out_dtype, block, validate=validate).shape
+    check_has_values("offsets", offsets, "moela.reference.fp8_grouped_gemm")
     if validate:
         check_offsets(offsets, M)
     out = torch.zeros(M, N, dtype=out_dtype, device=xs.device)
@@ -304,6 +336,42 @@ def fp8_grouped_gemm(
         if end > start:
             out[start:end] = fp8_gemm(xs[start:end], xs_s[start:end], w[e], w_s[e], out_dtype, block)
         start = end
+    return out
+
+
+def fp8_grouped_gemm_masked(
+    x: torch.Tensor,
+    x_s: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    masked_m: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+    *,
+    validate: bool = False,
+) -> torch.Tensor:
+    """The grouped expert GEMM in FP8, masked layout: ``out[e, :m_e] = x[e, :m_e] · w[e]ᵀ`` with
+    block scales, ``m_e = clamp(masked_m[e], 0, max_m)``; rows at or past ``m_e`` are zero.
+
+    DeepGEMM's ``m_grouped_fp8_gemm_nt_masked``: the layout of an expert-parallel decode step
+    (DeepEP's low-latency dispatch), one fixed-size buffer per expert, under CUDA graphs.
+
+    Args:
+        x: (E, max_m, K) e4m3, x_s: (E, max_m, ceil(K/B)) float32.
+        w: (E, N, K) e4m3, w_s: (E, ceil(N/B), ceil(K/B)) float32.
+        masked_m: (E,) int32/int64 real rows per expert.
+        validate: raise ValueError on a count outside [0, max_m] (else: clamped).
+    Returns:
+        (E, max_m, N) in out_dtype.
+    """
+    E, max_m, N = check_fp8_grouped_gemm_masked(x, x_s, w, w_s, masked_m, out_dtype, block, validate=validate).shape
+    check_has_values("masked_m", masked_m, "moela.reference.fp8_grouped_gemm_masked")
+    if validate:
+        check_masked_m(masked_m, max_m)
+    out = torch.zeros(E, max_m, N, dtype=out_dtype, device=x.device)
+    for e, m in enumerate(masked_rows(masked_m, max_m)):
+        if m:
+            out[e, :m] = fp8_gemm(x[e, :m], x_s[e, :m], w[e], w_s[e], out_dtype, block)
     return out
 
 

@@ -254,6 +254,13 @@ class KVCache:
         new: one (B, S, ...) tensor per name of the cache. Returns the prefix views
         ``[:B, :start_pos + S]`` of all tensors, in the order of :attr:`names`.
         """
+        b, end = self.check_update(start_pos, **new)
+        for name, t in new.items():
+            self.tensors[name][:b, end - t.shape[1]:end] = t
+        return tuple(self.tensors[name][:b, :end] for name in self.tensors)
+
+    def check_update(self, start_pos: int, **new: torch.Tensor) -> tuple[int, int]:
+        """The checks of :meth:`update` (names, shapes, batch, positions); returns (B, start_pos + S)."""
         _check_int("start_pos", start_pos, 0)
         if set(new) != set(self.tensors):
             raise ValueError(f"update: expected tensors named {sorted(self.tensors)}, got {sorted(new)}")
@@ -275,9 +282,7 @@ class KVCache:
         if end > self.max_seq_len:
             raise ValueError(f"update: positions [{start_pos}, {end}) run past the cache's "
                              f"max_seq_len {self.max_seq_len}")
-        for name, t in new.items():
-            self.tensors[name][:b, start_pos:end] = t
-        return tuple(self.tensors[name][:b, :end] for name in self.tensors)
+        return b, end
 
     def reset(self) -> None:
         """Zero every tensor."""
@@ -453,6 +458,8 @@ class MLA(nn.Module):
         w = self.kv_norm.weight
         if x.dtype != w.dtype:
             raise TypeError(f"x: expected dtype {w.dtype} (the parameters'), got {x.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"x: expected device {w.device} (the parameters'), got {x.device}")
         _check_int("start_pos", start_pos, 0)
         end = start_pos + x.shape[1]
         if end > self.args.max_seq_len:  # before anything is allocated for those positions
@@ -468,6 +475,11 @@ class MLA(nn.Module):
                              "build it with MLA.new_cache")
         if cache.dtype != x.dtype:
             raise TypeError(f"cache: expected dtype {x.dtype} (x's), got {cache.dtype}")
+        if cache.device != x.device:
+            raise ValueError(f"cache: expected device {x.device} (x's), got {cache.device}")
+        if x.shape[0] > cache.batch_size:
+            raise ValueError(f"cache: x has batch {x.shape[0]} (shape {tuple(x.shape)}), more than the cache's "
+                             f"{cache.batch_size} sequences")
         if end > cache.max_seq_len:
             raise ValueError(f"start_pos: positions [{start_pos}, {end}) run past the cache's "
                              f"max_seq_len {cache.max_seq_len}")

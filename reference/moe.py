@@ -82,6 +82,8 @@ def check_gate(x: object, weight: object, bias: object, args: object) -> tuple[T
         raise TypeError(f"args: expected a moela.reference.ModelArgs, got {type(args).__name__}")
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(args.n_routed_experts, x.shape[1]))
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(args.n_routed_experts,))
     check_same_device(x=x, weight=weight, bias=bias)
     logits = TensorSpec((x.shape[0], args.n_routed_experts), accumulate_dtype(x.dtype, weight.dtype))
     T, k = logits.shape[0], args.n_activated_experts
@@ -258,6 +260,11 @@ class MoE(nn.Module):
         check_tensor("x", x, dtypes=FLOAT_DTYPES)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected a last dim of {self.dim}, got shape {tuple(x.shape)}")
+        w = self.experts[0].w1.weight
+        if x.device != w.device:
+            raise ValueError(f"x: expected device {w.device} (the layer's), got {x.device}")
+        if x.dtype != w.dtype:
+            raise TypeError(f"x: expected dtype {w.dtype} (the layer's), got {x.dtype}")
         shape = x.shape
         x = x.reshape(-1, self.dim)
         weights, ids = self.gate(x)

@@ -27,7 +27,11 @@ import torch
 
 from moela.reference import FP8_DTYPE
 
-__all__ = ["U32", "U_DOT", "abs_fp8", "assert_same_bits", "gemm_error_bound", "assert_gemm_close"]
+__all__ = ["U32", "U_DOT", "PATHS", "abs_fp8", "assert_same_bits", "gemm_error_bound", "assert_gemm_close"]
+
+#: The FP8 GEMMs' two paths (``moela.kernels.fp8_mainloop.fp8_path``) and a compute capability
+#: that picks each: Hopper's tensor-descriptor kernels, and Ada's (pre-Hopper) pointer kernels.
+PATHS = {"tma": (9, 0), "pointer": (8, 9)}
 
 U32 = 2.0**-24
 #: Unit roundoff of one K block's dot product: float32 on the CPU, Hopper FP8 MMA on CUDA.

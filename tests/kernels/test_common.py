@@ -216,3 +216,16 @@ def test_remembered_signatures_never_skip_a_failing_check(device):
             K.grouped_gemm(xs, w, off)
     factory.forget_checked()
     assert not op.launch.__globals__["_checked"]
+
+
+def test_remembered_signatures_tell_scalar_types_apart(device):
+    """2, 2.0 and True are equal and hash alike in Python: a remembered int must not let a float
+    or a bool through the contract."""
+    import moela.kernels as K
+
+    logits = torch.randn(3, 8, device=device)
+    K.route(logits, None, topk=2)
+    with pytest.raises(TypeError, match="topk"):
+        K.route(logits, None, topk=2.0)
+    with pytest.raises(TypeError, match="topk"):
+        K.route(logits, None, topk=True)

@@ -2,9 +2,12 @@
 
 Near exact: within the bound derived in tests/fp8_testing.py (summation order of one 128-deep
 block, one scale rounding, the final cast). Against the bf16 product of the unquantized inputs:
-DeepGEMM's calc_diff < 1e-3. CPU: the interpreter at small shapes, the default config of each M
-class and explicit configs for the other code paths (BLOCK_N > block reads a vector of weight
-scales, BLOCK_M = 16). GPU tier: DeepGEMM's dense grid.
+DeepGEMM's calc_diff < 1e-3. CPU: the interpreter at small shapes, both paths of the rule
+``fp8_mainloop.fp8_path`` (the Hopper tensor-descriptor kernel, persistent over 3 "SMs" so each
+program walks several tiles, and the pointer kernel for pre-Hopper GPUs), the default config of
+each M class and explicit configs for the other code paths (BLOCK_N > block reads a vector of
+weight scales, BLOCK_M = 16, the warp-specialised schedule, an odd number of K blocks). GPU tier:
+DeepGEMM's dense grid. The sm_90 compile of the Hopper configs: test_fp8_sm90.py.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import importlib
 
 import pytest
 import torch
-from fp8_testing import abs_fp8, assert_gemm_close
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close
 from moela_testing import nan_empty
 
 from moela import reference as ref
+from moela.kernels._common import INTERPRETER_SMS
 from moela.kernels.fp8_gemm import fp8_gemm, launch_fp8_gemm, m_class
+from moela.kernels.fp8_mainloop import fp8_path, tma_ready
 from moela.kernels.fp8_quant import FP8_DTYPE, quant_act, quant_weight, to_col_major
 
-# the module (moela.kernels.fp8_gemm is the op once the package exports it)
+# the modules (moela.kernels.fp8_gemm is the op once the package exports it)
 factory = importlib.import_module("moela.kernels.factory")
+fp8_gemm_module = importlib.import_module("moela.kernels.fp8_gemm")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_DENSE
@@ -65,6 +71,16 @@ def test_fp8_gemm_near_exact_against_reference(case, device):
     _check(out, a, a_s, b, b_s)
 
 
+@pytest.mark.parametrize("case", ["decode-M1", "small-ragged-N", "medium-M65", "large-M520"])
+def test_fp8_gemm_pointer_path_near_exact(case, device):
+    """The pre-Hopper path (the rule given sm_89) on the same shapes."""
+    M, N, K = SHAPES[case]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    out = nan_empty((M, N), torch.float32, device)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, None, capability=PATHS["pointer"])
+    _check(out, a, a_s, b, b_s)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_fp8_gemm_16bit_outputs_and_column_major_scales(out_dtype, device):
     _, _, a, a_s, b, b_s = _operands(24, 160, 256, device)
@@ -73,19 +89,70 @@ def test_fp8_gemm_16bit_outputs_and_column_major_scales(out_dtype, device):
     _check(out, a, a_s, b, b_s)
 
 
-CONFIGS = {  # the code paths a single default config cannot reach: config, (M, N, K)
-    "vector-b-scales": (dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4), (70, 200, 256)),
-    "scalar-b-scales-32": (dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_warps=4), (70, 200, 256)),
-    "tall-tiles": (dict(BLOCK_M=64, BLOCK_N=16, GROUP_M=4, num_warps=4), (70, 100, 256)),
-    "decode-16x16": (dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=1, num_stages=8), (20, 72, 256)),
+CONFIGS = {  # the code paths a single default config cannot reach: path, config, (M, N, K)
+    "vector-b-scales": ("pointer", dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4), (70, 200, 256)),
+    "scalar-b-scales-32": ("pointer", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=2, num_warps=4), (70, 200, 256)),
+    "tall-tiles": ("pointer", dict(BLOCK_M=64, BLOCK_N=16, GROUP_M=4, num_warps=4), (70, 100, 256)),
+    "decode-16x16": ("pointer", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=1, num_warps=1, num_stages=8), (20, 72, 256)),
+    "tma-vector-b-scales": ("tma", dict(BLOCK_M=64, BLOCK_N=256, GROUP_M=1, num_warps=4, num_stages=2), (70, 300, 256)),
+    "tma-warp-specialized": ("tma", dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4, num_stages=4),
+                             (130, 72, 384)),
+    "tma-decode-64x16-odd-kb": ("tma", dict(BLOCK_M=64, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=8),
+                                (3, 80, 640)),
 }
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 def test_fp8_gemm_configs(cfg, device):
-    config, (M, N, K) = CONFIGS[cfg]
+    path, config, (M, N, K) = CONFIGS[cfg]
     _, _, a, a_s, b, b_s = _operands(M, N, K, device)
-    out = fp8_gemm.launch(a, a_s, b, b_s, torch.float32, config=config, out=nan_empty((M, N), device=device))
+    out = nan_empty((M, N), device=device)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, config, capability=PATHS[path])
+    _check(out, a, a_s, b, b_s)
+
+
+def test_path_rule():
+    """One rule picks the kernel: Hopper's when the GPU has TMA and a, b are TMA-readable."""
+    a = torch.zeros(8, 256, dtype=FP8_DTYPE)
+    b = torch.zeros(32, 256, dtype=FP8_DTYPE)
+    assert fp8_path((9, 0), 128, a, b) == "tma"
+    assert fp8_path((10, 0), 128, a, b) == "tma"
+    assert fp8_path((8, 9), 128, a, b) == "pointer"  # Ada: FP8 but no TMA / wgmma
+    assert fp8_path((9, 0), 64, a, b) == "pointer"  # the Hopper configs are sized for 128-blocks
+    assert not tma_ready(a[:, 1:129]) and fp8_path((9, 0), 128, a[:, 1:129], b) == "pointer"  # base not aligned
+    assert fp8_path((9, 0), 128, torch.zeros(8, 272, dtype=FP8_DTYPE)[:, :256], b) == "tma"  # row stride 272
+    assert fp8_path((9, 0), 128, torch.zeros(8, 264, dtype=FP8_DTYPE)[:, :256], b) == "pointer"  # 264: not 16·n
+    assert fp8_path((9, 0), 128, a.t().contiguous().t(), b) == "pointer"  # column-major values
+    assert fp8_path((9, 0), 128, a[:, :0], b[:, :0]) == "pointer"  # K = 0
+    assert fp8_path((9, 0), 128, a, None) == "pointer"  # no 2-D view (grouped weights)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_launcher_follows_the_rule_and_the_persistent_grid(path, monkeypatch, device):
+    """The launcher runs the kernel the rule names; the Hopper kernel's grid is min(tiles, SMs)."""
+    launched = []
+    for name in ("_fp8_gemm_kernel", "_fp8_gemm_tma_kernel"):
+        kernel = getattr(fp8_gemm_module, name)
+
+        class _Record:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append((self.name, grid))
+                return self.kernel[grid]
+
+        monkeypatch.setattr(fp8_gemm_module, name, _Record(kernel, name))
+    M, N, K = 70, 200, 256
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    out = nan_empty((M, N), device=device)
+    config = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, config, capability=PATHS[path])
+    tiles = 2 * 4
+    if path == "tma":
+        assert launched == [("_fp8_gemm_tma_kernel", (min(tiles, INTERPRETER_SMS),))]
+    else:
+        assert launched == [("_fp8_gemm_kernel", (tiles,))]
     _check(out, a, a_s, b, b_s)
 
 
@@ -105,12 +172,13 @@ def test_fp8_gemm_matches_bf16_product_of_unquantized_inputs(device):
     assert ref.calc_diff(out, x.float() @ w.float().T) < 1e-3
 
 
-def test_fp8_gemm_bias_strided_out_and_no_out_of_bounds_writes(device):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_fp8_gemm_bias_strided_out_and_no_out_of_bounds_writes(path, device):
     _, _, a, a_s, b, b_s = _operands(20, 72, 128, device)
     guard = nan_empty((24, 80), torch.float32, device)
     out = guard[2:22, 3:75]  # a strided window: everything around it must stay NaN
     bias = torch.randn(72, 2, device=device, dtype=torch.bfloat16)[:, 0]  # strided: the kernel reads it flat
-    launch_fp8_gemm(out, a, a_s, b, b_s, 128, bias, None)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, bias, None, capability=PATHS[path])
     inside = torch.zeros_like(guard, dtype=torch.bool)
     inside[2:22, 3:75] = True
     assert guard[~inside].isnan().all()
@@ -121,8 +189,9 @@ def test_fp8_gemm_bias_strided_out_and_no_out_of_bounds_writes(device):
     assert_gemm_close(out, ref32 + bias.float(), mag, 1, 128, "bias", extra=extra)
 
 
-def test_fp8_gemm_empty_and_special_values(device):
-    _, _, a, a_s, b, b_s = _operands(6, 64, 256, device)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_fp8_gemm_empty_and_special_values(path, device):
+    _, _, a, a_s, b, b_s = _operands(6, 64, 384, device)
     assert fp8_gemm(a[:0], a_s[:0], b, b_s).shape == (0, 64)
     assert fp8_gemm(a, a_s, b[:0], b_s[:0]).shape == (6, 0)
     z = fp8_gemm(a[:, :0], a_s[:, :0], b[:, :0], b_s[:, :0], torch.float32)
@@ -130,7 +199,9 @@ def test_fp8_gemm_empty_and_special_values(device):
     a_s = a_s.clone()
     a_s[1, 1] = float("nan")  # a NaN block scale poisons its row (never a silent number)
     a_s[3, 0] = float("inf")
-    out = fp8_gemm(a, a_s, b, b_s, torch.float32)
+    a_s[4, 2] = float("inf")  # the last of an odd number of blocks (the Hopper loop's unpaired one)
+    out = nan_empty((6, 64), device=device)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, None, capability=PATHS[path])
     ref32 = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
     assert out[1].isnan().all() and torch.equal(out.isnan(), ref32.isnan())
     assert torch.equal(out.isinf(), ref32.isinf())

@@ -3,8 +3,9 @@
 Ragged groups (empty ones, a tail of rows past offsets[-1], one group holding every row, no
 groups), int32 and int64 offsets, outputs pre-filled with NaN so a tile the device-side schedule
 forgets fails. Near exact within the bound of tests/fp8_testing.py; calc_diff < 1e-3 against the
-bf16 grouped GEMM of the unquantized inputs. GPU tier: DeepGEMM's grouped shapes and a
-DeepSeek-V3 decode step.
+bf16 grouped GEMM of the unquantized inputs. Both paths of ``fp8_mainloop.fp8_path`` (the Hopper
+kernel, persistent over 3 "SMs" and finding tiles with ``locate_m_tile_by_chunks``, and the
+pointer kernel). GPU tier: DeepGEMM's grouped shapes and a DeepSeek-V3 decode step.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import importlib
 
 import pytest
 import torch
-from fp8_testing import abs_fp8, assert_gemm_close
+import triton
+import triton.language as tl
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moela_testing import nan_empty
 
 from moela import reference as ref
-from moela.kernels.fp8_grouped_gemm import fp8_grouped_gemm
+from moela.kernels._common import INTERPRETER_SMS
+from moela.kernels.fp8_grouped_gemm import fp8_grouped_gemm, launch_fp8_grouped_gemm
 from moela.kernels.fp8_quant import quant_act, quant_weight, to_col_major
+from moela.kernels.tl_helpers import locate_m_tile, locate_m_tile_by_chunks
 
 fp8_grouped_gemm_module = importlib.import_module("moela.kernels.fp8_grouped_gemm")
 factory = importlib.import_module("moela.kernels.factory")
@@ -78,22 +83,73 @@ def test_fp8_grouped_gemm_near_exact_against_reference(case, offsets_dtype, devi
     assert (out[int(offsets[-1]) if len(sizes) else 0:] == 0).all()  # the tail is zero
 
 
-CONFIGS = {  # config, N
-    "vector-b-scales": (dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4), 160),
-    "tiles-of-16-rows": (dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=4, num_warps=4), 48),
+@pytest.mark.parametrize("case", ["ragged-tail", "one-of-many", "all-tail", "multi-tile-group"])
+def test_fp8_grouped_gemm_pointer_path_near_exact(case, device):
+    """The pre-Hopper path (the rule given sm_89) on the same layouts."""
+    sizes, tail, N, K = CASES[case]
+    _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, tail, N, K, device)
+    out = nan_empty((xs.shape[0], N), torch.float32, device)
+    launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, offsets, 128, None, capability=PATHS["pointer"])
+    _check(out, xs, xs_s, w8, w_s, offsets)
+
+
+CONFIGS = {  # path, config, N
+    "vector-b-scales": ("pointer", dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4), 160),
+    "tiles-of-16-rows": ("pointer", dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=4, num_warps=4), 48),
+    "tma-vector-b-scales": ("tma", dict(BLOCK_M=64, BLOCK_N=256, GROUP_M=1, num_warps=4, num_stages=2), 160),
+    "tma-warp-specialized": ("tma", dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4, num_stages=4), 72),
 }
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 def test_fp8_grouped_gemm_configs(cfg, device):
-    config, N = CONFIGS[cfg]
+    path, config, N = CONFIGS[cfg]
     _, _, xs, xs_s, w8, w_s, offsets = _operands([17, 0, 3, 17], 1, N, 256, device)
     out = nan_empty((xs.shape[0], N), torch.float32, device)
-    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out, config=config)
+    launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, offsets, 128, config, capability=PATHS[path])
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
-def test_strided_offsets(device):
+@triton.jit
+def _locate_both_kernel(offsets_ptr, out_ptr, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    t = tl.program_id(0)
+    g0, s0, e0 = locate_m_tile(offsets_ptr, t, M, E, BLOCK_M, BLOCK_E)
+    g1, s1, e1 = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, CHUNK)
+    base = out_ptr + t * 6
+    tl.store(base + 0, g0)
+    tl.store(base + 1, g1)
+    tl.store(base + 2, s0)
+    tl.store(base + 3, s1)
+    tl.store(base + 4, e0)
+    tl.store(base + 5, e1)
+
+
+TILE_SEARCH = {
+    "ragged": [3, 3, 10, 40, 41, 41, 60, 77, 77, 80],  # empty groups, a tail (M = 90)
+    "malformed": [5, 2, 50, -4, 200, 95, 30, 88, 89, 90],  # decreasing, negative, past M
+    "all-tail": [0] * 10,  # every row in the tail
+}
+
+
+@pytest.mark.parametrize("case,dtype", [("ragged", torch.int32), ("malformed", torch.int32),
+                                        ("malformed", torch.int64), ("all-tail", torch.int32)],
+                         ids=["ragged-int32", "malformed-int32", "malformed-int64", "all-tail-int32"])
+def test_tile_search_without_scans_matches_locate_m_tile(case, dtype, device):
+    """The Hopper kernel's scan-free tile search (4 groups at a time here: three chunks) finds
+    the same (group, first row, end row) as ``locate_m_tile`` for every tile and one past."""
+    M, BLOCK_M = 90, 16
+    off = torch.tensor(TILE_SEARCH[case], dtype=dtype, device=device)
+    E = off.shape[0]
+    tiles = min(-(-M // BLOCK_M) + E, M) + 1
+    out = torch.full((tiles * 6 + 2,), -7, dtype=torch.int32, device=device)
+    _locate_both_kernel[(tiles,)](off, out, M, E, BLOCK_M=BLOCK_M, BLOCK_E=16, CHUNK=4)
+    both = out[: tiles * 6].view(tiles, 3, 2)
+    assert torch.equal(both[..., 0], both[..., 1]), both
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_strided_offsets(path, device):
     """A strided (non-contiguous) offsets view: the kernel indexes offsets flat, the launcher makes
     them contiguous."""
     sizes = [5, 0, 15, 13]
@@ -101,52 +157,64 @@ def test_strided_offsets(device):
     strided = torch.stack([offsets, torch.full_like(offsets, xs.shape[0])], 1)[:, 0]
     assert strided.stride() == (2,)
     out = nan_empty((xs.shape[0], 64), torch.float32, device)
-    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, strided, torch.float32, out=out)
+    if path == "tma":
+        fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, strided, torch.float32, out=out)
+    else:
+        launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, strided.contiguous(), 128, None, capability=PATHS[path])
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
-def test_worst_case_tile_count_fits_the_grid(device):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_worst_case_tile_count_fits_the_grid(path, device):
     """Every group one row longer than a tile, plus a one-row tail: Σ ceil(count/BLOCK_M) reaches
     its maximum relative to cdiv(M, BLOCK_M) + E, and every tile must still run."""
     sizes = [17] * 5
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 1, 16, 128, device)
     out = nan_empty((xs.shape[0], 16), torch.float32, device)
-    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
-                         config=dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4))
+    launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, offsets, 128, dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4),
+                            capability=PATHS[path])
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
-def test_decode_grid_launches_no_idle_row_tiles(monkeypatch, device):
-    """More experts than rows (a decode step): the grid has at most one row tile per row, not
-    cdiv(M, BLOCK_M) + E of them (E - 1 idle ones per column tile here), and one-row groups
-    (as many tiles as rows: the bound is tight) are all written."""
-    kernel, launched = fp8_grouped_gemm_module._fp8_grouped_gemm_kernel, []
+@pytest.mark.parametrize("path", list(PATHS))
+def test_decode_grid_launches_no_idle_row_tiles(path, monkeypatch, device):
+    """More experts than rows (a decode step): at most one row tile per row, not cdiv(M, BLOCK_M)
+    + E of them (E - 1 idle ones per column tile here), and one-row groups (as many tiles as rows:
+    the bound is tight) are all written. The pointer kernel runs one program per tile, the Hopper
+    one min(tiles, SMs) persistent programs; E = 32 makes its tile search take three chunks."""
+    name = "_fp8_grouped_gemm_kernel" if path == "pointer" else "_fp8_grouped_gemm_tma_kernel"
+    kernel, launched = getattr(fp8_grouped_gemm_module, name), []
 
     class _RecordGrid:
         def __getitem__(self, grid):
             launched.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(fp8_grouped_gemm_module, "_fp8_grouped_gemm_kernel", _RecordGrid())
+    monkeypatch.setattr(fp8_grouped_gemm_module, name, _RecordGrid())
     sizes = [1, 0, 1, 1, 0, 0, 1] + [0] * 25  # E = 32, four one-row groups and a one-row tail
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 1, 32, 128, device)
     out = nan_empty((5, 32), torch.float32, device)
-    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
-                         config=dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4))
-    assert launched == [(5 * 2,)], "row tiles: min(cdiv(M, BLOCK_M) + E, M) = 5, times 2 column tiles"
+    launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, offsets, 128, dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4),
+                            capability=PATHS[path])
+    tiles = 5 * 2  # row tiles min(cdiv(M, BLOCK_M) + E, M) = 5, times 2 column tiles
+    assert launched == [(tiles if path == "pointer" else min(tiles, INTERPRETER_SMS),)]
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(sizes=st.lists(st.integers(0, 20), min_size=0, max_size=6), tail=st.integers(0, 3))
 def test_random_group_sizes_property(sizes, tail):
-    """Any group layout: every row written once, by its own expert (16-row tiles, 32-wide N)."""
+    """Any group layout, both paths: every row written once, by its own expert (16-row tiles,
+    32-wide N)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # hypothesis: no fixtures
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, tail, 32, 128, device)
-    out = nan_empty((xs.shape[0], 32), torch.float32, device)
-    fp8_grouped_gemm.launch(xs, xs_s, w8, w_s, offsets, torch.float32, out=out,
-                         config=dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))
-    _check(out, xs, xs_s, w8, w_s, offsets)
+    if xs.shape[0] == 0:
+        return  # M = 0: nothing to launch (the op returns before the kernels)
+    for cap in PATHS.values():
+        out = nan_empty((xs.shape[0], 32), torch.float32, device)
+        launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, offsets, 128, dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2,
+                                                                           num_warps=4), capability=cap)
+        _check(out, xs, xs_s, w8, w_s, offsets)
 
 
 def test_fp8_grouped_gemm_public_op_and_calc_diff_against_bf16(device):
@@ -159,7 +227,9 @@ def test_fp8_grouped_gemm_public_op_and_calc_diff_against_bf16(device):
     assert ref.calc_diff(out, ref.grouped_gemm(x, w, offsets)) < 1e-3
 
 
-def test_malformed_offsets_validate_or_stay_in_bounds(device):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_malformed_offsets_validate_or_stay_in_bounds(path, monkeypatch, device):
+    monkeypatch.setattr(fp8_grouped_gemm_module, "device_capability", lambda device: PATHS[path])
     _, _, xs, xs_s, w8, w_s, _ = _operands([6, 6, 6], 2, 32, 128, device)
     M = xs.shape[0]
     for bad in ([4, 2, 20], [-3, 5, 10], [5, 10, M + 7]):

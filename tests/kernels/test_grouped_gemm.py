@@ -2,9 +2,15 @@
 
 CPU tests run the kernels through the Triton interpreter at small shapes, with the default
 configs (the ones the autotuner starts from) and with 16×16×16 blocks that give several
-tiles and K steps. Tolerances are derived: the kernel's error against the
-float64 reference within 2× the error of the reference run in the inputs' dtype (float32
-accumulation and one rounding, what the kernel must match). The GPU tier runs DeepSeek shapes.
+tiles and K steps. Both kernel families run: the pointer kernels (``SMALL`` configs, odd N/K,
+float32) and the Hopper-native TMA kernels (``TMA`` configs and every default call whose
+operands TMA takes: the interpreter counts as compute capability 9.0); ``_common.tma_path``,
+the rule between them, is tested with explicit capabilities. Their sm_90 compiles (no spills,
+shared memory, wgmma, TMA, warp specialisation, no synchronous load in the main loop) are
+checked by ``profiling audit`` (tests/profiling/test_audit.py). Tolerances are derived: the kernel's error
+against the float64 reference within 2× the error of the reference run in the inputs' dtype
+(float32 accumulation and one rounding, what the kernel must match). The GPU tier runs DeepSeek
+shapes.
 """
 
 from __future__ import annotations
@@ -19,8 +25,13 @@ from hypothesis import strategies as st
 from moela_testing import assert_close_derived, nan_empty
 
 from moela import reference
+from moela.kernels import _common
+from moela.kernels._common import uses_tma
+from moela.kernels.group_schedule import group_schedule
 from moela.kernels.grouped_gemm import FWD_PATHS, fwd_path, grouped_gemm, grouped_gemm_dw
-from moela.kernels.tl_helpers import SMEM_BUDGET, dot_precision
+from moela.kernels.grouped_gemm_tma import TMA_FWD_PATHS, config_smem, tma_configs, wave_efficiency
+from moela.kernels.tl_helpers import SCHEDULE_BLOCK_M, SMEM_BUDGET, dot_precision
+from moela.reference.grouped_gemm import group_ends
 
 # triton 3.6's interpreter turns a runtime loop bound (here: group row ranges read from the
 # device) into a Python int through a 1-element array, which numpy 2.3 deprecates.
@@ -448,3 +459,168 @@ def test_config_lists_and_pruning():
                 if size == 4:
                     assert k[a] * k[b] <= 64 * 32 * c.num_warps  # fp32: no register spills
     assert all(c.kwargs["BLOCK_M"] == 16 for c in gg._fwd_decode_configs())
+
+
+# ----------------------------------------------------------------------------------------
+# Hopper-native (TMA) kernels through the interpreter, and the rule that picks them
+# ----------------------------------------------------------------------------------------
+
+
+def _tma(bm=16, bn=16, bk=16, *, swap=False, ws=True) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 2, "SWAP_AB": swap,
+                          "WARP_SPECIALIZE": ws}, num_warps=4, num_stages=2)
+
+
+# Each TMA config at small blocks: warp-specialised (schedule table), swap-AB with and without it,
+# and the in-kernel tile lookup (locate_m_tile).
+TMA = {"ws": _tma(), "swap-ws": _tma(swap=True), "swap": _tma(bn=32, swap=True, ws=False), "plain": _tma(ws=False)}
+TMA_DW = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_N": 2, "WARP_SPECIALIZE": True},
+                       num_warps=4, num_stages=2)
+# (group sizes, rows past the last group, N, K): N, K multiples of 8 (16-byte bf16 rows); N and K
+# tails inside a block, groups that end inside a tile, empty groups.
+TMA_CASES = {
+    "ragged-tail": ([3, 0, 5, 1], 2, 24, 40),
+    "leading-empty": ([0, 0, 7], 0, 40, 24),
+    "long-group": ([37, 2], 1, 16, 24),
+    "one-row-groups": ([1, 1, 0, 1, 1], 1, 24, 16),
+    "all-tail": ([0, 0, 0], 5, 16, 16),
+}
+
+
+@pytest.mark.parametrize("config", list(TMA), ids=list(TMA))
+@pytest.mark.parametrize("case", list(TMA_CASES), ids=list(TMA_CASES))
+def test_tma_forward(case, config, device):
+    sizes, tail, N, K = TMA_CASES[case]
+    xs, w, offsets = _inputs(sizes, tail, N, K, torch.bfloat16, device)
+    assert uses_tma(xs, w, xs.new_empty(xs.shape[0], N), config=TMA[config])
+    out = nan_empty((xs.shape[0], N), torch.bfloat16, device)  # every element must be written
+    assert grouped_gemm.launch(xs, w, offsets, out=out, config=TMA[config]) is out
+    _check_forward(out, xs, w, offsets)
+
+
+@pytest.mark.parametrize("config", list(TMA), ids=list(TMA))
+def test_tma_forward_fp16_and_dx(config, device):
+    """fp16, and dX: the forward kernel reading w as stored, (K, N) per expert (W_KN)."""
+    sizes, tail, N, K = [3, 0, 21, 1], 2, 24, 40
+    xs, w, offsets = _inputs(sizes, tail, N, K, torch.float16, device)
+    out = grouped_gemm.launch(xs, w, offsets, out=nan_empty((xs.shape[0], N), torch.float16, device),
+                              config=TMA[config])
+    _check_forward(out, xs, w, offsets)
+    dy = torch.randn(xs.shape[0], N, dtype=torch.float16, device=device)
+    dx = grouped_gemm.launch(dy, w.transpose(1, 2), offsets, out=nan_empty(xs.shape, torch.float16, device),
+                             config=TMA[config])
+    _check_forward(dx, dy, w.transpose(1, 2), offsets, name="dX")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # group 2's own NaN
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tma_dw(dtype, device):
+    """dW on descriptors whose row extent ends at the group's end: the inf and NaN rows of the
+    next group and of the tail never reach a sum; empty groups give zeros."""
+    sizes, N, K = [3, 0, 37, 1, 0, 20], 24, 24  # N, K tails inside a block, several row steps
+    xs, w, offsets = _inputs(sizes, 3, N, K, dtype, device)
+    dy = torch.randn(xs.shape[0], N, dtype=dtype, device=device)
+    dw = nan_empty(w.shape, dtype, device)
+    assert grouped_gemm_dw.launch(xs, dy, offsets, out=dw, config=TMA_DW) is dw
+    _check_grads(None, dw, xs, w, offsets, dy, sizes)
+    dy[3:] = float("inf")  # group 2 onwards and the tail
+    xs[3:] = float("nan")
+    dw = grouped_gemm_dw.launch(xs, dy, offsets, out=nan_empty(w.shape, dtype, device), config=TMA_DW)
+    assert torch.isfinite(dw[0]).all() and (dw[1] == 0).all()
+
+
+def test_tma_default_configs_and_autograd(device):
+    """Default calls on operands TMA takes run the TMA kernels (the interpreter counts as sm_90):
+    forward (decode path: swap-AB), dX and dW through autograd."""
+    sizes, tail, N, K = [3, 0, 9, 1], 2, 16, 32
+    xs, w, offsets = _inputs(sizes, tail, N, K, torch.bfloat16, device)
+    assert uses_tma(xs, w, xs.new_empty(xs.shape[0], N)) and fwd_path(xs.shape[0], len(sizes)) == "decode"
+    xs.requires_grad_()
+    w.requires_grad_()
+    out = grouped_gemm(xs, w, offsets)
+    _check_forward(out.detach(), xs.detach(), w.detach(), offsets)
+    dy = torch.randn(xs.shape[0], N, dtype=torch.bfloat16, device=device)
+    out.backward(dy)
+    _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, dy, sizes)
+
+
+def test_tma_path_rule(monkeypatch, device):
+    """_common.tma_path: Hopper or later, fp16/bf16, every operand 16-byte aligned with a unit
+    inner stride, nothing empty, MOELA_TMA not 0."""
+    xs, w, _ = _inputs([4, 4], 0, 16, 32, torch.bfloat16, device)
+    out = xs.new_empty(8, 16)
+    assert _common.tma_path((9, 0), xs, w, out) and _common.tma_path((10, 0), xs, w, out)
+    assert not _common.tma_path((8, 9), xs, w, out)  # Ada: no TMA
+    assert not _common.tma_path((9, 0), xs.float(), w.float(), out.float())  # float32: pointer kernels
+    odd_k = _inputs([4, 4], 0, 16, 17, torch.bfloat16, device)
+    assert not _common.tma_path((9, 0), odd_k[0], odd_k[1], out)  # 34-byte rows
+    shifted = torch.empty(8 * 32 + 1, dtype=torch.bfloat16, device=device)[1:].view(8, 32)
+    assert not _common.tma_path((9, 0), shifted, w, out)  # base 2 bytes past an aligned address
+    assert not _common.tma_path((9, 0), xs, w.transpose(1, 2), out)  # no unit inner stride as given...
+    assert _common.tma_path((9, 0), xs, w.transpose(1, 2).transpose(1, 2), out)  # ...but as stored (dX)
+    assert not _common.tma_path((9, 0), xs[:0], w, out[:0])  # empty
+    monkeypatch.setenv("MOELA_TMA", "0")
+    assert not _common.tma_path((9, 0), xs, w, out)
+    with pytest.raises(ValueError, match="config"):
+        uses_tma(xs, w, out, config=TMA["ws"])  # a TMA config where the rule says no
+
+
+@pytest.mark.parametrize("force", ["capability", "knob", "unaligned"])
+def test_pointer_path_when_the_rule_says_so(force, monkeypatch, device):
+    """Default calls take the pointer kernels on a pre-Hopper capability, with MOELA_TMA=0 and on
+    operands TMA cannot take; the TMA launchers are never reached."""
+    gg = importlib.import_module("moela.kernels.grouped_gemm")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the TMA kernels ran")
+
+    monkeypatch.setattr(gg, "grouped_gemm_fwd_tma", refuse)
+    monkeypatch.setattr(gg, "grouped_gemm_dw_tma", refuse)
+    K = 17 if force == "unaligned" else 32
+    if force == "capability":
+        monkeypatch.setattr(_common, "device_capability", lambda device: (8, 0))
+    if force == "knob":
+        monkeypatch.setenv("MOELA_TMA", "0")
+    sizes = [3, 0, 6]
+    xs, w, offsets = _inputs(sizes, 1, 16, K, torch.bfloat16, device)
+    xs.requires_grad_()
+    w.requires_grad_()
+    out = grouped_gemm(xs, w, offsets)
+    _check_forward(out.detach(), xs.detach(), w.detach(), offsets)
+    dy = torch.randn(xs.shape[0], 16, dtype=torch.bfloat16, device=device)
+    out.backward(dy)
+    _check_grads(xs.grad, w.grad, xs.detach(), w.detach(), offsets, dy, sizes)
+
+
+@pytest.mark.parametrize("offsets", [[3, 3, 40, 41], [-5, 7, 2, 99], [0, 0, 0, 0], [2**40, 1, 2, 3]],
+                         ids=["ragged", "malformed", "all-empty", "huge-int64"])
+def test_group_schedule_table(offsets, device):
+    """The table: clamped, running-max group bounds (the tail last) and cumulative tile counts."""
+    M = 50
+    off = torch.tensor(offsets, dtype=torch.int64, device=device)
+    table = group_schedule(off, M).cpu()
+    ends = group_ends(off, M) + [M]
+    starts = [0, *ends[:-1]]
+    assert table[0].tolist() == starts and table[1].tolist() == ends
+    for i, bm in enumerate(SCHEDULE_BLOCK_M):
+        tiles = torch.tensor([-(-(e - s) // bm) for s, e in zip(starts, ends, strict=True)])
+        assert table[2 + i].tolist() == tiles.cumsum(0).tolist(), bm
+
+
+def test_tma_config_lists():
+    """Warp specialisation only at num_warps=4 (Triton 3.6 ignores it elsewhere); every config fits
+    Hopper's shared memory; swap-AB tiles are wgmma-shaped; the path names match."""
+    assert tuple(TMA_FWD_PATHS) == tuple(name for name, _, _ in FWD_PATHS)
+    for name in (*TMA_FWD_PATHS, "dw"):
+        configs = tma_configs(name)
+        assert len({str(c) for c in configs}) == len(configs), f"{name}: duplicate configs"
+        for c in configs:
+            k = c.kwargs
+            assert not k["WARP_SPECIALIZE"] or c.num_warps == 4, c
+            assert config_smem(c, 2, dw=name == "dw") <= 227 * 1024 - 2048, c
+            if k.get("SWAP_AB"):
+                assert k["BLOCK_N"] >= 64 and k["BLOCK_M"] % 8 == 0, c
+            if k["WARP_SPECIALIZE"] and name != "dw":
+                assert k["BLOCK_M"] in SCHEDULE_BLOCK_M, c
+    assert all(c.kwargs["SWAP_AB"] and not c.kwargs["WARP_SPECIALIZE"] for c in tma_configs("decode"))
+    assert wave_efficiency(264, 132) == 1.0 and wave_efficiency(133, 132) == pytest.approx(133 / 264)

@@ -50,7 +50,8 @@ def test_fp8_linear_training_triton_and_reference_agree(bias, device):
     lin = nn.Linear(256, 200, bias=bias, device=device, dtype=torch.bfloat16)
     x = torch.randn(3, 48, 256, device=device, dtype=torch.bfloat16)
     dy = torch.randn(3, 48, 200, device=device, dtype=torch.bfloat16)
-    got = {b: _grads(FP8Linear.from_linear(lin, backend=b, master_weights=True), x, dy) for b in ("triton", "reference")}
+    got = {b: _grads(FP8Linear.from_linear(lin, backend=b, master_weights=True), x, dy)
+           for b in ("triton", "reference")}
     assert set(got["triton"]) == set(got["reference"]) == {"y", "x", "weight", *(["bias"] if bias else [])}
     for key, value in got["triton"].items():
         assert value.dtype == got["reference"][key].dtype == torch.bfloat16, key

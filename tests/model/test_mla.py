@@ -13,10 +13,11 @@ from moela_testing import assert_close_derived
 
 import moela.kernels as K
 from moela.kernels.interpreter import interpreter_active
-from moela.model import MLA, quantize_linears_
+from moela.model import MLA, PagedLatentCache, quantize_linears_
 from moela.model.mla import DECODE_MAX_TOKENS, LatentCache
 from moela.reference import MLA as ReferenceMLA
 from moela.reference import ModelArgs, dequant
+from moela.reference.mla_decode import quant_latent
 
 
 def _layers(dtype, device, **overrides):
@@ -36,11 +37,16 @@ def _layers(dtype, device, **overrides):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    calls = []
+    class Calls(list):
+        kv: list  # each call's kv and keyword arguments
 
-    def counting(q, kv, softmax_scale, *, v_dim=512):
+    calls = Calls()
+    calls.kv = []
+
+    def counting(q, kv, softmax_scale, *, v_dim=512, **kw):
         calls.append((tuple(q.shape), tuple(kv.shape)))
-        return real(q, kv, softmax_scale, v_dim=v_dim)
+        calls.kv.append((kv, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
+        return real(q, kv, softmax_scale, v_dim=v_dim, **kw)
 
     real = K.mla_decode
     monkeypatch.setattr(K, "mla_decode", counting)
@@ -307,3 +313,114 @@ def test_short_steps_with_grad_mode_on(device, kernel_calls, monkeypatch):
     assert len(kernel_calls) == 2 and sdpa == [] and model.wkv_b.weight.grad is not None
     model(x[:, :3]).sum().backward()  # no cache: SDPA
     assert sdpa == [1]
+
+
+def test_paged_latent_cache_pages_and_lengths(device):
+    """Pages from the free list (lowest id first) as sequences grow, the block table and lengths on
+    the device, the logical tensors, freeing and reuse, exhaustion."""
+    C, R = 16, 8
+    cache = PagedLatentCache(5, 3, 200, C, R, dtype=torch.float32, device=device)
+    assert cache.names == ("kv", "pe") and cache.batch_size == 3 and cache.max_seq_len == 200
+    assert cache.block_table.shape == (3, 4) and (cache.block_table == -1).all() and cache.free_pages == 5
+    cache.reserve(1, 100)
+    assert cache.pages(1) == [0, 1] and cache.block_table[1].tolist() == [0, 1, -1, -1] and cache.seq_len(1) == 0
+    kv, pe = torch.randn(2, 70, C, device=device), torch.randn(2, 70, R, device=device)
+    cache.write(0, kv=kv, pe=pe)
+    assert cache.pages(0) == [2, 3] and cache.pages(1) == [0, 1] and cache.free_pages == 1
+    assert cache.cache_seqlens.tolist() == [70, 70, 0] and [cache.seq_len(b) for b in range(3)] == [70, 70, 0]
+    assert torch.equal(cache["kv"][:2, :70], kv) and torch.equal(cache["pe"][:2, :70], pe)
+    assert torch.count_nonzero(cache["kv"][:, 70:]) == 0 and torch.count_nonzero(cache["kv"][2]) == 0
+    kv2, pe2 = torch.randn(2, 1, C, device=device), torch.randn(2, 1, R, device=device)
+    prefix_kv, prefix_pe = cache.update(70, kv=kv2, pe=pe2)
+    assert torch.equal(prefix_kv, torch.cat([kv, kv2], 1)) and torch.equal(prefix_pe, torch.cat([pe, pe2], 1))
+    with pytest.raises(RuntimeError, match="needs 3 more pages for 150 positions, 1 of 5 are free"):
+        cache.reserve(2, 150)
+    cache.free(0)
+    assert cache.free_pages == 3 and cache.cache_seqlens.tolist() == [0, 71, 0] and (cache.block_table[0] == -1).all()
+    cache.reserve(2, 150)
+    assert cache.pages(2) == [2, 3, 4]
+    with pytest.raises(ValueError, match=r"seq: expected a sequence in \[0, 3\)"):
+        cache.reserve(3, 1)
+    with pytest.raises(ValueError, match="length: 201 positions run past"):
+        cache.reserve(0, 201)
+    with pytest.raises(ValueError, match="run past the cache's max_seq_len 200"):
+        cache.write(199, kv=torch.cat([kv2, kv2], 1), pe=torch.cat([pe2, pe2], 1))
+    cache.reset()
+    assert cache.free_pages == 5 and cache.cache_seqlens.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="dtype: an FP8 cache computes in bfloat16"):
+        PagedLatentCache(2, 1, 64, 128, 8, dtype=torch.float32, fp8=True)
+    with pytest.raises(ValueError, match="kv_lora_rank: an FP8 cache needs a multiple of 128"):
+        PagedLatentCache(2, 1, 64, 96, 8, fp8=True)
+
+
+def _new_cache(layer, kind: str, batch: int, max_seq_len: int):
+    if kind.startswith("paged"):
+        return layer.new_paged_cache(num_pages=3 * batch + 1, batch=batch, max_seq_len=max_seq_len,
+                                     fp8=kind.endswith("fp8"))
+    return layer.new_cache(batch, max_seq_len, fp8=kind == "fp8")
+
+
+@pytest.mark.parametrize("kind", ["paged", "fp8", "paged-fp8"])
+def test_paged_and_fp8_caches_decode_on_the_kernel(kind, device, kernel_calls):
+    """Prefill (SDPA, two pages) then decode steps of 1 and 2 tokens on the kernel over the
+    cache's layout: the attention (wo's input) against the reference attention run on the
+    cache's own (dequantized) contents, in bf16 and float64; the FP8 rows the model wrote are
+    bit for bit quant_latent (quant_act) of its latent; a bf16 paged cache holds the bf16 bits."""
+    model, ref, _ = _layers(torch.bfloat16, device, kv_lora_rank=128, max_seq_len=96)
+    B, P = 3, DECODE_MAX_TOKENS + 60  # 76 tokens: two 64-token pages
+    x = torch.randn(B, P + 3, model.dim, device=device, dtype=torch.bfloat16)
+    cache = _new_cache(model, kind, B, 96)
+    plain = model.new_cache(B, 96)
+    seen: dict = {}
+    _capture_attention(model, seen, "model")
+    with torch.no_grad():
+        model(x[:, :P], 0, cache)
+        model(x[:, :P], 0, plain)
+        assert kernel_calls == []
+        for start, s in ((P, 1), (P + 1, 2)):
+            model(x[:, start:start + s], start, cache)
+            (q_nope, q_pe, kv, k_pe, _, key_start, _), o_model = seen["model"]
+            written = torch.cat([cache["kv"][:, start:start + s], cache["pe"][:, start:start + s]], -1)
+            if kind.endswith("fp8"):
+                rows = (cache.latent[:, start:start + s] if kind == "fp8" else
+                        cache.pool.flatten(0, 1)[cache._rows(B, torch.arange(start, start + s, device=device))])
+                want = quant_latent(torch.cat([kv, k_pe], -1), 128)
+                assert torch.equal(rows.view(torch.uint8), want.view(torch.uint8))
+            else:
+                assert torch.equal(written, torch.cat([kv, k_pe], -1))
+            # the truths: the reference attention over the model's cache contents (dequantized)
+            end = start + s
+            truths = []
+            exact = ReferenceMLA(ref.args).to(device, torch.float64)
+            for layer, dtype in ((ref, torch.bfloat16), (exact, torch.float64)):
+                layer.load_state_dict(model.state_dict())
+                c = layer.new_cache(B, 96)
+                c["kv"][:, :end], c["pe"][:, :end] = cache["kv"][:, :end], cache["pe"][:, :end]
+                c_kv, c_pe = c["kv"][:, start:end].clone(), c["pe"][:, start:end].clone()
+                truths.append(layer._attend_absorbed(q_nope.to(dtype), q_pe.to(dtype), c_kv, c_pe, start, key_start, c))
+            assert_close_derived(o_model, truths[1], truths[0], name=f"{kind} attention at {start}")
+    C, R = model.kv_lora_rank, model.qk_rope_head_dim
+    width = C + 4 + 2 * R if kind.endswith("fp8") else C + R
+    kv_shape = (3 * B + 1, 64, width) if kind.startswith("paged") else (B, P + 1, width)
+    assert kernel_calls[0] == ((B, 1, model.n_heads, C + R), kv_shape)
+    kv_arg, kw = kernel_calls.kv[0]
+    assert kv_arg.dtype == (torch.float8_e4m3fn if kind.endswith("fp8") else torch.bfloat16)
+    if kind.startswith("paged"):
+        assert kw["block_table"] is not None and kw["cache_seqlens"].tolist() == [P + 1] * B
+
+
+def test_fp8_and_paged_cache_switches(device):
+    model, _, _ = _layers(torch.float32, device, kv_lora_rank=128)
+    with pytest.raises(ValueError, match="dtype: an FP8 cache computes in bfloat16"):
+        model.new_cache(2, 8, fp8=True)
+    cache = model.new_cache(2, 8, dtype=torch.bfloat16, fp8=True)
+    assert cache.fp8 and cache.dtype == torch.bfloat16 and cache.latent.dtype == torch.float8_e4m3fn
+    assert cache.latent.shape == (2, 8, 128 + 4 + 2 * model.qk_rope_head_dim)
+    naive = MLA(model.args, attn_impl="naive")
+    with pytest.raises(ValueError, match="fp8: an FP8 cache holds the absorbed form's latent"):
+        naive.new_cache(2, 8, fp8=True)
+    with pytest.raises(ValueError, match="a paged cache holds the absorbed form's latent"):
+        naive.new_paged_cache(4, 2)
+    paged = model.new_paged_cache(4, 2)
+    assert isinstance(paged, PagedLatentCache) and paged.max_seq_len == model.args.max_seq_len
+    assert not paged.fp8 and paged.dtype == torch.float32

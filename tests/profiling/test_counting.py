@@ -76,7 +76,13 @@ def test_memory_bound_counts():
     lens = r.inputs["cache_seqlens"].tolist()
     assert lens == ragged_lengths(3, 48, 2, 0) and all(2 <= n <= 48 for n in lens) and len(set(lens)) > 1
     assert r.flops == 2 * 2 * 2 * sum(lens) * (576 + 512)
-    assert r.bytes == (sum(lens) * 576 + 3 * 2 * 2 * 576 + 3 * 2 * 2 * 512) * 2
+    assert r.bytes == (sum(lens) * 576 + 3 * 2 * 2 * 576 + 3 * 2 * 2 * 512) * 2 + 3 * 4
+    pg = case_of("mla_decode", "tiny", "B=2 L=128 H=2 S=1 paged")  # + the block table and lengths
+    assert pg.bytes == (2 * 128 * 576 + 2 * 1 * 2 * 576 + 2 * 1 * 2 * 512) * 2 + 2 * 2 * 4 + 2 * 4
+    f8 = case_of("mla_decode", "tiny", "B=2 L=128 H=2 S=2 paged fp8")  # FlashMLA's 656-byte rows
+    assert f8.inputs["kv"].shape == (4, 64, 656) and f8.inputs["kv"].dtype == torch.float8_e4m3fn
+    assert f8.bytes == 2 * 128 * 656 + (2 * 2 * 2 * 576 + 2 * 2 * 2 * 512) * 2 + 2 * 2 * 4 + 2 * 4
+    assert f8.flops == 2 * 2 * 2 * 2 * 128 * (576 + 512)
 
 
 CEILINGS = {"copy": {"value": 1000.0, "unit": "GB/s"}, "matmul_bf16": {"value": 500.0, "unit": "TFLOP/s"},

@@ -7,7 +7,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moela.reference import FP8_DTYPE, calc_diff, dequant, fp8, fp8_gemm, fp8_grouped_gemm, quant_act, quant_weight
+from moela.reference import (
+    FP8_DTYPE,
+    calc_diff,
+    dequant,
+    fp8,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_masked,
+    quant_act,
+    quant_weight,
+)
 
 
 def e4m3_bound(x, scale_full):
@@ -151,6 +161,36 @@ def test_fp8_grouped_gemm_is_per_group_fp8_gemm():
     assert (out[start:] == 0).all()
 
 
+def test_fp8_grouped_gemm_masked_is_the_contiguous_op_on_the_real_rows():
+    """The masked layout against an independent formulation: the real rows of each expert packed
+    contiguously through fp8_grouped_gemm; every other row zero (also a NaN row past masked_m)."""
+    E, max_m, N, K = 4, 6, 136, 256
+    counts = [3, 0, 6, 1]
+    x = torch.randn(E, max_m, K)
+    x[0, 5] = float("nan")  # past masked_m[0]: must not reach the output
+    qx, sx = quant_act(x)
+    qw, sw = quant_weight(torch.randn(E, N, K))
+    masked_m = torch.tensor(counts, dtype=torch.int64)
+    out = fp8_grouped_gemm_masked(qx, sx, qw, sw, masked_m, out_dtype=torch.float32)
+    rows = torch.cat([torch.arange(m) + e * max_m for e, m in enumerate(counts)])
+    packed = fp8_grouped_gemm(qx.flatten(0, 1)[rows], sx.flatten(0, 1)[rows], qw, sw,
+                              torch.tensor(counts).cumsum(0).to(torch.int32), out_dtype=torch.float32)
+    expected = torch.zeros(E * max_m, N)
+    expected[rows] = packed
+    assert torch.equal(out.flatten(0, 1), expected)
+
+
+def test_fp8_grouped_gemm_masked_clamps_counts_or_validates():
+    E, max_m, N, K = 3, 4, 128, 128
+    qx, sx = quant_act(torch.randn(E, max_m, K))
+    qw, sw = quant_weight(torch.randn(E, N, K))
+    bad = torch.tensor([-2, 9, 4], dtype=torch.int32)
+    clamped = fp8_grouped_gemm_masked(qx, sx, qw, sw, bad, out_dtype=torch.float32)
+    assert torch.equal(clamped, fp8_grouped_gemm_masked(qx, sx, qw, sw, torch.tensor([0, 4, 4]), torch.float32))
+    with pytest.raises(ValueError, match=r"masked_m: expected row counts in \[0, 4\] \(max_m\), got -2 for expert 0"):
+        fp8_grouped_gemm_masked(qx, sx, qw, sw, bad, validate=True)
+
+
 def test_fp8_gemms_reject_bad_input():
     qa, sa = quant_act(torch.randn(4, 256))
     qb, sb = quant_weight(torch.randn(128, 256))
@@ -167,6 +207,16 @@ def test_fp8_gemms_reject_bad_input():
         fp8_grouped_gemm(qa, sa, qw, sw, torch.tensor([3], dtype=torch.int32))
     with pytest.raises(ValueError, match="w_s"):
         fp8_grouped_gemm(qa, sa, qw, sw[:1], torch.tensor([1, 4], dtype=torch.int32))
+    qx, sx = quant_act(torch.randn(2, 3, 256))
+    masked_m = torch.tensor([1, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"x: expected \(E=2, max_m, K=256\)"):
+        fp8_grouped_gemm_masked(qx[:1], sx[:1], qw, sw, masked_m)
+    with pytest.raises(ValueError, match=r"x_s: expected shape \(2, 3, 2\)"):
+        fp8_grouped_gemm_masked(qx, sx[:, :2], qw, sw, masked_m)
+    with pytest.raises(ValueError, match=r"masked_m: expected shape \(2\)"):
+        fp8_grouped_gemm_masked(qx, sx, qw, sw, masked_m[:1])
+    with pytest.raises(TypeError, match="masked_m: expected dtype int32/int64"):
+        fp8_grouped_gemm_masked(qx, sx, qw, sw, masked_m.float())
 
 
 @given(lead=st.integers(1, 6), kb=st.integers(1, 5), tail=st.integers(0, 15),

@@ -85,3 +85,28 @@ def test_grouped_gemm_dw_is_the_autograd_weight_gradient():
     assert (dw[1] == 0).all()
     with pytest.raises(ValueError, match="dy"):
         grouped_gemm_dw(xs, dy[1:], _offsets(sizes))
+
+
+def test_grouped_gemm_masked_is_per_expert_matmul_of_the_first_rows():
+    """Rows r < masked_m[e] of expert e use w[e]; the rows past it are zeros, whatever x holds
+    there; masked_m is clamped into [0, max_m]; validate=True raises on it instead."""
+    from moela.reference import grouped_gemm_masked
+
+    E, max_m, N, K = 4, 6, 5, 7
+    x = torch.randn(E, max_m, K, dtype=torch.float64)
+    w = torch.randn(E, N, K, dtype=torch.float64)
+    masked_m = torch.tensor([3, 0, 9, -2], dtype=torch.int32)  # 9 and -2 clamp to 6 and 0
+    x[0, 3:] = float("nan")
+    out = grouped_gemm_masked(x, w, masked_m)
+    assert out.shape == (E, max_m, N)
+    for e, rows in enumerate([3, 0, 6, 0]):
+        torch.testing.assert_close(out[e, :rows], x[e, :rows] @ w[e].T, rtol=1e-14, atol=1e-14)
+        assert (out[e, rows:] == 0).all()
+    with pytest.raises(ValueError, match="masked_m"):
+        grouped_gemm_masked(x, w, masked_m, validate=True)
+    grouped_gemm_masked(x, w, masked_m.clamp(0, max_m), validate=True)
+    for bad, name in [((x[:, :, :3], w, masked_m), "x"), ((x, w[:3], masked_m), "x"),
+                      ((x, w, masked_m[:3]), "masked_m"), ((x, w, masked_m.float()), "masked_m"),
+                      ((x, w.float(), masked_m), "w")]:
+        with pytest.raises((ValueError, TypeError), match=name):
+            grouped_gemm_masked(*bad)

@@ -1,0 +1,235 @@
+"""The Hopper main loop of the block-scaled FP8 GEMMs and the rule that picks it.
+
+Legend: M rows of ``a`` (tokens), N output features, K reduction dim, B the scale block (the K
+tile), Kb = K/B; a tile is BLOCK_M × BLOCK_N of the output.
+
+:func:`fp8_tma_tile` computes one tile of ``Σ_kb promote(a_kb · b_kbᵀ)`` (``reference.fp8_gemm``:
+each B-deep block product lands in a fresh float32 tile, is multiplied by ``a_s[rows, kb] ·
+b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order). ``a`` and ``b``
+tiles come through tensor descriptors (TMA, ``cp.async.bulk.tensor``; rows and columns past the
+tensor are zero-filled, so no masks) that each program makes on the device
+(``tl.make_tensor_descriptor``: the block shape follows the config's constexprs, so autotuning
+and the config tables need nothing on the host; Triton's global scratch holds them, allocated
+through torch by ``_common.ensure_tma_allocator``); the scales are pointer loads (any
+strides), which the software pipeliner turns into ``cp.async``. Two schedules, chosen by the
+``WARP_SPECIALIZE`` constexpr of a config:
+
+- ``WARP_SPECIALIZE=False`` (software pipelined, ``num_warps`` 4 or 8): K blocks go two at a
+  time. Block 2j's wgmma is waited for at once (the wait also retires block 2j-1's), then block
+  2j+1's wgmma is issued and left in flight (``isAsync``, no wait until the next pair) while
+  blocks 2j-1 and 2j are promoted: the compiled loop reads wgmma, commit, wait 0, wgmma,
+  commit, then the promotions' FMAs, so the tensor cores idle only between a wait's return and
+  the next issue. The scale loads are pipelined with the tiles (``cp.async``); no synchronous
+  global load remains in the loop. A block past K (odd Kb) is zero-filled by TMA and promoted
+  with scale 0.
+- ``WARP_SPECIALIZE=True`` (``num_warps=4``, BLOCK_M = 128): ``tl.range(warp_specialize=True)``,
+  which Triton 3.6 lowers to DeepGEMM's layout: one producer warpgroup issuing the TMA loads,
+  two math warpgroups of 64 rows each (``setmaxnreg``). Each math warpgroup waits for its own
+  wgmma before promoting it (Triton lowers the consumers' dots synchronously), so the overlap is
+  between warpgroups: one promotes while the other's wgmma runs, as in DeepGEMM. The math
+  warpgroups load the scales themselves (Triton leaves loads that feed no dot operand in the
+  consumers) with ``ld.global``, one K block ahead of their use.
+
+:func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moela import knobs
+
+from ._common import num_sms, tma_operand_ok
+
+__all__ = [
+    "fp8_tma_tile", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem", "tma_config_fits", "wave_cost",
+    "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK", "HOPPER_SMS", "FLOP_PER_BYTE",
+    "KEEP_CONFIGS",
+]
+
+#: The first compute capability with TMA and wgmma.
+HOPPER = (9, 0)
+#: The SM count configs are ranked for where no GPU runs them (a compile-only audit): H100 / H200.
+HOPPER_SMS = 132
+
+
+@triton.jit
+def _block_scale(as_ptrs, bs_ptrs, kb, valid, stride_ask, stride_bsk,
+                 BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """The promotion factor of K block ``kb``: (BLOCK_M, 1) when the tile lies in one B-row
+    block of b (one b scale), else (BLOCK_M, BLOCK_N); 0 where ``valid`` is false (the address
+    then stays at block 0)."""
+    k = tl.where(valid, kb, 0)
+    a_s = tl.load(as_ptrs + k * stride_ask)
+    b_s = tl.load(bs_ptrs + k * stride_bsk)
+    if BLOCK_N <= SCALE_BLOCK:
+        s = (a_s * b_s)[:, None]
+    else:
+        s = a_s[:, None] * b_s[None, :]
+    return tl.where(valid, s, 0.0)
+
+
+@triton.jit
+def fp8_tma_tile(
+    a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, num_kb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb < num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
+
+    a_desc / b_desc: tensor descriptors (``tl.make_tensor_descriptor``) with blocks (BLOCK_M,
+    SCALE_BLOCK) / (BLOCK_N, SCALE_BLOCK), read from rows ``a_row`` / ``b_row``; as_ptrs:
+    (BLOCK_M,) pointers to the tile's rows of a_s (in bounds); bs_ptrs: the b_s row of the tile's
+    B-row block repeated (BLOCK_M,) times when BLOCK_N <= SCALE_BLOCK (a vector load, which the
+    pipeliner takes and a scalar one it does not), else (BLOCK_N,) pointers to each column's b_s
+    row; num_kb >= 0.
+    STAGES: the software pipeline's depth, named on the loop (``num_stages`` of the config): with
+    it the pipeliner also takes the scale loads, which feed no dot operand.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WARP_SPECIALIZE:
+        s_next = _block_scale(as_ptrs, bs_ptrs, 0, num_kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+        for kb in tl.range(0, num_kb, warp_specialize=True):
+            s = s_next  # loaded one block ahead: its latency hides behind this block's wgmma
+            s_next = _block_scale(as_ptrs, bs_ptrs, kb + 1, kb + 1 < num_kb, stride_ask, stride_bsk,
+                                  BLOCK_N, SCALE_BLOCK)
+            a = a_desc.load([a_row, kb * SCALE_BLOCK])
+            b = b_desc.load([b_row, kb * SCALE_BLOCK])
+            acc += tl.dot(a, b.T) * s
+    else:
+        # p1: the odd block of the previous pair, still in flight when the loop body ends.
+        p1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in tl.range(0, num_kb, 2, num_stages=STAGES):
+            s_prev = _block_scale(as_ptrs, bs_ptrs, kb - 1, kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+            s0 = _block_scale(as_ptrs, bs_ptrs, kb, True, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+            a0 = a_desc.load([a_row, kb * SCALE_BLOCK])
+            b0 = b_desc.load([b_row, kb * SCALE_BLOCK])
+            a1 = a_desc.load([a_row, (kb + 1) * SCALE_BLOCK])  # past K (odd num_kb): zeros
+            b1 = b_desc.load([b_row, (kb + 1) * SCALE_BLOCK])
+            p0 = tl.dot(a0, b0.T)  # waited for at once, with the previous p1
+            acc += p1 * s_prev
+            p1 = tl.dot(a1, b1.T)  # left in flight ...
+            acc += p0 * s0  # ... while this promotion runs
+        last = (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (num_kb when that is odd: zeros)
+        acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < num_kb, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: the path rule, device facts
+# ----------------------------------------------------------------------------------------------
+
+#: The scale block the Hopper kernels take (DeepSeek's; their configs are sized for it).
+HOPPER_BLOCK = 128
+
+
+def tma_ready(t: torch.Tensor | None) -> bool:
+    """Can a tensor descriptor read this 2-D tensor (``_common.tma_operand_ok``, no empty dim)?"""
+    return t is not None and t.ndim == 2 and t.numel() > 0 and tma_operand_ok(t)
+
+
+def fp8_path(capability: tuple[int, int], block: int, *tma_operands: torch.Tensor | None) -> str:
+    """The FP8 GEMM kernels' one path rule: ``"tma"`` (the Hopper kernels: tensor descriptors,
+    persistent tiles, wgmma) when the device has TMA (compute capability >= 9.0; the interpreter
+    counts as 9.0) and ``MOELA_TMA`` is not ``0``, the scale block is ``HOPPER_BLOCK`` (128) and
+    every operand those kernels read through descriptors (the e4m3 activations and weights as
+    2-D views, ``None`` where no 2-D view exists) satisfies :func:`tma_ready`; otherwise
+    ``"pointer"`` (the pointer-based kernels: Ada's sm_89, other scale blocks, odd strides or
+    alignment, K = 0). Scales and outputs go through pointers on both paths: any strides.
+    ``capability`` is an input so that tests can run either path anywhere.
+    """
+    if knobs.get("MOELA_TMA") == "0" or tuple(capability) < HOPPER or block != HOPPER_BLOCK:
+        return "pointer"
+    return "tma" if all(tma_ready(t) for t in tma_operands) else "pointer"
+
+
+def ranking_sms(device: torch.device) -> int:
+    """The SM count the pruners rank configs for: the GPU's (``_common.num_sms``), the
+    interpreter's few programs, or ``HOPPER_SMS`` for tensors no kernel will run on (meta or CPU
+    tensors outside the interpreter: a compile-only audit)."""
+    if device.type == "cuda" or knobs.interpret():
+        return num_sms(device)
+    return HOPPER_SMS
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs of the Hopper kernels: smem, the wave model that orders them, the pruner
+# ----------------------------------------------------------------------------------------------
+
+#: FLOPs an SM's tensor cores do in the time it reads one operand byte (H100/H200 FP8: ~15 TFLOP/s
+#: per SM against ~100 GB/s of L2 per SM): the wave model's exchange rate between MMA and bytes.
+FLOP_PER_BYTE = 150
+#: How many configs the pruner hands the autotuner (the first is what MOELA_AUTOTUNE=0 runs).
+KEEP_CONFIGS = 4
+
+
+def tma_config(bm: int, bn: int, warps: int, stages: int, ws: bool = False, group_m: int = 8) -> triton.Config:
+    """A Hopper config; ``ws``: the warp-specialised schedule (num_warps=4, BLOCK_M=128)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "WARP_SPECIALIZE": ws, "STAGES": stages},
+                         num_warps=warps, num_stages=stages)
+
+
+def tma_smem(config: triton.Config, block: int) -> int:
+    """Shared memory a config takes (bytes): its pipeline buffers (two K blocks per stage without
+    warp specialisation) and the epilogue's layout conversion."""
+    k = config.kwargs
+    per_stage = (k["BLOCK_M"] + k["BLOCK_N"]) * block * (1 if k["WARP_SPECIALIZE"] else 2)
+    return config.num_stages * per_stage + k["BLOCK_M"] * k["BLOCK_N"]
+
+
+def tma_config_fits(config: triton.Config, block: int, budget: int) -> bool:
+    """Within the shared-memory budget, and warp specialisation only where Triton 3.6 lowers it
+    well: num_warps=4 and 128-row tiles (two math warpgroups of 64 rows; 64-row tiles would
+    make both warpgroups compute the same rows)."""
+    k = config.kwargs
+    if k["WARP_SPECIALIZE"] and (config.num_warps != 4 or k["BLOCK_M"] != 128):
+        return False
+    return tma_smem(config, block) <= budget
+
+
+def wave_cost(bm: int, bn: int, tiles: int, rows: int, sms: int) -> float:
+    """The wave model: ``ceil(tiles / sms)`` rounds of one tile per SM, each costing its MMA work
+    (``2·bm·bn`` FLOP per K element, at ``FLOP_PER_BYTE``) plus its operand bytes (``rows`` of a
+    that exist, ``bn`` of b per K element). Relative units; ranks configs, nothing more."""
+    return -(-tiles // sms) * (2 * bm * bn / FLOP_PER_BYTE + rows + bn)
+
+
+def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
+    """early_config_prune for a Hopper kernel: configs that fit (:func:`tma_config_fits`),
+    ordered by :func:`wave_cost` (stable: ties keep the list's order), the best ``keep``.
+
+    ``tiles_of(nargs, bm, bn) -> (tiles, rows per tile)`` says how the op tiles its problem;
+    the tensor argument ``tensor`` gives the device (its SM count).
+    """
+
+    def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+        block = kwargs.get("SCALE_BLOCK", nargs.get("SCALE_BLOCK"))
+        sms = ranking_sms(nargs[tensor].device)
+        fits = [c for c in configs if tma_config_fits(c, block, budget)] or configs[:1]
+
+        def cost(c: triton.Config) -> float:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            tiles, rows = tiles_of(nargs, bm, bn)
+            return wave_cost(bm, bn, max(tiles, 1), rows, sms)
+
+        return sorted(fits, key=cost)[:keep]
+
+    return prune
+
+
+def hopper_tuner(tuner):
+    """An autotuner of a Hopper kernel with its configs completed in place: GROUP_M (8),
+    WARP_SPECIALIZE (False) and STAGES (num_stages) where a config does not name them (one
+    pinned through the environment names only what it sets)."""
+    for c in tuner.configs:
+        c.kwargs.setdefault("GROUP_M", 8)
+        c.kwargs.setdefault("WARP_SPECIALIZE", False)
+        c.kwargs.setdefault("STAGES", c.num_stages)
+    return tuner
+
+
+def hopper_meta(config: dict) -> dict:
+    """An explicit ``config=`` dict completed like :func:`hopper_tuner` completes configs."""
+    return {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}

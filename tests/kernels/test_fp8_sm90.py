@@ -1,0 +1,198 @@
+"""The Hopper FP8 kernels compiled for sm_90 without a GPU: what the compiler made of the configs
+their pruners pick at DeepSeek's shapes.
+
+For fp8_gemm, fp8_grouped_gemm and fp8_grouped_gemm_masked, at DeepSeek problems of each M
+class, the config each pruner ranks first for a 132-SM Hopper (what ``MOELA_AUTOTUNE=0`` runs)
+and every warp-specialised config it keeps are bound as a launch would bind them and compiled for sm_90 in
+a subprocess without ``TRITON_INTERPRET`` (``sm90_compile``). Asserted: no spills, shared memory
+within a block's 227 KB, wgmma, TMA (``cp.async.bulk.tensor``); warp specialisation
+(``ttg.warp_specialize`` and ``setmaxnreg``) where the config asks for it; without it, no
+``ld.global`` in the K loop (the scales come through ``cp.async``) and the promotion overlapped
+with the next wgmma (in the K loop's TTGIR an asynchronous ``warp_group_dot`` is followed by a
+promotion before any ``warp_group_dot_wait``; in the PTX, the second wgmma of a pair is committed
+and the promotions' FMAs follow before the next wait). The warp-specialised schedule's math warpgroups
+load their scales themselves, one K block ahead (Triton 3.6 leaves loads that feed no dot
+operand in the consumer partitions): there the K loop holds exactly those loads, a_s and b_s in
+each of the two math warpgroups.
+
+Skipped (with the reason) where Triton's bundled ptxas does not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+
+# (kernel module, label, problem) per M class; the problem's keys are the module's shapes.
+PROBLEMS = [
+    ("fp8_gemm", "decode 64x2112x7168", dict(M=64, N=2112, K=7168)),
+    ("fp8_gemm", "medium 128x7168x2048", dict(M=128, N=7168, K=2048)),
+    ("fp8_gemm", "prefill 4096x2112x7168", dict(M=4096, N=2112, K=7168)),
+    ("fp8_gemm", "prefill 4096x7168x16384", dict(M=4096, N=7168, K=16384)),
+    ("fp8_grouped_gemm", "v3 decode 256x2 n4096 k7168", dict(E=256, rows=2, N=4096, K=7168)),
+    ("fp8_grouped_gemm", "medium 32x100 n4096 k7168", dict(E=32, rows=100, N=4096, K=7168)),
+    ("fp8_grouped_gemm", "contiguous 4x8192 n4096 k7168", dict(E=4, rows=8192, N=4096, K=7168)),
+    ("fp8_grouped_gemm_masked", "v3 decode 32x64 n4096 k7168", dict(E=32, max_m=64, N=4096, K=7168)),
+    ("fp8_grouped_gemm_masked", "masked 4x256 n7168 k2048", dict(E=4, max_m=256, N=7168, K=2048)),
+]
+
+
+def _launch(kernel: str, shape: dict):
+    """(tuner, JITFunction, bound arguments by name) of the Hopper kernel for ``shape`` (CPU tensors)."""
+    import importlib
+
+    import torch
+
+    from moela.kernels._common import cdiv
+    from moela.kernels.fp8_gemm import m_class
+    from moela.kernels.fp8_quant import empty_col_major_scales
+
+    f8 = torch.float8_e4m3fn
+    mod = importlib.import_module(f"moela.kernels.{kernel}")
+    if kernel == "fp8_gemm":
+        M, N, K = shape["M"], shape["N"], shape["K"]
+        args, consts = mod.tma_launch_args(
+            torch.empty(M, N, dtype=torch.bfloat16), torch.empty(M, K, dtype=f8), empty_col_major_scales(M, K // 128),
+            torch.empty(N, K, dtype=f8), torch.empty(cdiv(N, 128), K // 128), 128, None)
+        cls, fn = m_class(M), mod._fp8_gemm_tma_kernel
+    elif kernel == "fp8_grouped_gemm":
+        E, rows, N, K = shape["E"], shape["rows"], shape["N"], shape["K"]
+        M = E * rows
+        args, consts = mod.tma_launch_args(
+            torch.empty(M, N, dtype=torch.bfloat16), torch.empty(M, K, dtype=f8), empty_col_major_scales(M, K // 128),
+            torch.empty(E * N, K, dtype=f8), torch.empty(E, cdiv(N, 128), K // 128),
+            torch.arange(1, E + 1, dtype=torch.int32) * rows, 128)
+        cls, fn = m_class(rows), mod._fp8_grouped_gemm_tma_kernel
+    else:
+        E, max_m, N, K = shape["E"], shape["max_m"], shape["N"], shape["K"]
+        args, consts = mod.tma_launch_args(
+            torch.empty(E, max_m, N, dtype=torch.bfloat16), torch.empty(E * max_m, K, dtype=f8),
+            torch.empty(E, max_m, K // 128), torch.empty(E * N, K, dtype=f8), torch.empty(E, cdiv(N, 128), K // 128),
+            torch.full((E,), max_m, dtype=torch.int32), 128)
+        cls, fn = m_class(max_m), mod._fp8_grouped_gemm_masked_tma_kernel
+    return mod._TMA_TUNED[cls], fn, {**dict(zip(fn.arg_names[:len(args)], args, strict=True)), **consts}
+
+
+def _overlap(ttgir: str) -> bool:
+    """In the K loop (the scf.for stepping by 2), an asynchronous warp_group_dot followed by a
+    promotion (a 2-D mulf) before the next warp_group_dot_wait."""
+    m = re.search(r"scf\.for [^\n]* step %c2_i32[^\n]*\{\n(.*?)\n\s*scf\.yield", ttgir, re.S)
+    if not m:
+        return False
+    in_flight = False
+    for line in m.group(1).splitlines():
+        if "ttng.warp_group_dot " in line or "ttng.warp_group_dot\t" in line:
+            in_flight = "isAsync = true" in line
+        elif "ttng.warp_group_dot_wait" in line:
+            in_flight = False
+        elif in_flight and re.search(r"arith\.mulf .*tensor<\d+x\d+xf32", line):
+            return True
+    return False
+
+
+def _ptx_overlap(ptx: str) -> bool:
+    """In the PTX: wgmma of block 2j, commit, wait 0, wgmma of block 2j+1, commit, then the
+    promotions' FMAs before any further wait: the tensor cores run while the FMAs do."""
+    seq = []
+    for line in ptx.splitlines():
+        op = line.strip().split(" ")[0]
+        if op.startswith("wgmma.mma_async"):
+            seq.append("M")
+        elif op.startswith("wgmma.commit_group"):
+            seq.append("C")
+        elif op.startswith("wgmma.wait_group"):
+            seq.append("W")
+        elif op.startswith("fma.rn.f32"):
+            seq.append("f")
+    return re.search(r"M+CWM+Cf{16,}", "".join(seq)) is not None
+
+
+def collect() -> None:
+    """Subprocess entry: compile every picked (problem, config) and print JSON rows."""
+    import sm90_compile
+
+    # the tensors are on the CPU and the interpreter is off: the pruners rank for 132 SMs
+    # (fp8_mainloop.num_sms)
+
+    rows, seen = [], set()
+    for kernel, label, shape in PROBLEMS:
+        tuner, fn, nargs = _launch(kernel, shape)
+        tuner.nargs = nargs
+        kept = tuner.prune_configs({})
+        picked = [kept[0]] + [c for c in kept[1:] if c.kwargs["WARP_SPECIALIZE"]]
+        for c in picked:
+            kw = {**nargs, **c.kwargs}
+            key = (kernel, repr(sorted(c.kwargs.items())), c.num_warps, c.num_stages, shape.get("K"))
+            if key in seen:
+                continue
+            seen.add(key)
+            r = sm90_compile.compile_launch(fn, kw, c.num_warps, c.num_stages)
+            ttgir, ptx = r.pop("ttgir"), r.pop("ptx")
+            rows.append(dict(kernel=kernel, problem=label, config={**c.kwargs, "num_warps": c.num_warps},
+                             overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx), **r))
+    print("SM90-JSON " + json.dumps(rows))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    sys.path.insert(0, TESTS)
+    import sm90_compile
+
+    missing = sm90_compile.toolchain_missing()
+    if missing:
+        pytest.skip(missing)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([HERE, TESTS, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", "import test_fp8_sm90; test_fp8_sm90.collect()"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("SM90-JSON "))
+    rows = json.loads(line.removeprefix("SM90-JSON "))
+    for r in rows:  # the table the report quotes (pytest -s shows it)
+        print(f"{r['kernel']:24s} {r['problem']:32s} {r['config']} regs={r['regs']} spill={r['spill_bytes']} "
+              f"smem={r['smem']} ctas/SM={r['ctas_per_sm']} wgmma={r['wgmma']} tma={r['tma']} "
+              f"ws={r['warp_specialized']} loop_ld_global={r['loop_ld_global']} overlap={r['overlap']}/"
+              f"{r['ptx_overlap']}")
+    return rows
+
+
+def test_every_kernel_and_class_was_compiled(compiled):
+    assert {r["kernel"] for r in compiled} == {k for k, _, _ in PROBLEMS}
+    assert any(r["config"]["WARP_SPECIALIZE"] for r in compiled)
+    assert any(not r["config"]["WARP_SPECIALIZE"] for r in compiled)
+
+
+def test_no_spills_and_shared_memory_within_a_block(compiled):
+    for r in compiled:
+        assert r["spill_bytes"] == 0, r
+        assert r["smem"] <= 227 * 1024, r
+        assert r["ctas_per_sm"] >= 1, r
+
+
+def test_wgmma_and_tma(compiled):
+    for r in compiled:
+        assert r["wgmma"] and r["tma"], r
+
+
+def test_warp_specialisation_where_asked(compiled):
+    for r in compiled:
+        if r["config"]["WARP_SPECIALIZE"]:
+            assert r["warp_specialized"] and r["setmaxnreg"], r
+            assert r["loop_ld_global"] == 4, r  # a_s and b_s, one block ahead, in each math warpgroup
+        else:
+            assert not r["warp_specialized"], r
+
+
+def test_pipelined_schedule_has_async_scales_and_overlapped_promotion(compiled):
+    for r in compiled:
+        if not r["config"]["WARP_SPECIALIZE"]:
+            assert r["loop_ld_global"] == 0, r
+            assert r["overlap"] and r["ptx_overlap"], r
