@@ -12,11 +12,14 @@ float32 tile, ``acc += p · (dy_s[:, nb] ⊗ w_s[nb, k // B])`` (DeepSeek's per-
 combined scale is formed first, as ``fp8_gemm`` does). A B×B weight block is square, so the
 forward's quantization serves the transposed product unchanged (DeepSeek-V3 report §3.3.2).
 
-w is read with any strides: in its forward (N, K) layout the B tile has K contiguous and Triton
-stages it through registers into the K-major shared layout FP8 wgmma takes; a transposed copy
-(``w.t().contiguous().t()``, strides (1, N)) loads straight into it. The reduction tail (N not a
-multiple of B) is masked; rows past M and columns past K are clamped for loads and masked for
-stores. Configs: by M class (decode M <= 64, medium <= 512, large), keyed on (N, K);
+FP8 wgmma takes its operands with the reduction contiguous, so the kernel reads w from a copy
+with N contiguous: ``w`` as given when ``w.stride(0) == 1`` (``w.t().contiguous().t()``, what
+``model.fp8_training.FP8WeightCache`` keeps once per optimizer step), else the launcher makes that
+copy first (one extra pass over the e4m3 weight). Both operands then stream through the
+software pipeline (``cp.async``, the scales with them: ``tl_helpers.fp8_scaled_range_tile``). A
+partial last block of the reduction (N not a multiple of B) is done after the main loop with
+masked loads; rows past M and columns past K are clamped for loads and masked for stores.
+Configs: by M class (decode M <= 64, medium <= 512, large), keyed on (N, K);
 ``MOELA_FP8_DGRAD_<CLASS>_CONFIG`` pins one.
 """
 
@@ -44,7 +47,7 @@ def _fp8_dgrad_kernel(
     stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_dxm, stride_dxk,
     SCALE_BLOCK: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr = 3,
 ):
     """dx[M, K] = Σ_nb promote(dy_nb · w_nb) · dy_s · w_s, the reduction tile = SCALE_BLOCK.
 
@@ -62,7 +65,7 @@ def _fp8_dgrad_kernel(
         dy_ptr, dys_ptr, w_ptr, ws_ptr, rows, cols, pid_k * BLOCK_K, 0, N,
         stride_dym, stride_dyn, stride_dysm, stride_dysn,
         stride_wk, stride_wn, stride_wsk, stride_wsn,
-        BLOCK_M, BLOCK_K, SCALE_BLOCK, False, EVEN_N,
+        BLOCK_M, BLOCK_K, SCALE_BLOCK, False, EVEN_N, STAGES,
     )
     mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -70,7 +73,8 @@ def _fp8_dgrad_kernel(
 
 
 def _cfg(bm: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": group_m, "STAGES": stages},
+                         num_warps=warps, num_stages=stages)
 
 
 def fp8_dgrad_configs(cls: str) -> list[triton.Config]:
@@ -106,7 +110,8 @@ def fp8_dgrad(out, dy: Tensor, dy_s: Tensor, w: Tensor, w_s: Tensor, out_dtype: 
         dy: (M, N) float8_e4m3fn, dy_s: (M, ceil(N/block)) float32 (any strides): ``quant_act`` of
             the output gradient.
         w: (N, K) float8_e4m3fn, w_s: (ceil(N/block), ceil(K/block)) float32: the forward's weight
-            (any strides; a transposed copy with strides (1, N) is read fastest).
+            (any strides; a copy with N contiguous, strides (1, N), is read as it is, any other
+            layout is copied so first).
         out_dtype: bfloat16 (default), float16 or float32.
         block: the scale block: 32, 64, 128 (DeepSeek) or 256.
     Returns:
@@ -121,6 +126,8 @@ def fp8_dgrad(out, dy: Tensor, dy_s: Tensor, w: Tensor, w_s: Tensor, out_dtype: 
     K = w.shape[1]
     if M == 0 or K == 0:
         return
+    if w.stride(0) != 1 and N > 1:  # the reduction contiguous (module docstring)
+        w = w.t().contiguous().t()
     args = (dy, dy_s, w, w_s, out, M, N, K, *dy.stride(), *dy_s.stride(), *w.stride(), *w_s.stride(), *out.stride())
     consts = dict(SCALE_BLOCK=block, EVEN_N=N % block == 0)
     if config is None:

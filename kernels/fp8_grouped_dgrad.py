@@ -14,7 +14,9 @@ tiles; each program finds its group and first row from the offsets on the device
 (``tl_helpers.locate_m_tile``: offsets clamped into [0, M] and made non-decreasing, so malformed
 offsets give a documented result and no access out of bounds; ``validate=True`` raises instead).
 Programs past the real tile count exit; tail tiles store zeros without a reduction loop. The
-per-block promotion and the transposed weight read are ``fp8_dgrad``'s (``fp8_scaled_range_tile``).
+per-block promotion and the weight layout are ``fp8_dgrad``'s: w read with N contiguous, as
+given when ``w.stride(1) == 1`` (``model.fp8_training.FP8WeightCache`` keeps such a copy), else
+copied so first.
 Configs by mean rows per expert, keyed on (N, K, M's power-of-two bucket);
 ``MOELA_FP8_GROUPED_DGRAD_<CLASS>_CONFIG`` pins one.
 """
@@ -45,7 +47,7 @@ def _fp8_grouped_dgrad_kernel(
     stride_dxm, stride_dxk,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr = 3,
 ):
     """grid: (min(cdiv(M, BLOCK_M) + E, M) * cdiv(K, BLOCK_K),); BLOCK_E = next_power_of_2(E + 1).
 
@@ -68,7 +70,7 @@ def _fp8_grouped_dgrad_kernel(
         rows, cols, pid_k * BLOCK_K, 0, red_end,
         stride_dym, stride_dyn, stride_dysm, stride_dysn,
         stride_wk, stride_wn, stride_wsk, stride_wsn,
-        BLOCK_M, BLOCK_K, SCALE_BLOCK, False, EVEN_N,
+        BLOCK_M, BLOCK_K, SCALE_BLOCK, False, EVEN_N, STAGES,
     )
     mask = (offs_m < end)[:, None] & (offs_k < K)[None, :]
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -76,7 +78,8 @@ def _fp8_grouped_dgrad_kernel(
 
 
 def _cfg(bm: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": group_m, "STAGES": stages},
+                         num_warps=warps, num_stages=stages)
 
 
 def fp8_grouped_dgrad_configs(cls: str) -> list[triton.Config]:
@@ -115,7 +118,7 @@ def fp8_grouped_dgrad(out, dy: Tensor, dy_s: Tensor, w: Tensor, w_s: Tensor, off
     Args:
         dy: (M, N) float8_e4m3fn rows grouped by expert, dy_s: (M, ceil(N/block)) float32.
         w: (E, N, K) float8_e4m3fn, w_s: (E, ceil(N/block), ceil(K/block)) float32: the forward's
-            expert weights (any strides).
+            expert weights (any strides; N contiguous is read as it is, else copied so first).
         offsets: (E,) int32/int64 cumulative row ends (malformed values: the module docstring).
         validate: check the offsets' values (synchronises) and raise ValueError if malformed.
     Returns:
@@ -127,6 +130,8 @@ def fp8_grouped_dgrad(out, dy: Tensor, dy_s: Tensor, w: Tensor, w_s: Tensor, off
         check_offsets(offsets, M)
     if M == 0 or K == 0:
         return
+    if w.stride(1) != 1 and N > 1:  # the reduction contiguous (fp8_dgrad's module docstring)
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
     offsets = offsets.contiguous()  # the kernel indexes it flat
     args = (dy, dy_s, w, w_s, offsets, out, M, N, K, E, *dy.stride(), *dy_s.stride(), *w.stride(), *w_s.stride(),
             *out.stride(), m_bucket(M))

@@ -46,7 +46,7 @@ def _fp8_grouped_wgrad_kernel(
     stride_ce, stride_cn, stride_ck,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, STAGES: tl.constexpr = 3,
 ):
     """grid: (E * cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K),); BLOCK_E = next_power_of_2(E + 1).
 
@@ -68,7 +68,7 @@ def _fp8_grouped_wgrad_kernel(
         tl.where(nonempty, start, 0), tl.where(nonempty, end, 0),
         stride_an, stride_am, stride_asn, stride_asm,
         stride_bk, stride_bm, stride_bsk, stride_bsm,
-        BLOCK_N, BLOCK_K, SCALE_BLOCK, True, False,
+        BLOCK_N, BLOCK_K, SCALE_BLOCK, True, False, STAGES,
     )
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_n.to(tl.int64)[:, None] * stride_cn + offs_k[None, :] * stride_ck
@@ -76,13 +76,14 @@ def _fp8_grouped_wgrad_kernel(
 
 
 def _cfg(bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": group}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": group, "STAGES": stages},
+                         num_warps=warps, num_stages=stages)
 
 
 def fp8_grouped_wgrad_configs() -> list[triton.Config]:
-    """As ``fp8_wgrad``'s: the output is E weights, the reduction each expert's tokens."""
-    return [_cfg(128, 128, 8, 4), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4),
-            _cfg(128, 256, 8, 3), _cfg(64, 64, 4, 5)]
+    """As ``fp8_wgrad``'s, without the 128-row tiles: a group's partial edge blocks (done outside
+    the pipelined loop) leave no registers for them (sm_90 ptxas: 128×128 tiles spill)."""
+    return [_cfg(64, 128, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 4), _cfg(64, 256, 8, 3), _cfg(64, 64, 4, 5)]
 
 
 _tuned = autotune("fp8_grouped_wgrad", fp8_grouped_wgrad_configs(), key=["N", "K", "SCALE_BLOCK", "M_BUCKET"])(

@@ -10,11 +10,14 @@ Mb = ceil(M/B).
 DeepGEMM's ``fp8_gemm_nt`` with 1-D scales on both operands (the "TN" wgrad of DeepSeek-V3): both
 operands have the reduction (tokens) contiguous, the K-major layout FP8 wgmma takes, and one scale
 per (row, B tokens). Per B-block mb of tokens: ``p = dy_t[:, mb] · x_t[:, mb]ᵀ`` into a fresh
-float32 tile, ``acc += p · (dy_t_s[:, mb] ⊗ x_t_s[:, mb])`` (``tl_helpers.fp8_scaled_range_tile``;
-the outer product of the two scale vectors is formed first, one rounding away from the
-reference's ``(p · a) · b``). A partial last token block is masked. Rows past N and columns past
-K are clamped for loads and masked for stores. Configs: 128×128 tiles (wgmma; two float32 tiles
-live: 8 warps), keyed on (N, K) and M's power-of-two bucket; ``MOELA_FP8_WGRAD_CONFIG`` pins one.
+float32 tile, ``acc += (p · dy_t_s[:, mb]) · x_t_s[:, mb]`` (``tl_helpers.fp8_scaled_range_tile``,
+the reference's order). Both operands stream through the software pipeline (``cp.async``,
+the scales with them) when the token count is a multiple of 16 (the rows' byte stride; others
+load element by element); a partial last token block is done after the main loop with masked
+loads. Rows past N and columns past K are clamped for loads and masked for stores. Configs:
+128×128 tiles (wgmma; two float32 tiles live: 8 warps; not with a partial last block, whose
+masked code outside the loop leaves them too few registers), keyed on (N, K) and M's power-of-two
+bucket; ``MOELA_FP8_WGRAD_CONFIG`` pins one.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def _fp8_wgrad_kernel(
     stride_cn, stride_ck,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, EVEN_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, STAGES: tl.constexpr = 3,
 ):
     """dw[N, K] = Σ_mb promote(dy_t_mb · x_t_mbᵀ) · dy_t_s ⊗ x_t_s, the reduction tile = SCALE_BLOCK.
 
@@ -59,7 +62,7 @@ def _fp8_wgrad_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, rows, cols, pid_k * BLOCK_K, 0, M,
         stride_an, stride_am, stride_asn, stride_asm,
         stride_bk, stride_bm, stride_bsk, stride_bsm,
-        BLOCK_N, BLOCK_K, SCALE_BLOCK, True, EVEN_M,
+        BLOCK_N, BLOCK_K, SCALE_BLOCK, True, EVEN_M, STAGES,
     )
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     c_ptrs = c_ptr + offs_n.to(tl.int64)[:, None] * stride_cn + offs_k[None, :] * stride_ck
@@ -67,17 +70,27 @@ def _fp8_wgrad_kernel(
 
 
 def _cfg(bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": group}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": group, "STAGES": stages},
+                         num_warps=warps, num_stages=stages)
 
 
 def fp8_wgrad_configs() -> list[triton.Config]:
-    """Weight-shaped outputs (thousands × thousands) and long reductions: wgmma tiles first."""
-    return [_cfg(128, 128, 8, 4), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4),
-            _cfg(128, 256, 8, 3), _cfg(64, 64, 4, 5)]
+    """Weight-shaped outputs (thousands × thousands) and long reductions: wgmma tiles first. Both
+    scales are vectors (one per row of dW and one per column), so the promotion holds more
+    registers than ``fp8_gemm``'s: 128×256 tiles spill at sm_90, 128×128 with 8 warps do not."""
+    return [_cfg(128, 128, 8, 4), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 4), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 5)]
 
 
-_tuned = autotune("fp8_wgrad", fp8_wgrad_configs(), key=["N", "K", "SCALE_BLOCK", "EVEN_M", "M_BUCKET"])(
-    _fp8_wgrad_kernel)
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """A partial last token block: no 128×128 tiles (they spill at sm_90 with the masked block)."""
+    if kwargs.get("EVEN_M", True):
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] < 128 * 128]
+    return kept or configs[-1:]
+
+
+_tuned = autotune("fp8_wgrad", fp8_wgrad_configs(), key=["N", "K", "SCALE_BLOCK", "EVEN_M", "M_BUCKET"],
+                  prune_configs_by={"early_config_prune": _prune})(_fp8_wgrad_kernel)
 
 
 def _domain(dy_t, dy_t_s, x_t, x_t_s, out_dtype=torch.float32, block=128) -> None:

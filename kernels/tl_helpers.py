@@ -151,24 +151,60 @@ def fp8_block_scaled_tile(
 
 
 @triton.jit
+def _fp8_scaled_block(
+    a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, rb, lo, hi,
+    stride_am, stride_ar, stride_asr, stride_bn, stride_br, stride_bsr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_VECTOR: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One promoted block of :func:`fp8_scaled_range_tile`: the float32 product of reduction block
+    ``rb`` (only r in [lo, hi) when MASKED), scaled by its a and b scales."""
+    r = offs_r + rb * BLOCK_R  # rb · BLOCK_R < the reduction length: fits int32
+    a_ptrs = a_ptr + rows[:, None] * stride_am + r[None, :] * stride_ar
+    b_ptrs = b_ptr + r[:, None] * stride_br + cols[None, :] * stride_bn
+    if MASKED:
+        inside = (r >= lo) & (r < hi)
+        a = tl.load(a_ptrs, mask=inside[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=inside[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    a_s = tl.load(as_ptrs + rb * stride_asr)
+    b_s = tl.load(bs_ptrs + rb * stride_bsr)
+    partial = tl.dot(a, b)  # this block, fresh float32 (the promotion boundary)
+    if ROW_VECTOR:
+        return (partial * a_s[:, None]) * b_s[None, :]
+    else:
+        return partial * (a_s * b_s)[:, None]
+
+
+@triton.jit
 def fp8_scaled_range_tile(
     a_ptr, as_ptr, b_ptr, bs_ptr,
     rows, cols, n_start, red_start, red_end,
     stride_am, stride_ar, stride_asm, stride_asr,
     stride_bn, stride_br, stride_bsn, stride_bsr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    B_ROW_SCALES: tl.constexpr, EVEN: tl.constexpr,
+    B_ROW_SCALES: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The FP8 training GEMMs' main loop: a (BLOCK_M, BLOCK_N) float32 tile of
     ``Σ_rb promote(Σ_{r ∈ rb ∩ [red_start, red_end)} a[rows, r] · b[cols, r]) · a_s[rows, rb] · b_s[·, rb]``.
 
-    The reduction index r runs over [red_start, red_end) in the scale blocks rb of BLOCK_R
-    (global blocks: rb = r // BLOCK_R), one fresh float32 product per block (the promotion).
-    b's scale is ``b_s[cols, rb]`` with B_ROW_SCALES (one per row of b: the wgrad's token
-    quantization) and ``b_s[cols // BLOCK_R, rb]`` otherwise (a weight's B×B blocks: the dgrad;
-    one scalar per block when BLOCK_N <= BLOCK_R). rows / cols: in-bounds int64 indices (already
-    clamped); n_start: the tile's first column, a multiple of BLOCK_N. EVEN: red_start and
-    red_end are multiples of BLOCK_R (no masks); else tokens outside the range load as zeros.
+    The reduction index r runs over [red_start, red_end) (0 <= red_start <= red_end) in the scale
+    blocks rb of BLOCK_R (global blocks: rb = r // BLOCK_R), one fresh float32 product per block
+    (the promotion), blocks in order. b's scale is ``b_s[cols, rb]`` with B_ROW_SCALES (one per
+    row of b: the wgrad's token quantization) and ``b_s[cols // BLOCK_R, rb]`` otherwise (a
+    weight's B×B blocks: the dgrad; one per block when BLOCK_N <= BLOCK_R, loaded as a BLOCK_M
+    vector of one address, which the pipeliner takes where it leaves a scalar load synchronous).
+    The product is scaled as the reference scales it, ``(p · a_s) · b_s``, except the one-scale
+    case: ``p · (a_s · b_s)`` (one multiply per element; one rounding apart). rows / cols:
+    in-bounds int64 indices (already clamped); n_start: the tile's first column, a multiple of
+    BLOCK_N.
+
+    The main loop runs over the blocks that lie wholly inside the range, without masks, its depth
+    ``STAGES`` named on the loop so that the scale loads (which feed no dot operand) are pipelined
+    with the tiles (``cp.async``). EVEN: the range ends at block edges (the dense GEMMs' full
+    blocks); otherwise the partial first and last blocks (a group's edges, a ragged end) are done
+    before and after it with masked loads, tokens outside the range as zeros.
     """
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -176,27 +212,29 @@ def fp8_scaled_range_tile(
     if B_ROW_SCALES:
         bs_ptrs = bs_ptr + cols * stride_bsn
     elif BLOCK_N <= BLOCK_R:  # the tile lies inside one block of b's rows: one scale per step
-        bs_ptrs = bs_ptr + (n_start // BLOCK_R) * stride_bsn
+        bs_ptrs = bs_ptr + (n_start // BLOCK_R) * stride_bsn + tl.zeros([BLOCK_M], tl.int64)
     else:
         bs_ptrs = bs_ptr + (cols // BLOCK_R) * stride_bsn
-    for rb in range(red_start // BLOCK_R, tl.cdiv(red_end, BLOCK_R)):
-        r = offs_r + rb * BLOCK_R  # rb · BLOCK_R < M fits int32
-        a_ptrs = a_ptr + rows[:, None] * stride_am + r[None, :] * stride_ar
-        b_ptrs = b_ptr + r[:, None] * stride_br + cols[None, :] * stride_bn
-        if EVEN:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            inside = (r >= red_start) & (r < red_end)
-            a = tl.load(a_ptrs, mask=inside[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=inside[:, None], other=0.0)
-        a_s = tl.load(as_ptrs + rb * stride_asr)
-        b_s = tl.load(bs_ptrs + rb * stride_bsr)
-        partial = tl.dot(a, b)  # this block, fresh float32 (the promotion boundary)
-        if B_ROW_SCALES or BLOCK_N > BLOCK_R:
-            acc += partial * (a_s[:, None] * b_s[None, :])
-        else:
-            acc += partial * (a_s * b_s)[:, None]
+    ROW_VECTOR: tl.constexpr = B_ROW_SCALES or BLOCK_N > BLOCK_R
+    if EVEN:
+        first_full, end_full = red_start // BLOCK_R, red_end // BLOCK_R
+    else:
+        first_full = tl.cdiv(red_start, BLOCK_R)
+        end_full = tl.maximum(red_end // BLOCK_R, first_full)
+        if red_start % BLOCK_R != 0 and red_start < red_end:  # the partial first block (maybe the only one)
+            acc += _fp8_scaled_block(a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, red_start // BLOCK_R,
+                                     red_start, red_end, stride_am, stride_ar, stride_asr, stride_bn, stride_br,
+                                     stride_bsr, BLOCK_N, BLOCK_R, ROW_VECTOR, True)
+    for rb in tl.range(first_full, end_full, num_stages=STAGES):
+        acc += _fp8_scaled_block(a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, rb, red_start, red_end,
+                                 stride_am, stride_ar, stride_asr, stride_bn, stride_br, stride_bsr,
+                                 BLOCK_N, BLOCK_R, ROW_VECTOR, False)
+    if not EVEN:
+        last = red_end // BLOCK_R
+        if red_end % BLOCK_R != 0 and last * BLOCK_R >= red_start:  # the partial last block, not the first
+            acc += _fp8_scaled_block(a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, last, red_start, red_end,
+                                     stride_am, stride_ar, stride_asr, stride_bn, stride_br, stride_bsr,
+                                     BLOCK_N, BLOCK_R, ROW_VECTOR, True)
     return acc
 
 

@@ -477,10 +477,10 @@ def _swiglu(kernel: str, M: int) -> Launch:
 TRAIN_T = 4096  # tokens of a training micro-batch per GPU
 
 
-def _fp8_dgrad(label: str, M: int, N: int, K: int, w_transposed: bool = False) -> Launch:
-    """dx (M, K) = dy (M, N) · w (N, K); ``w_transposed``: w read from a transposed copy (strides (1, N))."""
+def _fp8_dgrad(label: str, M: int, N: int, K: int) -> Launch:
+    """dx (M, K) = dy (M, N) · w (N, K), w with N contiguous (strides (1, N): what the launcher passes)."""
     dy, dy_s, dx = _t(M, N, dtype=E4M3), _t(M, triton.cdiv(N, B), dtype=F32), _t(M, K)
-    w = _t(K, N, dtype=E4M3).t() if w_transposed else _t(N, K, dtype=E4M3)
+    w = _t(K, N, dtype=E4M3).t()
     w_s = _t(triton.cdiv(N, B), triton.cdiv(K, B), dtype=F32)
     return Launch(label, dict(
         dy_ptr=dy, dys_ptr=dy_s, w_ptr=w, ws_ptr=w_s, dx_ptr=dx, M=M, N=N, K=K,
@@ -491,14 +491,13 @@ def _fp8_dgrad(label: str, M: int, N: int, K: int, w_transposed: bool = False) -
 
 def _fp8_dgrad_dense(m: int) -> list[Launch]:
     """DeepGEMM's dense (n, k) as forward shapes: the dgrad reduces over n."""
-    first = [_fp8_dgrad(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
-    n, k = DEEPGEMM_DENSE["nk"][0]
-    return [*first, _fp8_dgrad(f"{m}x{n}x{k} transposed copy of w", m, n, k, w_transposed=True)]
+    return [_fp8_dgrad(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
 
 
 def _fp8_grouped_dgrad(label: str, M: int, E: int, N: int, K: int) -> Launch:
     dy, dy_s, dx = _t(M, N, dtype=E4M3), _t(M, triton.cdiv(N, B), dtype=F32), _t(M, K)
-    w, w_s = _t(E, N, K, dtype=E4M3), _t(E, triton.cdiv(N, B), triton.cdiv(K, B), dtype=F32)
+    w = _t(E, K, N, dtype=E4M3).transpose(1, 2)  # N contiguous, as the launcher passes it
+    w_s = _t(E, triton.cdiv(N, B), triton.cdiv(K, B), dtype=F32)
     return Launch(label, dict(
         dy_ptr=dy, dys_ptr=dy_s, w_ptr=w, ws_ptr=w_s, offsets_ptr=_t(E, dtype=I32), dx_ptr=dx, M=M, N=N, K=K, E=E,
         **_strides("stride_dym stride_dyn", dy), **_strides("stride_dysm stride_dysn", dy_s),
@@ -632,7 +631,7 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
                                          *_deepgemm_grouped(_fp8_grouped_dgrad, lambda m: 64 < m <= 512)],
     "fp8_grouped_dgrad/small": lambda: _v3_expert_grads(_fp8_grouped_dgrad, DECODE_T),
     "fp8_wgrad": lambda: [_fp8_wgrad(f"{TRAIN_T}x{n}x{k}", TRAIN_T, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
-    + [_fp8_wgrad(f"{TRAIN_T - 5}x2112x7168 ragged tokens", TRAIN_T - 5, 2112, 7168)],
+    + [_fp8_wgrad(f"{TRAIN_T + 16}x2112x7168 partial last block", TRAIN_T + 16, 2112, 7168)],
     "fp8_grouped_wgrad": lambda: [*_v3_expert_grads(_fp8_grouped_wgrad, TRAIN_T, align=True),
                                   *_deepgemm_grouped(_fp8_grouped_wgrad, lambda m: True)],
     "quant_act_t": lambda: [_quant_act_t(f"M={TRAIN_T} K={D}", TRAIN_T, D),

@@ -73,7 +73,7 @@ def test_fp8_linear_training_keeps_a_master_weight_and_saves_less_than_bf16(devi
     x = torch.randn(256, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
     assert _saved_bytes(layer, x) <= 0.53 * _saved_bytes(lin, x)  # e4m3 + a float32 scale per 128 vs bf16
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    (w_q, _), = layer.fp8_cache.get(_ops(), layer.weight)
+    (w_q, _, _), = layer.fp8_cache.get(_ops(), layer.weight)
     layer(x).sum().backward()
     assert layer.fp8_cache.get(_ops(), layer.weight)[0][0] is w_q  # no weight change: the same copy
     opt.step()
