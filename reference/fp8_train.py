@@ -45,6 +45,7 @@ from ._checks import (
     TensorSpec,
     check_bool,
     check_dtype_arg,
+    check_has_values,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -300,6 +301,7 @@ def fp8_grouped_wgrad(
     M = dy_t.shape[1]
     if validate:
         check_offsets(offsets, M)
+    check_has_values("offsets", offsets, "moela.reference.fp8_grouped_wgrad")
     dw = torch.zeros(E, N, K, dtype=out_dtype, device=dy_t.device)
     start = 0
     for e, end in enumerate(group_ends(offsets, M)):
