@@ -50,7 +50,7 @@ _SMALL = ModelArgs(
 
 PRESETS: dict[str, Preset] = {
     # 64 tokens per step: the Triton interpreter's cost grows with the programs, most of them per token
-    "tiny": Preset(_TINY, batch=2, seq_len=32, steps=20, lr=5e-3, warmup=3, eval_every=10, corpus_bytes=1 << 20,
+    "tiny": Preset(_TINY, batch=2, seq_len=32, steps=20, lr=5e-3, warmup=3, eval_every=5, corpus_bytes=1 << 20,
                    bias_rate=1e-2, n_eval=2),
     "small": Preset(_SMALL, batch=32, seq_len=512, steps=1000, lr=1e-3, warmup=50, eval_every=100,
                     corpus_bytes=64 << 20, bias_rate=1e-3),
