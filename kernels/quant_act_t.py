@@ -83,18 +83,6 @@ def _domain(x, block=128, scale_fmt=None) -> None:
                          f"per program), got {block} (moela.reference.quant_act_t takes any)")
 
 
-def launch_quant_act_t(q_t: Tensor, s_t: Tensor, x: Tensor, block: int, scale_fmt: str | None, config=None) -> None:
-    """The B×1 quantization of x (M, K) into given buffers ``q_t`` (K, M) and ``s_t`` (K, Mb) of
-    any strides (``quant_act_t``'s launcher)."""
-    M, K = x.shape
-    if M == 0 or K == 0:
-        return
-    args = (x, q_t, s_t, M, K, *x.stride(), *q_t.stride(), *s_t.stride())
-    consts = dict(BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0")
-    kernel, meta = (_tuned, {}) if config is None else (_quant_act_t_kernel, dict(config))
-    kernel[lambda m: (cdiv(M, block) * cdiv(K, m["BLOCK_K"]),)](*args, **consts, **meta)
-
-
 @kernel_op("quant_act_t", contract=check_quant_act_t, domain=_domain, fp8=True)
 def quant_act_t(out, x: Tensor, block: int = 128, scale_fmt: str | None = None, *,
                 config=None) -> tuple[Tensor, Tensor]:
@@ -107,11 +95,17 @@ def quant_act_t(out, x: Tensor, block: int = 128, scale_fmt: str | None = None, 
         scale_fmt: None (float32 ``amax/448``) or "ue8m0" (rounded up to a power of two).
     Returns:
         ``(q_t (K, M) float8_e4m3fn, s_t (K, ceil(M/block)) float32)``: the operands of
-        ``fp8_wgrad``.
+        ``fp8_wgrad``. ``quant_act_t.launch(x, out=(q_t, s_t))`` writes given buffers of any strides.
 
     Example::
 
         x_t, x_t_s = quant_act_t(x)   # x (M, K) bf16 -> (K, M) e4m3, (K, M/128) f32
     """
     q_t, s_t = out
-    launch_quant_act_t(q_t, s_t, x, block, scale_fmt, config)
+    M, K = x.shape
+    if M == 0 or K == 0:
+        return
+    args = (x, q_t, s_t, M, K, *x.stride(), *q_t.stride(), *s_t.stride())
+    consts = dict(BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0")
+    kernel, meta = (_tuned, {}) if config is None else (_quant_act_t_kernel, dict(config))
+    kernel[lambda m: (cdiv(M, block) * cdiv(K, m["BLOCK_K"]),)](*args, **consts, **meta)

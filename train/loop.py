@@ -3,8 +3,9 @@
 A run is a :class:`RunSpec` (which backend, bf16 or FP8 GEMMs) applied to a preset's model from a
 given initial state, on the batches every run of a comparison shares. Each step: forward,
 cross-entropy (or, distilling, the KL divergence to a teacher's logits), backward, gradient
-clipping, :class:`~moela.train.optim.MasterWeightAdamW` (float32 masters), then every MoE layer's
-``update_gate_bias`` (aux-loss-free balancing) from the loads it counted, which are recorded.
+clipping and :class:`~moela.train.optim.MasterWeightAdamW` (float32 masters), then every MoE
+layer's ``update_gate_bias`` (aux-loss-free balancing) from the loads it counted, which are
+recorded. Losses and loads stay on the device until the next evaluation (no host sync per step).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def train_run(spec: RunSpec, preset: Preset, args: ModelArgs, init_state: dict, 
     bar = tqdm(range(steps), desc=f"{spec.name:>12}", disable=not progress, dynamic_ncols=True, leave=True)
     start = timed_from = time.perf_counter()
     eval_seconds = 0.0  # after the warm-up, left out of the throughput
+    pending_losses, pending_loads = [], []  # device tensors, read at the next evaluation
     for step in bar:
         if step == warmup_steps:
             _sync(device)
@@ -125,24 +127,24 @@ def train_run(spec: RunSpec, preset: Preset, args: ModelArgs, init_state: dict, 
             loss = F.kl_div(logits.float().log_softmax(-1).flatten(0, 1), target.flatten(0, 1), log_target=True,
                             reduction="batchmean")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(opt.params, 1.0)
-        opt.step()
+        opt.step()  # clips the gradients' norm in float32
         opt.zero_grad()
-        loads = []
-        for moe in moes:
-            load = moe.expert_load.float()
-            loads.append((load / load.sum().clamp_min(1)).tolist())
-            moe.update_gate_bias(preset.bias_rate)
-        result.expert_load.append(loads)
-        result.losses.append(loss.item())
-        if (step + 1) % preset.eval_every == 0 or step + 1 == steps:
+        if moes:  # each MoE layer's share of the routed tokens, then its balancing step
+            loads = torch.stack([moe.expert_load.float() for moe in moes])
+            pending_loads.append(loads / loads.sum(-1, keepdim=True).clamp_min(1))
+            for moe in moes:
+                moe.update_gate_bias(preset.bias_rate)
+        pending_losses.append(loss.detach())
+        if (step + 1) % preset.eval_every == 0 or step + 1 == steps:  # the host reads the device here only
             t0 = time.perf_counter()
+            result.losses += torch.stack(pending_losses).tolist()
+            result.expert_load += [l.tolist() for l in pending_loads]
+            pending_losses, pending_loads = [], []
             result.eval_steps.append(step + 1)
             result.eval_losses.append(evaluate(model, eval_batches))
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}", eval=f"{result.eval_losses[-1]:.3f}")
             if step >= warmup_steps:
                 eval_seconds += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}",
-                        eval=f"{result.eval_losses[-1]:.3f}" if result.eval_losses else "-")
     _sync(device)
     end = time.perf_counter()
     result.seconds = end - start

@@ -2,8 +2,9 @@
 
 DeepSeek-V3's recipe keeps the master weights in float32 while the GEMMs read lower-precision
 copies (bf16 here, and for ``train_fp8`` layers the e4m3 copies re-quantized from them). This
-optimizer holds a float32 copy of every trainable parameter, steps torch's AdamW on the copies
-with the parameters' gradients cast to float32, and writes the result back into the parameters.
+optimizer holds a float32 copy of every trainable parameter, casts the parameters' gradients to
+float32, clips their global norm there, steps torch's AdamW on the copies and writes the result
+back into the parameters. No host synchronisation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class MasterWeightAdamW:
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1):
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1,
+                 max_grad_norm: float | None = 1.0):
+        self.max_grad_norm = max_grad_norm
         self.params = [p for p in params if p.requires_grad]
         self.masters = [p.detach().float().clone() for p in self.params]
         decay = [m for p, m in zip(self.params, self.masters, strict=True) if p.ndim >= 2]
@@ -41,6 +44,8 @@ class MasterWeightAdamW:
     def step(self) -> None:
         for p, m in zip(self.params, self.masters, strict=True):
             m.grad = None if p.grad is None else p.grad.float()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([m for m in self.masters if m.grad is not None], self.max_grad_norm)
         self.opt.step()
         for p, m in zip(self.params, self.masters, strict=True):
             p.copy_(m)  # bumps the parameter's version: FP8 layers re-quantize at the next forward
