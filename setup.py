@@ -7,7 +7,7 @@ nothing is importable as a bare top-level ``kernels`` or ``model``.
 
 from setuptools import setup
 
-NESTED = ("profiling.ops",)  # packages inside the subpackages
+NESTED = ("profiling.ops", "profiling.examples")  # packages inside the subpackages
 SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling", "integrations", "train")
 
 setup(

@@ -268,9 +268,14 @@ def smem_per_block(device: torch.device) -> int:
 def tma_operand_ok(t: torch.Tensor) -> bool:
     """Can a TMA tensor descriptor read or write ``t`` as it is: base address and every stride but
     the last in multiples of 16 bytes, the last stride 1."""
+    strides = t.stride()
+    if not strides or strides[-1] != 1 or t.data_ptr() % 16:
+        return False
     size = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+    for s in strides[:-1]:
+        if s * size % 16:
+            return False
+    return True
 
 
 def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
@@ -290,8 +295,12 @@ def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
     if knobs.get("MOELA_TMA") == "0" or tuple(capability) < (9, 0):
         return False
     dtype = operands[0].dtype
-    return all(t.dtype == dtype and t.dtype in TMA_DTYPES and t.numel() > 0 and tma_operand_ok(t)
-               for t in operands)
+    if dtype not in TMA_DTYPES:
+        return False
+    for t in operands:
+        if t.dtype != dtype or t.numel() == 0 or not tma_operand_ok(t):
+            return False
+    return True
 
 
 def uses_tma(*operands: torch.Tensor, config: triton.Config | None = None) -> bool:

@@ -33,6 +33,7 @@ The public function is generated source, so it keeps its signature and costs one
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable
@@ -151,6 +152,14 @@ def _from_list(outputs):
     if isinstance(outputs, list):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
     return outputs
+
+
+def _allocator(spec, device: torch.device) -> Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]:
+    """A call that allocates the outputs of ``spec`` on ``device`` (built once per checked signature)."""
+    if isinstance(spec, TensorSpec):
+        return functools.partial(torch.empty, spec.shape, dtype=spec.dtype, device=device)
+    parts = [functools.partial(torch.empty, s.shape, dtype=s.dtype, device=device) for s in spec]
+    return lambda: tuple(p() for p in parts)
 
 
 def _empty_like_spec(spec, device: torch.device):
@@ -296,7 +305,7 @@ def kernel_op(
             return f"(type({p}), {p})"  # 2 == 2.0 == True: the type is part of the signature
 
         sig = f"({', '.join(meta(p.name) for p in public_params)},)"
-        ns["_checked"], ns["_remember"], ns["_compat_ok"] = {}, _remember, _compat_ok
+        ns["_checked"], ns["_remember"], ns["_compat_ok"], ns["_allocator"] = {}, _remember, _compat_ok, _allocator
         domain_call = f"    _domain({', '.join(call)})\n" if domain is not None else ""
         detach = "".join(f"    {t} = {t}.detach() if isinstance({t}, _Tensor) else {t}\n" for t in tensors)
         src = (
@@ -310,13 +319,18 @@ def kernel_op(
             f"        spec = _contract({', '.join(call)})\n"
             f"{'    ' + domain_call if domain_call else ''}"
             f"        device = _kernel_device(_name, {first!r}, {first}, _fp8)\n"
+            f"        alloc = _allocator(spec, device)\n"
             f"        if sig is not None:\n"
-            f"            _remember(_checked, sig, (spec, device))\n"
+            f"            _remember(_checked, sig, (spec, device, alloc))\n"
             f"    else:\n"
-            f"        spec, device = state\n"
-            f"        _compat_ok({first!r}, device)\n"
-            f"    out = _outputs(_name, spec, device, out)\n"
-            f"    _launch_on(device, _launcher, out, {', '.join(call)}, config=config)\n"
+            f"        spec, device, alloc = state\n"
+            f"        if device.type == 'cpu':\n"
+            f"            _compat_ok({first!r}, device)\n"
+            f"    out = alloc() if out is None else _outputs(_name, spec, device, out)\n"
+            f"    if device.type == 'cuda':\n"
+            f"        _launch_on(device, _launcher, out, {', '.join(call)}, config=config)\n"
+            f"    else:\n"
+            f"        _launcher(out, {', '.join(call)}, config=config)\n"
             f"    return _result(out)\n"
             f"\n"
             f"def impl({', '.join(schema_defs)}):\n"

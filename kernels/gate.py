@@ -59,6 +59,10 @@ from .tl_helpers import div, exp
 
 __all__ = ["route", "gate", "MAX_EXPERTS"]
 
+#: libdevice's exp on a GPU; under the interpreter (decided when the kernels were decorated, at
+#: import, as Triton decides it) exp in float64 rounded (numpy's float32 exp is off by an ulp).
+_PRECISE = not knobs.interpret()
+
 #: Largest E the kernel takes (torch's warp softmax, whose order the kernel follows, stops here).
 MAX_EXPERTS = 1024
 
@@ -278,7 +282,7 @@ def route(out, logits: Tensor, bias: Tensor | None, *, topk: int, n_groups: int 
         TOPK=topk, K_P=next_power_of_2(topk), GP=next_power_of_2(n_groups), EGP=next_power_of_2(EG),
         WS=WS, ITERS=E_P // WS, LOG_WS=WS.bit_length() - 1,
         SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None, HAS_GROUPS=n_groups > 1,
-        IS_F64=weights.dtype == torch.float64, PRECISE=not knobs.interpret(),
+        IS_F64=weights.dtype == torch.float64, PRECISE=_PRECISE,
         enable_fp_fusion=False, enable_reflect_ftz=False, **({} if config is None else config.all_kwargs()),
     )
 

@@ -36,6 +36,10 @@ from .tl_helpers import abs_bits, block_scale, div, exp, saturate_to_fp8
 
 __all__ = ["swiglu", "swiglu_op", "swiglu_fp8_op", "swiglu_bwd_op", "KERNEL_DTYPES"]
 
+#: libdevice's exp on a GPU; under the interpreter (decided when the kernels were decorated, at
+#: import, as Triton decides it) exp in float64 rounded (numpy's float32 exp is off by an ulp).
+_PRECISE = not knobs.interpret()
+
 #: Input dtypes of the kernels (float32 arithmetic for all).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -159,6 +163,8 @@ def _grid(M: int, N: int):
 
 def _rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(..., N) tensors as (M, N) (views where the strides allow; outputs are always views)."""
+    if ts[0].ndim == 2:
+        return ts
     N = ts[0].shape[-1]
     M = ts[0].numel() // N if N else 0
     return tuple(t.reshape(M, N) for t in ts)
@@ -194,12 +200,12 @@ def swiglu_op(out, gate: Tensor, up: Tensor, *, config=None) -> Tensor:
     if out.untyped_storage().data_ptr() in (gate.untyped_storage().data_ptr(), up.untyped_storage().data_ptr()):
         raise ValueError("out: must not share memory with gate or up (autotuning reruns the kernel)")
     gate, up = _rows(gate, up)
-    out = out.view(gate.shape)
+    out = out.view(gate.shape) if out.ndim != 2 else out
     M, N = gate.shape
     kernel = _fwd_tuned if config is None else _swiglu_fwd_kernel
     kernel[_grid(M, N)](
         gate, up, out, M, N, *gate.stride(), *up.stride(), *out.stride(), m_bucket(M),
-        PRECISE=not knobs.interpret(), **_NO_FMA, **_config(config),
+        PRECISE=_PRECISE, **_NO_FMA, **_config(config),
     )
 
 
@@ -231,7 +237,7 @@ def swiglu_fp8_op(out, gate: Tensor, up: Tensor, block: int = 128, scale_fmt: st
     kernel = _fp8_tuned if config is None else _swiglu_fp8_kernel
     kernel[lambda meta: (cdiv(M, meta["BLOCK_M"]) * num_kb,)](
         gate, up, q, s, M, N, num_kb, *gate.stride(), *up.stride(), q.stride(0), *s.stride(), m_bucket(M),
-        PRECISE=not knobs.interpret(), BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0",
+        PRECISE=_PRECISE, BLOCK=block, BLOCK_P2=next_power_of_2(block), UE8M0=scale_fmt == "ue8m0",
         **_NO_FMA, **_config(config),
     )
 
@@ -256,7 +262,7 @@ def swiglu_bwd_op(out, dy: Tensor, gate: Tensor, up: Tensor, *, config=None) -> 
     kernel = _bwd_tuned if config is None else _swiglu_bwd_kernel
     kernel[_grid(M, N)](
         gate, up, dy, dg, du, M, N, *gate.stride(), *up.stride(), *dy.stride(), dg.stride(0), du.stride(0), m_bucket(M),
-        PRECISE=not knobs.interpret(), **_NO_FMA, **_config(config),
+        PRECISE=_PRECISE, **_NO_FMA, **_config(config),
     )
 
 

@@ -10,6 +10,7 @@ from moela.reference import RMSNorm
 
 from .backend import BACKENDS, ops_for
 from .checkpoint import CheckpointKeyError, load_checkpoint, save_checkpoint
+from .decode_graph import DecodeGraph
 from .latent_cache import LatentCache, PagedLatentCache
 from .linear import FP8Linear
 from .mla import MLA
@@ -21,5 +22,5 @@ __all__ = [
     "BACKENDS", "ops_for", "CheckpointKeyError", "load_checkpoint", "save_checkpoint",
     "Gate", "MoE", "grouped_experts", "routed_experts", "sequence_balance_loss", "MLA", "LatentCache",
     "PagedLatentCache", "FP8Linear", "RMSNorm", "quantize_linears_",
-    "Block", "Transformer",
+    "Block", "Transformer", "DecodeGraph",
 ]

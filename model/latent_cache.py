@@ -81,6 +81,14 @@ class _Rows:
         return rows[..., :self.kv_lora_rank], rows[..., self.kv_lora_rank:]
 
 
+def _position_index(positions: torch.Tensor, b: int, s: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position) index tensors (B, S) of S new tokens of sequences [0, B) starting at
+    ``positions`` (B,), clamped into [0, max_seq_len - 1]."""
+    check_tensor("positions", positions, dtypes=(torch.int32, torch.int64), shape=(b,))
+    pos = (positions.long()[:, None] + torch.arange(s, device=positions.device)).clamp(0, max_seq_len - 1)
+    return torch.arange(b, device=positions.device)[:, None].expand(b, s), pos
+
+
 class LatentCache(KVCache):
     """The absorbed form's cache in the decode kernel's layout: ``latent`` (B, T_max, W).
 
@@ -148,6 +156,21 @@ class LatentCache(KVCache):
             rope.copy_(pe)
         return end
 
+    def write_at(self, positions: torch.Tensor, *, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store kv (B, S, C) and pe (B, S, R) of sequence b at positions ``positions[b] + [0, S)``
+        (positions (B,) on the device: a batch whose sequences have different lengths, no host
+        read). Positions are clamped into [0, T_max - 1]: a row past the end writes the last
+        position (the caller keeps its lengths within the cache)."""
+        b, s = kv.shape[:2]
+        rows, cols = _position_index(positions, b, s, self.max_seq_len)
+        with torch.no_grad():
+            values, scales, rope = self.rows.parts(self.latent)
+            latent, latent_scales = self.rows.encode(kv)
+            values[rows, cols] = latent.to(values.dtype)
+            if scales is not None:
+                scales[rows, cols] = latent_scales
+            rope[rows, cols] = pe.to(rope.dtype)
+
     def update(self, start_pos: int, **new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`write`, then the prefixes kv (B, T, C), pe (B, T, R) in the compute dtype."""
         end = self.write(start_pos, **new)
@@ -156,8 +179,9 @@ class LatentCache(KVCache):
             return self.tensors["kv"][:b, :end], self.tensors["pe"][:b, :end]
         return self.rows.decode(self.latent[:b, :end])
 
-    def decode_inputs(self, batch: int, end: int) -> dict[str, torch.Tensor | None]:
-        """``mla_decode``'s cache arguments for sequences [0, batch) holding ``end`` positions."""
+    def decode_inputs(self, batch: int, end: int | None) -> dict[str, torch.Tensor | None]:
+        """``mla_decode``'s cache arguments for sequences [0, batch) holding ``end`` positions
+        (None: the whole buffer, the lengths given to the kernel as ``cache_seqlens``)."""
         return {"kv": self.latent[:batch, :end], "cache_seqlens": None, "block_table": None}
 
     def __repr__(self) -> str:
@@ -192,9 +216,11 @@ class PagedLatentCache(KVCache):
         check_int("page_size", page_size, 1)
         _check_layout(kv_lora_rank, rope_dim, dtype, fp8)
         self.rows = _Rows(kv_lora_rank, fp8, quant)
-        self.kv_lora_rank, self.page_size, self._dtype = kv_lora_rank, page_size, dtype
+        self.kv_lora_rank, self.page_size, self._dtype, self.num_pages = kv_lora_rank, page_size, dtype, num_pages
         width = _row_width(kv_lora_rank, rope_dim, fp8)
-        self.pool = torch.zeros(num_pages, page_size, width, dtype=FP8_DTYPE if fp8 else dtype, device=device)
+        # one page more than asked: page num_pages is the sink that writes at positions without a
+        # page land in (a block table never names it, so nothing reads it)
+        self.pool = torch.zeros(num_pages + 1, page_size, width, dtype=FP8_DTYPE if fp8 else dtype, device=device)
         max_blocks = -(-max_seq_len // page_size)
         self.block_table = torch.full((batch, max_blocks), -1, dtype=torch.int32, device=self.pool.device)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=self.pool.device)
@@ -247,10 +273,20 @@ class PagedLatentCache(KVCache):
             return
         if need - have > len(self._free):
             raise RuntimeError(f"PagedLatentCache: sequence {seq} needs {need - have} more pages for {length} "
-                               f"positions, {len(self._free)} of {self.pool.shape[0]} are free")
+                               f"positions, {len(self._free)} of {self.num_pages} are free")
         new = [self._free.pop() for _ in range(need - have)]
         self._pages[seq] += new
         self.block_table[seq, have:need] = torch.tensor(new, dtype=torch.int32)
+
+    def written(self, seq: int, length: int) -> None:
+        """Record on the host that sequence ``seq`` now holds ``length`` positions, written on the
+        device (:meth:`write_at`, a captured decode step); its pages must exist (:meth:`reserve`)."""
+        self._check_seq(seq)
+        check_int("length", length, 0)
+        if -(-length // self.page_size) > len(self._pages[seq]):
+            raise ValueError(f"length: sequence {seq} has pages for {len(self._pages[seq]) * self.page_size} "
+                             f"positions, got {length} (reserve them first)")
+        self._lens[seq] = length
 
     def free(self, seq: int) -> None:
         """Return sequence ``seq``'s pages to the pool; its length becomes 0."""
@@ -290,6 +326,24 @@ class PagedLatentCache(KVCache):
         self.cache_seqlens[:b] = end
         return end
 
+    def write_at(self, positions: torch.Tensor, *, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store kv (B, S, C) and pe (B, S, R) of sequence b at positions ``positions[b] + [0, S)``
+        through the block table, all on the device (no host read, no page taken: :meth:`reserve`
+        them first, and record the lengths with :meth:`written`). A position past the cache is
+        clamped to its last; a position whose block has no page writes the sink page."""
+        b, s = kv.shape[:2]
+        seq, pos = _position_index(positions, b, s, self.max_seq_len)
+        page = self.block_table[seq, pos // self.page_size].long()
+        page = torch.where((page >= 0) & (page < self.num_pages), page, self.num_pages)
+        rows = page * self.page_size + pos % self.page_size  # (B, S) flat pool rows
+        with torch.no_grad():
+            values, scales, rope = self.rows.parts(self.pool.flatten(0, 1))
+            latent, latent_scales = self.rows.encode(kv)
+            values[rows] = latent.to(values.dtype)
+            if scales is not None:
+                scales[rows] = latent_scales
+            rope[rows] = pe.to(rope.dtype)
+
     def update(self, start_pos: int, **new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`write`, then the prefixes kv (B, T, C), pe (B, T, R) gathered from the pages (a
         bf16 cache: the new positions are the given tensors, so their gradients flow)."""
@@ -314,7 +368,7 @@ class PagedLatentCache(KVCache):
         out = {"kv": kv, "pe": pe}[name]
         return torch.where((pages >= 0)[..., None], out, 0)
 
-    def decode_inputs(self, batch: int, end: int) -> dict[str, torch.Tensor | None]:
+    def decode_inputs(self, batch: int, end: int | None) -> dict[str, torch.Tensor | None]:
         """``mla_decode``'s cache arguments for sequences [0, batch) (their lengths: ``cache_seqlens``)."""
         return {"kv": self.pool, "cache_seqlens": self.cache_seqlens[:batch], "block_table": self.block_table[:batch]}
 

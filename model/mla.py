@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from einops import einsum
 
 from moela.reference import MLA as _ReferenceMLA
-from moela.reference import KVCache, ModelArgs
+from moela.reference import KVCache, ModelArgs, precompute_freqs_cis
+from moela.reference._checks import accumulate_dtype as _acc_dtype
+from moela.reference._checks import check_tensor
 
 from .backend import ops_for
 from .latent_cache import PAGE_SIZE, LatentCache, PagedLatentCache
@@ -178,3 +180,62 @@ class MLA(_ReferenceMLA):
         o_lat = mla_decode(q, inputs["kv"], self.softmax_scale, v_dim=self.kv_lora_rank,
                            cache_seqlens=inputs["cache_seqlens"], block_table=inputs["block_table"])  # (B, S, H, C)
         return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")
+
+    # ------------------------------------------------------------------ device-side decode
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, cache: LatentCache | PagedLatentCache
+               ) -> torch.Tensor:
+        """A decode step of a batch whose sequences sit at different positions, all on the device.
+
+        x: (B, S, D), S <= ``DECODE_MAX_TOKENS`` new tokens per sequence; positions: (B,) int32/int64
+        on x's device, the position of each sequence's first new token (its length before the
+        step); cache: a :class:`LatentCache` or :class:`PagedLatentCache` of at least B sequences
+        (a paged one with the pages reserved). The keys are written at ``positions[b] + [0, S)``
+        and the attention runs on ``mla_decode`` with lengths ``positions + S`` read on the
+        device: no host read, no allocation that depends on values, so the step can be captured
+        in a CUDA graph and replayed as the lengths grow. Returns (B, S, D); no gradient.
+        """
+        self._check_decode(x, positions, cache)
+        b, s, _ = x.shape
+        acc = _acc_dtype(x.dtype)
+        table = self._rotary_table(acc, x.device)  # (max_seq_len, R/2)
+        idx = (positions.long()[:, None] + torch.arange(s, device=x.device)).clamp(0, table.shape[0] - 1)
+        with torch.no_grad():
+            q_nope, q_pe, kv, k_pe = self._project(x, table[idx])  # rotated at each sequence's positions
+            cache.write_at(positions, kv=kv.to(cache.dtype), pe=k_pe.to(cache.dtype))
+            w_uk, w_uv = self._absorbed_weights(cache.dtype)  # (H, Dn, C), (H, Dv, C)
+            q_lat = einsum(q_nope.to(cache.dtype), w_uk, "b s h d, h d c -> b s h c")  # (B, S, H, C)
+            q = torch.cat([q_lat, q_pe.to(cache.dtype)], dim=-1)  # (B, S, H, C + R)
+            inputs = cache.decode_inputs(b, None)
+            lens = (positions + s).to(torch.int32)
+            o_lat = ops_for(self.args.backend, x.device).mla_decode(
+                q, inputs["kv"], self.softmax_scale, v_dim=self.kv_lora_rank, cache_seqlens=lens,
+                block_table=inputs["block_table"])  # (B, S, H, C)
+            o = einsum(o_lat, w_uv, "b s h c, h d c -> b s h d").to(x.dtype)
+            return self.wo(o.flatten(2))
+
+    def _rotary_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The rotary factors of every position up to ``args.max_seq_len`` (computed once per dtype and device)."""
+        tables = self.__dict__.setdefault("_rotary_tables", {})
+        key = (dtype, device)
+        if key not in tables:
+            tables[key] = precompute_freqs_cis(self.args, dtype=dtype, device=device)
+        return tables[key]
+
+    def _check_decode(self, x: object, positions: object, cache: object) -> None:
+        if self.attn_impl != "absorb":
+            raise ValueError("decode: the device-side decode step runs the absorbed form; this layer is 'naive'")
+        check_tensor("x", x, ndim=3)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (B, S, {self.dim}), got {tuple(x.shape)}")
+        if not 1 <= x.shape[1] <= DECODE_MAX_TOKENS:
+            raise ValueError(f"x: a decode step takes 1 to {DECODE_MAX_TOKENS} new tokens per sequence, "
+                             f"got shape {tuple(x.shape)}")
+        if not isinstance(cache, (LatentCache, PagedLatentCache)):
+            raise TypeError(f"cache: expected a LatentCache or PagedLatentCache (MLA.new_cache / new_paged_cache), "
+                            f"got {type(cache).__name__}")
+        check_tensor("positions", positions, dtypes=(torch.int32, torch.int64), shape=(x.shape[0],))
+        for name, dev in (("positions", positions.device), ("cache", cache.device)):
+            if dev != x.device:
+                raise ValueError(f"{name}: expected device {x.device} (x's), got {dev}")
+        if x.shape[0] > cache.batch_size:
+            raise ValueError(f"cache: holds {cache.batch_size} sequences, x has {x.shape[0]}")

@@ -16,6 +16,7 @@ from torch import nn
 
 from moela.reference import MLP, KVCache, ModelArgs, RMSNorm
 
+from .decode_graph import DEFAULT_BUCKETS, DecodeGraph
 from .mla import MLA
 from .moe import MoE
 from .quantize import quantize_linears_, uses_fp8_linears
@@ -41,6 +42,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start_pos, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A device-side decode step (``MLA.decode``: sequences at different positions)."""
+        x = x + self.attn.decode(self.attn_norm(x), positions, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -73,3 +79,28 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, None if caches is None else caches[i])
         return self.head(self.norm(h))
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """tokens (B, S) at positions ``positions[b] + [0, S)`` of their sequences -> logits (B, S, vocab).
+
+        The device-side decode step (``MLA.decode``): the sequences of the batch may sit at
+        different positions, which are read on the device only; nothing reads a value on the
+        host, so the step can be captured in a CUDA graph (:meth:`decode_graph`) or compiled with
+        ``torch.compile(mode="reduce-overhead")``. The caches come from :meth:`new_caches`
+        (``LatentCache``) or ``layer.attn.new_paged_cache`` (pages reserved for the new positions).
+        """
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens: expected a (B, S) int32/int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(self.layers):
+            raise ValueError(f"caches: expected {len(self.layers)} caches (one per layer), got "
+                             f"{len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__}")
+        h = self.embed(tokens)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h = layer.decode(h, positions, cache)
+        return self.head(self.norm(h))
+
+    def decode_graph(self, caches: list[KVCache], batch_sizes: tuple[int, ...] = DEFAULT_BUCKETS, *,
+                     capture: bool | None = None) -> DecodeGraph:
+        """A :class:`~moela.model.decode_graph.DecodeGraph` of one-token decode steps over ``caches``,
+        captured once per batch-size bucket (CUDA graphs; on a CPU it runs eagerly, same contract)."""
+        return DecodeGraph(self, caches, batch_sizes, capture=capture)

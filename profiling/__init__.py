@@ -12,7 +12,9 @@ Modules: ``shapes`` (DeepSeek dims, token sweeps, DeepGEMM/FlashMLA grids, routi
 ``registry`` (Op, Impl, Case; ``ops/`` holds one module per op), ``timing``, ``ceilings``,
 ``environment`` (versions, NVML), ``runner`` (check, bench), ``results``, ``report``, ``cli``,
 ``layers`` (the reference layers, timed), ``audit`` (every Triton kernel compiled for sm_90 without
-a GPU, and judged; ``audit_shapes`` holds its launches). Nothing here touches a GPU at import time.
+a GPU, and judged; ``audit_shapes`` holds its launches), ``perf_reports`` (``triton.testing.perf_report``
+sweeps of any op; ``examples/`` has one script per family to copy), ``host_overhead`` (an MoE decode
+step's Python cost). Nothing here touches a GPU at import time.
 """
 
 from .registry import NOT_IMPLEMENTED, Case, Check, Impl, Op, Unavailable, all_ops, get_op, register

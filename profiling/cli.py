@@ -2,7 +2,8 @@
 references and torch baselines, write reports.
 
     python -m moela.profiling                  environment, check, ceilings + quick benchmark,
-                                               reference layers; results saved (about a minute on CPU)
+                                               reference layers; results saved (minutes on a CPU)
+    python -m moela.profiling --only OP ...    the same, on these ops only
     python -m moela.profiling check            each available moela kernel against its reference
     python -m moela.profiling bench            ceilings, then every implementation of every problem
     python -m moela.profiling report A.json [B.json]   markdown + PNG plots (two runs side by side)
@@ -12,7 +13,8 @@ references and torch baselines, write reports.
                                                needed), judged by moela.profiling.audit's rules
 
 Without CUDA, kernels run through the Triton interpreter and every time is CPU wall clock:
-such numbers show that things run, and nothing about GPU speed.
+such numbers show that things run, and nothing about GPU speed (the main job times each
+interpreted kernel once, right after its check ran it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import audit
+from .report import check_text
 
 DEFAULT_OUT = "moela-results"
 DTYPES = ("float32", "bfloat16", "float64")
@@ -66,7 +69,7 @@ def _add_selection(p: argparse.ArgumentParser, sets_help: str) -> None:
     p.add_argument("--ops", nargs="+", metavar="OP", help="ops to run (default: all); see `list`")
     p.add_argument("--sets", nargs="+", metavar="SET", help=sets_help)
     p.add_argument("--impls", nargs="+", metavar="IMPL",
-                   help="implementation names or kinds (moela, reference, torch, all)")
+                   help="implementation names or kinds (moela, reference, torch, outside, all)")
     p.add_argument("--cpu-large", action="store_true",
                    help="allow DeepSeek-sized sets on a CPU (gigabytes of inputs; the interpreter takes hours)")
 
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(parser)
     _add_output(parser)
     parser.add_argument("--no-layers", action="store_true", help="skip the reference-layer timings")
+    parser.add_argument("--only", nargs="+", metavar="OP", dest="main_ops",
+                        help="the main job's check and benchmark on these ops only (default: all)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     parser.subcommands = {}  # name -> subparser, for errors in the subcommand's own usage
@@ -120,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-ceilings", action="store_true", help="do not measure the ceilings first")
     b.add_argument("--no-verify", action="store_true", help="do not check outputs against the reference")
     b.add_argument("--no-telemetry", action="store_true", help="no NVML sampling around the timings")
+    b.add_argument("--allow-busy", action="store_true",
+                   help="time even when another process holds the GPU (the rows are flagged; refused otherwise)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
     r = parser.subcommands["report"] = sub.add_parser(
@@ -211,7 +218,7 @@ def _select(parser: argparse.ArgumentParser, ops_arg, sets_arg, impls_arg, defau
         parser.error(f"unknown shape set(s) {', '.join(bad)} for the chosen ops; known: "
                      f"{', '.join(sorted(known_sets))}")
     if impls_arg:
-        known_impls = {i.name for op in chosen for i in op.impls()} | {"moela", "reference", "torch", "all"}
+        known_impls = {i.name for op in chosen for i in op.impls()} | {"moela", "reference", "torch", "outside", "all"}
         bad = [i for i in impls_arg if i not in known_impls]
         if bad:
             parser.error(f"unknown implementation(s) {', '.join(bad)}; known: {', '.join(sorted(known_impls))}")
@@ -230,6 +237,12 @@ def _progress_enabled(args) -> bool:
 
 
 # ---------------------------------------------------------------------- printing
+CPU_NOTE = ("  CPU: every time is wall clock. moela rows (`interp`) run each Triton kernel through the interpreter, "
+            "program by program in Python; torch rows run torch's CPU kernels. These numbers show that everything "
+            "runs and what the host does, nothing about GPU speed, and a CPU speedup compares the interpreter with "
+            "CPU torch.")
+
+
 def _fmt_ms(ms: float | None) -> str:
     if ms is None:
         return "-"
@@ -242,9 +255,9 @@ def _opt(v: float | None, fmt: str) -> str:
 
 def check_line(r: dict[str, Any]) -> str:
     chk = r.get("check") or {}
-    value = f"{chk.get('metric')}={chk['value']:.3g} (tol {chk['tol']:.3g})" if chk.get("metric") else ""
-    return (f"  {r['status']:<7} {r['op']:<22} {r['impl']:<10} {r['set']}/{r['problem']:<40} {value} "
-            f"{r.get('reason', '')}").rstrip()
+    value = check_text(chk) if chk else ""
+    reason = r.get("reason", "") if r.get("reason", "") not in value else ""
+    return f"  {r['status']:<7} {r['op']:<22} {r['impl']:<10} {r['set']}/{r['problem']:<40} {value} {reason}".rstrip()
 
 
 def print_checks(rows: list[dict[str, Any]], lines: bool = True) -> None:
@@ -262,30 +275,50 @@ def print_checks(rows: list[dict[str, Any]], lines: bool = True) -> None:
 
 
 BENCH_HEADER = (f"  {'op':<20} {'problem':<40} {'impl':<28} {'median':>10} {'TFLOP/s':>8} {'GB/s':>8} "
-                f"{'roof%':>6} {'speedup':>8}  check")
+                f"{'roof%':>6} {'speedup':>8} {'peak MiB':>9}  check")
+
+#: One line under the header that says what every column means.
+BENCH_LEGEND = (
+    "  columns: median per call (CUDA events; on a CPU wall clock, `interp` rows through the Triton interpreter) | "
+    "TFLOP/s, GB/s: counted FLOPs and fewest bytes over the median | roof%: share of the roofline, the slower of "
+    "FLOPs at the measured matmul rate and bytes at the measured copy bandwidth | speedup: the `base` row's "
+    "time (the first of the op's baselines that ran, in the order `list` shows) over this row's | peak MiB: GPU "
+    "memory the timed calls allocated above their inputs (CUDA only) | check: output vs the reference, ok or FAIL "
+    "(blank: the reference itself, or a baseline doing other arithmetic)")
 
 
 def bench_line(r: dict[str, Any]) -> str | None:
     """One printed line of a benchmark row (None for skipped rows: they are summarised)."""
     if r["status"] == "skipped":
         return None
-    head = f"  {r['op']:<20} {r['problem'][:40]:<40} {r['impl'][:28]:<28}"
+    impl = r["impl"] + (" interp" if "interpreter" in (r.get("method") or "") else "")
+    head = f"  {r['op']:<20} {r['problem'][:40]:<40} {impl[:28]:<28}"
     if r["status"] != "ok":
         return f"{head} ERROR {r['reason']}"
     chk = r.get("check") or {}
     check = {True: "ok", False: "FAIL", None: ""}[chk.get("ok")]
+    if chk.get("ok") is False:
+        check += f" ({check_text(chk)})"
     roof = None if r.get("frac_roofline") is None else 100 * r["frac_roofline"]
+    db = r.get("do_bench") or {}
+    if db.get("agree") is False:
+        check += f" [do_bench {db['ms']:.4g} ms: {db['ratio']:.2f}x the events' median]"
+    if r.get("gpu_busy"):
+        check += " [GPU busy]"
+    speedup = "base" if r.get("baseline") == r["impl"] else _opt(r.get("speedup"), ".2f")
+    peak = (r.get("memory") or {}).get("above_start_mib")
     graph = r.get("graph") or {}
     replay = (f"  graph {_fmt_ms(graph['median_ms'])}" if "median_ms" in graph
               else f"  graph: {graph['reason'][:60]}" if "reason" in graph else "")
     return (f"{head} {_fmt_ms(r['median_ms']):>10} {_opt(r.get('tflops'), '.3g'):>8} {_opt(r.get('gbps'), '.3g'):>8} "
-            f"{_opt(roof, '.0f'):>6} {_opt(r.get('speedup'), '.2f'):>8}  {check}{replay}")
+            f"{_opt(roof, '.0f'):>6} {speedup:>8} {_opt(peak, '.1f'):>9}  {check}{replay}".rstrip())
 
 
 def print_bench(rows: list[dict[str, Any]], lines: bool = True) -> None:
     """The table of timed rows (``lines=False``: only the skip summary, rows were streamed)."""
     if lines:
         print(BENCH_HEADER)
+        print(BENCH_LEGEND)
         print("  " + "-" * (len(BENCH_HEADER) - 2))
         for r in rows:
             line = bench_line(r)
@@ -336,12 +369,30 @@ def _environment():
     return collect_environment()
 
 
-def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds: dict[str, str] | None = None):
+def _busy_gpu(parser, device, allow: bool) -> list[dict[str, Any]]:
+    """Other processes on the GPU make timings noisy (sub-millisecond rows most): refuse, or with
+    ``--allow-busy`` warn loudly and record them (every row of the results carries the flag)."""
+    if device.type != "cuda":
+        return []
+    from .environment import nvml_index, other_gpu_processes
+
+    others = other_gpu_processes(nvml_index(device.index or 0))
+    if others and not allow:
+        parser.error(f"another process holds the GPU ({', '.join(str(p['pid']) for p in others)}): timings would "
+                     "be noisy; wait for it, or pass --allow-busy to time anyway (the rows are flagged)")
+    if others:
+        print(f"WARNING: timing on a busy GPU (processes {', '.join(str(p['pid']) for p in others)}); every row is "
+              "flagged gpu_busy", flush=True)
+    return others
+
+
+def _bench(parser, args, device, sets_default, quick_ceilings: bool, interpreter_calls: int | None = None):
     from .ceilings import measure_ceilings
     from .runner import BenchSettings, run_bench
 
     plan, sets = _select(parser, args.ops, args.sets, args.impls, sets_default, device,
                          getattr(args, "cpu_large", False), getattr(args, "interleave", False))
+    busy = _busy_gpu(parser, device, getattr(args, "allow_busy", False))
     ceilings: dict[str, Any] = {}
     rep_ms = getattr(args, "rep_ms", None) or (40.0 if device.type == "cuda" else 100.0)
     if not getattr(args, "no_ceilings", False):
@@ -353,14 +404,15 @@ def _bench(parser, args, device, sets_default, quick_ceilings: bool, skip_kinds:
         device=device, impls=args.impls, warmup_ms=getattr(args, "warmup_ms", 10.0), rep_ms=rep_ms,
         time_budget_s=getattr(args, "time_budget", None), verify=not getattr(args, "no_verify", False),
         progress=_progress_enabled(args), seed=getattr(args, "seed", 0),
-        telemetry=not getattr(args, "no_telemetry", False), skip_kinds=skip_kinds or {},
-        graphs=getattr(args, "graphs", False),
+        telemetry=not getattr(args, "no_telemetry", False), interpreter_calls=interpreter_calls,
+        graphs=getattr(args, "graphs", False), gpu_busy=busy,
     )
     print(f"bench on {device}: {len(plan)} problems, sets {', '.join(sets)}")
     if device.type != "cuda":
-        print("  (CPU wall clock; moela kernels through the Triton interpreter: says nothing about GPU speed)")
+        print(CPU_NOTE)
     if not settings.progress:  # a log, not a terminal: every row as soon as it is measured
-        print(BENCH_HEADER, flush=True)
+        print(BENCH_HEADER)
+        print(BENCH_LEGEND, flush=True)
 
         def stream(row: dict[str, Any]) -> None:
             line = bench_line(row)
@@ -529,8 +581,11 @@ def cmd_list(parser, args) -> int:
             kernel = f"ERROR {type(e).__name__}: {e}"
         sets = ", ".join(f"{s} ({len(v)})" for s, v in op.shape_sets.items())
         impls = ", ".join(i.name for i in op.impls())
-        where = f"moela.kernels.{op.kernel}" if isinstance(op.kernel, str) else "a composite of moela.kernels ops"
-        print(f"{name}: {op.summary}\n  kernel: {where} — {kernel}\n  implementations: {impls}\n  sets: {sets}\n")
+        where = (f"moela.kernels.{op.kernel}" if isinstance(op.kernel, str)
+                 else f"a composite of moela.kernels ops ({op.make_case.__module__} says which)")
+        base = ", then ".join(op.baseline_order)
+        print(f"{name}: {op.summary}\n  kernel: {where} — {kernel}\n  implementations: {impls}\n"
+              f"  speedups over: {base} (the first that ran)\n  sets: {sets}\n")
     if not args.ops:
         print("switches (environment; read at call time):")
         for name, default, where, meaning in knobs.describe():
@@ -553,16 +608,19 @@ def cmd_default(parser, args) -> int:
     cpu = device.type == "cpu"
 
     print(f"\n== check: moela kernels against their references ({'tiny' if cpu else 'check'} shapes)")
-    plan, _ = _select(parser, None, None, None, ["tiny" if cpu else "check"])
-    checks = run_check(plan, device, progress=_progress_enabled(args))
-    print_checks(checks)
+    ops = args.main_ops
+    plan, _ = _select(parser, ops, None, None, ["tiny" if cpu else "check"])
+    progress = _progress_enabled(args)
+    stream = None if progress else (lambda r: r["status"] != "skipped" and print(check_line(r), flush=True))
+    checks = run_check(plan, device, progress=progress, on_row=stream)
+    print_checks(checks, lines=progress)
 
-    print(f"\n== quick benchmark ({'tiny' if cpu else 'quick'} shapes)")
-    args.ops, args.sets, args.impls = None, None, None
-    # Interpreted kernels were just checked; their CPU times say nothing (`bench` times them anyway).
-    skip = {"moela": "not timed through the Triton interpreter in the default run (`bench` times it)"} if cpu else None
+    print(f"\n== quick benchmark ({'tiny shapes, moela kernels through the Triton interpreter' if cpu else 'quick'}"
+          f"{' shapes' if not cpu else ''})")
+    args.ops, args.sets, args.impls = ops, None, None
+    # On a CPU the check just ran every interpreted kernel at these shapes: one timed call each.
     rows, ceilings, settings, stats, table = _bench(parser, args, device, ["tiny" if cpu else "quick"],
-                                                   quick_ceilings=True, skip_kinds=skip)
+                                                   quick_ceilings=True, interpreter_calls=1 if cpu else None)
     print_bench(rows, lines=table)
 
     layers: list[dict[str, Any]] = []
@@ -597,6 +655,8 @@ COMMANDS = {"check": cmd_check, "bench": cmd_bench, "report": cmd_report, "layer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # lines appear as they are printed, in a log or a pipe too
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -28,8 +28,8 @@ import torch
 from moela import knobs
 
 __all__ = [
-    "collect_environment", "nvml_snapshot", "git_ref", "format_environment", "Telemetry", "TelemetrySamples",
-    "throttle_reason_names", "nvml_index",
+    "other_gpu_processes", "collect_environment", "nvml_snapshot", "git_ref", "format_environment", "Telemetry",
+    "TelemetrySamples", "throttle_reason_names", "nvml_index",
 ]
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -124,6 +124,27 @@ def _import_nvml() -> tuple[Any, str]:
     except pynvml.NVMLError as e:
         return None, f"no NVML ({e.__class__.__name__}: {e})"
     return pynvml, ""
+
+
+def other_gpu_processes(index: int = 0) -> list[dict[str, Any]]:
+    """Processes other than this one holding GPU ``index`` (NVML's compute and graphics lists):
+    each ``{"pid", "used_mib"}``. Empty where NVML is unavailable (then nothing is known)."""
+    pynvml, _ = _import_nvml()
+    if pynvml is None:
+        return []
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(h))
+        procs += list(getattr(pynvml, "nvmlDeviceGetGraphicsRunningProcesses", lambda _h: [])(h))
+    except pynvml.NVMLError:
+        return []
+    mine = os.getpid()
+    seen = {}
+    for p in procs:
+        if p.pid != mine:
+            used = getattr(p, "usedGpuMemory", None)
+            seen[p.pid] = {"pid": p.pid, "used_mib": None if used is None else round(used / 2**20)}
+    return list(seen.values())
 
 
 def nvml_snapshot(index: int = 0) -> dict[str, Any]:

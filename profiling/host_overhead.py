@@ -4,8 +4,11 @@ At decode sizes the kernels run for microseconds and a layer's eager time is wha
 costs: argument checks, dispatch, allocation, Triton's launch path. This measures that cost on
 any machine, without a GPU: the layer runs on CPU tensors through the Triton interpreter with
 the interpreter's kernel execution replaced by a no-op, so what is timed is everything *but*
-the kernels (the small torch ops on CPU included). The absolute numbers depend on the CPU;
-compare two commits on the same machine::
+the kernels (the small torch ops on CPU included). Every callable is warmed up by one untimed
+round, then timed per call (the fastest round counts); beside it a baseline (the reference layer
+in plain torch, whose CPU arithmetic at these dims is small) and the floor of any op
+(``torch.empty``). The absolute numbers depend on the CPU; compare two commits on the same
+machine::
 
     python -m moela.profiling.host_overhead            # min over 7 rounds of 200 calls
     python -m moela.profiling.host_overhead --calls 50 --rounds 3
@@ -23,27 +26,32 @@ import time
 
 
 def measure(calls: int = 200, rounds: int = 7, tokens: int = 1, ops: bool = False) -> dict[str, float]:
-    """Seconds of host time per call, the min over rounds: ``"layer"`` (an MoE forward: tiny dims,
-    64 experts, top-8) and with ``ops`` each moela op of that forward alone."""
+    """Seconds of host time per call, the min over rounds, each callable warmed up by one untimed
+    round first: ``"layer"`` (an MoE forward: tiny dims, 64 experts, top-8, kernels not run),
+    ``"baseline"`` (``moela.reference.MoE`` of the same dims: plain torch, its CPU arithmetic
+    included), ``"torch.empty"`` (the floor of any op) and with ``ops`` each moela op of the
+    layer's forward alone."""
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
     import triton.runtime.interpreter as interp
 
     import moela.kernels as K
-    from moela.kernels.interpreter import install_compat
     from moela.model import MoE
     from moela.reference import ModelArgs
+    from moela.reference import MoE as ReferenceMoE
 
-    install_compat()
     a = ModelArgs.from_name("tiny", dim=256, moe_inter_dim=128, n_routed_experts=64, n_activated_experts=8,
                             n_expert_groups=8, n_limited_groups=4, backend="triton")
     layer = MoE(a).eval()
+    reference = ReferenceMoE(a).eval()
+    reference.load_state_dict(layer.state_dict())
     x = torch.randn(tokens, a.dim)
     I = a.moe_inter_dim
-    calls_of = {"layer": lambda: layer(x)}
+    calls_of = {"layer": lambda: layer(x), "baseline": lambda: reference(x),
+                "torch.empty": lambda: torch.empty(tokens, a.dim)}
     run = interp.InterpretedFunction.run
     with torch.no_grad():
-        layer(x)  # imports, first-call caches
+        layer(x)  # imports, first-call caches (the kernels run once, for real)
         if ops:  # each op on the inputs the layer gives it
             logits = layer.gate.logits(x)
             weights, ids = layer.gate(x)
@@ -61,12 +69,13 @@ def measure(calls: int = 200, rounds: int = 7, tokens: int = 1, ops: bool = Fals
                 "grouped_gemm": lambda: K.grouped_gemm(xs, layer.w13, plan.offsets),
                 "swiglu": lambda: K.swiglu(h[:, :I], h[:, I:]),
                 "unpermute": lambda: K.unpermute(ys, plan, weights),
-                "torch.empty": lambda: torch.empty(tokens, a.dim),  # the floor of any op
             })
         interp.InterpretedFunction.run = lambda self, *args, **kwargs: None  # the kernels' work: none
         best = {}
         try:
             for name, fn in calls_of.items():
+                for _ in range(calls):  # warm-up round, untimed: allocator, caches, branch history
+                    fn()
                 best[name] = float("inf")
                 for _ in range(rounds):
                     start = time.perf_counter()
@@ -87,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if min(ns.calls, ns.rounds, ns.tokens) < 1:
         parser.error("--calls, --rounds and --tokens must be >= 1")
-    seconds = measure(ns.calls, ns.rounds, ns.tokens, ops=ns.ops)
-    print(f"moela.model.MoE forward, T={ns.tokens}, kernels left out: {seconds.pop('layer') * 1e6:.1f} us of host "
-          f"time per call (min of {ns.rounds} x {ns.calls} calls)")
-    for name, s in seconds.items():
-        print(f"  {name:14s} {s * 1e6:8.1f} us")
+    us = {name: s * 1e6 for name, s in measure(ns.calls, ns.rounds, ns.tokens, ops=ns.ops).items()}
+    print(f"moela.model.MoE forward, T={ns.tokens}, kernels left out: {us.pop('layer'):.1f} us of host time per "
+          f"call (min of {ns.rounds} x {ns.calls} calls, after {ns.calls} warm-up calls)")
+    print(f"  baseline: moela.reference.MoE, plain torch    {us.pop('baseline'):8.1f} us per call (its CPU "
+          "arithmetic included)")
+    print(f"  floor: torch.empty                            {us.pop('torch.empty'):8.1f} us per call")
+    for name, value in us.items():
+        print(f"  {name:14s} {value:8.1f} us per call")
     return 0
 
 

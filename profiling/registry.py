@@ -86,7 +86,9 @@ class Check:
 class Impl:
     """One implementation of an op.
 
-    kind: "moela" (the kernel), "reference" (moela.reference) or "torch" (a native baseline).
+    kind: "moela" (the kernel), "reference" (moela.reference), "torch" (a native baseline) or
+    "outside" (a library beside torch: DeepGEMM, vLLM, FlashMLA, sgl_kernel, transformers; skipped
+    with the reason where it is not installed, see ``ops/_outside.py``).
     same_function: its output is compared with the reference's; False for baselines that do
     different arithmetic on the same shapes (bf16 matmul next to an FP8 GEMM, dense next
     to grouped), which are there for their speed only.

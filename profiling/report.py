@@ -1,15 +1,23 @@
-"""Reports from result files: a markdown table per op and PNG plots, for one run or two side by side.
+"""Reports from result files: a markdown table per op and PNG plots, for one run or two compared.
 
 ``write_report([a.json], out_dir)`` or ``write_report([a.json, b.json], out_dir)`` writes
-``report.md``, ``throughput-<op>.png`` (throughput vs tokens per series, one line per
-implementation, the run's ceiling dashed; a column per run), ``roofline.png`` (TFLOP/s vs
-arithmetic intensity under the measured ceilings) and ``bandwidth.png`` (GB/s of the
-memory-bound ops against the measured copy bandwidth).
+``report.md``, ``throughput-<op>.png`` (one figure per op: a panel per series and bound, x the
+tokens or the problems, one colour per implementation, the runs overlaid as solid and dashed
+lines, each run's ceiling dotted), ``roofline.png`` (TFLOP/s against arithmetic intensity under
+each run's measured roofs; one colour per op, one marker per kind of implementation) and
+``bandwidth.png`` (GB/s of the memory-bound rows against the measured copy bandwidth).
+
+Every row is given in the unit that bounds it (the roofline: TF/s where the FLOPs at the matmul
+ceiling take longer than the bytes at the copy bandwidth, else GB/s). Speedups are computed within
+each run (over that run's baseline). Runs are labelled by their folder (or file), git ref and date.
+Rows above a ceiling are flagged with the likely reason, failed checks are printed in full, and an
+out-of-memory check or row is reported as not checked / skipped, never as wrong output.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,51 +25,105 @@ from typing import Any
 
 from .results import load_results
 
-__all__ = ["write_report", "markdown"]
+__all__ = [
+    "write_report", "markdown", "run_names", "run_label", "check_text", "check_state", "ceiling_flag", "bound_unit",
+]
 
-_KIND_MARKER = {"moela": "o", "reference": "x", "torch": "^"}
+_KIND_MARKER = {"moela": "o", "reference": "x", "torch": "^", "outside": "s"}
+_RUN_STYLE = ("-", "--")
+_OOM = "OutOfMemoryError"
 
 
-# ---------------------------------------------------------------------- formatting
-def _time(ms: float | None) -> str:
-    if ms is None:
-        return "-"
-    if ms < 1:
-        return f"{ms * 1e3:.1f} µs"
-    return f"{ms:.2f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
+# ---------------------------------------------------------------------- row facts
+def check_text(chk: dict[str, Any]) -> str:
+    """A check in words: ``calc_diff 0.5 > tol 1e-05``, or its full detail where nothing was measured."""
+    detail = chk.get("detail") or ""
+    if chk.get("metric") is None or chk.get("value") is None:
+        return detail or "no measurement"
+    op = "<=" if chk.get("ok") else ">"
+    text = f"{chk['metric']} {chk['value']:.3g} {op} tol {chk['tol']:.3g}"
+    return f"{text}: {detail}" if detail else text
+
+
+def check_state(row: dict[str, Any]) -> str | None:
+    """``"ok"``, ``"failed"`` (the output differs), ``"not checked"`` (no truth, or no memory to
+    compare: older result files recorded an out-of-memory comparison as a failure) or None."""
+    chk = row.get("check") or {}
+    if chk.get("ok") is True:
+        return "ok"
+    if chk.get("ok") is False:
+        return "not checked" if _OOM in (chk.get("detail") or "") and chk.get("value") is None else "failed"
+    return "not checked" if chk.get("detail") else None
+
+
+def bound_unit(row: dict[str, Any]) -> str | None:
+    """``"TF/s"`` for a compute-bound row (by the roofline), ``"GB/s"`` otherwise; None if untimed."""
+    if row.get("tflops") and row.get("bound") != "memory":
+        return "TF/s"
+    return "GB/s" if row.get("gbps") else None
 
 
 def _rate(row: dict[str, Any]) -> str:
-    """TFLOP/s where the roofline says compute-bound, else GB/s."""
-    if row.get("tflops") and row.get("bound") != "memory":
-        return f"{row['tflops']:.3g} TF/s"
-    if row.get("gbps"):
-        return f"{row['gbps']:.3g} GB/s"
-    return ""
-
-
-def _cell(row: dict[str, Any] | None) -> str:
-    if row is None:
+    unit = bound_unit(row)
+    if unit is None:
         return ""
-    if row["status"] != "ok":
-        return row["status"]
-    parts = [_time(row.get("median_ms")), _rate(row)]
-    if row.get("frac_roofline") is not None:
-        parts.append(f"{100 * row['frac_roofline']:.0f}%")
-    if (row.get("graph") or {}).get("median_ms"):
-        parts.append(f"graph {_time(row['graph']['median_ms'])}")
-    chk = row.get("check") or {}
-    mark = " ✗" if chk.get("ok") is False else ""
-    return " · ".join(p for p in parts if p) + mark
+    return f"{row['tflops' if unit == 'TF/s' else 'gbps']:.3g} {unit}"
 
 
-def _run_label(data: dict[str, Any], name: str) -> str:
+def ceiling_flag(row: dict[str, Any], data: dict[str, Any]) -> str | None:
+    """Why a row reads above a measured ceiling (None when it does not): the likely reason."""
+    if not any((row.get(k) or 0) > 1.0 for k in ("frac_roofline", "frac_compute", "frac_bandwidth")):
+        return None
+    ceilings = data.get("ceilings", {})
+    if row.get("same_function") is False and row.get("bound") == "memory":
+        return ("a baseline doing other work than the op " + (f"({row['note']}) " if row.get("note") else "") +
+                "measured with the op's byte count, which overstates what it moves")
+    if row.get("bound") == "memory" and (row.get("frac_compute") or 0) > 1.0:
+        return "a memory-bound row above the compute roof: its FLOP count overstates the work"
+    if row.get("bound") == "memory" or (row.get("frac_bandwidth") or 0) > 1.0:
+        bw = ceilings.get("copy", {}).get("value") or 0.0
+        mib = (row.get("bytes") or 0) / 2**20
+        l2 = (data.get("environment") or {}).get("l2_cache_mib")
+        if l2 and mib <= 2 * l2 and row.get("rotation", 1) <= 1 and not row.get("l2_flush"):
+            return (f"{mib:.3g} MiB of data that can stay in the {l2:.3g} MiB L2 cache between calls: above the DRAM "
+                    f"copy bandwidth ({bw:.4g} GB/s)")
+        return (f"above the measured copy bandwidth ({bw:.4g} GB/s): a copy reads and writes in equal parts, and a "
+                "read-mostly kernel can move more")
+    name = row.get("compute_ceiling") or "matmul"
+    value = ceilings.get(name, {}).get("value")
+    at = f" ({value:.4g} TF/s)" if value else ""
+    return (f"faster than the {name} ceiling measured at the start of the run{at}: that one torch.matmul is a "
+            "measurement, not the GPU's peak (clocks and the power cap differ between calls)")
+
+
+# ---------------------------------------------------------------------- labels
+def _short_date(date: str | None) -> str:
+    m = re.match(r"(\d{4}-\d\d-\d\d)T(\d\d:\d\d)", date or "")
+    return f"{m[1]} {m[2]}" if m else (date or "?")
+
+
+def run_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """A short name per run: its folder where the file names are equal (two ``bench.json``), else
+    the file's stem; the whole path where those collide too."""
+    ps = [Path(p) for p in paths]
+    stems = [p.stem for p in ps]
+    names = [(p.resolve().parent.name or str(p.parent)) for p in ps] if len(set(stems)) < len(stems) else stems
+    return names if len(set(names)) == len(names) else [str(p) for p in ps]
+
+
+def run_label(name: str, data: dict[str, Any]) -> str:
+    """``<name> (git <ref>, <date>)``: how the report introduces a run."""
+    env = data.get("environment", {})
+    return f"{name} (git {str(env.get('git_ref') or '?')[:12]}, {_short_date(env.get('date'))})"
+
+
+def _run_line(data: dict[str, Any], name: str) -> str:
     env = data.get("environment", {})
     nvml = env.get("nvml") or {}
     driver = f", driver {nvml['driver']}" if nvml.get("available") else ""
     methods = sorted({r.get("method") for r in data.get("rows", []) if r.get("method")})
-    return (f"**{name}**: {env.get('device', '?')}{driver}; torch {env.get('torch')}, triton {env.get('triton')}; "
-            f"git {env.get('git_ref')}; {env.get('date')}; timer: {', '.join(methods) or '-'}")
+    return (f"**{run_label(name, data)}**: {env.get('device', '?')}{driver}; torch {env.get('torch')}, triton "
+            f"{env.get('triton')}; git {env.get('git_ref')}; {env.get('date')}; timer: {', '.join(methods) or '-'}")
 
 
 def _ceiling_text(c: dict[str, Any] | None) -> str:
@@ -72,18 +134,49 @@ def _ceiling_text(c: dict[str, Any] | None) -> str:
     return f"skipped ({c.get('skipped', '')})"
 
 
+def _time(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1:
+        return f"{ms * 1e3:.1f} µs"
+    return f"{ms:.2f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
+
+
 # ---------------------------------------------------------------------- markdown
-def _index(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+Key = tuple[str, str, str, str]  # op, set, problem, impl
+
+
+def _index(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
     return {(r["op"], r["set"], r["problem"], r["impl"]): r for r in rows}
 
 
+def _cell(row: dict[str, Any], flag: int | None = None) -> str:
+    if row["status"] != "ok":
+        if row["status"] == "skipped" and _OOM in (row.get("reason") or ""):
+            return "skipped (out of memory)"
+        return row["status"]
+    parts = [_time(row.get("median_ms")), _rate(row)]
+    if row.get("frac_roofline") is not None:
+        parts.append(f"{100 * row['frac_roofline']:.0f}%" + (f" ⚠{flag}" if flag is not None else ""))
+    if (row.get("graph") or {}).get("median_ms"):
+        parts.append(f"graph {_time(row['graph']['median_ms'])}")
+    mark = {"failed": " ✗", "not checked": " (not checked)"}.get(check_state(row) or "", "")
+    return " · ".join(p for p in parts if p) + mark
+
+
+def _speedup(rows: dict[Key, dict[str, Any]], key: tuple[str, str, str]) -> str:
+    r = rows.get((*key, "moela"))
+    if r is None or not r.get("speedup") or r.get("baseline") in (None, "moela"):
+        return "-"
+    return f"×{r['speedup']:.2f} vs {r['baseline']}"
+
+
 def markdown(runs: Sequence[tuple[str, dict[str, Any]]], plots: Sequence[str] = ()) -> str:
-    """The report's markdown for one run, or two compared (cells read "A → B (×B-speedup)")."""
+    """The report's markdown for one run, or two compared (cells read "A → B (×B's speed over A's)")."""
     names = [n for n, _ in runs]
     lines = ["# moela benchmark report", ""]
-    lines += [f"- {_run_label(d, n)}" for n, d in runs]
-    cpu = any(r.get("method", "").startswith("cpu") for _, d in runs for r in d.get("rows", []))
-    if cpu:
+    lines += [f"- {_run_line(d, n)}" for n, d in runs]
+    if any(r.get("method", "").startswith("cpu") for _, d in runs for r in d.get("rows", [])):
         lines += ["", "> CPU wall-clock numbers (moela kernels through the Triton interpreter): they show that "
                       "everything runs, and nothing about GPU speed."]
     lines += ["", "## Ceilings (measured at the start of each run)", "",
@@ -92,46 +185,46 @@ def markdown(runs: Sequence[tuple[str, dict[str, Any]]], plots: Sequence[str] = 
     for k in dict.fromkeys(keys):
         lines.append(f"| {k} | " + " | ".join(_ceiling_text(d.get("ceilings", {}).get(k)) for _, d in runs) + " |")
 
-    base_rows = runs[0][1].get("rows", [])
-    other = _index(runs[1][1].get("rows", [])) if len(runs) > 1 else {}
-    by_op: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in base_rows:
-        by_op[r["op"]].append(r)
-    if len(runs) > 1:  # rows only in the second run still get a table
-        known = _index(base_rows)
-        for key, r in other.items():
-            if key not in known:
-                by_op[r["op"]].append({**r, "status": "absent", "_only_b": True})
+    indexed = [_index(d.get("rows", [])) for _, d in runs]
+    flags: dict[tuple[int, str], list[str]] = {}  # (run, reason) -> the rows it explains; numbered in order
+    flag_of: dict[tuple[int, Key], int] = {}
+    for i, ((_, data), idx) in enumerate(zip(runs, indexed, strict=True)):
+        for key, r in idx.items():
+            why = ceiling_flag(r, data) if r["status"] == "ok" else None
+            if why:
+                flags.setdefault((i, why), []).append(f"{key[0]} {key[2]} / {key[3]}")
+                flag_of[(i, key)] = list(flags).index((i, why)) + 1
 
-    lines += ["", "Cells: median time · throughput · fraction of the roofline (the larger of FLOPs / measured "
-                  "matmul rate and bytes / measured copy bandwidth, over the time) · graph: the median of "
-                  "CUDA-graph replays (bench --graphs: device time without the host's launch work); ✗ = output "
-                  "differs from the reference."
-              + (f" Two runs: {names[0]} → {names[1]} (×speedup of {names[1]})." if other else "")]
-    for op, rows in by_op.items():
-        impls = list(dict.fromkeys(r["impl"] for r in rows))
-        problems = list(dict.fromkeys((r["set"], r["problem"]) for r in rows))
-        cells = _index(rows)
-        lines += ["", f"## {op}", "", "| set | problem | " + " | ".join(impls) + " | speedup |",
+    two = len(runs) > 1
+    lines += ["", "Cells: median time · throughput in the unit that bounds the row (TF/s compute-bound, GB/s "
+                  "memory-bound, by the roofline) · share of the roofline (the slower of FLOPs at the measured matmul "
+                  "rate and bytes at the measured copy bandwidth, over the time; ⚠n: above a ceiling, see the list "
+                  "below) · graph: the median of CUDA-graph replays; ✗ = output differs from the reference."
+              + (f" Two runs: {names[0]} → {names[1]} (×: {names[1]}'s speed over {names[0]}'s); a dash marks a row "
+                 "the other run does not have. Speedups are each run's own, over its own baseline." if two else "")]
+    ops = list(dict.fromkeys(k[0] for idx in indexed for k in idx))
+    for op in ops:
+        keys_op = list(dict.fromkeys(k for idx in indexed for k in idx if k[0] == op))
+        impls = list(dict.fromkeys(k[3] for k in keys_op))
+        problems = list(dict.fromkeys(k[1:3] for k in keys_op))
+        lines += ["", f"## {op}", "", "| set | problem | " + " | ".join(impls) + " | moela speedup |",
                   "|---|---|" + "---|" * (len(impls) + 1)]
         for s, p in problems:
-            row_cells = []
-            speedup = ""
+            cells = []
             for impl in impls:
-                a = cells.get((op, s, p, impl))
-                if a is not None and a.get("_only_b"):
-                    a = None
-                text = _cell(a)
-                b = other.get((op, s, p, impl))
-                if other:
-                    if b is not None and a is not None and a.get("median_ms") and b.get("median_ms"):
-                        text = f"{text} → {_cell(b)} (×{a['median_ms'] / b['median_ms']:.2f})"
-                    elif b is not None:
-                        text = f"{text or '-'} → {_cell(b)}"
-                if impl == "moela" and a is not None and a.get("speedup") and a.get("baseline") != "moela":
-                    speedup = f"×{a['speedup']:.2f} vs {a['baseline']}"
-                row_cells.append(text)
-            lines.append(f"| {s} | {p} | " + " | ".join(row_cells) + f" | {speedup} |")
+                key = (op, s, p, impl)
+                rs = [idx.get(key) for idx in indexed]
+                texts = ["—" if r is None else _cell(r, flag_of.get((i, key))) for i, r in enumerate(rs)]
+                text = " → ".join(texts) if two else texts[0]
+                if two and all(r is not None and r.get("median_ms") for r in rs):
+                    text += f" (×{rs[0]['median_ms'] / rs[1]['median_ms']:.2f})"
+                cells.append("" if all(r is None for r in rs) else text)
+            speed = " → ".join(_speedup(idx, (op, s, p)) for idx in indexed)
+            lines.append(f"| {s} | {p} | " + " | ".join(cells) + f" | {speed} |")
+    if flags:
+        lines += ["", "## Above a ceiling", ""]
+        for n, ((i, why), rows) in enumerate(flags.items(), 1):
+            lines.append(f"- ⚠{n}" + (f" ({names[i]})" if two else "") + f": {why}. Rows: {'; '.join(rows)}")
     lines += _notes(runs)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
@@ -139,18 +232,17 @@ def markdown(runs: Sequence[tuple[str, dict[str, Any]]], plots: Sequence[str] = 
 
 
 def _notes(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
-    out = ["", "## Skipped, errors, failed checks, telemetry", ""]
+    out = ["", "## Skipped, errors, checks, telemetry", ""]
     for name, data in runs:
         reasons: dict[tuple[str, str, str, str], int] = defaultdict(int)
         for r in data.get("rows", []):
             if r["status"] != "ok":
                 reasons[(r["op"], r["impl"], r["status"], r.get("reason", ""))] += 1
-            chk = r.get("check") or {}
-            if chk.get("ok") is False:
-                reasons[(r["op"], r["impl"], "check failed",
-                         f"{chk.get('metric')} {chk.get('value')} > {chk.get('tol')} {chk.get('detail', '')}")] += 1
-        out.append(f"**{name}**")
-        out.append("")
+            state = check_state(r)
+            if state in ("failed", "not checked"):
+                label = "check failed" if state == "failed" else "not checked"
+                reasons[(r["op"], r["impl"], label, check_text(r["check"]))] += 1
+        out += [f"**{name}**", ""]
         if not reasons:
             out.append("- nothing skipped, no errors, every checked output matched")
         for (op, impl, status, reason), n in sorted(reasons.items()):
@@ -163,6 +255,9 @@ def _notes(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         if stats.get("seconds_by_op"):
             spent = ", ".join(f"{op} {sec:.0f} s" for op, sec in stats["seconds_by_op"].items())
             out.append(f"- wall time by op (inputs, compiling, tuning, timing, checks): {spent}")
+        peaks = [r["memory"]["peak_mib"] for r in data.get("rows", []) if (r.get("memory") or {}).get("peak_mib")]
+        if peaks:
+            out.append(f"- peak GPU memory of the timed calls: up to {max(peaks) / 1024:.3g} GiB")
         tel = [r["telemetry"] for r in data.get("rows", []) if r.get("telemetry")]
         if tel:
             throttled = sum(1 for t in tel if t.get("throttled"))
@@ -187,45 +282,64 @@ def _pyplot():
     return plt
 
 
-def _series_key(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """Plot a series in TFLOP/s if most of its points are compute-bound, else in GB/s."""
-    compute = sum(1 for r in rows if r.get("tflops") and r.get("bound") != "memory")
-    return ("tflops", "TFLOP/s") if compute * 2 > len(rows) else ("gbps", "GB/s")
+def _timed(data: dict[str, Any], **match: str) -> list[dict[str, Any]]:
+    return [r for r in data.get("rows", []) if r["status"] == "ok" and bound_unit(r)
+            and all(r.get(k) == v for k, v in match.items())]
 
 
 def _throughput_plot(op: str, runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> bool:
-    per_run = [[r for r in d.get("rows", []) if r["op"] == op and r["status"] == "ok" and r.get("tokens")]
-               for _, d in runs]
-    series = list(dict.fromkeys(r["series"] for rows in per_run for r in rows))
-    if not series:
+    """One figure for ``op``: a panel per (series, bound), the runs overlaid."""
+    from matplotlib.lines import Line2D
+
+    per_run = [_timed(d, op=op) for _, d in runs]
+    panels = list(dict.fromkeys((r["series"] or r["set"], bound_unit(r)) for rows in per_run for r in rows))
+    if not panels:
         return False
     plt = _pyplot()
-    ncols = len(runs)
-    fig, axes = plt.subplots(len(series), ncols, figsize=(5.5 * ncols, 3.2 * len(series)), squeeze=False,
-                             sharey="row")
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), squeeze=False)
     impls = list(dict.fromkeys(r["impl"] for rows in per_run for r in rows))
     colors = {impl: f"C{i % 10}" for i, impl in enumerate(impls)}
-    for i, s in enumerate(series):
-        key, unit = _series_key([r for rows in per_run for r in rows if r["series"] == s])
-        for j, ((name, data), rows) in enumerate(zip(runs, per_run, strict=True)):
-            ax = axes[i][j]
-            mine = [r for r in rows if r["series"] == s]
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (series, unit) in zip(axes.flat, panels, strict=False):
+        key = "tflops" if unit == "TF/s" else "gbps"
+        mine = [[r for r in rows if (r["series"] or r["set"]) == series and bound_unit(r) == unit] for rows in per_run]
+        by_tokens = all(r.get("tokens") for rows in mine for r in rows)
+        problems = list(dict.fromkeys(r["problem"] for rows in mine for r in rows))
+        shown: dict[str, str] = {}  # impl -> kind, in this panel
+        ceiling_name = ""
+        for j, ((_, data), rows) in enumerate(zip(runs, mine, strict=True)):
             for impl in impls:
-                pts = sorted((r["tokens"], r[key]) for r in mine if r["impl"] == impl and r.get(key))
+                pts = sorted((r["tokens"] if by_tokens else problems.index(r["problem"]), r[key])
+                             for r in rows if r["impl"] == impl)
                 if pts:
-                    kind = next(r["kind"] for r in mine if r["impl"] == impl)
-                    ax.plot(*zip(*pts, strict=True), marker=_KIND_MARKER.get(kind, "."), color=colors[impl],
-                            label=impl)
-            ceiling = _plot_ceiling(data, mine, key == "tflops")
+                    kind = next(r["kind"] for r in rows if r["impl"] == impl)
+                    ax.plot(*zip(*pts, strict=True), _RUN_STYLE[j % 2], marker=_KIND_MARKER.get(kind, "."),
+                            color=colors[impl])
+                    shown.setdefault(impl, kind)
+            ceiling = _plot_ceiling(data, rows, unit == "TF/s")
             if ceiling:
-                ax.axhline(ceiling[1], color="grey", linestyle="--", linewidth=1, label=ceiling[0])
+                ax.axhline(ceiling[1], color="grey", linestyle=_RUN_STYLE[j % 2], linewidth=0.8)
+                ceiling_name = ceiling[0]
+        if by_tokens:
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"{op}: {s}" + (f" ({name})" if ncols > 1 else ""), fontsize=9)
             ax.set_xlabel("tokens")
-            ax.set_ylabel(unit)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+        else:
+            ax.set_xticks(range(len(problems)))
+            ax.set_xticklabels(problems, rotation=20, ha="right", fontsize=6)
+        ax.set_yscale("log")
+        ax.set_title(f"{op}: {series} ({'compute' if unit == 'TF/s' else 'memory'}-bound)", fontsize=9)
+        ax.set_ylabel({"TF/s": "TFLOP/s", "GB/s": "GB/s"}[unit])
+        ax.grid(True, which="both", alpha=0.3)
+        handles = [Line2D([], [], color=colors[i], marker=_KIND_MARKER.get(k, "."), label=i) for i, k in shown.items()]
+        if ceiling_name:
+            handles.append(Line2D([], [], color="grey", linewidth=0.8, label=f"ceiling: {ceiling_name}"))
+        if len(runs) > 1:
+            handles += [Line2D([], [], color="black", linestyle=_RUN_STYLE[j], label=name)
+                        for j, (name, _) in enumerate(runs)]
+        ax.legend(handles=handles, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -242,76 +356,73 @@ def _plot_ceiling(data: dict[str, Any], rows: list[dict[str, Any]], flops: bool)
     return ("copy", c["value"]) if "value" in c else None
 
 
-def _roofline_plot(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> bool:
-    per_run = [[r for r in d.get("rows", []) if r["status"] == "ok" and r.get("tflops") and r.get("intensity")]
-               for _, d in runs]
+def _op_legends(ax, plt, ops: list[str], colors: dict[str, Any], kinds: list[str]) -> None:
+    """Two compact legends beside the axes: one entry per op (its colour), one per kind (its marker)."""
+    from matplotlib.lines import Line2D
+
+    op_handles = [Line2D([], [], color=colors[op], marker="o", linestyle="", label=op) for op in ops]
+    kind_handles = [Line2D([], [], color="black", marker=_KIND_MARKER.get(k, "."), linestyle="", label=k)
+                    for k in kinds]
+    first = ax.legend(handles=op_handles, title="op", fontsize=6, title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.add_artist(first)
+    ax.legend(handles=kind_handles + [h for h in ax.get_legend_handles_labels()[0] if h.get_label().startswith("roof")],
+              title="implementation", fontsize=6, title_fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0),
+              borderaxespad=0)
+
+
+def _scatter_plot(runs, path: Path, rows_of, xy, xlabel: str, ylabel: str, title: str, roofs) -> bool:
+    per_run = [rows_of(d) for _, d in runs]
     if not any(per_run):
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(10.5 * len(runs), 5.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(8 * len(runs), 5.5), squeeze=False, sharey=True)
     ops = list(dict.fromkeys(r["op"] for rows in per_run for r in rows))
-    palette = plt.get_cmap("tab20")  # one color per op (more than 10 ops: tab10 would repeat)
+    kinds = list(dict.fromkeys(r["kind"] for rows in per_run for r in rows))
+    palette = plt.get_cmap("tab20")
     colors = {op: palette(i % 20) for i, op in enumerate(ops)}
-    for j, ((name, data), rows) in enumerate(zip(runs, per_run, strict=True)):
-        ax = axes[0][j]
+    for ax, (name, data), rows in zip(axes[0], runs, per_run, strict=True):
+        roofs(ax, data, rows)
+        for r in rows:
+            ax.scatter(*xy(r), marker=_KIND_MARKER.get(r["kind"], "."), color=colors[r["op"]], s=18)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({name})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        _op_legends(ax, plt, ops, colors, kinds)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _roofline_plot(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> bool:
+    def roofs(ax, data, rows):
         xs = [r["intensity"] for r in rows] or [1.0]
         lo, hi = min(xs) / 2, max(xs) * 2
         bw = data.get("ceilings", {}).get("copy", {}).get("value")
-        for cname in ("matmul_bf16", "matmul_fp8", "matmul_fp32"):
+        for i, cname in enumerate(("matmul_bf16", "matmul_fp8", "matmul_fp32")):
             c = data.get("ceilings", {}).get(cname, {})
             if "value" in c and bw:
-                grid = [lo * (hi / lo) ** (i / 64) for i in range(65)]
-                ax.plot(grid, [min(c["value"], bw * x / 1e3) for x in grid], "--", linewidth=1,
-                        label=f"roof: {cname} {c['value']:.3g} TF/s, copy {bw:.3g} GB/s")
-        for op in ops:
-            for kind, marker in _KIND_MARKER.items():
-                pts = [(r["intensity"], r["tflops"]) for r in rows if r["op"] == op and r["kind"] == kind]
-                if pts:
-                    ax.scatter(*zip(*pts, strict=True), marker=marker, color=colors[op], s=18,
-                               label=f"{op} ({kind})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("arithmetic intensity (FLOP / byte, fewest bytes)")
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"roofline ({name})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the points
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")  # keeps the legend beside the axes
-    plt.close(fig)
-    return True
+                grid = [lo * (hi / lo) ** (k / 64) for k in range(65)]
+                ax.plot(grid, [min(c["value"], bw * x / 1e3) for x in grid], ("--", ":", "-.")[i], color="grey",
+                        linewidth=1, label=f"roof: {cname} {c['value']:.3g} TF/s, copy {bw:.3g} GB/s")
+
+    return _scatter_plot(runs, path, lambda d: [r for r in _timed(d) if r.get("tflops") and r.get("intensity")],
+                         lambda r: (r["intensity"], r["tflops"]), "arithmetic intensity (FLOP / byte, fewest bytes)",
+                         "TFLOP/s", "roofline", roofs)
 
 
 def _bandwidth_plot(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> bool:
-    per_run = [[r for r in d.get("rows", []) if r["status"] == "ok" and not r.get("tflops") and r.get("gbps")]
-               for _, d in runs]
-    if not any(per_run):
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4.5), squeeze=False, sharey=True)
-    ops = list(dict.fromkeys(r["op"] for rows in per_run for r in rows))
-    colors = {op: f"C{i % 10}" for i, op in enumerate(ops)}
-    for j, ((name, data), rows) in enumerate(zip(runs, per_run, strict=True)):
-        ax = axes[0][j]
-        for op in ops:
-            for kind, marker in _KIND_MARKER.items():
-                pts = [(r["bytes"], r["gbps"]) for r in rows if r["op"] == op and r["kind"] == kind]
-                if pts:
-                    ax.scatter(*zip(*pts, strict=True), marker=marker, color=colors[op], s=18, label=f"{op} ({kind})")
+    def roofs(ax, data, rows):
         bw = data.get("ceilings", {}).get("copy", {}).get("value")
         if bw:
-            ax.axhline(bw, color="grey", linestyle="--", linewidth=1, label=f"copy {bw:.3g} GB/s")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("bytes moved (fewest)")
-        ax.set_ylabel("GB/s")
-        ax.set_title(f"memory-bound ops ({name})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+            ax.axhline(bw, color="grey", linestyle="--", linewidth=1, label=f"roof: copy {bw:.3g} GB/s")
+
+    return _scatter_plot(runs, path, lambda d: [r for r in _timed(d) if bound_unit(r) == "GB/s"],
+                         lambda r: (r["bytes"], r["gbps"]), "bytes moved (fewest)", "GB/s", "memory-bound rows", roofs)
 
 
 def write_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, plots: bool = True,
@@ -320,15 +431,15 @@ def write_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     ``ops`` keeps only those ops' rows."""
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"report takes one or two result files, got {len(paths)}")
-    runs = [(_name(p, i, len(paths)), load_results(p)) for i, p in enumerate(paths)]
+    datas = [load_results(p) for p in paths]
+    runs = list(zip(run_names(paths), datas, strict=True))
     if ops is not None:
         runs = [(n, {**d, "rows": [r for r in d.get("rows", []) if r["op"] in ops]}) for n, d in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if plots:
-        ops = list(dict.fromkeys(r["op"] for _, d in runs for r in d.get("rows", [])))
-        for op in ops:
+        for op in dict.fromkeys(r["op"] for _, d in runs for r in d.get("rows", [])):
             p = out / f"throughput-{op}.png"
             if _throughput_plot(op, runs, p):
                 written.append(p)
@@ -338,9 +449,3 @@ def write_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     md = out / "report.md"
     md.write_text(markdown(runs, [str(p) for p in written]), encoding="utf-8")
     return md, written
-
-
-def _name(path: str | os.PathLike, i: int, n: int) -> str:
-    stem = Path(path).stem
-    return stem if n == 1 else f"{'AB'[i]}: {stem}"
-

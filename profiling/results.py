@@ -8,7 +8,7 @@ JSON layout (``schema`` = ``moela.profiling.results/1``)::
      "ceilings": {"copy": {"value", "unit", ...}, "matmul_bf16": {...}, ...},
      "stats": {problems_run, problems_left_out, seconds},
      "rows": [{op, set, problem, impl, status, median_ms, tflops, gbps, frac_roofline, speedup,
-               check: {...}, telemetry: {...}, ...}, ...]}
+               check: {...}, telemetry: {...}, memory: {peak_mib, above_start_mib} | {skipped}, ...}, ...]}
 
 The CSV repeats, on every line, the GPU, driver, torch and triton versions, git ref and date.
 """
@@ -32,7 +32,7 @@ _ROW_COLUMNS = (
     "median_ms", "p20_ms", "p80_ms", "min_ms", "reps", "method", "rotation", "l2_flush",
     "flops", "bytes", "intensity", "tflops", "gbps", "compute_ceiling", "frac_compute", "frac_bandwidth",
     "roofline_ms", "frac_roofline", "bound", "baseline", "speedup",
-    "check_ok", "check_metric", "check_value", "check_tol",
+    "check_ok", "check_metric", "check_value", "check_tol", "peak_mib", "peak_above_start_mib",
     "sm_clock_mhz_min", "sm_clock_mhz_max", "power_w_max", "temperature_c_max", "throttled",
 )
 
@@ -54,6 +54,8 @@ def _flat(row: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     chk = row.get("check") or {}
     out.update(check_ok=chk.get("ok"), check_metric=chk.get("metric"), check_value=chk.get("value"),
                check_tol=chk.get("tol"))
+    mem = row.get("memory") or {}
+    out.update(peak_mib=mem.get("peak_mib"), peak_above_start_mib=mem.get("above_start_mib"))
     tel = row.get("telemetry") or {}
     for k in ("sm_clock_mhz_min", "sm_clock_mhz_max", "power_w_max", "temperature_c_max", "throttled"):
         out[k] = tel.get(k)

@@ -4,7 +4,8 @@
 a shape set. :func:`run_bench` times every selected implementation of every problem with the
 device's timer (CUDA events, or the CPU wall clock), checks each output against the truth,
 samples NVML telemetry around each timing, and derives throughput, the fraction of the
-measured ceilings and the speedup over the op's baseline measured in the same run.
+measured ceilings, the speedup over the op's baseline measured in the same run and (CUDA) the
+peak memory of the timed calls. An out-of-memory problem is a skip with its reason, not an error.
 """
 
 from __future__ import annotations
@@ -33,10 +34,38 @@ def interpreter_active() -> bool:
     return knobs.interpret()
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, limit: int = 1000) -> str:
+    """``Type: first line of the message`` (an :class:`Unavailable`'s message alone), at most ``limit`` characters."""
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {first}"[:400] if not isinstance(e, Unavailable) else first[:400]
+    return f"{type(e).__name__}: {first}"[:limit] if not isinstance(e, Unavailable) else first[:limit]
+
+
+#: Why a CPU row has no peak memory.
+NO_PEAK_MEMORY = "not measured on CPU (torch tracks peak memory on CUDA devices only)"
+
+
+class _PeakMemory:
+    """``torch.cuda.max_memory_allocated`` around a region: ``{"peak_mib", "above_start_mib"}``
+    (the peak, and the peak less what was allocated when the region began: the call's outputs and
+    workspace, its inputs left out), or ``{"skipped": reason}`` on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.result: dict[str, Any] = {"skipped": NO_PEAK_MEMORY}
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda" and exc[0] is None:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.result = {"peak_mib": round(peak / 2**20, 2), "above_start_mib": round((peak - self.start) / 2**20, 2)}
 
 
 def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
@@ -105,7 +134,11 @@ class BenchSettings:
     on_row: Callable[[dict[str, Any]], None] | None = None  # called as each row completes
     graphs: bool = False  # CUDA: also time CUDA-graph replays of the rows faster than graph_below_ms
     graph_below_ms: float = 1.0
-    skip_kinds: dict[str, str] = field(default_factory=dict)  # impl kind -> reason it is not timed
+    # Calls per interpreted moela row, with no separate warm-up (a check ran them already), or None:
+    # timed like every other row.
+    interpreter_calls: int | None = None
+    gpu_busy: list[dict[str, Any]] = field(default_factory=list)  # other processes on the GPU (rows flagged)
+    cross_check: bool = True  # CUDA: each moela row timed again by triton.testing.do_bench
     stats: dict[str, Any] = field(default_factory=dict)  # filled: problems run / left out, seconds
 
 
@@ -214,13 +247,12 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         except Exception as e:
             row["status"], row["reason"] = "error", f"prepare: {_reason(e)}"
             continue
-        if impl.kind in s.skip_kinds:
-            row["reason"] = s.skip_kinds[impl.kind]
-            continue
         kind_interp = impl.kind == "moela" and interpreter_active()
         timer = {"warmup_ms": s.warmup_ms, "rep_ms": s.rep_ms}
         if impl.kind == "reference" or kind_interp:
             timer["min_reps"] = 1  # the definition is slow at DeepSeek sizes, the interpreter always
+        if kind_interp and s.interpreter_calls is not None:
+            timer.update(min_reps=s.interpreter_calls, max_reps=s.interpreter_calls, warm=True)
         if impl.kind == "reference" and device.type == "cuda":
             timer["estimate_from_first"] = True  # nothing to compile: its first call sizes the reps
         t_time = time.perf_counter()
@@ -228,8 +260,14 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
         if impl.kind == "moela":
             _forget_configs()
         try:
-            with telemetry.around() as samples:
+            with telemetry.around() as samples, _PeakMemory(device) as memory:
                 timing, out = time_fns(fns, device, interpreter=kind_interp, flush=use_flush, **timer)
+        except torch.OutOfMemoryError as e:  # the problem does not fit beside the others' inputs: a skip
+            row["status"], row["reason"] = "skipped", f"out of memory: {_reason(e)}"
+            if impl.name == op.truth:
+                truth_reason = f"{op.truth} skipped: {row['reason']}"
+            _free(device)
+            continue
         except Exception as e:
             row["status"], row["reason"] = "error", _reason(e)
             if impl.name == op.truth:
@@ -237,9 +275,13 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             _free(device)
             continue
         row["wall_s"]["timing"] = round(time.perf_counter() - t_time, 4)  # first call (compile, tuning) included
-        row.update(status="ok", **timing.as_dict(), telemetry=samples.summary())
+        row.update(status="ok", **timing.as_dict(), telemetry=samples.summary(), memory=memory.result)
         if impl.kind == "moela":
             row["configs"] = _configs_used()  # kernel -> [config, where it came from]
+            if s.cross_check and device.type == "cuda":
+                row["do_bench"] = _do_bench_check(fns[0], timing.median_ms, timer)
+        if s.gpu_busy:
+            row["gpu_busy"] = [p["pid"] for p in s.gpu_busy]
         derive(row, ceilings, op.compute)
         not_capturable = s.stats.setdefault("graph_not_capturable", {})  # "op / impl" -> why
         if (s.graphs and device.type == "cuda" and impl.kind != "reference" and timing.median_ms < s.graph_below_ms
@@ -253,6 +295,23 @@ def _bench_problem(op: Op, p: Problem, ceilings: dict[str, dict[str, Any]], s: B
             _record_check(row, op, out, truth_out, truth_reason)
         del out, fns
     return rows
+
+
+#: moela's CUDA-event median and triton's do_bench median may differ by this much (relative)
+#: before a row is flagged: different warm-up, flushing and repetition choices, not a wrong clock.
+TIMER_TOLERANCE = 0.15
+
+
+def _do_bench_check(fn: Callable[[], Any], median_ms: float, timer: dict[str, Any]) -> dict[str, Any]:
+    """The same call timed by ``triton.testing.do_bench`` (a second, independent clock)."""
+    import triton.testing
+
+    try:
+        ms = float(triton.testing.do_bench(fn, warmup=timer["warmup_ms"], rep=timer["rep_ms"], return_mode="median"))
+    except Exception as e:
+        return {"ms": None, "agree": None, "reason": _reason(e)}
+    ratio = ms / median_ms if median_ms > 0 else float("nan")
+    return {"ms": ms, "ratio": ratio, "agree": abs(ratio - 1) <= TIMER_TOLERANCE}
 
 
 def _forget_configs() -> None:
@@ -295,6 +354,9 @@ def _record_check(row: dict[str, Any], op: Op, out: Any, truth_out: Any, truth_r
         return
     try:
         row["check"] = op.compare(out, truth_out).as_dict()
+    except torch.OutOfMemoryError as e:  # no room to compare: not checked, not wrong
+        row["check"] = {"metric": None, "value": None, "tol": None, "ok": None,
+                        "detail": f"not checked: out of memory while comparing ({_reason(e)})"}
     except Exception as e:
         row["check"] = {"metric": None, "value": None, "tol": None, "ok": False, "detail": f"compare: {_reason(e)}"}
 
@@ -353,6 +415,10 @@ def _check_problem(op: Op, p: Problem, device: torch.device, wanted: Sequence[st
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             chk = op.compare(out, truth)
+        except torch.OutOfMemoryError as e:
+            rows.append({**row, "status": "skipped", "reason": f"out of memory: {_reason(e)}"})
+            _free(device)
+            continue
         except Exception as e:
             rows.append({**row, "status": "error", "reason": _reason(e)})
             continue

@@ -15,7 +15,8 @@ into a CUDA graph and the replays timed the same way: the device time of calls w
 time is mostly the host's launch work (decode-sized ops), as a CUDA-graph-captured decode step
 sees them.
 
-CPU (:func:`time_cpu`): ``time.perf_counter`` around each call after one warm-up call. Such
+CPU (:func:`time_cpu`): ``time.perf_counter`` around each call after one warm-up call (none where a
+check already ran the call at these shapes). Such
 numbers (and the Triton interpreter's) say nothing about GPU speed; ``Timing.method`` says
 which timer was used and every report prints it.
 """
@@ -205,14 +206,19 @@ def time_cpu(
     min_reps: int = 3,
     max_reps: int = 25,
     interpreter: bool = False,
+    warm: bool = False,
 ) -> tuple[Timing, Any]:
-    """Wall-clock milliseconds on the CPU after one warm-up call; same return as :func:`time_cuda`."""
+    """Wall-clock milliseconds on the CPU after one warm-up call; same return as :func:`time_cuda`.
+
+    ``warm``: the callables ran before at these shapes (a check did), so no warm-up call is made:
+    the first call is timed too (``min_reps``..``max_reps`` calls in all; the interpreter's calls
+    take up to seconds each)."""
     t0 = time.perf_counter()
     first = fns[0]()
     warm_ms = (time.perf_counter() - t0) * 1e3
     n_rep = max(min_reps, min(max_reps, int(rep_ms / max(warm_ms, 1e-3))))
-    times = []
-    for i in range(n_rep):
+    times = [warm_ms] if warm else []
+    for i in range(len(times), n_rep):
         t0 = time.perf_counter()
         fns[i % len(fns)]()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -225,5 +231,5 @@ def time_fns(fns: Sequence[Callable[[], Any]], device: torch.device, *, interpre
     """:func:`time_cuda` on a CUDA device, :func:`time_cpu` elsewhere (kwargs of the right one)."""
     if device.type == "cuda":
         return time_cuda(fns, flush=flush, **kwargs)
-    cpu_kwargs = {k: v for k, v in kwargs.items() if k in ("rep_ms", "min_reps", "max_reps")}
+    cpu_kwargs = {k: v for k, v in kwargs.items() if k in ("rep_ms", "min_reps", "max_reps", "warm")}
     return time_cpu(fns, interpreter=interpreter, **cpu_kwargs)

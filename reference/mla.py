@@ -158,8 +158,9 @@ def precompute_freqs_cis(
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs ``(x[..., 2j], x[..., 2j+1])`` of x by ``freqs_cis``.
 
-    x: (B, S, H, R) float; freqs_cis: (S, R/2) complex, one row per position of x.
-    Computes in complex64 (complex128 for float64 x) and returns x.dtype.
+    x: (B, S, H, R) float; freqs_cis: (S, R/2) complex, one row per position of x, or
+    (B, S, R/2): one row per sequence and position (a batch whose sequences sit at different
+    positions). Computes in complex64 (complex128 for float64 x) and returns x.dtype.
 
     Example::
 
@@ -169,17 +170,18 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     _check_float("x", x)
     if x.ndim != 4:
         raise ValueError(f"x: expected a 4-D tensor (B, S, H, R), got shape {tuple(x.shape)}")
-    _, s, _, r = x.shape
+    b, s, _, r = x.shape
     if r % 2:
         raise ValueError(f"x: the rotary dim R must be even, got shape {tuple(x.shape)}")
     if not isinstance(freqs_cis, torch.Tensor) or not freqs_cis.is_complex():
         raise TypeError(f"freqs_cis: expected a complex tensor, got {getattr(freqs_cis, 'dtype', freqs_cis)}")
-    if freqs_cis.shape != (s, r // 2):
-        raise ValueError(f"freqs_cis: expected shape ({s}, {r // 2}) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(freqs_cis.shape)}")
+    if freqs_cis.shape not in ((s, r // 2), (b, s, r // 2)):
+        raise ValueError(f"freqs_cis: expected shape ({s}, {r // 2}) or ({b}, {s}, {r // 2}) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(freqs_cis.shape)}")
     acc = _acc_dtype(x.dtype)
     xc = torch.complex(x[..., 0::2].to(acc), x[..., 1::2].to(acc))  # (B, S, H, R/2)
-    rot = freqs_cis.to(xc.dtype)[None, :, None, :]  # (1, S, 1, R/2)
+    rot = freqs_cis.to(xc.dtype)
+    rot = rot[None, :, None, :] if rot.ndim == 2 else rot[:, :, None, :]  # (1 or B, S, 1, R/2)
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, S, H, R)
 
 
@@ -381,24 +383,25 @@ class MLA(nn.Module):
         end_pos = start_pos + s
         acc = _acc_dtype(x.dtype)
         freqs = precompute_freqs_cis(self.args, end_pos, dtype=acc, device=x.device)[start_pos:end_pos]
-
-        # queries
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)  # (B, S, H, Dk)
-        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, freqs)  # (B, S, H, R)
-
-        # the latent and the rotary key shared by all heads
-        kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_norm(kv)  # (B, S, C)
-        k_pe = apply_rotary_emb(k_pe[:, :, None], freqs)[:, :, 0]  # (B, S, R)
-
+        q_nope, q_pe, kv, k_pe = self._project(x, freqs)
         key_start = 0 if cache is not None else start_pos  # absolute position of key 0
         if self.attn_impl == "naive":
             o = self._attend_naive(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
         else:
             o = self._attend_absorbed(q_nope, q_pe, kv, k_pe, start_pos, key_start, cache)
         return self.wo(rearrange(o, "b s h d -> b s (h d)"))  # (B, S, D)
+
+    def _project(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, S, D) -> q_nope (B, S, H, Dn), q_pe (B, S, H, R), the latent kv (B, S, C) and the
+        rotary key k_pe (B, S, R) shared by all heads; ``freqs`` (S, R/2) or (B, S, R/2) rotates."""
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)  # (B, S, H, Dk)
+        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs)  # (B, S, H, R)
+        kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)  # (B, S, C)
+        k_pe = apply_rotary_emb(k_pe[:, :, None], freqs)[:, :, 0]  # (B, S, R)
+        return q_nope, q_pe, kv, k_pe
 
     def _attend_naive(self, q_nope, q_pe, kv, k_pe, start_pos, key_start, cache):
         """Expand the latent to per-head k and v, then plain attention. Returns (B, S, H, Dv)."""

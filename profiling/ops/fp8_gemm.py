@@ -24,6 +24,7 @@ from ._common import (
     scaled_mm_blockwise_runner,
     scaled_mm_tensorwise_runner,
 )
+from ._outside import deepgemm_impls, sgl_kernel_impls
 
 OP = "fp8_gemm"
 
@@ -37,6 +38,9 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
     gen = generator(device, seed)
     a, b = rand_fp8((M, K), device, gen), rand_fp8((N, K), device, gen)
     a_s = rand_scale((M, cdiv(K, BLOCK)), device, gen, 1e-2)
+    # column-major (M-major): the layout cuBLAS block-wise takes and moela's GEMMs read fastest, so every
+    # row of the table reads the same scales the same way
+    a_s = a_s.t().contiguous().t()
     b_s = rand_scale((cdiv(N, BLOCK), cdiv(K, BLOCK)), device, gen, 1e-2 * K**-0.5)
     nbytes = M * K + N * K + (a_s.numel() + b_s.numel()) * 4 + M * N * 2
     return Case(p, {"a": a, "a_s": a_s, "b": b, "b_s": b_s}, flops=2.0 * M * N * K, bytes=float(nbytes))
@@ -85,6 +89,8 @@ register(Op(
         Impl("torch scaled_mm blockwise", _blockwise, note="cuBLAS BlockWise1x128 x BlockWise128x128"),
         Impl("torch scaled_mm tensorwise", _tensorwise, same_function=False, note="one scale per tensor"),
         Impl("torch matmul bf16", _bf16, same_function=False, note="bf16 GEMM of the same shape"),
+        *deepgemm_impls(OP),
+        *sgl_kernel_impls(OP),
     ),
     baseline_order=("torch scaled_mm blockwise", "torch matmul bf16", "reference"),
     compute="fp8",

@@ -36,6 +36,7 @@ from ._common import (
     rand_fp8,
     rand_scale,
 )
+from ._outside import deepgemm_impls
 
 OP = "fp8_grouped_gemm"
 v3 = moe_dims(V3, "v3")
@@ -48,6 +49,9 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
     gen = generator(device, seed)
     xs, w = rand_fp8((M, K), device, gen), rand_fp8((E, N, K), device, gen)
     xs_s = rand_scale((M, cdiv(K, BLOCK)), device, gen, 1e-2)
+    # column-major (M-major): the layout cuBLAS block-wise takes and moela's GEMMs read fastest, so every
+    # row of the table reads the same scales the same way
+    xs_s = xs_s.t().contiguous().t()
     w_s = rand_scale((E, cdiv(N, BLOCK), cdiv(K, BLOCK)), device, gen, 1e-2 * K**-0.5)
     active = sum(1 for s in sizes if s)
     nbytes = M * K + xs_s.numel() * 4 + active * (N * K + w_s[0].numel() * 4) + M * N * 2
@@ -133,6 +137,7 @@ register(Op(
              note="moela's bf16 grouped GEMM, same shapes"),
         Impl("torch scaled_grouped_mm rowwise", _rowwise, same_function=False,
              note="row-wise FP8 scales (a cheaper recipe)"),
+        *deepgemm_impls(OP),
     ),
     baseline_order=("torch grouped_mm bf16", "reference"),
     compute="fp8",

@@ -25,6 +25,7 @@ from ..shapes import (
     sizes_from_params,
 )
 from ._common import DTYPES, close, expert_loop_runner, generator, grouped_mm_runner, offsets_of, randn
+from ._outside import deepgemm_impls
 
 OP = "grouped_gemm"
 v3, v2l = moe_dims(V3, "v3"), moe_dims(V2_LITE, "v2lite")
@@ -99,6 +100,7 @@ register(Op(
         Impl("torch loop", lambda c: expert_loop_runner(c.inputs["xs"], c.inputs["w"], c.inputs["sizes"]),
              note="per-expert torch.matmul"),
         Impl("torch dense", _dense, same_function=False, note="one (M,K)x(K,N) matmul of equal FLOPs"),
+        *deepgemm_impls(OP),
     ),
     baseline_order=("torch grouped_mm", "torch loop", "reference"),
     compute="bf16",

@@ -28,6 +28,7 @@ from moela.reference.mla_decode import dequant_latent, fp8_latent_width, quant_l
 from ..registry import Case, Impl, Op, register
 from ..shapes import FLASHMLA_DECODE, V3, Problem
 from ._common import close, generator, randn
+from ._outside import flash_mla_impl
 
 OP = "mla_decode"
 DK, DV = FLASHMLA_DECODE["head_dim"], FLASHMLA_DECODE["v_dim"]
@@ -154,6 +155,7 @@ register(Op(
     baselines=(
         Impl("torch math", _math, note="bmm + float32 softmax + bmm on the dense bf16 cache, one wide MQA head"),
         Impl("torch sdpa", _sdpa, note="F.scaled_dot_product_attention on the dense bf16 cache, one wide MQA head"),
+        flash_mla_impl(DV),
     ),
     baseline_order=("torch sdpa", "torch math"),
     truth="reference",

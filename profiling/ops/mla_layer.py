@@ -1,4 +1,5 @@
-"""The MLA layer (projections, RoPE, cache, attention), prefill and decode, bf16.
+"""The MLA layer (projections, RoPE, cache, attention), bf16: prefill and decode (``mla_layer``), and
+a training step's forward + backward without a cache (``mla_layer_fwd_bwd``).
 
 moela:          ``moela.model.MLA`` in the absorbed form (latent cache), as a model runs it: decode
                 attention on ``moela.kernels.mla_decode`` (the cache's fused C + R layout),
@@ -7,9 +8,12 @@ reference:      ``moela.reference.MLA`` in the naive form (per-head k/v cache)
 torch SDPA:     the naive form with its attention through ``F.scaled_dot_product_attention``
 
 Prefill: B=1, S tokens from position 0, causal. Decode: one new token per sequence after a
-cache of L tokens (filled with random latents, never zeros). FLOPs: the projections plus the
-attention of the absorbed form over the (query, key) pairs the causal mask keeps (S(S+1)/2 per
-head in prefill, L+1 in decode); bytes: the weights, the cache read and x/y.
+cache of L tokens (filled with random latents, never zeros). Train: prefill without a cache, then
+``backward`` of a random output gradient (the parameters' gradients dropped before each call, as
+``zero_grad(set_to_none=True)`` does); moela's layer runs it on SDPA over per-head k/v. FLOPs: the
+projections plus the attention of the absorbed form over the (query, key) pairs the causal mask
+keeps (S(S+1)/2 per head in prefill, L+1 in decode), ×3 with the backward; bytes: the weights (and
+their gradients), the cache read, x/y (and dy/dx).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
     from moela.model import MLA
 
     args = CONFIGS[p.params["config"]]
-    args = args.replace(dtype="bf16", max_seq_len=max(args.max_seq_len, p.params["tokens"] + 1))
+    args = args.replace(dtype="bf16", backend="triton", max_seq_len=max(args.max_seq_len, p.params["tokens"] + 1))
     mode, B, L = p.params["mode"], p.params["batch"], p.params["tokens"]
     gen = generator(device, seed)
     torch.manual_seed(seed)
@@ -58,21 +62,25 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
             t.copy_(randn(t.shape, t.dtype, device, gen, std=t.shape[-1] ** -0.5 if t.ndim > 1 else 0.1) + shift)
     state = moela_layer.state_dict()
     H, C, R = args.n_heads, args.kv_lora_rank, args.qk_rope_head_dim
-    S = L if mode == "prefill" else 1
+    S = 1 if mode == "decode" else L
     x = randn((B, S, args.dim), _DTYPE, device, gen)
-    inputs = {"x": x, "mode": mode, "start": 0 if mode == "prefill" else L, "args": args, "state": state,
+    inputs = {"x": x, "mode": mode, "start": L if mode == "decode" else 0, "args": args, "state": state,
               "moela": moela_layer}
+    if mode == "train":
+        inputs["dy"] = randn((B, S, args.dim), _DTYPE, device, gen)
     if mode == "decode":  # a cache of L random latents, the naive form's k/v derived from them
         cache = moela_layer.new_cache(B, L + 1)
         cache["kv"][:, :L] = randn((B, L, C), _DTYPE, device, gen)
         cache["pe"][:, :L] = randn((B, L, R), _DTYPE, device, gen)
         inputs["cache"] = cache
     proj = 2.0 * B * S * sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.ndim == 2)
-    keys = S if mode == "prefill" else L + 1
-    pairs = S * (S + 1) // 2 if mode == "prefill" else keys  # (query, key) pairs: causal prefill sees the past
+    keys = L + 1 if mode == "decode" else S
+    pairs = keys if mode == "decode" else S * (S + 1) // 2  # (query, key) pairs: causal prefill sees the past
     attn = 2.0 * B * H * pairs * (C + R + C)
     cache_bytes = B * keys * (C + R) * 2 if mode == "decode" else 0
     weight_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    if mode == "train":  # backward: twice the forward's FLOPs; weights read again and their grads written, dy, dx
+        return Case(p, inputs, flops=3 * (proj + attn), bytes=float(3 * weight_bytes + 4 * x.numel() * 2))
     return Case(p, inputs, flops=proj + attn, bytes=float(weight_bytes + cache_bytes + 2 * x.numel() * 2))
 
 
@@ -91,12 +99,27 @@ def _naive_cache(layer, inputs):
 
 
 def _runner(layer, inputs, cache):
+    """What one timed call does: the layer's forward, or (train) forward + backward returning (y, dx)."""
     x, start = inputs["x"], inputs["start"]
-    return lambda: layer(x, start, cache)
+    if inputs["mode"] != "train":
+        return lambda: layer(x, start, cache)
+    xg, dy, params = x.detach().requires_grad_(True), inputs["dy"], list(layer.parameters())
+
+    def step():
+        xg.grad = None
+        for t in params:
+            t.grad = None
+        y = layer(xg, 0, None)
+        y.backward(dy)
+        return y.detach(), xg.grad
+
+    return step
 
 
 def _moela(inputs: dict):
-    return _runner(inputs["moela"], inputs, inputs.get("cache"))()
+    if "run" not in inputs:  # built once per case: the timed call is only the step
+        inputs["run"] = _runner(inputs["moela"], inputs, inputs.get("cache"))
+    return inputs["run"]()
 
 
 class _SDPAMLA(ReferenceMLA):
@@ -122,6 +145,7 @@ def _baseline(cls):
     def prepare(case: Case):
         i = case.inputs
         layer = _layer(cls, i["args"], "naive", i["state"], i["x"].device)
+        layer.train(i["mode"] == "train")
         return _runner(layer, i, _naive_cache(layer, i) if i["mode"] == "decode" else None)
 
     return prepare
@@ -138,6 +162,20 @@ def _sets() -> dict[str, list[Problem]]:
     }
 
 
+def _train_sets(op: str) -> dict[str, list[Problem]]:
+    def train(set_name: str, config: str, tokens: int) -> Problem:
+        return Problem(op, set_name, f"{config} train S={tokens}", {
+            "series": f"{config} train", "tokens": tokens, "config": config, "mode": "train", "batch": 1})
+
+    return {
+        "tiny": [train("tiny", "tiny", 8)],
+        "check": [train("check", "tiny", 16)],
+        "quick": [train("quick", "v2lite", 1024)],
+        "v3-prefill": [train("v3-prefill", "v3", t) for t in (1024, 4096)],
+        "v2lite-prefill": [train("v2lite-prefill", "v2lite", t) for t in (1024, 4096)],
+    }
+
+
 register(Op(
     name=OP,
     summary="MLA layer prefill / decode (projections + attention), bf16",
@@ -151,6 +189,25 @@ register(Op(
     baselines=(
         Impl("reference naive", _baseline(ReferenceMLA), note="moela.reference.MLA, per-head k/v cache"),
         Impl("torch SDPA", _baseline(_SDPAMLA), note="naive form, F.scaled_dot_product_attention"),
+    ),
+    baseline_order=("torch SDPA", "reference naive"),
+    truth="reference naive",
+    compute="bf16",
+))
+
+register(Op(
+    name="mla_layer_fwd_bwd",
+    summary="MLA layer forward + backward without a cache (a training step's attention), bf16",
+    make_case=make_case,
+    signature=lambda c: ((c.inputs,), {}),
+    reference=None,
+    reference_missing="see the 'reference naive' baseline",
+    shape_sets=_train_sets("mla_layer_fwd_bwd"),
+    compare=close(1e-3),
+    kernel=lambda: _moela,
+    baselines=(
+        Impl("reference naive", _baseline(ReferenceMLA), note="moela.reference.MLA, autograd"),
+        Impl("torch SDPA", _baseline(_SDPAMLA), note="naive form, F.scaled_dot_product_attention, autograd"),
     ),
     baseline_order=("torch SDPA", "reference naive"),
     truth="reference naive",

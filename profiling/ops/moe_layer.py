@@ -9,8 +9,8 @@ moe_layer_fp8_train:  forward+backward of ``ModelArgs(train_fp8=True)``: bf16 ma
                       calls, as between the micro-batches of a step) does not re-quantize them
 
 against the reference loop (``moela.reference.MoE``, with the same weights) and a torch-native
-composition: ``torch.topk`` routing, argsort + index_select dispatch, ``torch._grouped_mm`` and
-``index_add_`` combine (no host sync).
+composition: the reference gate's routing (plain torch), argsort + index_select dispatch,
+``torch._grouped_mm`` and ``index_add_`` combine (no host sync).
 
 FLOPs: 3 expert GEMMs (``6·T·k·D·I``) plus the shared experts (``6·T·D·I_shared``) plus the router
 (``2·T·D·E``); ×3 with the backward. Bytes: the weights of the experts that receive tokens (the
@@ -30,6 +30,7 @@ from moela.reference import gate as ref_gate
 from ..registry import Case, Impl, Op, Unavailable, register
 from ..shapes import CONFIGS, DECODE_TOKENS, PREFILL_TOKENS, Problem, token_problems
 from ._common import close, generator, grouped_mm, probed, randn
+from ._outside import layer_impls
 
 _DTYPE = torch.bfloat16
 
@@ -76,7 +77,7 @@ def make_case(p: Problem, device: torch.device, seed: int) -> Case:
                 info={"tokens": T, "experts": E, "active_experts": active})
 
 
-def _run(fn, inputs: dict, module: torch.nn.Module | None = None):
+def layer_runner(fn, inputs: dict, module: torch.nn.Module | None = None):
     """``fn(x)``, or ``fn(x).backward(dy)`` returning (y, dx): what one timed call does.
 
     With the backward, the gradients of ``module``'s parameters (``fn`` itself when it is a
@@ -119,7 +120,7 @@ def _moela_layer():
 def _signature(case: Case) -> tuple[tuple, dict]:
     i = case.inputs
     if "run" not in i:
-        i["run"] = _run(i["layer"], i)
+        i["run"] = layer_runner(i["layer"], i)
     return (i,), {}
 
 
@@ -130,11 +131,11 @@ def _reference(case: Case):
     if ref.gate.bias is not None:  # the layer's float32 selection bias, not rounded to bf16 (other routing)
         ref.gate.bias.data = ref.gate.bias.data.float()
     ref.load_state_dict(i["layer"].state_dict())
-    return _run(ref, i)
+    return layer_runner(ref, i)
 
 
 def _torch_native(case: Case):
-    """topk routing, argsort dispatch, torch's grouped GEMM, index_add_ combine."""
+    """Plain-torch routing, argsort dispatch, torch's grouped GEMM, index_add_ combine."""
     fn, name = grouped_mm()
     i = case.inputs
     layer, a = i["layer"], i["args"]
@@ -144,10 +145,13 @@ def _torch_native(case: Case):
     w13t, w2t = layer.w13.transpose(1, 2), layer.w2.transpose(1, 2)  # (E, D, 2I), (E, I, D)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weights, ids = layer.gate(x)  # the same routing as the layer
+        # The layer's routing in plain torch (moela.reference.gate): layer.gate would run moela's
+        # gate kernel, and on a CPU the Triton interpreter would then dominate this baseline.
+        weights, ids = ref_gate(x, layer.gate.weight, layer.gate.bias, a)
         flat = ids.reshape(-1).long()
         order = torch.argsort(flat, stable=True)
-        offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offsets = torch.cumsum(counts, 0).to(torch.int32)  # (bincount would sync: its length depends on the ids)
         xs = x.index_select(0, order // k)
         h = fn(xs, w13t, offs=offsets)
         act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
@@ -155,7 +159,7 @@ def _torch_native(case: Case):
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order // k, ys.float())
         return (y + layer.shared_experts(x).float()).to(x.dtype)
 
-    run = _run(forward, i, layer)
+    run = layer_runner(forward, i, layer)
     return probed(run, f"{name} composition")
 
 
@@ -186,6 +190,7 @@ for _name, _backward in (("moe_layer", False), ("moe_layer_fwd_bwd", True)):
         baselines=(
             Impl("reference loop", _reference, note="moela.reference.MoE: a Python loop over experts"),
             Impl("torch native", _torch_native, note="argsort + index_select + grouped_mm + index_add_"),
+            *layer_impls(fp8=False, backward=_backward),
         ),
         baseline_order=("torch native", "reference loop"),
         truth="reference loop",
@@ -202,7 +207,7 @@ def _reference_ops(case: Case):
         ref = MoE(i["args"].replace(backend="reference")).to(_DTYPE)
     ref.load_state_dict(i["layer"].state_dict())
     ref.train(i["backward"])
-    return _run(ref, i)
+    return layer_runner(ref, i)
 
 
 def _bf16_layer(case: Case):
@@ -214,7 +219,7 @@ def _bf16_layer(case: Case):
         layer = MoE(i["args"].replace(dtype="bf16", train_fp8=False)).to(_DTYPE).train(i["backward"])
     if not i["layer"].fp8:  # bf16 master weights (train_fp8): the same numbers in bf16
         layer.load_state_dict(i["layer"].state_dict())
-    return _run(layer, i)
+    return layer_runner(layer, i)
 
 
 _FP8_DIMS = {"dim": 128, "moe_inter_dim": 128}  # the tiny config with 128×128 weight blocks
@@ -254,6 +259,7 @@ register(Op(
         Impl("reference ops", _reference_ops, note="the same layer on moela.reference's FP8 ops"),
         Impl("moela bf16", _bf16_layer, kind="moela", same_function=False,
              note="moela.model.MoE with bf16 experts"),
+        *layer_impls(fp8=True),
     ),
     baseline_order=("moela bf16", "reference ops"),
     truth="reference ops",

@@ -16,6 +16,7 @@ from ..registry import Case, Impl, Op, register
 from ..shapes import CONFIGS, Problem
 from ._common import generator, ids_and_weights, randn
 from ._dispatch import token_sets
+from ._outside import sgl_kernel_impls
 
 OP = "route"
 
@@ -58,7 +59,8 @@ register(Op(
     shape_sets=SETS,
     compare=ids_and_weights(1e-10),
     kernel="route",
-    baselines=(Impl("torch topk", _topk, same_function=False, note="topk of the scores: no groups, no bias"),),
+    baselines=(Impl("torch topk", _topk, same_function=False, note="topk of the scores: no groups, no bias"),
+               *sgl_kernel_impls(OP)),
     baseline_order=("torch topk", "reference"),
     compute="none",
 ))

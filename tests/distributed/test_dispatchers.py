@@ -233,11 +233,13 @@ if deep_ep_available():
     register_checks(__file__, 2, DEEP_EP_CHECKS, backends=("nccl",))
 
 
+@pytest.mark.slow  # spawns gloo process groups: half a minute on a 2-core CPU
 @pytest.mark.parametrize("name", CHECKS_2)
 def test_two_gloo_ranks(rank_results, name):
     rank_results(2).check(__file__, name)
 
 
+@pytest.mark.slow  # spawns gloo process groups: half a minute on a 2-core CPU
 @pytest.mark.parametrize("name", CHECKS_4)
 def test_four_gloo_ranks(rank_results, name):
     rank_results(4).check(__file__, name)

@@ -401,7 +401,7 @@ def test_paged_and_fp8_caches_decode_on_the_kernel(kind, device, kernel_calls):
             assert_close_derived(o_model, truths[1], truths[0], name=f"{kind} attention at {start}")
     C, R = model.kv_lora_rank, model.qk_rope_head_dim
     width = C + 4 + 2 * R if kind.endswith("fp8") else C + R
-    kv_shape = (3 * B + 1, 64, width) if kind.startswith("paged") else (B, P + 1, width)
+    kv_shape = (3 * B + 2, 64, width) if kind.startswith("paged") else (B, P + 1, width)  # + the sink page
     assert kernel_calls[0] == ((B, 1, model.n_heads, C + R), kv_shape)
     kv_arg, kw = kernel_calls.kv[0]
     assert kv_arg.dtype == (torch.float8_e4m3fn if kind.endswith("fp8") else torch.bfloat16)

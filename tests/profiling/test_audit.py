@@ -26,6 +26,8 @@ import pytest
 from moela.profiling.audit import RULES, Finding, ctas_per_sm, main_loop_loads, parse_ptxas, violations
 from moela.profiling.audit_shapes import LAUNCHES
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_90: about a minute on a 2-core CPU
+
 _FP8_LOOP = ("the pointer (pre-Hopper) FP8 K loop loads its a_s / b_s scales with ld.global in every step (not through "
              "the pipeline)")
 _FP8_WS = ("the warp-specialised configs' math warpgroups load a_s / b_s with ld.global themselves, one K block ahead "

@@ -114,6 +114,7 @@ def test_list(capsys):
     assert "fp8_gemm:" in out and "deepgemm-dense (18)" in out
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "moela.profiling", "--help"], capture_output=True, text=True,
                        timeout=60)
@@ -134,3 +135,66 @@ def test_bench_line_and_report_cell_show_graph_replays():
     assert "graph: RuntimeError" in bench_line(row) and "graph" not in _cell(row)
     del row["graph"]
     assert "graph" not in bench_line(row)
+
+
+def test_main_job_on_a_cpu_times_the_kernels_through_the_interpreter(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU main job")
+    code, out, _ = run(capsys, "--device", "cpu", "--only", "route", "permute", "--no-layers", "--no-progress",
+                       "--out", str(tmp_path), "--name", "run")
+    assert code == 0, out
+    assert "pass    route" in out
+    assert "== quick benchmark (tiny shapes, moela kernels through the Triton interpreter)" in out
+    assert "columns: median per call" in out and "roof%: share of the roofline" in out  # the legend line
+    assert "moela interp" in out and " base " in out and "CPU: every time is wall clock" in out
+    data = json.loads((tmp_path / "run.json").read_text())
+    moela = [r for r in data["rows"] if r["impl"] == "moela"]
+    assert moela and all(r["status"] == "ok" and r["method"] == "cpu-wall (triton interpreter)" and r["reps"] == 1
+                         for r in moela)
+    assert all(r["check"]["ok"] for r in moela)
+    assert all(r["memory"] == {"skipped": "not measured on CPU (torch tracks peak memory on CUDA devices only)"}
+               for r in data["rows"] if r["status"] == "ok")
+
+
+@pytest.mark.slow
+def test_main_job_streams_its_lines_into_a_pipe(tmp_path):
+    """Each check line reaches a log as its problem is done, not with the others at the end: the
+    first line (route) arrives while moe_layer's checks, seconds of interpreter, still run."""
+    import time
+
+    cmd = [sys.executable, "-m", "moela.profiling", "--device", "cpu", "--only", "route", "moe_layer", "--no-layers",
+           "--no-save"]
+    arrived: dict[str, float] = {}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path) as proc:
+        for line in proc.stdout:
+            for key in ("  pass    route", "== quick benchmark"):
+                if line.startswith(key):
+                    arrived.setdefault(key, time.perf_counter())
+            if len(arrived) == 2:  # the benchmark itself is not needed here
+                proc.kill()
+                break
+    assert len(arrived) == 2
+    assert arrived["== quick benchmark"] - arrived["  pass    route"] > 0.3
+
+
+def test_main_sets_stdout_line_buffered(capsys):
+    assert run(capsys, "list", "--names")[0] == 0
+    assert sys.stdout.line_buffering
+
+
+def test_bench_line_marks_the_base_row_and_prints_a_failed_check_in_full():
+    from moela.profiling.cli import bench_line, check_line
+
+    row = {"status": "ok", "op": "grouped_gemm", "problem": "v3 T=1", "impl": "torch grouped_mm", "median_ms": 0.1,
+           "tflops": 1.0, "gbps": 2.0, "frac_roofline": 0.5, "speedup": 1.0, "baseline": "torch grouped_mm",
+           "check": {"metric": "calc_diff", "value": 0.5, "tol": 1e-5, "ok": False, "detail": ""},
+           "memory": {"peak_mib": 20.0, "above_start_mib": 12.25}, "method": "cuda-events"}
+    line = bench_line(row)
+    assert " base " in line and "12.2" in line and line.endswith("FAIL (calc_diff 0.5 > tol 1e-05)")
+    oom = {"metric": None, "value": None, "tol": None, "ok": False,
+           "detail": "compare: OutOfMemoryError: CUDA out of memory. Tried to allocate 56.00 GiB." + " x" * 300}
+    line = check_line({"status": "FAIL", "op": "grouped_gemm_dw", "impl": "moela", "set": "s", "problem": "p",
+                       "check": oom, "reason": ""})
+    assert "None" not in line and line.endswith(oom["detail"])

@@ -10,6 +10,7 @@ import torch
 from moela.profiling import ep
 
 
+@pytest.mark.slow
 def test_runs_under_torchrun_on_two_gloo_ranks(tmp_path):
     if torch.cuda.device_count() == 1:
         pytest.skip("one GPU cannot hold two NCCL ranks")

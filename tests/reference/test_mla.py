@@ -418,6 +418,7 @@ def test_errors():
 
 
 # --------------------------------------------------------------------------- property test
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(
     n_heads=st.integers(1, 4),
