@@ -55,8 +55,8 @@ from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = [
-    "fp8_gemm", "fp8_kernel_block", "fp8_gemm_configs", "fp8_gemm_tma_configs", "fp8_config", "launch_fp8_gemm",
-    "m_class", "BLOCKS",
+    "fp8_gemm", "fp8_kernel_block", "fp8_gemm_configs", "fp8_gemm_tma_configs", "fp8_config", "pointer_meta",
+    "launch_fp8_gemm", "m_class", "BLOCKS",
 ]
 
 #: The scale blocks the FP8 GEMM kernels take (the K tile is the scale block).
@@ -77,6 +77,7 @@ def _fp8_gemm_kernel(
     stride_cm, stride_cn,
     SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """c[M, N] = Σ_kb promote(a_kb · b_kbᵀ) (+ bias), BLOCK_K = SCALE_BLOCK.
 
@@ -95,7 +96,7 @@ def _fp8_gemm_kernel(
     acc = fp8_block_scaled_tile(
         a_ptr, as_ptr, b_ptr, bs_ptr, rows, cols, pid_n * BLOCK_N, K // SCALE_BLOCK,
         stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-        BLOCK_M, BLOCK_N, SCALE_BLOCK,
+        BLOCK_M, BLOCK_N, SCALE_BLOCK, STAGES,
     )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -149,7 +150,17 @@ def m_class(M: int) -> str:
 
 
 def fp8_config(bm: int, bn: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+    """A pointer kernel's config; STAGES names the pipeline depth on its K loop (see tl_helpers)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "STAGES": stages}, num_warps=warps,
+                         num_stages=stages)
+
+
+def pointer_meta(config: dict) -> dict:
+    """A pointer kernel's launch options from a plain config dict (tests, sweeps): GROUP_M 8 and
+    STAGES = num_stages unless given."""
+    meta = {"GROUP_M": 8, **config}
+    meta.setdefault("STAGES", meta.get("num_stages", 3))
+    return meta
 
 
 def fp8_gemm_configs(cls: str) -> list[triton.Config]:
@@ -252,8 +263,7 @@ def _launch_pointer(out, a, a_s, b, b_s, block, bias, config) -> None:
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _TUNED[m_class(M)][grid](*args, **consts)
     else:
-        meta = dict(config)
-        meta.setdefault("GROUP_M", 8)
+        meta = pointer_meta(config)
         _fp8_gemm_kernel[(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)](*args, **consts, **meta)
 
 

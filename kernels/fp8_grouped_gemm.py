@@ -56,7 +56,7 @@ from ._common import (
     num_sms,
 )
 from .factory import kernel_op
-from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
+from .fp8_gemm import fp8_config, fp8_kernel_block, m_class, pointer_meta
 from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile, locate_m_tile_by_chunks
 
@@ -73,6 +73,7 @@ def _fp8_grouped_gemm_kernel(
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """grid: (_row_tiles(M, E, BLOCK_M) * cdiv(N, BLOCK_N),); BLOCK_E = next_power_of_2(E + 1).
 
@@ -98,7 +99,7 @@ def _fp8_grouped_gemm_kernel(
         x_ptr, xs_ptr, w_ptr + expert * stride_we, ws_ptr + expert * stride_wse,
         rows, cols, pid_n * BLOCK_N, num_kb,
         stride_xm, stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_wsn, stride_wsk,
-        BLOCK_M, BLOCK_N, SCALE_BLOCK,
+        BLOCK_M, BLOCK_N, SCALE_BLOCK, STAGES,
     )
     mask = (offs_m < end)[:, None] & (offs_n < N)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -266,8 +267,7 @@ def _launch_pointer(out, xs, xs_s, w, w_s, offsets, block, config) -> None:
         grid = lambda meta: (_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _TUNED[m_class(cdiv(M, max(E, 1)))][grid](*args, **consts)
     else:
-        meta = dict(config)
-        meta.setdefault("GROUP_M", 8)
+        meta = pointer_meta(config)
         grid = (_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _fp8_grouped_gemm_kernel[grid](*args, **consts, **meta)
 

@@ -37,7 +37,7 @@ from moela.reference.grouped_gemm import check_masked_m
 
 from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, kernel_rows, num_sms
 from .factory import kernel_op
-from .fp8_gemm import fp8_config, fp8_kernel_block, m_class
+from .fp8_gemm import fp8_config, fp8_kernel_block, m_class, pointer_meta
 from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
@@ -59,6 +59,7 @@ def _fp8_grouped_gemm_masked_kernel(
     stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_ce, stride_cm, stride_cn,
     SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """grid: (E * cdiv(MAX_M, BLOCK_M) * cdiv(N, BLOCK_N),). Program -> (expert-row tile r,
     column tile) in GROUP_M super-rows, r -> (expert r // row tiles, row tile r % row tiles)."""
@@ -77,7 +78,7 @@ def _fp8_grouped_gemm_masked_kernel(
         x_ptr + e64 * stride_xe, xs_ptr + e64 * stride_xse, w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse,
         rows, cols, pid_n * BLOCK_N, num_kb,
         stride_xm, stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_wsn, stride_wsk,
-        BLOCK_M, BLOCK_N, SCALE_BLOCK,
+        BLOCK_M, BLOCK_N, SCALE_BLOCK, STAGES,
     )
     acc = tl.where((offs_m < rows_e)[:, None], acc, 0.0)
     mask = (offs_m < MAX_M)[:, None] & (offs_n < N)[None, :]
@@ -202,7 +203,7 @@ def _launch_pointer(out, x, x_s, w, w_s, masked_m, block, config) -> None:
     if config is None:
         _TUNED[m_class(max_m)][lambda meta: (tiles(meta),)](*args, **consts)
     else:
-        meta = {"GROUP_M": 8, **config}
+        meta = pointer_meta(config)
         _fp8_grouped_gemm_masked_kernel[(tiles(meta),)](*args, **consts, **meta)
 
 

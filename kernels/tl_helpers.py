@@ -116,37 +116,37 @@ def fp8_block_scaled_tile(
     rows, cols, n_start, num_kb,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_bn, stride_bk, stride_bsn, stride_bsk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The pointer-based FP8 main loop: a (BLOCK_M, BLOCK_N) float32 tile of
     ``Σ_kb (a[rows, kb] · b[cols, kb]ᵀ) · a_s[rows, kb] · b_s[cols // BLOCK_K, kb]``.
 
     rows / cols: in-bounds int64 indices (already clamped); n_start: the tile's first column
-    (a multiple of BLOCK_N). BLOCK_K is the scale block.
+    (a multiple of BLOCK_N). BLOCK_K is the scale block; STAGES the pipeline's depth (the
+    config's ``num_stages``), named on the loop so that the software pipeliner also takes the
+    scale loads, which feed no dot operand. Every load is addressed from the loop index and is a
+    vector (a tile inside one B-row block of b reads its one b scale as a BLOCK_M-vector of equal
+    addresses): all become cp.async, no synchronous global load stays in the loop.
     """
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     as_ptrs = as_ptr + rows * stride_asm
     if BLOCK_N <= BLOCK_K:  # the tile lies inside one B-row block of b: one scale per K block
-        bs_ptrs = bs_ptr + (n_start // BLOCK_K) * stride_bsn
+        bs_ptrs = bs_ptr + (n_start // BLOCK_K) * stride_bsn + rows * 0
     else:
         bs_ptrs = bs_ptr + (cols // BLOCK_K) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(num_kb):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-        a_s = tl.load(as_ptrs)
-        b_s = tl.load(bs_ptrs)
+    for kb in tl.range(0, num_kb, num_stages=STAGES):
+        a = tl.load(a_ptrs + kb * (BLOCK_K * stride_ak))
+        b = tl.load(b_ptrs + kb * (BLOCK_K * stride_bk))
+        a_s = tl.load(as_ptrs + kb * stride_ask)
+        b_s = tl.load(bs_ptrs + kb * stride_bsk)
         partial = tl.dot(a, b)  # this K block, fresh float32 (the promotion boundary)
         if BLOCK_N <= BLOCK_K:
             acc += partial * (a_s * b_s)[:, None]
         else:
             acc += partial * (a_s[:, None] * b_s[None, :])
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-        as_ptrs += stride_ask
-        bs_ptrs += stride_bsk
     return acc
 
 

@@ -28,8 +28,6 @@ from moela.profiling.audit_shapes import LAUNCHES
 
 pytestmark = pytest.mark.slow  # compiles every kernel for sm_90: about a minute on a 2-core CPU
 
-_FP8_LOOP = ("the pointer (pre-Hopper) FP8 K loop loads its a_s / b_s scales with ld.global in every step (not through "
-             "the pipeline)")
 _FP8_WS = ("the warp-specialised configs' math warpgroups load a_s / b_s with ld.global themselves, one K block ahead "
            "of their use (Triton 3.6 leaves loads that feed no dot operand in the consumer partitions)")
 _WS_128 = "M=128 N=128 GROUP_M=8 WARP_SPECIALIZE=True STAGES=4 w4 s4"
@@ -37,35 +35,6 @@ _WS_64 = "M=128 N=64 GROUP_M=8 WARP_SPECIALIZE=True STAGES=6 w4 s6"
 
 #: (rule, kernel) -> the configs that break it on sm_90 today, and why.
 KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[set[str], str]] = {
-    ("fp8-loop-load", "fp8_gemm/large"): ({
-        "M=128 N=128 GROUP_M=8 w8 s4", "M=64 N=128 GROUP_M=8 w4 s4", "M=128 N=64 GROUP_M=8 w4 s4",
-        "M=128 N=128 GROUP_M=8 w8 s3", "M=64 N=256 GROUP_M=8 w8 s3", "M=128 N=128 GROUP_M=8 w8 s5",
-        "M=64 N=64 GROUP_M=8 w4 s5"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_gemm/medium"): ({
-        "M=64 N=64 GROUP_M=8 w4 s4", "M=64 N=128 GROUP_M=8 w4 s4", "M=128 N=64 GROUP_M=8 w4 s4",
-        "M=32 N=64 GROUP_M=8 w4 s5", "M=64 N=32 GROUP_M=8 w4 s5", "M=128 N=128 GROUP_M=8 w8 s4"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_gemm/small"): ({
-        "M=16 N=64 GROUP_M=8 w4 s4", "M=16 N=32 GROUP_M=8 w4 s4", "M=16 N=128 GROUP_M=8 w4 s4",
-        "M=32 N=64 GROUP_M=8 w4 s5", "M=64 N=64 GROUP_M=8 w4 s4", "M=16 N=64 GROUP_M=8 w4 s6",
-        "M=64 N=32 GROUP_M=8 w4 s6", "M=16 N=32 GROUP_M=8 w2 s8", "M=16 N=16 GROUP_M=8 w1 s8"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_grouped_gemm/large"): ({
-        "M=128 N=128 GROUP_M=8 w8 s4", "M=64 N=128 GROUP_M=8 w4 s4", "M=128 N=64 GROUP_M=8 w4 s4",
-        "M=128 N=128 GROUP_M=8 w8 s3", "M=64 N=256 GROUP_M=8 w8 s3", "M=128 N=128 GROUP_M=8 w8 s5"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_grouped_gemm/medium"): ({
-        "M=64 N=128 GROUP_M=8 w4 s4", "M=64 N=64 GROUP_M=8 w4 s4", "M=128 N=64 GROUP_M=8 w4 s4",
-        "M=128 N=128 GROUP_M=8 w8 s4", "M=32 N=128 GROUP_M=8 w4 s4"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_grouped_gemm/small"): ({
-        "M=16 N=64 GROUP_M=8 w4 s4", "M=16 N=128 GROUP_M=8 w4 s4", "M=32 N=64 GROUP_M=8 w4 s4",
-        "M=16 N=32 GROUP_M=8 w4 s5", "M=64 N=64 GROUP_M=8 w4 s4", "M=16 N=32 GROUP_M=8 w2 s8"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_grouped_gemm_masked/large"): ({
-        "M=128 N=128 GROUP_M=8 w8 s3", "M=128 N=128 GROUP_M=8 w8 s4", "M=128 N=64 GROUP_M=8 w4 s4",
-        "M=64 N=128 GROUP_M=8 w4 s4"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_grouped_gemm_masked/medium"): ({
-        "M=128 N=128 GROUP_M=8 w8 s4", "M=128 N=64 GROUP_M=8 w4 s4", "M=64 N=128 GROUP_M=8 w4 s4",
-        "M=64 N=64 GROUP_M=8 w4 s4"}, _FP8_LOOP),
-    ("fp8-loop-load", "fp8_grouped_gemm_masked/small"): ({
-        "M=16 N=128 GROUP_M=8 w4 s4", "M=16 N=64 GROUP_M=8 w4 s4", "M=32 N=64 GROUP_M=8 w4 s4",
-        "M=64 N=64 GROUP_M=8 w4 s4"}, _FP8_LOOP),
     ("fp8-loop-load", "fp8_gemm_tma/large"): ({_WS_128, _WS_64}, _FP8_WS),
     ("fp8-loop-load", "fp8_grouped_gemm_tma/large"): ({_WS_128, _WS_64}, _FP8_WS),
     ("fp8-loop-load", "fp8_grouped_gemm_tma/medium"): ({_WS_128}, _FP8_WS),
