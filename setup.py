@@ -8,7 +8,7 @@ nothing is importable as a bare top-level ``kernels`` or ``model``.
 from setuptools import setup
 
 NESTED = ("profiling.ops", "profiling.examples")  # packages inside the subpackages
-SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling", "integrations")
+SUBPACKAGES = ("kernels", "model", "reference", "distributed", "profiling", "integrations", "train")
 
 setup(
     name="moela",

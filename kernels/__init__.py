@@ -42,21 +42,28 @@ else:
         install_compat()
 
     from .factory import registered_ops
+    from .fp8_dgrad import fp8_dgrad
     from .fp8_gemm import fp8_gemm
+    from .fp8_grouped_dgrad import fp8_grouped_dgrad
     from .fp8_grouped_gemm import fp8_grouped_gemm
     from .fp8_grouped_gemm_masked import fp8_grouped_gemm_masked
+    from .fp8_grouped_wgrad import fp8_grouped_wgrad
     from .fp8_linear import fp8_linear
     from .fp8_quant import dequant, quant_act, quant_weight
+    from .fp8_wgrad import fp8_wgrad
     from .gate import gate, route
     from .grouped_gemm import grouped_gemm, grouped_gemm_dw
     from .grouped_gemm_masked import grouped_gemm_masked
     from .mla_decode import mla_decode
     from .permute import permute, unpermute
+    from .quant_act_dual import quant_act_dual
+    from .quant_act_t import quant_act_t
     from .routing import make_routing
     from .swiglu import swiglu
 
     __all__ = [
         "route", "gate", "grouped_gemm", "grouped_gemm_dw", "grouped_gemm_masked", "make_routing", "permute",
         "unpermute", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked",
-        "fp8_linear", "mla_decode", "swiglu", "registered_ops",
+        "fp8_linear", "mla_decode", "swiglu", "quant_act_t", "quant_act_dual", "fp8_dgrad", "fp8_grouped_dgrad",
+        "fp8_wgrad", "fp8_grouped_wgrad", "registered_ops",
     ]

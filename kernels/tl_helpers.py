@@ -6,13 +6,16 @@
 - DeepSeek's FP8 quantization math (``moela.reference.fp8``), bit for bit: :func:`abs_bits`,
   :func:`ue8m0_ceil`, :func:`block_scale`, :func:`saturate_to_fp8`;
 - GEMM tiling: :func:`grouped_tile_order` (the GROUP_M L2 swizzle),
-  :func:`fp8_block_scaled_tile` (the per-128 promoted FP8 main loop) and the grouped GEMMs'
+  :func:`fp8_block_scaled_tile` (the per-128 promoted FP8 main loop),
+  :func:`fp8_scaled_range_tile` (the training GEMMs' main loop: a reduction range with partial
+  blocks, per-row or per-block scales of the second operand) and the grouped GEMMs'
   bounds-safe reading of ``offsets``: :func:`group_bounds`, :func:`group_rows`,
   :func:`locate_m_tile`, and two lookups with loads and reductions only (what warp-specialised
   loops take): :func:`locate_m_tile_by_chunks` (the offsets read in chunks) and
   :func:`scheduled_m_tile` (the table of ``kernels.group_schedule``);
-- host side: :func:`dot_precision` (torch's TF32 setting for float32 dots) and
-  :data:`SMEM_BUDGET`, what a config's pipeline may take of Hopper's shared memory.
+- host side: :func:`dot_precision` (torch's TF32 setting for float32 dots),
+  :data:`SMEM_BUDGET`, what a config's pipeline may take of Hopper's shared memory, and
+  :func:`fp8_train_block`, the scale blocks the FP8 training GEMMs take.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from triton.language.extra import libdevice
 
 __all__ = [
     "exp", "div", "abs_bits", "ue8m0_ceil", "block_scale", "saturate_to_fp8", "grouped_tile_order",
-    "fp8_block_scaled_tile", "group_bounds", "group_rows", "locate_m_tile", "locate_m_tile_by_chunks",
-    "scheduled_m_tile", "schedule_row", "dot_precision", "SMEM_BUDGET", "SCHEDULE_BLOCK_M",
+    "fp8_block_scaled_tile", "fp8_scaled_range_tile", "group_bounds", "group_rows", "locate_m_tile",
+    "locate_m_tile_by_chunks", "scheduled_m_tile", "schedule_row", "dot_precision", "SMEM_BUDGET", "SCHEDULE_BLOCK_M",
+    "FP8_TRAIN_BLOCKS", "fp8_train_block",
 ]
 
 #: Shared memory a config's pipeline may take (H100/H200: 227 KB per block, minus some slack).
@@ -143,6 +147,94 @@ def fp8_block_scaled_tile(
             acc += partial * (a_s * b_s)[:, None]
         else:
             acc += partial * (a_s[:, None] * b_s[None, :])
+    return acc
+
+
+@triton.jit
+def _fp8_scaled_block(
+    a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, rb, lo, hi,
+    stride_am, stride_ar, stride_asr, stride_bn, stride_br, stride_bsr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_VECTOR: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One promoted block of :func:`fp8_scaled_range_tile`: the float32 product of reduction block
+    ``rb`` (only r in [lo, hi) when MASKED), scaled by its a and b scales."""
+    r = offs_r + rb * BLOCK_R  # rb · BLOCK_R < the reduction length: fits int32
+    a_ptrs = a_ptr + rows[:, None] * stride_am + r[None, :] * stride_ar
+    b_ptrs = b_ptr + r[:, None] * stride_br + cols[None, :] * stride_bn
+    if MASKED:
+        inside = (r >= lo) & (r < hi)
+        a = tl.load(a_ptrs, mask=inside[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=inside[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    a_s = tl.load(as_ptrs + rb * stride_asr)
+    b_s = tl.load(bs_ptrs + rb * stride_bsr)
+    partial = tl.dot(a, b)  # this block, fresh float32 (the promotion boundary)
+    if ROW_VECTOR:
+        return (partial * a_s[:, None]) * b_s[None, :]
+    else:
+        return partial * (a_s * b_s)[:, None]
+
+
+@triton.jit
+def fp8_scaled_range_tile(
+    a_ptr, as_ptr, b_ptr, bs_ptr,
+    rows, cols, n_start, red_start, red_end,
+    stride_am, stride_ar, stride_asm, stride_asr,
+    stride_bn, stride_br, stride_bsn, stride_bsr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    B_ROW_SCALES: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The FP8 training GEMMs' main loop: a (BLOCK_M, BLOCK_N) float32 tile of
+    ``Σ_rb promote(Σ_{r ∈ rb ∩ [red_start, red_end)} a[rows, r] · b[cols, r]) · a_s[rows, rb] · b_s[·, rb]``.
+
+    The reduction index r runs over [red_start, red_end) (0 <= red_start <= red_end) in the scale
+    blocks rb of BLOCK_R (global blocks: rb = r // BLOCK_R), one fresh float32 product per block
+    (the promotion), blocks in order. b's scale is ``b_s[cols, rb]`` with B_ROW_SCALES (one per
+    row of b: the wgrad's token quantization) and ``b_s[cols // BLOCK_R, rb]`` otherwise (a
+    weight's B×B blocks: the dgrad; one per block when BLOCK_N <= BLOCK_R, loaded as a BLOCK_M
+    vector of one address, which the pipeliner takes where it leaves a scalar load synchronous).
+    The product is scaled as the reference scales it, ``(p · a_s) · b_s``, except the one-scale
+    case: ``p · (a_s · b_s)`` (one multiply per element; one rounding apart). rows / cols:
+    in-bounds int64 indices (already clamped); n_start: the tile's first column, a multiple of
+    BLOCK_N.
+
+    The main loop runs over the blocks that lie wholly inside the range, without masks, its depth
+    ``STAGES`` named on the loop so that the scale loads (which feed no dot operand) are pipelined
+    with the tiles (``cp.async``). EVEN: the range ends at block edges (the dense GEMMs' full
+    blocks); otherwise the partial first and last blocks (a group's edges, a ragged end) are done
+    before and after it with masked loads, tokens outside the range as zeros.
+    """
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    as_ptrs = as_ptr + rows * stride_asm
+    if B_ROW_SCALES:
+        bs_ptrs = bs_ptr + cols * stride_bsn
+    elif BLOCK_N <= BLOCK_R:  # the tile lies inside one block of b's rows: one scale per step
+        bs_ptrs = bs_ptr + (n_start // BLOCK_R) * stride_bsn + tl.zeros([BLOCK_M], tl.int64)
+    else:
+        bs_ptrs = bs_ptr + (cols // BLOCK_R) * stride_bsn
+    ROW_VECTOR: tl.constexpr = B_ROW_SCALES or BLOCK_N > BLOCK_R
+    if EVEN:
+        first_full, end_full = red_start // BLOCK_R, red_end // BLOCK_R
+    else:
+        first_full = tl.cdiv(red_start, BLOCK_R)
+        end_full = tl.maximum(red_end // BLOCK_R, first_full)
+        if red_start % BLOCK_R != 0 and red_start < red_end:  # the partial first block (maybe the only one)
+            acc += _fp8_scaled_block(a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, red_start // BLOCK_R,
+                                     red_start, red_end, stride_am, stride_ar, stride_asr, stride_bn, stride_br,
+                                     stride_bsr, BLOCK_N, BLOCK_R, ROW_VECTOR, True)
+    for rb in tl.range(first_full, end_full, num_stages=STAGES):
+        acc += _fp8_scaled_block(a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, rb, red_start, red_end,
+                                 stride_am, stride_ar, stride_asr, stride_bn, stride_br, stride_bsr,
+                                 BLOCK_N, BLOCK_R, ROW_VECTOR, False)
+    if not EVEN:
+        last = red_end // BLOCK_R
+        if red_end % BLOCK_R != 0 and last * BLOCK_R >= red_start:  # the partial last block, not the first
+            acc += _fp8_scaled_block(a_ptr, as_ptrs, b_ptr, bs_ptrs, rows, cols, offs_r, last, red_start, red_end,
+                                     stride_am, stride_ar, stride_asr, stride_bn, stride_br, stride_bsr,
+                                     BLOCK_N, BLOCK_R, ROW_VECTOR, True)
     return acc
 
 
@@ -280,3 +372,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     except AttributeError:  # torch < 2.9: only the legacy flag exists
         tf32 = torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "ieee"
+
+
+#: The scale blocks the FP8 training GEMMs take (their reduction tile is the scale block).
+FP8_TRAIN_BLOCKS = (32, 64, 128, 256)
+
+
+def fp8_train_block(op: str, block: int) -> None:
+    """The FP8 training GEMMs' domain: ``block`` in :data:`FP8_TRAIN_BLOCKS` (the reference takes any)."""
+    if block not in FP8_TRAIN_BLOCKS:
+        raise ValueError(f"block: the Triton {op} kernel takes one of {FP8_TRAIN_BLOCKS} (the reduction tile is "
+                         f"the scale block), got {block!r} (moela.reference.{op} takes any)")

@@ -18,7 +18,12 @@ Forward: ``x (..., in) -> (..., out)`` in x.dtype; the activation is quantized o
     "auto"       "triton" on a CUDA device of compute capability >= 8.9 with in_features a multiple
                  of B, "dequant" on other CUDA devices, "reference" on the CPU
 
-Inference only: the parameters do not require grad.
+These parameters are frozen (inference). ``master_weights=True`` makes the layer trainable in
+FP8 instead, DeepSeek-V3's recipe (``moela.model.fp8_training``): ``weight`` is then a floating
+master weight (``dtype``, what ``nn.Linear`` holds; no ``weight_scale_inv``), re-quantized to
+128×128-block e4m3 once per optimizer step, and forward, dgrad and wgrad all run in FP8 on the
+"triton" path (CUDA or the CPU interpreter) or the "reference" path (the same steps in torch);
+"auto" picks "triton" on an FP8-capable GPU with ``in_features`` a multiple of the block.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from torch import nn
 
 from moela import reference
 from moela.reference._checks import FLOAT_DTYPES, check_tensor
+
+from .backend import ops_for
+from .fp8_training import MASTER_DTYPES, FP8WeightCache, fp8_linear_train
 
 __all__ = ["FP8Linear", "BACKENDS"]
 
@@ -45,6 +53,9 @@ class FP8Linear(nn.Module):
         layer = FP8Linear.from_linear(nn.Linear(7168, 2048, bias=False).cuda().bfloat16())
         y = layer(x)                        # x (..., 7168) bf16 -> (..., 2048) bf16
         layer.load_state_dict({"weight": w_fp8, "weight_scale_inv": s})  # a DeepSeek checkpoint
+
+        train = FP8Linear(7168, 2048, master_weights=True, device="cuda")  # bf16 master, FP8 GEMMs
+        train(x).sum().backward()           # train.weight.grad: bf16, from the FP8 wgrad
     """
 
     def __init__(
@@ -58,10 +69,18 @@ class FP8Linear(nn.Module):
         backend: str = "auto",
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        master_weights: bool = False,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights: expected a bool, got {master_weights!r}")
+        if master_weights and backend == "dequant":
+            raise ValueError("backend: 'dequant' is an inference path of e4m3 weights; master_weights=True trains "
+                             "through 'triton', 'reference' or 'auto'")
+        if master_weights and dtype not in MASTER_DTYPES:
+            raise TypeError(f"dtype: master weights are bfloat16/float16/float32, got {dtype}")
         if scale_fmt not in (None, "ue8m0"):
             raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features), ("block", block)):
@@ -69,15 +88,22 @@ class FP8Linear(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         self.block, self.scale_fmt, self.backend = block, scale_fmt, backend
-        nb, kb = math.ceil(out_features / block), math.ceil(in_features / block)
-        self.weight = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=reference.FP8_DTYPE, device=device), requires_grad=False
-        )
-        self.weight_scale_inv = nn.Parameter(
-            torch.ones(nb, kb, dtype=torch.float32, device=device), requires_grad=False
-        )
+        self.master_weights = master_weights
+        if master_weights:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+            self.fp8_cache = FP8WeightCache(block, scale_fmt)
+        else:
+            nb, kb = math.ceil(out_features / block), math.ceil(in_features / block)
+            self.weight = nn.Parameter(
+                torch.zeros(out_features, in_features, dtype=reference.FP8_DTYPE, device=device), requires_grad=False
+            )
+            self.weight_scale_inv = nn.Parameter(
+                torch.ones(nb, kb, dtype=torch.float32, device=device), requires_grad=False
+            )
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            b = torch.zeros(out_features, dtype=dtype, device=device)
+            self.bias = nn.Parameter(b, requires_grad=master_weights)
         else:
             self.register_parameter("bias", None)
 
@@ -90,15 +116,26 @@ class FP8Linear(nn.Module):
         scale_fmt: str | None = None,
         weight_scale_fmt: str | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
     ) -> FP8Linear:
         """Quantize an ``nn.Linear``'s weight into 128×128-block e4m3 (``weight_scale_fmt``: None
         for float32 scales, DeepSeek's checkpoints; "ue8m0" for power-of-two ones). The bias keeps
-        the linear's dtype; ``scale_fmt`` is the activation scale format used in forward."""
+        the linear's dtype; ``scale_fmt`` is the activation scale format used in forward.
+
+        ``master_weights=True``: a trainable FP8 layer holding a copy of the linear's weight and
+        bias as they are (its e4m3 copies use ``scale_fmt``; ``weight_scale_fmt`` is unused)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, block=block,
-                    scale_fmt=scale_fmt, backend=backend, dtype=w.dtype, device=w.device)
+                    scale_fmt=scale_fmt, backend=backend, dtype=w.dtype, device=w.device,
+                    master_weights=master_weights)
+        if master_weights:
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                if linear.bias is not None:
+                    layer.bias.copy_(linear.bias.detach())
+            return layer
         if w.is_cuda and _fp8_capable(w.device):
             from moela.kernels.fp8_quant import quant_weight
         else:
@@ -111,6 +148,8 @@ class FP8Linear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
+        if self.master_weights:  # a floating master weight follows .to(dtype) like nn.Linear's
+            return super()._apply(fn, recurse)
         # .to(dtype) / .bfloat16() move the e4m3 weight and its float32 scales, never cast them
         from .quantize import keep_dtype
 
@@ -120,6 +159,9 @@ class FP8Linear(nn.Module):
         """The path ``forward(x)`` takes (see the module docstring for "auto")."""
         if self.backend != "auto":
             return self.backend
+        if self.master_weights:
+            aligned = self.in_features % self.block == 0 and self.block in (32, 64, 128, 256)
+            return "triton" if x.is_cuda and aligned and _fp8_capable(x.device) else "reference"
         if x.is_cuda:
             aligned = self.in_features % self.block == 0 and self.block in (32, 64, 128, 256)
             return "triton" if aligned and _fp8_capable(x.device) else "dequant"
@@ -133,6 +175,8 @@ class FP8Linear(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"x: expected device {self.weight.device} (the layer's), got {x.device}")
         backend = self.resolved_backend(x)
+        if self.master_weights:
+            return fp8_linear_train(x, self.weight, self.bias, self.fp8_cache, ops_for(backend, x.device))
         if backend == "triton":
             from moela.kernels.fp8_linear import fp8_linear
 
@@ -150,7 +194,8 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block={self.block}, scale_fmt={self.scale_fmt}, backend={self.backend!r}")
+                f"block={self.block}, scale_fmt={self.scale_fmt}, backend={self.backend!r}"
+                + (", master_weights=True" if self.master_weights else ""))
 
 
 def _fp8_capable(device: torch.device) -> bool:

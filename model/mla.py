@@ -25,7 +25,10 @@ and decode; ``moela.reference.mla``) with three additions:
 - Precision: with ``args.dtype == "fp8"`` every projection (``wq``/``wq_a``, ``wq_b``,
   ``wkv_a``, ``wkv_b``, ``wo``) is an :class:`~moela.model.linear.FP8Linear` holding e4m3
   weights and 128×128 ``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoint), activations
-  quantized on the fly; the absorbed form dequantizes ``wkv_b`` as DeepSeek does.
+  quantized on the fly; the absorbed form dequantizes ``wkv_b`` as DeepSeek does. With
+  ``args.train_fp8`` they are trainable FP8Linear layers over floating master weights (FP8
+  forward and backward GEMMs); the attention itself, and the absorbed form's use of ``wkv_b``'s
+  weight, stay in the floating dtype.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from moela.reference._checks import check_tensor
 
 from .backend import ops_for
 from .latent_cache import PAGE_SIZE, LatentCache, PagedLatentCache
-from .quantize import quantize_linears_
+from .quantize import quantize_linears_, uses_fp8_linears
 
 __all__ = ["MLA", "KVCache", "LatentCache", "PagedLatentCache", "DECODE_MAX_TOKENS"]
 
@@ -67,7 +70,7 @@ class MLA(_ReferenceMLA):
 
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
         super().__init__(args, attn_impl)
-        if args.dtype == "fp8":
+        if uses_fp8_linears(args):
             quantize_linears_(self, args)
 
     def new_cache(

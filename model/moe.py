@@ -9,6 +9,9 @@ and ``w2 (E, D, I)`` the down projections. ``state_dict()`` still speaks DeepSee
 (``experts.{i}.w1.weight`` ...) through state-dict hooks, so checkpoints load unchanged. With
 ``args.dtype == "fp8"`` the stacked weights are e4m3 with 128×128 ``*_scale_inv`` blocks
 (``experts.{i}.w1.weight_scale_inv`` in the checkpoint), activations are quantized on the fly.
+With ``args.train_fp8`` the stacked weights are floating master weights and the routed experts
+train in FP8 (``model.fp8_training.fp8_experts_train``: every GEMM of forward and backward in
+e4m3, the weights re-quantized once per optimizer step), as do the shared experts (FP8Linear).
 
 Expert parallelism: ``MoE(args, ep_group=group)`` holds only its rank's block of
 ``E / W`` experts (``state_dict`` names them by their global ids) and moves tokens with a
@@ -34,7 +37,8 @@ from moela.reference.dispatch import RoutingPlan
 from moela.reference.moe import MLP
 
 from .backend import ops_for
-from .quantize import keep_dtype, quantize_linears_
+from .fp8_training import FP8WeightCache, fp8_experts_train
+from .quantize import keep_dtype, quantize_linears_, uses_fp8_linears
 
 __all__ = ["Gate", "MoE", "grouped_experts", "routed_experts", "sequence_balance_loss"]
 
@@ -144,6 +148,7 @@ def grouped_experts(
     w13_scale_inv: torch.Tensor | None = None,
     w2_scale_inv: torch.Tensor | None = None,
     scale_fmt: str | None = None,
+    fp8_cache: FP8WeightCache | None = None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The experts on rows grouped by expert: ``ys = w2_e · swiglu(w13_e · xs)`` for the rows
@@ -154,8 +159,16 @@ def grouped_experts(
     w13: (E, 2I, D), each expert's gate projection (rows ``[0, I)``) over its up projection;
     w2: (E, D, I). FP8 experts: e4m3 ``w13``/``w2`` with float32 128×128 block scales
     ``w13_scale_inv`` (E, ⌈2I/128⌉, ⌈D/128⌉) and ``w2_scale_inv`` (E, ⌈D/128⌉, ⌈I/128⌉), the
-    activations quantized on the fly (1×128 blocks, ``scale_fmt``). Returns (M, D) in ``out_dtype``.
+    activations quantized on the fly (1×128 blocks, ``scale_fmt``). FP8 training (``fp8_cache``,
+    the layer's :class:`~moela.model.fp8_training.FP8WeightCache`): ``w13``/``w2`` are floating
+    master weights, xs (M, D) floating, and every GEMM of forward and backward runs in e4m3
+    (:func:`~moela.model.fp8_training.fp8_experts_train`; the cache's scale format). Returns (M, D)
+    in ``out_dtype``.
     """
+    if fp8_cache is not None:
+        if w13_scale_inv is not None or w2_scale_inv is not None:
+            raise ValueError("fp8_cache: FP8 training takes floating master weights, not e4m3 ones with scales")
+        return fp8_experts_train(xs, w13, w2, offsets, fp8_cache, ops).to(out_dtype)
     if (w13_scale_inv is None) != (w2_scale_inv is None):
         raise ValueError("w13_scale_inv, w2_scale_inv: expected both (FP8 experts) or neither, got "
                          f"{type(w13_scale_inv).__name__} and {type(w2_scale_inv).__name__}")
@@ -184,17 +197,19 @@ def routed_experts(
     w13_scale_inv: torch.Tensor | None = None,
     w2_scale_inv: torch.Tensor | None = None,
     scale_fmt: str | None = None,
+    fp8_cache: FP8WeightCache | None = None,
 ) -> torch.Tensor:
     """The routed experts of a routing plan on one device: ``y[t] = Σ_j weights[t, j] · expert_e(x[t])``
     with ``e`` the plan's expert of slot (t, j) (skipped slots add nothing): permute ->
     :func:`grouped_experts` -> unpermute. x: (T, D); plan: ``ops.make_routing(ids, E)``; weights:
     (T, k) float or None (unit weights); the weights as :func:`grouped_experts` (FP8: the tokens
-    are quantized once, while they are dispatched). Returns (T, D) in x's dtype.
+    are quantized once, while they are dispatched; FP8 training, ``fp8_cache``: dispatched in x's
+    dtype, quantized by the experts' training function). Returns (T, D) in x's dtype.
     """
     fp8 = w13_scale_inv is not None
     xs = ops.permute(x, plan, fp8=True, scale_fmt=scale_fmt) if fp8 else ops.permute(x, plan)
     ys = grouped_experts(ops, xs, plan.offsets, w13, w2, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv,
-                         scale_fmt=scale_fmt, out_dtype=x.dtype)
+                         scale_fmt=scale_fmt, fp8_cache=fp8_cache, out_dtype=x.dtype)
     return ops.unpermute(ys, plan, weights)  # (T, D)
 
 
@@ -230,9 +245,11 @@ class MoE(nn.Module):
         self.local_experts = range(args.n_routed_experts) if self.dispatcher is None else self.dispatcher.experts
         E, I, D = len(self.local_experts), args.moe_inter_dim, args.dim
         self.fp8 = args.dtype == "fp8"
-        if self.fp8 and (I % _BLOCK or D % _BLOCK):
-            raise ValueError(f"dtype='fp8' needs moe_inter_dim and dim multiples of {_BLOCK} "
+        if uses_fp8_linears(args) and (I % _BLOCK or D % _BLOCK):
+            what = "dtype='fp8'" if self.fp8 else "train_fp8=True"
+            raise ValueError(f"{what} needs moe_inter_dim and dim multiples of {_BLOCK} "
                              f"(128×128 weight blocks), got moe_inter_dim={I}, dim={D}")
+        self.fp8_cache = FP8WeightCache(_BLOCK, args.scale_fmt) if args.train_fp8 else None
         self.gate = Gate(args)
         w13, w2 = torch.empty(E, 2 * I, D), torch.empty(E, D, I)
         nn.init.normal_(w13, std=D**-0.5)
@@ -249,7 +266,7 @@ class MoE(nn.Module):
             self.w13 = nn.Parameter(w13)
             self.w2 = nn.Parameter(w2)
         self.shared_experts = MLP(D, args.n_shared_experts * I) if args.n_shared_experts else None
-        if self.fp8 and self.shared_experts is not None:
+        if uses_fp8_linears(args) and self.shared_experts is not None:
             quantize_linears_(self.shared_experts, args)
         # tokens routed to each of the E experts since the last update_gate_bias (under EP: to this rank's)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32),
@@ -297,6 +314,8 @@ class MoE(nn.Module):
 
     def _experts(self, xs, offsets: torch.Tensor, ops, out_dtype: torch.dtype) -> torch.Tensor:
         """The routed experts on rows grouped by expert: xs (M, D), or (e4m3, scale) for FP8 -> (M, D)."""
+        if self.fp8_cache is not None:  # FP8 training: every GEMM of forward and backward in e4m3
+            return grouped_experts(ops, xs, offsets, self.w13, self.w2, fp8_cache=self.fp8_cache, out_dtype=out_dtype)
         if self.fp8:
             return grouped_experts(ops, xs, offsets, self.w13, self.w2, w13_scale_inv=self.w13_scale_inv,
                                    w2_scale_inv=self.w2_scale_inv, scale_fmt=self.args.scale_fmt, out_dtype=out_dtype)

@@ -1,4 +1,5 @@
-"""Turn a module's ``nn.Linear`` layers into :class:`FP8Linear` (DeepSeek's fp8 precision)."""
+"""Turn a module's ``nn.Linear`` layers into :class:`FP8Linear` (DeepSeek's fp8 precision), and
+:func:`uses_fp8_linears`, the config rule for when the model's modules do."""
 
 from __future__ import annotations
 
@@ -9,19 +10,28 @@ from moela.reference import ModelArgs
 
 from .linear import FP8Linear
 
-__all__ = ["quantize_linears_"]
+__all__ = ["quantize_linears_", "uses_fp8_linears", "keep_dtype"]
+
+
+def uses_fp8_linears(args: ModelArgs) -> bool:
+    """The projections are FP8Linear layers: e4m3 weights (``dtype="fp8"``) or FP8 training
+    from master weights (``train_fp8``)."""
+    return args.dtype == "fp8" or args.train_fp8
 
 
 def quantize_linears_(module: nn.Module, args: ModelArgs, skip: tuple[str, ...] = ("gate", "head")) -> nn.Module:
     """Replace every ``nn.Linear`` below ``module`` (except children named in ``skip``) by an
     ``FP8Linear`` holding its weight quantized to e4m3 with 128×128 float32 scales; activations
-    use ``args.scale_fmt``, the path ``args.backend``. Returns ``module`` (changed in place)."""
+    use ``args.scale_fmt``, the path ``args.backend``. With ``args.train_fp8`` the FP8Linear keeps
+    the linear's weight as its trainable master weight instead (``master_weights=True``).
+    Returns ``module`` (changed in place)."""
     for name, child in list(module.named_children()):
         if name in skip:
             continue
         if isinstance(child, nn.Linear):
             with torch.no_grad():
-                layer = FP8Linear.from_linear(child, scale_fmt=args.scale_fmt, backend=args.backend)
+                layer = FP8Linear.from_linear(child, scale_fmt=args.scale_fmt, backend=args.backend,
+                                              master_weights=args.train_fp8)
             setattr(module, name, layer)
         else:
             quantize_linears_(child, args, skip)

@@ -4,8 +4,9 @@ Names follow DeepSeek's checkpoints (``embed``, ``layers.N.attn_norm``, ``layers
 ``layers.N.ffn_norm``, ``layers.N.ffn``, ``norm``, ``head``): the first ``n_dense_layers``
 blocks use a dense SwiGLU MLP of width ``inter_dim``, the others the MoE layer. With
 ``args.dtype == "fp8"`` every projection and expert holds e4m3 weights with 128×128
-``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoints); the embedding, norms, gate and head
-stay in the floating dtype.
+``weight_scale_inv`` blocks (DeepSeek's fp8 checkpoints); with ``args.train_fp8`` they train in
+FP8 from floating master weights. The embedding, norms, gate and head stay in the floating dtype
+(as in DeepSeek-V3's FP8 training).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from moela.reference import MLP, KVCache, ModelArgs, RMSNorm
 from .decode_graph import DEFAULT_BUCKETS, DecodeGraph
 from .mla import MLA
 from .moe import MoE
-from .quantize import quantize_linears_
+from .quantize import quantize_linears_, uses_fp8_linears
 
 __all__ = ["Block", "Transformer"]
 
@@ -34,7 +35,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim)
         if layer_id < args.n_dense_layers:
             self.ffn = MLP(args.dim, args.inter_dim)
-            if args.dtype == "fp8":
+            if uses_fp8_linears(args):
                 quantize_linears_(self.ffn, args)
         else:
             self.ffn = MoE(args)

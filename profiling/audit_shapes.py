@@ -475,6 +475,83 @@ def _swiglu(kernel: str, M: int) -> Launch:
         UE8M0=False), _NO_FMA)
 
 
+# ---------------------------------------------------------------------------- FP8 training
+TRAIN_T = 4096  # tokens of a training micro-batch per GPU
+
+
+def _fp8_dgrad(label: str, M: int, N: int, K: int) -> Launch:
+    """dx (M, K) = dy (M, N) · w (N, K), w with N contiguous (strides (1, N): what the launcher passes)."""
+    dy, dy_s, dx = _t(M, N, dtype=E4M3), _t(M, triton.cdiv(N, B), dtype=F32), _t(M, K)
+    w = _t(K, N, dtype=E4M3).t()
+    w_s = _t(triton.cdiv(N, B), triton.cdiv(K, B), dtype=F32)
+    return Launch(label, dict(
+        dy_ptr=dy, dys_ptr=dy_s, w_ptr=w, ws_ptr=w_s, dx_ptr=dx, M=M, N=N, K=K,
+        **_strides("stride_dym stride_dyn", dy), **_strides("stride_dysm stride_dysn", dy_s),
+        **_strides("stride_wn stride_wk", w), **_strides("stride_wsn stride_wsk", w_s),
+        **_strides("stride_dxm stride_dxk", dx), SCALE_BLOCK=B, EVEN_N=N % B == 0))
+
+
+def _fp8_dgrad_dense(m: int) -> list[Launch]:
+    """DeepGEMM's dense (n, k) as forward shapes: the dgrad reduces over n."""
+    return [_fp8_dgrad(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
+
+
+def _fp8_grouped_dgrad(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    dy, dy_s, dx = _t(M, N, dtype=E4M3), _t(M, triton.cdiv(N, B), dtype=F32), _t(M, K)
+    w = _t(E, K, N, dtype=E4M3).transpose(1, 2)  # N contiguous, as the launcher passes it
+    w_s = _t(E, triton.cdiv(N, B), triton.cdiv(K, B), dtype=F32)
+    return Launch(label, dict(
+        dy_ptr=dy, dys_ptr=dy_s, w_ptr=w, ws_ptr=w_s, offsets_ptr=_t(E, dtype=I32), dx_ptr=dx, M=M, N=N, K=K, E=E,
+        **_strides("stride_dym stride_dyn", dy), **_strides("stride_dysm stride_dysn", dy_s),
+        **_strides("stride_we stride_wn stride_wk", w), **_strides("stride_wse stride_wsn stride_wsk", w_s),
+        **_strides("stride_dxm stride_dxk", dx), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, EVEN_N=N % B == 0,
+        BLOCK_E=triton.next_power_of_2(E + 1)))
+
+
+def _wgrad_operands(M: int, N: int, K: int):
+    a, a_s = _t(N, M, dtype=E4M3), _t(N, triton.cdiv(M, B), dtype=F32)
+    b, b_s = _t(K, M, dtype=E4M3), _t(K, triton.cdiv(M, B), dtype=F32)
+    return dict(a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, **_strides("stride_an stride_am", a),
+                **_strides("stride_asn stride_asm", a_s), **_strides("stride_bk stride_bm", b),
+                **_strides("stride_bsk stride_bsm", b_s), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B)
+
+
+def _fp8_wgrad(label: str, M: int, N: int, K: int) -> Launch:
+    c = _t(N, K, dtype=F32)
+    return Launch(label, dict(**_wgrad_operands(M, N, K), c_ptr=c, N=N, K=K, M=M,
+                              **_strides("stride_cn stride_ck", c), EVEN_M=M % B == 0))
+
+
+def _fp8_grouped_wgrad(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    c = _t(E, N, K, dtype=F32)
+    return Launch(label, dict(**_wgrad_operands(M, N, K), offsets_ptr=_t(E, dtype=I32), c_ptr=c, N=N, K=K, M=M, E=E,
+                              **_strides("stride_ce stride_cn stride_ck", c), BLOCK_E=triton.next_power_of_2(E + 1)))
+
+
+def _quant_act_t(label: str, M: int, K: int) -> Launch:
+    x, q, s = _t(M, K), _t(K, M, dtype=E4M3), _t(K, triton.cdiv(M, B), dtype=F32)
+    return Launch(label, dict(
+        x_ptr=x, q_ptr=q, s_ptr=s, M=M, K=K, **_strides("stride_xm stride_xk", x),
+        **_strides("stride_qk stride_qm", q), **_strides("stride_sk stride_sm", s),
+        BLOCK=B, BLOCK_P2=B, UE8M0=False))
+
+
+def _quant_act_dual(label: str, M: int, K: int) -> Launch:
+    x, q, s = _t(M, K), _t(M, K, dtype=E4M3), _t(M, triton.cdiv(K, B), dtype=F32)
+    q_t, s_t = _t(K, M, dtype=E4M3), _t(K, triton.cdiv(M, B), dtype=F32)
+    return Launch(label, dict(
+        x_ptr=x, q_ptr=q, s_ptr=s, qt_ptr=q_t, st_ptr=s_t, M=M, K=K, num_kb=triton.cdiv(K, B),
+        **_strides("stride_xm stride_xk", x), **_strides("stride_qm stride_qk", q),
+        **_strides("stride_sm stride_sk", s), **_strides("stride_qtk stride_qtm", q_t),
+        **_strides("stride_stk stride_stm", s_t), BLOCK=B, BLOCK_P2=B, UE8M0=False), dict(num_warps=8))
+
+
+def _v3_expert_grads(build, T: int, align: bool = False) -> list[Launch]:
+    """The V3 experts' backward GEMMs of T tokens (rows T·k; ``align``: padded per expert to B)."""
+    M = T * TOPK + (E * (B - 1) if align else 0)
+    return [build(f"V3 T={T} up n{2 * I} k{D}", M, E, 2 * I, D), build(f"V3 T={T} down n{D} k{I}", M, E, D, I)]
+
+
 # ---------------------------------------------------------------------------- the table
 _PREFILL_M, _DECODE_M = PREFILL_T * TOPK, DECODE_T * TOPK
 
@@ -548,6 +625,21 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "swiglu_fwd": lambda: [_swiglu("fwd", _PREFILL_M), _swiglu("fwd", _DECODE_M)],
     "swiglu_bwd": lambda: [_swiglu("bwd", _PREFILL_M)],
     "swiglu_fp8": lambda: [_swiglu("fp8", _PREFILL_M), _swiglu("fp8", _DECODE_M)],
+    "fp8_dgrad/large": lambda: _fp8_dgrad_dense(TRAIN_T),
+    "fp8_dgrad/medium": lambda: _fp8_dgrad_dense(256),
+    "fp8_dgrad/small": lambda: _fp8_dgrad_dense(64),
+    "fp8_grouped_dgrad/large": lambda: [*_deepgemm_grouped(_fp8_grouped_dgrad, lambda m: m > 512)],
+    "fp8_grouped_dgrad/medium": lambda: [*_v3_expert_grads(_fp8_grouped_dgrad, TRAIN_T),
+                                         *_deepgemm_grouped(_fp8_grouped_dgrad, lambda m: 64 < m <= 512)],
+    "fp8_grouped_dgrad/small": lambda: _v3_expert_grads(_fp8_grouped_dgrad, DECODE_T),
+    "fp8_wgrad": lambda: [_fp8_wgrad(f"{TRAIN_T}x{n}x{k}", TRAIN_T, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
+    + [_fp8_wgrad(f"{TRAIN_T + 16}x2112x7168 partial last block", TRAIN_T + 16, 2112, 7168)],
+    "fp8_grouped_wgrad": lambda: [*_v3_expert_grads(_fp8_grouped_wgrad, TRAIN_T, align=True),
+                                  *_deepgemm_grouped(_fp8_grouped_wgrad, lambda m: True)],
+    "quant_act_t": lambda: [_quant_act_t(f"M={TRAIN_T} K={D}", TRAIN_T, D),
+                            _quant_act_t(f"M={_PREFILL_M} K={I}", _PREFILL_M, I)],
+    "quant_act_dual": lambda: [_quant_act_dual(f"M={TRAIN_T} K={D}", TRAIN_T, D),
+                               _quant_act_dual(f"M={_PREFILL_M} K={2 * I}", _PREFILL_M, 2 * I)],
 }
 
 

@@ -16,6 +16,7 @@ from .fp8 import (
     quant_act,
     quant_weight,
 )
+from .fp8_train import fp8_dgrad, fp8_grouped_dgrad, fp8_grouped_wgrad, fp8_wgrad, quant_act_dual, quant_act_t
 from .grouped_gemm import grouped_gemm, grouped_gemm_dw, grouped_gemm_masked
 from .metrics import calc_diff, cosine_diff
 from .mla import MLA, KVCache, RMSNorm, apply_rotary_emb, precompute_freqs_cis, rms_norm
@@ -29,6 +30,7 @@ __all__ = [
     "grouped_gemm", "grouped_gemm_dw", "grouped_gemm_masked",
     "FP8_DTYPE", "FP8_MAX", "quant_act", "quant_weight", "dequant", "fp8_gemm", "fp8_grouped_gemm",
     "fp8_grouped_gemm_masked", "fp8_linear",
+    "quant_act_t", "quant_act_dual", "fp8_dgrad", "fp8_grouped_dgrad", "fp8_wgrad", "fp8_grouped_wgrad",
     "mla_decode", "MLA", "KVCache", "RMSNorm", "rms_norm", "precompute_freqs_cis", "apply_rotary_emb",
     "calc_diff", "cosine_diff",
 ]

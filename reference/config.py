@@ -12,8 +12,11 @@ never enter the layers are listed in ``HF_IGNORED_FIELDS``.
 
 moela's own fields: ``gate_bias`` (DeepSeek decides it from ``dim == 7168``), ``scale_fmt``
 (DeepSeek-V3.1's activation scale format), ``backend`` (the implementation ``moela.model``
-runs), ``yarn`` (YaRN on/off whatever the lengths) and ``rope_attention_factor`` (HF's YaRN
-``attention_factor``). ``dtype`` ("bf16" or "fp8") is the weights' precision.
+runs), ``yarn`` (YaRN on/off whatever the lengths), ``rope_attention_factor`` (HF's YaRN
+``attention_factor``) and ``train_fp8`` (DeepSeek-V3's FP8 training: floating-point master
+weights, every projection and expert GEMM of forward and backward in e4m3). ``dtype`` ("bf16" or
+"fp8") is the weights' precision: "fp8" holds e4m3 weights (inference), which ``train_fp8`` does
+not (it re-quantizes its master weights at every step).
 
 Example::
 
@@ -77,6 +80,7 @@ class ModelArgs:
     backend: str = "auto"  # moela.model: "auto" (Triton on CUDA, reference elsewhere), "triton", "reference"
     yarn: bool | None = None  # None: DeepSeek's rule, YaRN iff max_seq_len > original_seq_len
     rope_attention_factor: float = 1.0  # under YaRN, the magnitude of the rotary cos/sin (HF's attention_factor)
+    train_fp8: bool = False  # FP8 training GEMMs (fprop, dgrad, wgrad in e4m3) from floating-point master weights
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -221,6 +225,7 @@ _CHOICES = {
     "backend": ("auto", "triton", "reference"),
     "gate_bias": (None, True, False),
     "yarn": (None, True, False),
+    "train_fp8": (True, False),
 }
 
 
@@ -274,6 +279,9 @@ def _validate(a: ModelArgs) -> None:
     if a.n_expert_groups > 1 and a.has_gate_bias and a.n_routed_experts // a.n_expert_groups < 2:
         _fail("n_expert_groups", "with a gate bias the group score is the sum of the top-2 "
               "experts of a group, so every group needs at least 2 experts")
+    if a.train_fp8 and a.dtype == "fp8":
+        _fail("train_fp8", "trains from floating-point master weights (re-quantized to e4m3 at every step); "
+              "dtype='fp8' holds e4m3 weights, which cannot train: use dtype='bf16' with train_fp8=True")
     if a.qk_rope_head_dim % 2:
         _fail("qk_rope_head_dim", f"RoPE rotates pairs, so it must be even, got {a.qk_rope_head_dim}")
 

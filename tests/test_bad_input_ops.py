@@ -146,6 +146,35 @@ def _fp8_grouped_gemm_masked():
     return dict(x=x, x_s=x_s, w=w, w_s=w_s, masked_m=_t([4, 0, 2]), out_dtype=BF, block=128)
 
 
+def _quant_act_t():
+    return dict(x=_randn(130, 96, dtype=BF), block=128)
+
+
+def _fp8_dgrad():
+    dy, dy_s = R.quant_act(_randn(3, 256))
+    w, w_s = R.quant_weight(_randn(256, 8, scale=1 / 16))
+    return dict(dy=dy, dy_s=dy_s, w=w, w_s=w_s, out_dtype=BF, block=128)
+
+
+def _fp8_grouped_dgrad():
+    dy, dy_s = R.quant_act(_randn(6, 256))
+    w, w_s = R.quant_weight(_randn(3, 256, 8, scale=1 / 16))
+    return dict(dy=dy, dy_s=dy_s, w=w, w_s=w_s, offsets=_t([2, 2, 5]), out_dtype=BF, block=128)
+
+
+def _fp8_wgrad():
+    dy_t, dy_t_s = R.quant_act_t(_randn(130, 8))
+    x_t, x_t_s = R.quant_act_t(_randn(130, 16))
+    return dict(dy_t=dy_t, dy_t_s=dy_t_s, x_t=x_t, x_t_s=x_t_s, out_dtype=torch.float32, block=128)
+
+
+def _fp8_grouped_wgrad():
+    dy_t, dy_t_s = R.quant_act_t(_randn(10, 8))
+    x_t, x_t_s = R.quant_act_t(_randn(10, 16))
+    return dict(dy_t=dy_t, dy_t_s=dy_t_s, x_t=x_t, x_t_s=x_t_s, offsets=_t([4, 4, 9]), out_dtype=torch.float32,
+                block=128)
+
+
 def _fp8_linear():
     w, w_s = R.quant_weight(_randn(8, 256, scale=1 / 16))
     return dict(x=_randn(3, 256, dtype=BF), weight=w, weight_scale_inv=w_s, bias=_randn(8, dtype=BF))
@@ -224,6 +253,20 @@ SPECS: dict[str, OpSpec] = {
                          bools=("validate",)),
     "swiglu": OpSpec(_swiglu, {"gate": "float", "up": "float"}, ("up",), ints=("block",), bools=("fp8",),
                      choices=("scale_fmt",), fp8_build=_swiglu_fp8),
+    "quant_act_t": OpSpec(_quant_act_t, {"x": "float"}, ("x",), ints=("block",), choices=("scale_fmt",)),
+    "quant_act_dual": OpSpec(_quant_act_t, {"x": "float"}, ("x",), ints=("block",), choices=("scale_fmt",)),
+    "fp8_dgrad": OpSpec(_fp8_dgrad, {"dy": "fp8", "dy_s": "f32", "w": "fp8", "w_s": "f32"}, ("dy", "dy_s", "w", "w_s"),
+                        ints=("block",), dtypes=("out_dtype",)),
+    "fp8_grouped_dgrad": OpSpec(_fp8_grouped_dgrad, {"dy": "fp8", "dy_s": "f32", "w": "fp8", "w_s": "f32",
+                                                     "offsets": "int"}, ("dy", "dy_s", "w", "w_s", "offsets"),
+                                ints=("block",), bools=("validate",), dtypes=("out_dtype",),
+                                ref_reads_values="offsets"),
+    "fp8_wgrad": OpSpec(_fp8_wgrad, {"dy_t": "fp8", "dy_t_s": "f32", "x_t": "fp8", "x_t_s": "f32"},
+                        ("dy_t", "dy_t_s", "x_t", "x_t_s"), ints=("block",), dtypes=("out_dtype",)),
+    "fp8_grouped_wgrad": OpSpec(_fp8_grouped_wgrad, {"dy_t": "fp8", "dy_t_s": "f32", "x_t": "fp8", "x_t_s": "f32",
+                                                     "offsets": "int"}, ("dy_t", "dy_t_s", "x_t", "x_t_s", "offsets"),
+                                ints=("block",), bools=("validate",), dtypes=("out_dtype",),
+                                ref_reads_values="offsets"),
 }
 
 
@@ -358,13 +401,19 @@ def _clamped_offsets(offsets: torch.Tensor, M: int) -> torch.Tensor:
     return offsets.long().clamp(0, M).cummax(0).values.to(offsets.dtype if offsets.dtype == I64 else I32)
 
 
+#: Grouped ops whose rows (the offsets' range) are a tensor's dim 1, and ops whose output has no rows
+#: of the groups (weight gradients).
+ROWS_DIM = {"fp8_grouped_wgrad": 1}
+NO_ROW_OUTPUT = {"grouped_gemm_dw", "fp8_grouped_wgrad"}
+
+
 def _offsets_rule(op: str, rows_arg: str):
     """Malformed offsets compute as the clamped, running-max ends would; rows past the end are 0."""
     def doc(out, inputs):
-        M = inputs[rows_arg].shape[0]
+        M = inputs[rows_arg].shape[ROWS_DIM.get(op, 0)]
         ends = _clamped_offsets(inputs["offsets"], M)
         _same_bits(out, getattr(K, op)(**dict(inputs, offsets=ends)))
-        if op != "grouped_gemm_dw" and ends.numel():
+        if op not in NO_ROW_OUTPUT and ends.numel():
             assert not out[int(ends[-1]):].float().any(), "rows past the last clamped end must be zero"
     return doc
 
@@ -492,6 +541,24 @@ def _fp8_masked_compare(k, r, inputs):
     assert_gemm_close(k, ref32, mag, -(-i["x"].shape[2] // block), block)
 
 
+def _fp8_train_gemm_compare(op: str, fp8_args: tuple[str, ...]):
+    """The FP8 training GEMMs: within the derived bound of the reference's float32 result (the
+    reduction is dim 1 of the first operand)."""
+    def compare(k, r, inputs):
+        i = dict(inputs)
+        block = i.pop("block", 128)
+        i.pop("out_dtype", None)
+        ref32 = getattr(R, op)(**i, out_dtype=torch.float32, block=block)
+        absolute = {**i, **{n: abs_fp8(i[n]) if i[n].dtype == FP8_DTYPE else i[n].abs() for n in fp8_args}}
+        mag = getattr(R, op)(**absolute, out_dtype=torch.float32, block=block)
+        assert k.dtype == r.dtype
+        assert_gemm_close(k, ref32, mag, -(-i[fp8_args[0]].shape[1] // block), block)
+    return compare
+
+
+_DGRAD_ARGS, _WGRAD_ARGS = ("dy", "dy_s", "w", "w_s"), ("dy_t", "dy_t_s", "x_t", "x_t_s")
+
+
 def _fp8_linear_compare(k, r, inputs):
     assert k.dtype == r.dtype and k.shape == r.shape
     assert_fp8_linear_close(k, **inputs)
@@ -505,6 +572,11 @@ COMPARE: dict[str, Callable] = {
     "fp8_gemm": _fp8_gemm_compare, "fp8_grouped_gemm": _fp8_gemm_compare,
     "fp8_grouped_gemm_masked": _fp8_masked_compare, "fp8_linear": _fp8_linear_compare,
     "mla_decode": _derived("mla_decode"), "swiglu": _swiglu_compare,
+    "quant_act_t": _bitwise, "quant_act_dual": _bitwise,
+    "fp8_dgrad": _fp8_train_gemm_compare("fp8_dgrad", _DGRAD_ARGS),
+    "fp8_grouped_dgrad": _fp8_train_gemm_compare("fp8_grouped_dgrad", _DGRAD_ARGS),
+    "fp8_wgrad": _fp8_train_gemm_compare("fp8_wgrad", _WGRAD_ARGS),
+    "fp8_grouped_wgrad": _fp8_train_gemm_compare("fp8_grouped_wgrad", _WGRAD_ARGS),
 }
 
 
@@ -839,6 +911,65 @@ def _fp8_gemm_rows() -> list[Case]:
     ]
 
 
+def _fp8_train_rows() -> list[Case]:
+    """The FP8 training ops: token-direction quantizers, dgrad and wgrad (dense and grouped)."""
+    q, d, gd, w, gw = _quant_act_t, _fp8_dgrad, _fp8_grouped_dgrad, _fp8_wgrad, _fp8_grouped_wgrad
+    rows = []
+    for op in ("quant_act_t", "quant_act_dual"):
+        rows += [
+            Case(op, "nan-inf-x", changed(q, x=lambda i: _nan_rows(_nan_rows(i["x"], 3, 1), 129, 2, value=-INF)),
+                 Computes(), category="nan"),
+            Case(op, "M=0", changed(q, x=lambda i: i["x"][:0]), Computes(), category="zero"),
+            Case(op, "K=0", changed(q, x=lambda i: i["x"][:, :0]), Computes(), category="zero"),
+            Case(op, "float64", changed(q, x=lambda i: i["x"].double()), Computes()),
+            Case(op, "ue8m0", changed(q, scale_fmt="ue8m0"), Computes()),
+            Case(op, "block-above-kernel", changed(q, block=512), KernelDomain(ValueError, "block"),
+                 category="oversized"),
+        ]
+    for op, b in (("fp8_dgrad", d), ("fp8_grouped_dgrad", gd)):
+        rows += [
+            Case(op, "w-N", changed(b, w=lambda i: i["w"][..., :128, :]), Raises(ValueError, "w")),
+            Case(op, "dy_s-shape", changed(b, dy_s=lambda i: i["dy_s"][:, :1]), Raises(ValueError, "dy_s")),
+            Case(op, "w_s-transposed-shape", changed(b, w_s=lambda i: i["w_s"].transpose(-1, -2)),
+                 Raises(ValueError, "w_s")),
+            Case(op, "partial-reduction-block", changed(b, dy=lambda i: i["dy"][:, :200],
+                                                        w=lambda i: i["w"][..., :200, :]), Computes()),
+            Case(op, "nan-inf-scales", changed(b, dy_s=lambda i: _nan_rows(i["dy_s"], 1, 0),
+                                               w_s=lambda i: _nan_rows(i["w_s"], ..., 1, 0, value=INF)),
+                 Computes(), category="nan"),
+            Case(op, "float32-out", changed(b, out_dtype=torch.float32), Computes()),
+            Case(op, "N=0", changed(b, dy=lambda i: i["dy"][:, :0], dy_s=lambda i: i["dy_s"][:, :0],
+                                    w=lambda i: i["w"][..., :0, :], w_s=lambda i: i["w_s"][..., :0, :]),
+                 Computes(_zeros), category="zero"),
+            Case(op, "block-not-a-kernel-tile", changed(b, block=100, dy_s=lambda i: R.quant_act(
+                i["dy"].float(), 100)[1], w_s=lambda i: R.quant_weight(i["w"].float(), 100)[1]),
+                 KernelDomain(ValueError, "block")),
+        ]
+    rows += _offsets_rows("fp8_grouped_dgrad", gd, "dy", [OFFSETS[0], OFFSETS[3], OFFSETS[7], OFFSETS[9]])
+    for op, b in (("fp8_wgrad", w), ("fp8_grouped_wgrad", gw)):
+        rows += [
+            Case(op, "x_t-tokens", changed(b, x_t=lambda i: i["x_t"][:, :8]), Raises(ValueError, "x_t")),
+            Case(op, "x_t_s-shape", changed(b, x_t_s=lambda i: i["x_t_s"][:, :0]), Raises(ValueError, "x_t_s")),
+            Case(op, "nan-inf-scales", changed(b, dy_t_s=lambda i: _nan_rows(i["dy_t_s"], 1, 0),
+                                               x_t_s=lambda i: _nan_rows(i["x_t_s"], 2, 0, value=INF)),
+                 Computes(), category="nan"),
+            Case(op, "bf16-out", changed(b, out_dtype=BF), Computes()),
+            Case(op, "N=0", changed(b, dy_t=lambda i: i["dy_t"][:0], dy_t_s=lambda i: i["dy_t_s"][:0]),
+                 Computes(), category="zero"),
+            Case(op, "block-not-a-kernel-tile", changed(b, block=100, dy_t_s=lambda i: R.quant_act(
+                i["dy_t"].float(), 100)[1], x_t_s=lambda i: R.quant_act(i["x_t"].float(), 100)[1]),
+                 KernelDomain(ValueError, "block")),
+        ]
+    rows += [
+        Case("fp8_wgrad", "M=0", changed(w, dy_t=lambda i: i["dy_t"][:, :0], dy_t_s=lambda i: i["dy_t_s"][:, :0],
+                                         x_t=lambda i: i["x_t"][:, :0], x_t_s=lambda i: i["x_t_s"][:, :0]),
+             Computes(_zeros), category="zero"),
+        Case("fp8_grouped_wgrad", "E=0", changed(gw, offsets=_t([])), Computes(_shape(0, 8, 16)), category="zero"),
+        *_offsets_rows("fp8_grouped_wgrad", gw, "dy_t", [OFFSETS[0], OFFSETS[3], OFFSETS[7], OFFSETS[9]]),
+    ]
+    return rows
+
+
 def _mla_decode_rows() -> list[Case]:
     b = _mla_decode
     md = "mla_decode"
@@ -945,6 +1076,14 @@ def _int32_rows() -> list[Case]:
             w=_meta(2, 8, 128, dtype=FP8_DTYPE), w_s=_meta(2, 1, 1, dtype=torch.float32), masked_m=_meta(2, dtype=I32)),
          "x"),
         ("make_routing", lambda: dict(topk_ids=_meta(2**30, 2, dtype=I32), n_experts=4), "topk_ids"),
+        ("fp8_grouped_dgrad", lambda: dict(
+            dy=_meta(big, 128, dtype=FP8_DTYPE), dy_s=_meta(big, 1, dtype=torch.float32),
+            w=_meta(3, 128, 8, dtype=FP8_DTYPE), w_s=_meta(3, 1, 1, dtype=torch.float32), offsets=_meta(3, dtype=I32)),
+         "dy"),
+        ("fp8_grouped_wgrad", lambda: dict(
+            dy_t=_meta(8, big, dtype=FP8_DTYPE), dy_t_s=_meta(8, big // 128, dtype=torch.float32),
+            x_t=_meta(16, big, dtype=FP8_DTYPE), x_t_s=_meta(16, big // 128, dtype=torch.float32),
+            offsets=_meta(3, dtype=I32)), "dy_t"),
         ("permute", lambda: dict(x=_meta(1, 8), plan=_meta_plan(1, 2, big)), "plan.row_to_slot"),
         ("unpermute", lambda: dict(ys=_meta(big, 8), plan=_meta_plan(1, 2, big)), "ys"),
     ]
@@ -955,7 +1094,8 @@ def _int32_rows() -> list[Case]:
 CASES: list[Case] = [
     *(row for op, spec in SPECS.items() for row in _generated(op, spec)),
     *_route_rows(), *_gate_rows(), *_grouped_gemm_rows(), *_grouped_gemm_dw_rows(), *_make_routing_rows(),
-    *_permute_rows(), *_unpermute_rows(), *_quant_rows(), *_fp8_gemm_rows(), *_mla_decode_rows(), *_swiglu_rows(),
+    *_permute_rows(), *_unpermute_rows(), *_quant_rows(), *_fp8_gemm_rows(), *_fp8_train_rows(), *_mla_decode_rows(),
+    *_swiglu_rows(),
     *_out_rows(), *_int32_rows(),
 ]
 CASES = [c if c.category else dataclasses.replace(c, category={

@@ -1,7 +1,12 @@
 """The whole MoE layer (routed experts + shared experts), forward and forward+backward.
 
-moe_layer:          ``moela.model.MoE`` (gate -> plan -> permute -> grouped GEMMs -> combine)
-moe_layer_fwd_bwd:  the same plus ``backward`` of a random output gradient (router and experts)
+moe_layer:            ``moela.model.MoE`` (gate -> plan -> permute -> grouped GEMMs -> combine)
+moe_layer_fwd_bwd:    the same plus ``backward`` of a random output gradient (router and experts)
+moe_layer_fp8:        the forward with FP8 (e4m3) expert weights
+moe_layer_fp8_train:  forward+backward of ``ModelArgs(train_fp8=True)``: bf16 master weights, every
+                      expert GEMM (fprop, dgrad, wgrad) in FP8; the e4m3 weight copies are made once
+                      per optimizer step, so the timed steady state (the weights unchanged between
+                      calls, as between the micro-batches of a step) does not re-quantize them
 
 against the reference loop (``moela.reference.MoE``, with the same weights) and a torch-native
 composition: the reference gate's routing (plain torch), argsort + index_select dispatch,
@@ -33,8 +38,9 @@ _DTYPE = torch.bfloat16
 def _layer(p: Problem, device: torch.device, seed: int):
     from moela.model import MoE
 
-    args = CONFIGS[p.params["config"]].replace(backend="triton", dtype=p.params.get("precision", "bf16"),
-                                               **p.params.get("dims", {}))
+    precision = p.params.get("precision", "bf16")
+    args = CONFIGS[p.params["config"]].replace(backend="triton", dtype="fp8" if precision == "fp8" else "bf16",
+                                               train_fp8=precision == "fp8-train", **p.params.get("dims", {}))
     torch.manual_seed(seed)
     with torch.device(device):
         layer = MoE(args).to(_DTYPE)  # FP8 experts keep their dtype (and are random already)
@@ -210,20 +216,25 @@ def _bf16_layer(case: Case):
 
     i = case.inputs
     with torch.device(i["x"].device):
-        layer = MoE(i["args"].replace(dtype="bf16")).to(_DTYPE).eval()
+        layer = MoE(i["args"].replace(dtype="bf16", train_fp8=False)).to(_DTYPE).train(i["backward"])
+    if not i["layer"].fp8:  # bf16 master weights (train_fp8): the same numbers in bf16
+        layer.load_state_dict(i["layer"].state_dict())
     return layer_runner(layer, i)
 
 
 _FP8_DIMS = {"dim": 128, "moe_inter_dim": 128}  # the tiny config with 128×128 weight blocks
 
 
-def _fp8_sets(op: str) -> dict[str, list[Problem]]:
+def _fp8_sets(op: str, precision: str = "fp8") -> dict[str, list[Problem]]:
+    backward = {"backward": True} if precision == "fp8-train" else {}
+
     def tiny(set_name: str, tokens: list[int]) -> list[Problem]:
         return [Problem(op, set_name, f"tiny-128 T={t}", {"series": "tiny-128", "tokens": t, "config": "tiny",
-                                                           "load": "balanced", "precision": "fp8", "dims": _FP8_DIMS})
+                                                           "load": "balanced", "precision": precision,
+                                                           "dims": _FP8_DIMS, **backward})
                 for t in tokens]
 
-    kw = {"precision": "fp8"}
+    kw = {"precision": precision, **backward}
     return {
         "tiny": tiny("tiny", [4, 32]),
         "check": tiny("check", [1, 64]),
@@ -251,6 +262,28 @@ register(Op(
         *layer_impls(fp8=True),
     ),
     baseline_order=("moela bf16", "reference ops"),
+    truth="reference ops",
+    compute="fp8",
+))
+
+register(Op(
+    name="moe_layer_fp8_train",
+    summary="MoE layer forward + backward trained in FP8 (train_fp8: FP8 fprop, dgrad, wgrad), bf16 masters",
+    make_case=make_case,
+    signature=_signature,
+    reference=None,
+    reference_missing="see the 'reference ops' baseline",
+    shape_sets=_fp8_sets("moe_layer_fp8_train", "fp8-train"),
+    compare=close(1e-3),
+    kernel=_moela_layer,
+    baselines=(
+        Impl("reference ops", _reference_ops, note="the same FP8 training layer on moela.reference's ops"),
+        Impl("moela bf16", _bf16_layer, kind="moela", same_function=False,
+             note="moela.model.MoE in bf16, the same weights, forward + backward"),
+        Impl("torch native", _torch_native, same_function=False,
+             note="bf16 argsort + index_select + grouped_mm + index_add_, forward + backward"),
+    ),
+    baseline_order=("moela bf16", "torch native", "reference ops"),
     truth="reference ops",
     compute="fp8",
 ))
