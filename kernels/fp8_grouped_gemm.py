@@ -57,7 +57,16 @@ from ._common import (
 )
 from .factory import kernel_op
 from .fp8_gemm import fp8_config, fp8_kernel_block, m_class, pointer_meta
-from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner
+from .fp8_mainloop import (
+    fp8_path,
+    fp8_tma_tile,
+    hopper_meta,
+    hopper_tuner,
+    merged_rows,
+    scale_tma,
+    tma_config,
+    tma_pruner,
+)
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order, locate_m_tile, locate_m_tile_by_chunks
 
 __all__ = ["fp8_grouped_gemm", "launch_fp8_grouped_gemm", "fp8_grouped_gemm_configs", "fp8_grouped_gemm_tma_configs"]
@@ -114,26 +123,42 @@ def _fp8_grouped_gemm_tma_kernel(
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
     SCALE_BLOCK: tl.constexpr, E_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
 ):
-    """The grouped FP8 GEMM on Hopper: tensor descriptors over xs (M, K) and w as (E·N, K).
+    """The grouped FP8 GEMM on Hopper: tensor descriptors over xs (M, K) and w as (E·N, K), with
+    SCALE_TMA (``fp8_mainloop.scale_tma``) over xs_s as (Kb, M) and w_s as (E·N/B, Kb) too.
 
-    grid: (min(_row_tiles(M, E, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p walks the virtual
-    tiles p, p + grid, ...; tile -> (row tile t over all groups, column tile) in GROUP_M
+    grid: (min(_row_tiles(M, E, BLOCK_M, ALIGN) * cdiv(N, BLOCK_N), SMs),). Program p walks the
+    virtual tiles p, p + grid, ...; tile -> (row tile t over all groups, column tile) in GROUP_M
     super-rows, t -> (group, rows) through ``locate_m_tile_by_chunks`` (E_CHUNK groups at a time;
-    no scans, which warp specialisation rejects). Group E (the tail) and tiles past the last get
-    no K loop: zeros, or nothing to store. w's experts are consecutive blocks of N rows
-    (stride_we = N · stride_wn, checked by the launcher).
+    no scans, which warp specialisation rejects). Descriptor-read scales need a tile's first row
+    16-byte aligned in xs_s, so then a group's tiles start at its first row rounded down to 4
+    (ALIGN = 4) and rows of the group before are computed, never stored. Group E (the tail) and
+    tiles past the last get no K loop: zeros, or nothing to store. w's experts are consecutive
+    blocks of N rows (stride_we = N · stride_wn, checked by the launcher).
     """
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[stride_wn, 1],
                                        block_shape=[BLOCK_N, SCALE_BLOCK])
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    row_tiles = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)
     num_kb = K // SCALE_BLOCK
+    n_blocks = tl.cdiv(N, SCALE_BLOCK)
+    if WARP_SPECIALIZE and SCALE_TMA:
+        as_desc = tl.make_tensor_descriptor(xs_ptr, shape=[num_kb, M], strides=[stride_xsk, 1],
+                                            block_shape=[1, BLOCK_M])
+        bs_desc = tl.make_tensor_descriptor(ws_ptr, shape=[E * n_blocks, num_kb], strides=[stride_wsn, 1],
+                                            block_shape=[1, 4])
+        row_tiles = tl.minimum(tl.cdiv(M + (E + 1) * 3, BLOCK_M) + E, M)
+    else:
+        as_desc = None
+        bs_desc = None
+        row_tiles = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)
     for tile in tl.range(tl.program_id(0), row_tiles * num_pid_n, tl.num_programs(0), flatten=False):
         t, pid_n = grouped_tile_order(tile, row_tiles, num_pid_n, GROUP_M)
-        grp, start, end = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK)
+        if WARP_SPECIALIZE and SCALE_TMA:
+            grp, start, end, first = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK, 4)
+        else:
+            grp, start, end, first = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK)
         expert = tl.maximum(tl.minimum(grp, E - 1), 0)
         offs_m = start + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,11 +169,11 @@ def _fp8_grouped_gemm_tma_kernel(
         else:
             bs_ptrs = ws_base + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_wsn
         tile_kb = tl.where((grp < E) & (start < end), num_kb, 0)  # the tail group: no K loop, zeros
-        # pointer scales on every schedule: groups start at any row (fp8_mainloop's SCALE_TMA)
         acc = fp8_tma_tile(x_desc, w_desc, start, expert * N + pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_xsk,
-                           stride_wsk, tile_kb, None, None, 0, 0, 0, BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE,
-                           STAGES, False)
-        mask = (offs_m < end)[:, None] & (offs_n < N)[None, :]
+                           stride_wsk, tile_kb, as_desc, bs_desc, 0, start,
+                           expert * n_blocks + pid_n * BLOCK_N // SCALE_BLOCK,
+                           BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, SCALE_TMA)
+        mask = ((offs_m >= first) & (offs_m < end))[:, None] & (offs_n < N)[None, :]
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -186,10 +211,11 @@ def _grouped_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
     return E * cdiv(rows, bm) * cdiv(N, bn), min(bm, rows)
 
 
-def _row_tiles(M: int, E: int, block_m: int) -> int:
+def _row_tiles(M: int, E: int, block_m: int, align: int = 1) -> int:
     """The grid's row tiles: at least the real ones, Σ_g ceil(count_g / BLOCK_M) over the E groups
-    and the tail (module docstring); the kernel's ``num_pid_m``."""
-    return min(cdiv(M, block_m) + E, M)
+    and the tail (module docstring), with tiles starting at rows rounded down to ``align``
+    (``tl_helpers.locate_m_tile_by_chunks``); the kernel's ``num_pid_m``."""
+    return min(cdiv(M + (E + 1) * (align - 1), block_m) + E, M)
 
 
 #: Groups the Hopper kernel's tile search takes at a time: (E_CHUNK, E_CHUNK) triangular reductions.
@@ -202,7 +228,7 @@ _TUNED = {
 }
 _TMA_TUNED = {
     cls: hopper_tuner(autotune(
-        f"fp8_grouped_gemm_tma_{cls}", fp8_grouped_gemm_tma_configs(cls), key=_KEY,
+        f"fp8_grouped_gemm_tma_{cls}", fp8_grouped_gemm_tma_configs(cls), key=[*_KEY, "SCALE_TMA"],
         prune_configs_by={"early_config_prune": tma_pruner(_grouped_tiles, SMEM_BUDGET, "x_ptr")},
     )(_fp8_grouped_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
@@ -282,7 +308,14 @@ def tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block) -> tuple[tuple, dict
     N = w2.shape[0] // E
     args = (xs, xs_s, w2, w_s, offsets, out, M, N, K, E, xs.stride(0), *xs_s.stride(), w2.stride(0), *w_s.stride(),
             *out.stride(), m_bucket(M))
-    return args, dict(SCALE_BLOCK=block, E_CHUNK=min(next_power_of_2(E + 1), E_CHUNK))
+    return args, dict(SCALE_BLOCK=block, E_CHUNK=min(next_power_of_2(E + 1), E_CHUNK),
+                      SCALE_TMA=scale_tma(xs_s.t(), merged_rows(w_s)))
+
+
+def _align(meta: dict, consts: dict) -> int:
+    """The row alignment of the Hopper kernel's tiles (its ALIGN): 4 where the warp-specialised
+    schedule reads the scales through descriptors, else 1."""
+    return 4 if meta.get("WARP_SPECIALIZE") and consts["SCALE_TMA"] else 1
 
 
 def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:
@@ -293,9 +326,10 @@ def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:
     sms = num_sms(xs.device)
     ensure_tma_allocator()
     if config is None:
-        grid = lambda meta: (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        grid = lambda meta: (min(_row_tiles(M, E, meta["BLOCK_M"], _align(meta, consts)) * cdiv(N, meta["BLOCK_N"]),
+                                 sms),)
         _TMA_TUNED[m_class(cdiv(M, max(E, 1)))][grid](*args, **consts)
     else:
         meta = hopper_meta(config)
-        grid = (min(_row_tiles(M, E, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        grid = (min(_row_tiles(M, E, meta["BLOCK_M"], _align(meta, consts)) * cdiv(N, meta["BLOCK_N"]), sms),)
         _fp8_grouped_gemm_tma_kernel[grid](*args, **consts, **meta)

@@ -33,9 +33,9 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
   scales as a (Kb, M) view, M contiguous (column-major, :func:`fp8_quant.empty_col_major_scales`),
   one (1, BLOCK_M) row per K block; the weight scale from a (1, 4) box of the (N/B, Kb) weight
   scales (16 bytes, TMA's least) at the aligned column ``kb // 4 * 4``. Box columns start
-  16-byte aligned (the interpreter insists), so the tile's first row must be a multiple of 4:
-  the dense and masked kernels take this schedule, the contiguous grouped one (groups start at
-  any row) keeps pointer scales. :func:`scale_tma` is the host's rule.
+  16-byte aligned (the interpreter insists), so a tile's first row is a multiple of 4 (the
+  contiguous grouped kernel starts a group's tiles at its first row rounded down to 4).
+  :func:`scale_tma` is the host's rule.
 
 :func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
 """

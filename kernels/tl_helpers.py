@@ -292,10 +292,17 @@ def locate_m_tile(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.
 
 
 @triton.jit
-def locate_m_tile_by_chunks(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
-    """:func:`locate_m_tile` without scans: the same (group, first row, end row), the same rule
-    for the offsets (clamped into [0, M] in their own width, then a running max; the tail
-    [ends[E-1], M) is group E; a tile past the last gets 0, 0).
+def locate_m_tile_by_chunks(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                            ALIGN: tl.constexpr = 1):
+    """:func:`locate_m_tile` without scans: (group, first row, end row, the group's first row),
+    the same rule for the offsets (clamped into [0, M] in their own width, then a running max;
+    the tail [ends[E-1], M) is group E; a tile past the last gets 0, 0, 0).
+
+    ALIGN > 1: a group's tiles start at its first row rounded down to a multiple of ALIGN (the
+    first tile then also holds up to ALIGN - 1 rows of the group before, which the caller must
+    not store: rows below the group's first row), ceil((end - aligned start) / BLOCK_M) tiles per
+    non-empty group, none per empty one: at most min(cdiv(M + (E+1)·(ALIGN-1), BLOCK_M) + E, M)
+    tiles in all (each holds a row of its own group).
 
     Walks the E + 1 groups CHUNK at a time, carrying the running max of the ends and the tiles
     before the chunk; inside a chunk the exclusive running max and the inclusive tile sum are
@@ -309,22 +316,25 @@ def locate_m_tile_by_chunks(offsets_ptr, tile_m, M, E, BLOCK_M: tl.constexpr, CH
     tiles_before = M * 0
     found = (M * 0).to(tl.int64)  # (first row << 32) | end row of the owning group, 0 if none
     group = M * 0
+    group_start = M * 0
     for c in range(0, tl.cdiv(E + 1, CHUNK)):
         g = c * CHUNK + i
         raw = tl.load(offsets_ptr + g, mask=g < E, other=M)  # the tail (g == E) and past it end at M
         ends_in = tl.minimum(tl.maximum(raw, 0), M).to(tl.int32)
         starts = tl.maximum(tl.max(tl.where(before, ends_in[None, :], 0), axis=1), prev_end)
         ends = tl.maximum(starts, ends_in)
-        tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+        tile_starts = starts // ALIGN * ALIGN
+        tiles = tl.where(ends > starts, (ends - tile_starts + BLOCK_M - 1) // BLOCK_M, 0)
         last = tiles_before + tl.sum(tl.where(upto, tiles[None, :], 0), axis=1)
         first = last - tiles
         mine = (first <= tile_m) & (tile_m < last)  # true for at most one group overall
-        row_start = starts + (tile_m - first) * BLOCK_M
+        row_start = tile_starts + (tile_m - first) * BLOCK_M
         found += tl.sum(tl.where(mine, (row_start.to(tl.int64) << 32) | ends.to(tl.int64), 0), 0)
+        group_start += tl.sum(tl.where(mine, starts, 0), 0)
         group += tl.sum(tl.where(mine, g, 0), 0)
         prev_end = tl.max(ends, 0)
         tiles_before += tl.sum(tiles, 0)
-    return group, (found >> 32).to(tl.int32), found.to(tl.int32)
+    return group, (found >> 32).to(tl.int32), found.to(tl.int32), group_start
 
 
 @triton.jit

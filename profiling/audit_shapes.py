@@ -195,7 +195,7 @@ def _fp8_grouped_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
         x_ptr=x, xs_ptr=x_s, w_ptr=_t(E * N, K, dtype=E4M3), ws_ptr=w_s, offsets_ptr=_t(E, dtype=I32), c_ptr=c,
         M=M, N=N, K=K, E=E, stride_xm=K, **_strides("stride_xsm stride_xsk", x_s), stride_wn=K,
         **_strides("stride_wse stride_wsn stride_wsk", w_s), **_strides("stride_cm stride_cn", c),
-        M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, E_CHUNK=min(triton.next_power_of_2(E + 1), 16)))
+        M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, E_CHUNK=min(triton.next_power_of_2(E + 1), 16), SCALE_TMA=True))
 
 
 def _fp8_masked(label: str, E: int, max_m: int, N: int, K: int, tma: bool) -> Launch:

@@ -115,7 +115,7 @@ def _locate_both_kernel(offsets_ptr, out_ptr, M, E, BLOCK_M: tl.constexpr, BLOCK
                         CHUNK: tl.constexpr):
     t = tl.program_id(0)
     g0, s0, e0 = locate_m_tile(offsets_ptr, t, M, E, BLOCK_M, BLOCK_E)
-    g1, s1, e1 = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, CHUNK)
+    g1, s1, e1, _first = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, CHUNK)
     base = out_ptr + t * 6
     tl.store(base + 0, g0)
     tl.store(base + 1, g1)
@@ -146,6 +146,67 @@ def test_tile_search_without_scans_matches_locate_m_tile(case, dtype, device):
     _locate_both_kernel[(tiles,)](off, out, M, E, BLOCK_M=BLOCK_M, BLOCK_E=16, CHUNK=4)
     both = out[: tiles * 6].view(tiles, 3, 2)
     assert torch.equal(both[..., 0], both[..., 1]), both
+
+
+@triton.jit
+def _locate_aligned_kernel(offsets_ptr, out_ptr, M, E, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    t = tl.program_id(0)
+    g, s, e, first = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, CHUNK, 4)
+    tl.store(out_ptr + t * 4 + 0, g)
+    tl.store(out_ptr + t * 4 + 1, s)
+    tl.store(out_ptr + t * 4 + 2, e)
+    tl.store(out_ptr + t * 4 + 3, first)
+
+
+def _aligned_tiles(offsets: list[int], M: int, block_m: int) -> list[tuple[int, int, int, int]]:
+    """The aligned tile search written out: (group, first row of the tile, end row, the group's
+    first row) for each tile, groups in order (the tail last), tiles from the group's first row
+    rounded down to 4, none for an empty group."""
+    tiles, prev = [], 0
+    for g, raw in enumerate([*offsets, M]):
+        start = prev
+        end = max(start, min(max(raw, 0), M))
+        prev = end
+        if end > start:
+            first_tile = start // 4 * 4
+            tiles += [(g, first_tile + j * block_m, end, start) for j in range(-(-(end - first_tile) // block_m))]
+    return tiles
+
+
+@pytest.mark.parametrize("case", list(TILE_SEARCH))
+def test_aligned_tile_search(case, device):
+    """ALIGN = 4 (the Hopper kernel with descriptor-read scales): every tile as written out in
+    Python, within the grid's bound, and tiles past the last get (0, 0, 0, 0)."""
+    M, BLOCK_M = 90, 16
+    offsets = TILE_SEARCH[case]
+    E = len(offsets)
+    bound = min(-(-(M + (E + 1) * 3) // BLOCK_M) + E, M)
+    want = _aligned_tiles(offsets, M, BLOCK_M)
+    assert len(want) <= bound
+    out = torch.full((bound * 4,), -7, dtype=torch.int32, device=device)
+    off = torch.tensor(offsets, dtype=torch.int32, device=device)
+    _locate_aligned_kernel[(bound,)](off, out, M, E, BLOCK_M=BLOCK_M, CHUNK=4)
+    got = [tuple(r) for r in out.view(bound, 4).tolist()]
+    assert got == want + [(0, 0, 0, 0)] * (bound - len(want))
+
+
+@pytest.mark.parametrize("tail", [0, 5])
+def test_fp8_grouped_gemm_warp_specialized_scales_through_descriptors(tail, device):
+    """Column-major xs_s and Kb a multiple of 4: the warp-specialised schedule reads the scales
+    through descriptors (SCALE_TMA), each group's tiles from its first row rounded down to 4
+    (groups at rows 17, 20, 150 here: the rows of the group before are computed, never stored),
+    each expert's weight-scale rows at expert · N/B."""
+    N = 160
+    _, _, xs, xs_s, w8, w_s, offsets = _operands([17, 0, 3, 130], tail, N, 512, device)
+    out = nan_empty((xs.shape[0], N), torch.float32, device)
+    col = to_col_major(xs_s)
+    grouped_module = importlib.import_module("moela.kernels.fp8_grouped_gemm")
+    w2 = w8.reshape(-1, w8.shape[-1])
+    assert grouped_module.tma_launch_args(out, xs, col, w2, w_s, offsets, 128)[1]["SCALE_TMA"]
+    assert not grouped_module.tma_launch_args(out, xs, xs_s, w2, w_s, offsets, 128)[1]["SCALE_TMA"]
+    config = dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4, num_stages=4)
+    launch_fp8_grouped_gemm(out, xs, col, w8, w_s, offsets, 128, config, capability=PATHS["tma"])
+    _check(out, xs, xs_s, w8, w_s, offsets)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

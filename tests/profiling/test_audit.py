@@ -28,17 +28,8 @@ from moela.profiling.audit_shapes import LAUNCHES
 
 pytestmark = pytest.mark.slow  # compiles every kernel for sm_90: about a minute on a 2-core CPU
 
-_FP8_WS = ("the warp-specialised configs' math warpgroups load xs_s / w_s with ld.global themselves, one K block "
-           "ahead of their use: a group starts at any row, and the activation scales' descriptor box must start "
-           "16-byte aligned, so the contiguous grouped kernel keeps pointer scales (fp8_mainloop)")
-_WS_128 = "M=128 N=128 GROUP_M=8 WARP_SPECIALIZE=True STAGES=4 w4 s4"
-_WS_64 = "M=128 N=64 GROUP_M=8 WARP_SPECIALIZE=True STAGES=6 w4 s6"
-
 #: (rule, kernel) -> the configs that break it on sm_90 today, and why.
-KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[set[str], str]] = {
-    ("fp8-loop-load", "fp8_grouped_gemm_tma/large"): ({_WS_128, _WS_64}, _FP8_WS),
-    ("fp8-loop-load", "fp8_grouped_gemm_tma/medium"): ({_WS_128}, _FP8_WS),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[set[str], str]] = {}
 
 
 class RuleBroken(AssertionError):
