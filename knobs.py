@@ -38,6 +38,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("MOELA_AUTOTUNE", "1", "0: time nothing; each kernel runs the first config its pruner keeps", "kernels"),
     Knob("MOELA_TMA", "1", "0: the GEMM ops never take their Hopper-native (TMA, persistent, warp-specialised) "
          "kernels; every call runs the pointer-based kernels that pre-Hopper GPUs run", "kernels"),
+    Knob("MOELA_SCALE_TMA", "1", "0: the warp-specialised FP8 GEMM configs load the block scales with pointer "
+         "loads in their math warpgroups instead of through the producer's TMA", "kernels"),
     Knob("MOELA_AUTOTUNE_WARMUP_MS", "5", "autotuning: warm-up per config, ms", "kernels"),
     Knob("MOELA_AUTOTUNE_REP_MS", "25", "autotuning: timed repetitions per config, ms", "kernels"),
     Knob("MOELA_CONFIG_TABLES", "1", "0: ignore the per-GPU tuned config tables (kernels/configs/*.json); "

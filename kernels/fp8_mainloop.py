@@ -164,8 +164,8 @@ def scale_tma(a_scales_t: torch.Tensor | None, b_scales: torch.Tensor | None) ->
     """Can the warp-specialised schedule read the scales through descriptors (``SCALE_TMA``)?
     ``a_scales_t``: the activation scales as (K blocks, rows), rows contiguous (the transposed
     view of column-major scales); ``b_scales``: the weight scales as (N blocks, K blocks), K
-    blocks contiguous; both :func:`tma_ready` (None: no such view)."""
-    return tma_ready(a_scales_t) and tma_ready(b_scales)
+    blocks contiguous; both :func:`tma_ready` (None: no such view); ``MOELA_SCALE_TMA`` not 0."""
+    return knobs.get("MOELA_SCALE_TMA") != "0" and tma_ready(a_scales_t) and tma_ready(b_scales)
 
 
 def fp8_path(capability: tuple[int, int], block: int, *tma_operands: torch.Tensor | None) -> str:

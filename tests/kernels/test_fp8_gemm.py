@@ -114,7 +114,7 @@ def test_fp8_gemm_configs(cfg, device):
 WS = dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4, num_stages=4)
 
 
-def test_fp8_gemm_warp_specialized_scales_through_descriptors(device):
+def test_fp8_gemm_warp_specialized_scales_through_descriptors(monkeypatch, device):
     """Column-major activation scales (column stride padded to 16 bytes) and Kb a multiple of 4:
     the warp-specialised schedule reads both scales through descriptors (SCALE_TMA); two
     weight-scale rows (N > 128), a ragged M, the last K blocks' (1, 4) boxes past Kb."""
@@ -124,6 +124,9 @@ def test_fp8_gemm_warp_specialized_scales_through_descriptors(device):
     col = to_col_major(a_s)
     assert fp8_gemm_module.tma_launch_args(out, a, col, b, b_s, 128, None)[1]["SCALE_TMA"]
     assert not fp8_gemm_module.tma_launch_args(out, a, a_s, b, b_s, 128, None)[1]["SCALE_TMA"]  # row-major
+    monkeypatch.setenv("MOELA_SCALE_TMA", "0")
+    assert not fp8_gemm_module.tma_launch_args(out, a, col, b, b_s, 128, None)[1]["SCALE_TMA"]
+    monkeypatch.delenv("MOELA_SCALE_TMA")
     launch_fp8_gemm(out, a, col, b, b_s, 128, None, WS, capability=PATHS["tma"])
     _check(out, a, a_s, b, b_s)
 
