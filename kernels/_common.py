@@ -22,6 +22,7 @@ import functools
 
 import torch
 import triton
+from triton.runtime import _allocation
 
 from moela import knobs
 
@@ -330,14 +331,13 @@ def smem_per_block(device: torch.device) -> int:
 def tma_operand_ok(t: torch.Tensor) -> bool:
     """Can a TMA tensor descriptor read or write ``t`` as it is: base address and every stride but
     the last in multiples of 16 bytes, the last stride 1."""
-    strides = t.stride()
-    if not strides or strides[-1] != 1 or t.data_ptr() % 16:
-        return False
-    size = t.element_size()
-    for s in strides[:-1]:
-        if s * size % 16:
-            return False
-    return True
+    return t.data_ptr() % 16 == 0 and _tma_strides_ok(t.stride(), t.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tma_strides_ok(strides: tuple[int, ...], dtype: torch.dtype) -> bool:
+    size = dtype.itemsize
+    return bool(strides) and strides[-1] == 1 and all(s * size % 16 == 0 for s in strides[:-1])
 
 
 def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
@@ -360,7 +360,7 @@ def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
     if dtype not in TMA_DTYPES:
         return False
     for t in operands:
-        if t.dtype != dtype or t.numel() == 0 or not tma_operand_ok(t):
+        if t.dtype is not dtype or t.data_ptr() % 16 or not t.numel() or not _tma_strides_ok(t.stride(), dtype):
             return False
     return True
 
@@ -395,8 +395,6 @@ def ensure_tma_allocator() -> None:
     backward on its own threads) has none: launchers of kernels with device-side descriptors call
     this before each launch (~100 ns). An allocator the user set is kept.
     """
-    from triton.runtime import _allocation
-
     current = getattr(_allocation, "_allocator", None)
     null = getattr(_allocation, "NullAllocator", None)
     if current is not None and null is not None and not isinstance(current.get(), null):
