@@ -429,7 +429,7 @@ def _launch_tma(out, a, a_s, b, b_s, block, bias, config) -> None:
         grid = lambda meta: (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1), sms),)
         _TMA_TUNED[m_class(M)][grid](*args, **consts)
     else:
-        meta = hopper_meta(config, _fp8_gemm_tma_kernel)
+        meta = hopper_meta(config, split_k=True)
         args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias, meta)
         grid = (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1), sms),)
         _fp8_gemm_tma_kernel[grid](*args, **consts, **meta)

@@ -311,12 +311,12 @@ def hopper_tuner(tuner):
     return tuner
 
 
-def hopper_meta(config: dict, kernel=None) -> dict:
-    """An explicit ``config=`` dict completed like :func:`hopper_tuner` completes configs (SPLIT_K
-    where ``kernel``, the JITFunction it launches, takes it). A SPLIT_K outside 1 ..
-    ``MAX_SPLIT_K``, or with warp specialisation, raises ValueError."""
+def hopper_meta(config: dict, split_k: bool = False) -> dict:
+    """An explicit ``config=`` dict completed like :func:`hopper_tuner` completes configs;
+    ``split_k``: the kernel takes SPLIT_K (completed to 1; outside 1 .. ``MAX_SPLIT_K``, or above 1
+    with warp specialisation, raises ValueError)."""
     meta = {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}
-    if kernel is not None and "SPLIT_K" in kernel.arg_names:
+    if split_k:
         meta.setdefault("SPLIT_K", 1)
         if not 1 <= meta["SPLIT_K"] <= MAX_SPLIT_K or (meta["SPLIT_K"] > 1 and meta["WARP_SPECIALIZE"]):
             raise ValueError(f"config: SPLIT_K takes 1 to {MAX_SPLIT_K}, and > 1 only without WARP_SPECIALIZE "
