@@ -20,12 +20,19 @@ promotion happens every 128 of K, and why GPU results are near, not bit, exact.
 Two kernels, one rule (``fp8_mainloop.fp8_path``):
 
 - ``_fp8_gemm_tma_kernel`` (Hopper, sm_90+, block 128, a and b TMA-readable): persistent,
-  ``min(tiles, SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows (L2
-  reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
+  ``min(tiles · SPLIT_K, SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows
+  (L2 reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
   overlapped with the next wgmma, or the warp-specialised schedule). Rows past M and columns
   past N are zero-filled by TMA and masked at the store. Decode-sized M runs 64-row tiles
-  (wgmma's smallest; TMA reads only the rows that exist) over narrow column tiles, so that every
-  SM streams its share of the weight (M = 64, N = 2112: 16-column tiles make 132 programs).
+  (wgmma's smallest; TMA reads only the rows that exist) and, where the wave model says it pays,
+  splits K (``SPLIT_K``): each of a
+  tile's SPLIT_K programs computes a K range into a float32 workspace, and the last to arrive
+  (an acq_rel counter per tile) adds the partials in split order and stores c, in the same launch.
+  Wider tiles then still fill the SMs while a's rows are read once per tile rather than once per
+  narrow column tile (M = 64, N = 2112, K = 7168: 33 tiles of 64×64 split 4 make 132 programs and
+  read a 33 times; unsplit 64×16 tiles read it 132 times, 60 MB against a 15 MB weight). The
+  workspace and counters are cached per device (``split_k_buffers``): launches on two streams at
+  once must not share them.
 - ``_fp8_gemm_kernel`` (pointer loads, cp.async pipelines): GPUs before Hopper (sm_89), scale
   blocks other than 128 and operands a descriptor cannot take; one program per tile, rows and
   columns clamped for loads.
@@ -34,8 +41,9 @@ Both take any M >= 0 and N >= 0, K a multiple of the block; scales and the outpu
 
 Configs come in three lists per kernel chosen by an M class (decode M <= 64, medium M <= 512,
 large). The Hopper lists are pruned and ordered by a wave model (``fp8_mainloop.tma_pruner``:
-tiles over SMs, the tile's MMA work and operand bytes) and autotuned keyed on (N, K, M's
-power-of-two bucket); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_<CLASS>_CONFIG`` /
+tiles, or tiles × SPLIT_K units, over SMs, a unit's MMA work and operand bytes, the split-K
+partials' traffic) and autotuned keyed on (N, K, M's power-of-two bucket; SPLIT_K is a config
+field like the block sizes); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_<CLASS>_CONFIG`` /
 ``MOELA_FP8_GEMM_TMA_<CLASS>_CONFIG`` (CLASS: SMALL, MEDIUM, LARGE) pin one config. The kernels'
 domain is narrower than the reference's: K a multiple of the block, blocks of 32, 64, 128 or 256.
 """

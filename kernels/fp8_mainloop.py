@@ -5,7 +5,8 @@ tile), Kb = K/B; a tile is BLOCK_M × BLOCK_N of the output.
 
 :func:`fp8_tma_tile` computes one tile of ``Σ_kb promote(a_kb · b_kbᵀ)`` (``reference.fp8_gemm``:
 each B-deep block product lands in a fresh float32 tile, is multiplied by ``a_s[rows, kb] ·
-b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order). ``a`` and ``b``
+b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order) over a range of K
+blocks: all of K, or one split of it (split-K, :func:`split_chunk`). ``a`` and ``b``
 tiles come through tensor descriptors (TMA, ``cp.async.bulk.tensor``; rows and columns past the
 tensor are zero-filled, so no masks) that each program makes on the device
 (``tl.make_tensor_descriptor``: the block shape follows the config's constexprs, so autotuning
@@ -37,7 +38,10 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
   contiguous grouped kernel starts a group's tiles at its first row rounded down to 4).
   :func:`scale_tma` is the host's rule.
 
-:func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
+:func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones. The
+configs (:func:`tma_config`) are ranked by a wave model (:func:`wave_cost`, :func:`tma_pruner`),
+which also costs split-K configs (``SPLIT_K``, the kernels that take it) by their units and
+partial tiles.
 """
 
 from __future__ import annotations
