@@ -6,8 +6,11 @@ DeepGEMM's calc_diff < 1e-3. CPU: the interpreter at small shapes, both paths of
 ``fp8_mainloop.fp8_path`` (the Hopper tensor-descriptor kernel, persistent over 3 "SMs" so each
 program walks several tiles, and the pointer kernel for pre-Hopper GPUs), the default config of
 each M class and explicit configs for the other code paths (BLOCK_N > block reads a vector of
-weight scales, BLOCK_M = 16, the warp-specialised schedule, an odd number of K blocks). GPU tier:
-DeepGEMM's dense grid. The sm_90 compile of the Hopper configs: test_fp8_sm90.py.
+weight scales, BLOCK_M = 16, the warp-specialised schedule, an odd number of K blocks). Split-K
+(the decode configs of the Hopper kernel): near exact at ragged shapes and K splits without
+blocks, the same bits whichever split arrives last, the counters back at 0 after each launch, and
+the pruner's ranking (split-K first at decode M where column tiles are few, never at large M).
+GPU tier: DeepGEMM's dense grid. The sm_90 compile of the Hopper configs: test_fp8_sm90.py.
 """
 
 from __future__ import annotations
