@@ -72,11 +72,37 @@ def _declared(name: str) -> Knob:
     return knob
 
 
+def _environ_reader():
+    """``os.environ.get`` for a str name, read now, without the Mapping layer's per-call key
+    encoding (on POSIX ``os.environ`` keeps its values in ``_data``, bytes to bytes, updated by
+    its own setters, which ``monkeypatch.setenv`` and ``mock.patch.dict`` use): ~0.1 µs instead
+    of ~0.7 µs, paid by every kernel launch that reads a knob. Elsewhere: ``os.environ.get``."""
+    env = os.environ
+    data, encode, decode = (getattr(env, a, None) for a in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return lambda name: os.environ.get(name)
+    keys: dict[str, object] = {}
+
+    def read(name: str) -> str | None:
+        if os.environ is not env:  # replaced wholesale: the slow, always-right read
+            return os.environ.get(name)
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encode(name)
+        raw = data.get(key)
+        return None if raw is None else decode(raw)
+
+    return read
+
+
+_environ_get = _environ_reader()
+
+
 def get(name: str) -> str | None:
     """The knob's value now (stripped), or its default when unset or empty."""
-    knob = _declared(name)
-    raw = os.environ.get(name, "").strip()
-    return raw or knob.default
+    knob = _BY_NAME.get(name) or _declared(name)
+    raw = _environ_get(name)
+    return (raw.strip() if raw else raw) or knob.default
 
 
 def get_ms(name: str) -> float:

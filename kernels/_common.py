@@ -22,6 +22,7 @@ import functools
 
 import torch
 import triton
+from triton.runtime import _allocation
 
 from moela import knobs
 
@@ -32,7 +33,7 @@ __all__ = [
     "next_power_of_2", "run_direct", "check_fp8_capability", "MIN_FP8_CAPABILITY", "direct_path_probes",
     "kernel_dtype", "kernel_rows", "chosen_configs", "TunedAutotuner", "INTERPRETER_CAPABILITY", "INTERPRETER_SMS",
     "TMA_DTYPES", "device_capability", "num_sms", "smem_per_block", "tma_operand_ok", "tma_path", "uses_tma",
-    "ensure_tma_allocator",
+    "ensure_tma_allocator", "heuristics",
 ]
 
 #: e4m3 needs Ada (sm_89) or Hopper (sm_90) and later.
@@ -108,6 +109,18 @@ def _untimed(kernel_call, quantiles):
 
 _TUNERS: list[triton.runtime.Autotuner] = []
 
+#: Argument types without a dtype (the launch arguments that are not tensors), skipped cheaply.
+_NO_DTYPE = frozenset({int, float, bool, str, type(None)})
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype) -> str:
+    """``str(dtype)``, remembered (autotune keys hold dtypes as strings)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
 
 class TunedAutotuner(triton.runtime.Autotuner):
     """``triton.autotune`` that asks the per-GPU config tables (``kernels.config_tables``) first.
@@ -122,17 +135,25 @@ class TunedAutotuner(triton.runtime.Autotuner):
     _table_hit: bool
     _arg_set: frozenset[str]
     _config_kwargs: dict[int, dict]
+    _key_pos: tuple[tuple[str, int], ...]
 
     def run(self, *args, **kwargs):
-        """Triton's ``Autotuner.run`` for a key tuned before, with less host work per launch (the
-        same key, built with a set instead of list lookups; each config's kwargs built once).
-        New keys, and anything unusual (pre-hooks), take Triton's own path."""
+        """Triton's ``Autotuner.run`` for a key tuned before, with less host work per launch: the
+        same key as Triton's (the key arguments in ``keys`` order, then the dtype of every
+        argument that has one, positional first), built from argument positions found once,
+        without the dict of all arguments; each config's kwargs built once. New keys, and
+        anything unusual (pre-hooks), take Triton's own path."""
         if len(self.configs) > 1:
-            all_args = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}  # args may be fewer
-            named = {k: v for k, v in all_args.items() if k in self._arg_set}
-            key = tuple([named[k] for k in self.keys if k in named]
-                        + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
-            config = self.cache.get(key)
+            n = len(args)
+            key = [args[i] if i < n else kwargs[k] for k, i in self._key_pos if i < n or k in kwargs]
+            for v in args:
+                if type(v) not in _NO_DTYPE and hasattr(v, "dtype"):
+                    key.append(_dtype_name(v.dtype))
+            if kwargs:
+                for k, v in kwargs.items():
+                    if k in self._arg_set and type(v) not in _NO_DTYPE and hasattr(v, "dtype"):
+                        key.append(_dtype_name(v.dtype))
+            config = self.cache.get(tuple(key))
         else:
             config = self.configs[0]
         if config is None or config.pre_hook is not None:
@@ -195,6 +216,7 @@ def autotune(name: str, configs: list[triton.Config], key: list[str], prune_conf
         tuner.__class__ = TunedAutotuner
         tuner.moela_name, tuner.moela_sources, tuner._table_hit = name, {}, False
         tuner._arg_set, tuner._config_kwargs = frozenset(tuner.arg_names), {}
+        tuner._key_pos = tuple((k, tuner.arg_names.index(k)) for k in tuner.keys if k in tuner.arg_names)
 
         def do_bench(kernel_call, quantiles):
             if untimed or tuner._table_hit:
@@ -205,6 +227,47 @@ def autotune(name: str, configs: list[triton.Config], key: list[str], prune_conf
         if any(t.moela_name == name for t in _TUNERS):
             raise ValueError(f"autotune: a kernel named {name!r} exists already (names key the config tables)")
         _TUNERS.append(tuner)
+        return tuner
+
+    return decorate
+
+
+class _Arguments:
+    """A launch's arguments by name, read lazily (what a heuristic indexes: ``a["K"]``)."""
+
+    __slots__ = ("_pos", "_args", "_kwargs")
+
+    def __init__(self, pos: dict[str, int], args: tuple, kwargs: dict):
+        self._pos, self._args, self._kwargs = pos, args, kwargs
+
+    def __getitem__(self, name: str):
+        i = self._pos.get(name)
+        if i is not None and i < len(self._args):
+            return self._args[i]
+        return self._kwargs[name]
+
+
+class _Heuristics(triton.runtime.Heuristics):
+    """``triton.heuristics`` whose functions read the arguments through :class:`_Arguments`
+    instead of a dict of every argument built per launch (~1.5 µs of host time saved)."""
+
+    _pos: dict[str, int]
+
+    def run(self, *args, **kwargs):
+        named = _Arguments(self._pos, args, kwargs)
+        for name, heuristic in self.values.items():
+            kwargs[name] = heuristic(named)
+        return self.fn.run(*args, **kwargs)
+
+
+def heuristics(values: dict):
+    """``triton.heuristics(values)``, each function given a read-only view of the launch's
+    arguments by name (``a["K"]``; nothing else of a dict)."""
+
+    def decorate(fn):
+        tuner = triton.heuristics(values)(fn)
+        tuner.__class__ = _Heuristics
+        tuner._pos = {name: i for i, name in enumerate(tuner.arg_names)}
         return tuner
 
     return decorate
@@ -268,14 +331,13 @@ def smem_per_block(device: torch.device) -> int:
 def tma_operand_ok(t: torch.Tensor) -> bool:
     """Can a TMA tensor descriptor read or write ``t`` as it is: base address and every stride but
     the last in multiples of 16 bytes, the last stride 1."""
-    strides = t.stride()
-    if not strides or strides[-1] != 1 or t.data_ptr() % 16:
-        return False
-    size = t.element_size()
-    for s in strides[:-1]:
-        if s * size % 16:
-            return False
-    return True
+    return t.data_ptr() % 16 == 0 and _tma_strides_ok(t.stride(), t.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tma_strides_ok(strides: tuple[int, ...], dtype: torch.dtype) -> bool:
+    size = dtype.itemsize
+    return bool(strides) and strides[-1] == 1 and all(s * size % 16 == 0 for s in strides[:-1])
 
 
 def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
@@ -298,7 +360,7 @@ def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:
     if dtype not in TMA_DTYPES:
         return False
     for t in operands:
-        if t.dtype != dtype or t.numel() == 0 or not tma_operand_ok(t):
+        if t.dtype is not dtype or t.data_ptr() % 16 or not t.numel() or not _tma_strides_ok(t.stride(), dtype):
             return False
     return True
 
@@ -333,8 +395,6 @@ def ensure_tma_allocator() -> None:
     backward on its own threads) has none: launchers of kernels with device-side descriptors call
     this before each launch (~100 ns). An allocator the user set is kept.
     """
-    from triton.runtime import _allocation
-
     current = getattr(_allocation, "_allocator", None)
     null = getattr(_allocation, "NullAllocator", None)
     if current is not None and null is not None and not isinstance(current.get(), null):

@@ -41,6 +41,7 @@ programs, prefill fewer, fatter ones. The kernel takes at most ``MAX_EXPERTS`` e
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -272,18 +273,24 @@ def route(out, logits: Tensor, bias: Tensor | None, *, topk: int, n_groups: int 
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     bias = None if bias is None else bias.contiguous()
-    EG = E // n_groups
-    E_P = next_power_of_2(E)
-    WS = min(E_P, 32)  # torch's warp softmax: lanes per row, elements per lane
     kernel = _route_tuned if config is None else _route_fwd_kernel
     kernel[lambda meta: (cdiv(T, meta["BLOCK_T"]),)](
         logits, logits if bias is None else bias, weights, ids,
-        T, E, n_groups, EG, topk_groups, logits.stride(0), _double_bits(route_scale), _token_class(T),
-        TOPK=topk, K_P=next_power_of_2(topk), GP=next_power_of_2(n_groups), EGP=next_power_of_2(EG),
-        WS=WS, ITERS=E_P // WS, LOG_WS=WS.bit_length() - 1,
-        SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None, HAS_GROUPS=n_groups > 1,
-        IS_F64=weights.dtype == torch.float64, PRECISE=_PRECISE,
-        enable_fp_fusion=False, enable_reflect_ftz=False, **({} if config is None else config.all_kwargs()),
+        T, E, n_groups, E // n_groups, topk_groups, logits.stride(0), _double_bits(route_scale), _token_class(T),
+        **_route_consts(E, topk, n_groups, score_func == "softmax", bias is not None, weights.dtype == torch.float64),
+        **({} if config is None else config.all_kwargs()),
+    )
+
+
+@functools.cache
+def _route_consts(E: int, topk: int, n_groups: int, softmax: bool, has_bias: bool, is_f64: bool) -> dict:
+    """The route kernel's constexprs and compile options (the same dict every call of a shape)."""
+    E_P = next_power_of_2(E)
+    WS = min(E_P, 32)  # torch's warp softmax: lanes per row, elements per lane
+    return dict(
+        TOPK=topk, K_P=next_power_of_2(topk), GP=next_power_of_2(n_groups), EGP=next_power_of_2(E // n_groups),
+        WS=WS, ITERS=E_P // WS, LOG_WS=WS.bit_length() - 1, SOFTMAX=softmax, HAS_BIAS=has_bias,
+        HAS_GROUPS=n_groups > 1, IS_F64=is_f64, PRECISE=_PRECISE, enable_fp_fusion=False, enable_reflect_ftz=False,
     )
 
 

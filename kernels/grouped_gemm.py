@@ -40,7 +40,7 @@ from torch import Tensor
 
 from moela.reference.grouped_gemm import check_grouped_gemm, check_grouped_gemm_dw, check_offsets
 
-from ._common import autotune, cdiv, kernel_dtype, kernel_rows, m_bucket, next_power_of_2, uses_tma
+from ._common import autotune, cdiv, heuristics, kernel_dtype, kernel_rows, m_bucket, next_power_of_2, uses_tma
 from .factory import kernel_op
 from .grouped_gemm_tma import grouped_gemm_dw_tma, grouped_gemm_fwd_tma
 from .tl_helpers import SMEM_BUDGET, dot_precision, group_rows, locate_m_tile
@@ -270,7 +270,7 @@ def _grouped_gemm_dw_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
-_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+_even_k = heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 _fwd_heuristic = _even_k(_grouped_gemm_fwd_kernel)  # untuned: launched with an explicit config
 
 #: Forward paths by average rows per expert, ``M / E`` (shapes only, no sync): (name, most rows
@@ -381,7 +381,7 @@ def grouped_gemm(out, xs: Tensor, w: Tensor, offsets: Tensor, *, validate: bool 
 
     kernel[grid](
         xs, w, offsets, out, M, N, K, E,
-        xs.stride(0), xs.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        *xs.stride(), *w.stride(), *out.stride(),
         m_bucket(M), BLOCK_E=next_power_of_2(E + 1), DOT_PRECISION=dot_precision(xs.dtype),
         **_launch_config(config),
     )

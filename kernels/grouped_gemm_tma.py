@@ -44,6 +44,8 @@ their tiles fill the SMs (waves), best first.
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -313,8 +315,15 @@ _dw_tuned = autotune(
 
 
 def _uses_ws(kernel, config: triton.Config | None) -> bool:
-    configs = [config] if config is not None else kernel.configs
-    return any(c.kwargs.get("WARP_SPECIALIZE") for c in configs)
+    """Can this launch run a warp-specialised config (which reads the group schedule)?"""
+    if config is not None:
+        return bool(config.kwargs.get("WARP_SPECIALIZE"))
+    return _tuner_uses_ws(kernel)
+
+
+@functools.cache
+def _tuner_uses_ws(kernel) -> bool:
+    return any(c.kwargs.get("WARP_SPECIALIZE") for c in kernel.configs)
 
 
 def _grid(total_tiles):
@@ -328,7 +337,8 @@ def grouped_gemm_fwd_tma(out: Tensor, xs: Tensor, w: Tensor, offsets: Tensor, pa
     view). Operands must pass ``_common.tma_path``; M, N, K, E >= 1."""
     M, K = xs.shape
     E, N, _ = w.shape
-    w_kn = w.stride(2) != 1  # dX: w[e] is stored (K, N)
+    sw = w.stride()
+    w_kn = sw[2] != 1  # dX: w[e] is stored (K, N)
     kernel = _fwd_tuned[path] if config is None else _grouped_gemm_tma_kernel
     offsets = offsets.contiguous()
     table = group_schedule(offsets, M) if _uses_ws(kernel, config) else offsets
@@ -337,7 +347,7 @@ def grouped_gemm_fwd_tma(out: Tensor, xs: Tensor, w: Tensor, offsets: Tensor, pa
     extra = {} if config is None else config.all_kwargs()
     kernel[_grid(lambda m: min(cdiv(M, m["BLOCK_M"]) + E, M) * cdiv(N, m["BLOCK_N"]))](
         xs, w, offsets, table, out, M, N, K, E,
-        xs.stride(0), w.stride(0), w.stride(2) if w_kn else w.stride(1), out.stride(0),
+        xs.stride()[0], sw[0], sw[2] if w_kn else sw[1], out.stride()[0],
         m_bucket(M), W_KN=w_kn, BLOCK_E=next_power_of_2(E + 1), NUM_SMS=sms, **extra,
     )
 

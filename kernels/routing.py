@@ -33,6 +33,8 @@ rows are one vector of ``align - 1``) and plans of fewer than 2**31 rows (int32)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -240,6 +242,12 @@ def _domain(topk_ids, n_experts, align=1, *, validate=False) -> None:
     kernel_rows("make_routing", "topk_ids", max_rows(T, k, n_experts, align))
 
 
+@functools.cache
+def _pad_consts(align: int) -> dict:
+    """The padding constexprs of the plan kernels for ``align`` (the same dict every call)."""
+    return dict(PAD_P=next_power_of_2(max(align - 1, 1)), HAS_PAD=align > 1, BLOCK_TAIL=_TAIL_BLOCK)
+
+
 def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int = 1, *,
                         small_max_slots: int = SMALL_MAX_SLOTS, sort_block: int = SORT_BLOCK) -> None:
     """The plan kernels into ``out`` (the five tensors, ``RoutingPlan`` order, contiguous).
@@ -247,20 +255,19 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
     ``small_max_slots`` and ``sort_block`` choose the schedule (tests use them to run the
     three-launch schedule on small inputs); the plan is the same either way.
     """
-    if sort_block != next_power_of_2(sort_block) or not 16 <= sort_block <= SORT_BLOCK:
+    if sort_block != SORT_BLOCK and (sort_block != next_power_of_2(sort_block) or not 16 <= sort_block <= SORT_BLOCK):
         raise ValueError(f"sort_block: expected a power of two in [16, {SORT_BLOCK}], got {sort_block}")
-    if not all(t.is_contiguous() for t in out):
+    counts, offsets, slot_to_row, row_to_token, row_to_slot = out
+    if not (counts.is_contiguous() and offsets.is_contiguous() and slot_to_row.is_contiguous()
+            and row_to_token.is_contiguous() and row_to_slot.is_contiguous()):
         raise ValueError("out: expected contiguous plan buffers")
     T, k = topk_ids.shape
     E, N = n_experts, T * k
     M = max_rows(T, k, E, align)
     K = max(k, 1)  # the kernels' token of a slot, s // K (k = 0 has no slot: no division by zero)
-    dev = topk_ids.device
     ids = topk_ids.contiguous()
-    i32 = dict(dtype=torch.int32, device=dev)
-    counts, offsets, slot_to_row, row_to_token, row_to_slot = out
     E_P = next_power_of_2(E)
-    pad = dict(PAD_P=next_power_of_2(max(align - 1, 1)), HAS_PAD=align > 1, BLOCK_TAIL=_TAIL_BLOCK)
+    pad = _pad_consts(align)
 
     if N <= small_max_slots:
         _small_tuned[(E,)](
@@ -269,6 +276,7 @@ def launch_make_routing(out, topk_ids: torch.Tensor, n_experts: int, align: int 
         )
     else:
         NB = cdiv(N, sort_block)
+        i32 = dict(dtype=torch.int32, device=topk_ids.device)
         keys = torch.empty(NB * sort_block, **i32)
         blk_counts = torch.empty(NB, E_P, **i32)
         adj = torch.empty(NB, E_P, **i32)

@@ -377,11 +377,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     """
     if dtype != torch.float32:
         return "tf32"  # Triton's default; ignored for 16-bit inputs
-    try:
-        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
-    except AttributeError:  # torch < 2.9: only the legacy flag exists
+    if _FP32_PRECISION is not None:  # what the property returns, without its Python __getattr__
+        tf32 = _FP32_PRECISION("cuda", "matmul") == "tf32"
+    else:  # torch < 2.9: only the legacy flag exists
         tf32 = torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "ieee"
+
+
+#: The getter behind ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9), or None.
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
 #: The scale blocks the FP8 training GEMMs take (their reduction tile is the scale block).

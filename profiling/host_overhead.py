@@ -13,6 +13,8 @@ machine::
     python -m moela.profiling.host_overhead            # min over 7 rounds of 200 calls
     python -m moela.profiling.host_overhead --calls 50 --rounds 3
     python -m moela.profiling.host_overhead --ops      # and each op of the layer alone
+    python -m moela.profiling.host_overhead --ops --dtype bfloat16   # the GPU's decode dtype:
+                                                                     # the Hopper (TMA) GEMM path
 
 On a GPU, ``python -m moela.profiling bench --graphs`` measures the same thing the other way
 round: eager time beside CUDA-graph replay time.
@@ -25,12 +27,14 @@ import os
 import time
 
 
-def measure(calls: int = 200, rounds: int = 7, tokens: int = 1, ops: bool = False) -> dict[str, float]:
+def measure(calls: int = 200, rounds: int = 7, tokens: int = 1, ops: bool = False,
+            dtype: str = "float32") -> dict[str, float]:
     """Seconds of host time per call, the min over rounds, each callable warmed up by one untimed
     round first: ``"layer"`` (an MoE forward: tiny dims, 64 experts, top-8, kernels not run),
     ``"baseline"`` (``moela.reference.MoE`` of the same dims: plain torch, its CPU arithmetic
     included), ``"torch.empty"`` (the floor of any op) and with ``ops`` each moela op of the
-    layer's forward alone."""
+    layer's forward alone. ``dtype``: the layer's and the input's (``"float32"`` or
+    ``"bfloat16"``; the GEMMs take their Hopper-native path for 16-bit inputs)."""
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
     import triton.runtime.interpreter as interp
@@ -42,10 +46,11 @@ def measure(calls: int = 200, rounds: int = 7, tokens: int = 1, ops: bool = Fals
 
     a = ModelArgs.from_name("tiny", dim=256, moe_inter_dim=128, n_routed_experts=64, n_activated_experts=8,
                             n_expert_groups=8, n_limited_groups=4, backend="triton")
-    layer = MoE(a).eval()
-    reference = ReferenceMoE(a).eval()
+    dt = getattr(torch, dtype)
+    layer = MoE(a).eval().to(dt)
+    reference = ReferenceMoE(a).eval().to(dt)
     reference.load_state_dict(layer.state_dict())
-    x = torch.randn(tokens, a.dim)
+    x = torch.randn(tokens, a.dim, dtype=dt)
     I = a.moe_inter_dim
     calls_of = {"layer": lambda: layer(x), "baseline": lambda: reference(x),
                 "torch.empty": lambda: torch.empty(tokens, a.dim)}
@@ -93,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest counts (default 7)")
     parser.add_argument("--tokens", type=int, default=1, help="tokens per forward (default 1: decode)")
     parser.add_argument("--ops", action="store_true", help="also time each op of the forward alone")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the layer's dtype (default float32; bfloat16 takes the Hopper GEMM path)")
     ns = parser.parse_args(argv)
     if min(ns.calls, ns.rounds, ns.tokens) < 1:
         parser.error("--calls, --rounds and --tokens must be >= 1")
-    us = {name: s * 1e6 for name, s in measure(ns.calls, ns.rounds, ns.tokens, ops=ns.ops).items()}
-    print(f"moela.model.MoE forward, T={ns.tokens}, kernels left out: {us.pop('layer'):.1f} us of host time per "
-          f"call (min of {ns.rounds} x {ns.calls} calls, after {ns.calls} warm-up calls)")
+    us = {name: s * 1e6 for name, s in measure(ns.calls, ns.rounds, ns.tokens, ops=ns.ops, dtype=ns.dtype).items()}
+    print(f"moela.model.MoE forward, {ns.dtype}, T={ns.tokens}, kernels left out: {us.pop('layer'):.1f} us of host "
+          f"time per call (min of {ns.rounds} x {ns.calls} calls, after {ns.calls} warm-up calls)")
     print(f"  baseline: moela.reference.MoE, plain torch    {us.pop('baseline'):8.1f} us per call (its CPU "
           "arithmetic included)")
     print(f"  floor: torch.empty                            {us.pop('torch.empty'):8.1f} us per call")

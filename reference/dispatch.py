@@ -96,11 +96,30 @@ def validate_ids(topk_ids: torch.Tensor, n_experts: int) -> None:
         )
 
 
+def _plan_ok(plan: RoutingPlan, num_tokens: int | None, device: torch.device | None) -> bool:
+    """Does ``plan`` pass every check of :func:`check_plan` (which then names what fails)?"""
+    counts, offsets, s2r, r2t, r2s = plan
+    i32, T = torch.int32, torch.Tensor
+    try:
+        return (isinstance(counts, T) and isinstance(offsets, T) and isinstance(s2r, T) and isinstance(r2t, T)
+                and isinstance(r2s, T) and counts.dtype is i32 and offsets.dtype is i32 and s2r.dtype is i32
+                and r2t.dtype is i32 and r2s.dtype is i32 and offsets.ndim == 1 and counts.shape == offsets.shape
+                and s2r.ndim == 2 and r2t.ndim == 1 and r2s.shape == r2t.shape
+                and (num_tokens is None or s2r.shape[0] == num_tokens)
+                and (device is None or counts.device == offsets.device == s2r.device == r2t.device == r2s.device
+                     == device))
+    except TypeError:  # a Tensor subclass whose comparisons misbehave: let the named checks decide
+        return False
+
+
 def check_plan(plan: object, num_tokens: int | None = None, device: torch.device | None = None) -> RoutingPlan:
     """Check a plan's types, dtypes, shapes and device (no values read: no sync)."""
     if not isinstance(plan, tuple) or len(plan) != 5:
         raise TypeError(f"plan: expected a RoutingPlan, got {type(plan).__name__}")
-    plan = RoutingPlan(*plan)
+    if type(plan) is not RoutingPlan:
+        plan = RoutingPlan(*plan)
+    if _plan_ok(plan, num_tokens, device):  # the common case in one expression; else the named errors
+        return plan
     i32 = (torch.int32,)
     E = check_tensor("plan.offsets", plan.offsets, ndim=1, dtypes=i32).shape[0]
     check_tensor("plan.tokens_per_expert", plan.tokens_per_expert, dtypes=i32, shape=(E,))

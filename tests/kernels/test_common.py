@@ -172,6 +172,7 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(factory, "_several_gpus", lambda: True)
 
     def launcher(*args, k=1):
         during.append(list(entered))
@@ -182,6 +183,10 @@ def test_launchers_run_on_their_tensors_gpu(monkeypatch):
     factory._launch_on(torch.device("cuda:0"), launcher)
     factory._launch_on(torch.device("cpu"), launcher)
     assert len(entered) == 1 and len(during) == 3
+    monkeypatch.setattr(factory, "_several_gpus", lambda: False)  # one GPU: nothing to switch, nothing asked
+    current[0] = 1
+    factory._launch_on(torch.device("cuda:0"), launcher)
+    assert len(entered) == 1 and len(during) == 4
     ops = registered_ops()
     assert len(ops) >= 18
     for name, op in ops.items():
@@ -229,3 +234,50 @@ def test_remembered_signatures_tell_scalar_types_apart(device):
         K.route(logits, None, topk=2.0)
     with pytest.raises(TypeError, match="topk"):
         K.route(logits, None, topk=True)
+
+
+def test_the_fast_autotune_path_finds_the_key_tritons_path_stored(monkeypatch):
+    """TunedAutotuner.run builds its cache key without Triton's dict of every argument; it must be
+    Triton's key (key arguments positional or by keyword, then every argument's dtype), or a tuned
+    kernel would tune again on every call."""
+    monkeypatch.delenv("MOELA_AUTOTUNE", raising=False)
+    monkeypatch.setattr(_common, "_tuning_bench", lambda call, q: [1.0] * len(q))
+    tuner = _tuner(monkeypatch, "test_fast_key")
+    x = torch.zeros(4)
+    calls = []
+    monkeypatch.setattr(triton.runtime.Autotuner, "run",
+                        lambda self, *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("slow path")))
+    with pytest.raises(AssertionError, match="slow path"):  # a new key: Triton's own path
+        tuner[(1,)](x, 7, 16)
+    monkeypatch.undo()
+    monkeypatch.setattr(_common, "_tuning_bench", lambda call, q: [1.0] * len(q))
+    for args, kwargs in (((x, 7, 16), {}), ((x, 7), {"M_BUCKET": 16}), ((x,), {"N": 7, "M_BUCKET": 16})):
+        tuner.cache.clear()
+        tuner[(1,)](*args, **kwargs)  # Triton's path stores the key
+        (stored,) = tuner.cache
+        assert stored == (7, 16, "torch.float32")
+        monkeypatch.setattr(triton.runtime.Autotuner, "run", lambda self, *a, **k: pytest.fail("tuned again"))
+        tuner[(1,)](*args, **kwargs)  # the fast path finds it
+        monkeypatch.undo()
+        monkeypatch.setattr(_common, "_tuning_bench", lambda call, q: [1.0] * len(q))
+    assert calls
+
+
+@triton.jit
+def _store_flag(out_ptr, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    tl.store(out_ptr, EVEN_K)
+
+
+def test_heuristics_read_arguments_by_name():
+    """_common.heuristics: a heuristic reads positional and keyword arguments (and an autotuner's
+    config values) by name, as with triton.heuristics."""
+    kernel = _common.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_store_flag)
+    out = torch.full((1,), -1, dtype=torch.int32)
+    for K, block, expected in ((64, 32, 1), (48, 32, 0)):
+        kernel[(1,)](out, K, BLOCK_K=block)
+        assert out.item() == expected
+        out.fill_(-1)
+        kernel[(1,)](out, K=K, BLOCK_K=block)
+        assert out.item() == expected
+    with pytest.raises(KeyError, match="BLOCK_K"):
+        kernel[(1,)](out, 64)

@@ -23,6 +23,9 @@ def test_measures_and_restores_the_interpreter(capsys):
     assert [line.split()[0] for line in lines] == ["route", "make_routing", "permute", "grouped_gemm", "swiglu",
                                                    "unpermute"]
     assert all(line.endswith("us per call") for line in lines)
+    assert host_overhead.main(["--calls", "2", "--rounds", "1", "--ops", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("moela.model.MoE forward, bfloat16, T=1") and "grouped_gemm" in out
 
 
 def test_bad_arguments_exit_2():
