@@ -20,12 +20,19 @@ promotion happens every 128 of K, and why GPU results are near, not bit, exact.
 Two kernels, one rule (``fp8_mainloop.fp8_path``):
 
 - ``_fp8_gemm_tma_kernel`` (Hopper, sm_90+, block 128, a and b TMA-readable): persistent,
-  ``min(tiles, SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows (L2
-  reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
+  ``min(tiles · SPLIT_K, SMs)`` programs walk the (BLOCK_M, BLOCK_N) tiles in GROUP_M super-rows
+  (L2 reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
   overlapped with the next wgmma, or the warp-specialised schedule). Rows past M and columns
   past N are zero-filled by TMA and masked at the store. Decode-sized M runs 64-row tiles
-  (wgmma's smallest; TMA reads only the rows that exist) over narrow column tiles, so that every
-  SM streams its share of the weight (M = 64, N = 2112: 16-column tiles make 132 programs).
+  (wgmma's smallest; TMA reads only the rows that exist) and, where the wave model says it pays,
+  splits K (``SPLIT_K``): each of a
+  tile's SPLIT_K programs computes a K range into a float32 workspace, and the last to arrive
+  (an acq_rel counter per tile) adds the partials in split order and stores c, in the same launch.
+  Wider tiles then still fill the SMs while a's rows are read once per tile rather than once per
+  narrow column tile (M = 64, N = 2112, K = 7168: 33 tiles of 64×64 split 4 make 132 programs and
+  read a 33 times; unsplit 64×16 tiles read it 132 times, 60 MB against a 15 MB weight). The
+  workspace and counters are cached per device (``split_k_buffers``): launches on two streams at
+  once must not share them.
 - ``_fp8_gemm_kernel`` (pointer loads, cp.async pipelines): GPUs before Hopper (sm_89), scale
   blocks other than 128 and operands a descriptor cannot take; one program per tile, rows and
   columns clamped for loads.
@@ -34,13 +41,16 @@ Both take any M >= 0 and N >= 0, K a multiple of the block; scales and the outpu
 
 Configs come in three lists per kernel chosen by an M class (decode M <= 64, medium M <= 512,
 large). The Hopper lists are pruned and ordered by a wave model (``fp8_mainloop.tma_pruner``:
-tiles over SMs, the tile's MMA work and operand bytes) and autotuned keyed on (N, K, M's
-power-of-two bucket); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_<CLASS>_CONFIG`` /
+tiles, or tiles × SPLIT_K units, over SMs, a unit's MMA work and operand bytes, the split-K
+partials' traffic) and autotuned keyed on (N, K, M's power-of-two bucket; SPLIT_K is a config
+field like the block sizes); the pointer lists are keyed on (N, K). ``MOELA_FP8_GEMM_<CLASS>_CONFIG`` /
 ``MOELA_FP8_GEMM_TMA_<CLASS>_CONFIG`` (CLASS: SMALL, MEDIUM, LARGE) pin one config. The kernels'
 domain is narrower than the reference's: K a multiple of the block, blocks of 32, 64, 128 or 256.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -49,14 +59,14 @@ from torch import Tensor
 
 from moela.reference.fp8 import check_fp8_gemm
 
-from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, m_bucket, num_sms
+from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, m_bucket, next_power_of_2, num_sms
 from .factory import kernel_op
 from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, scale_tma, tma_config, tma_pruner
 from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = [
     "fp8_gemm", "fp8_kernel_block", "fp8_gemm_configs", "fp8_gemm_tma_configs", "fp8_config", "pointer_meta",
-    "launch_fp8_gemm", "m_class", "BLOCKS",
+    "launch_fp8_gemm", "m_class", "BLOCKS", "split_k_need", "split_k_buffers",
 ]
 
 #: The scale blocks the FP8 GEMM kernels take (the K tile is the scale block).
@@ -105,27 +115,83 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fp8_gemm_epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_cm, stride_cn, HAS_BIAS: tl.constexpr):
+    """c[offs_m, offs_n] = acc (+ bias), one cast to c's dtype, stored where ``mask`` (inside (M, N))."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_fixup(acc, ws_ptrs, split_stride, counter_ptr, split, split_k, mask,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split ``split`` of a tile hands in its float32 partial ``acc``; returns (the sum of the
+    tile's ``split_k`` partials in split order, whether this unit arrived last and so owns the
+    epilogue; the sum is zeros where it did not).
+
+    ws_ptrs: (BLOCK_M, BLOCK_N) pointers to the tile in split 0's partials, split s at
+    ``s · split_stride`` elements from them, written and read only where ``mask``; counter_ptr:
+    the tile's int32 counter, 0 at launch and left at 0.
+
+    The serial split-K fixup of CUTLASS: store the partial, a CTA barrier, one thread's
+    ``atom.acq_rel.gpu`` add on the counter. The unit that reads ``split_k - 1`` is the last: it
+    loads every partial (its own too: no second float32 tile stays live in registers) with
+    ``.cg`` (from L2, past the SM's L1, which is not coherent) and adds them in split order, so the
+    bits do not depend on the order of arrival. Memory ordering: the barrier orders every
+    thread's partial stores before the atomic (CTA scope); the atomic's release at gpu scope is
+    cumulative, so those stores are visible to whichever CTA's acquiring atomic reads its
+    result; the reducer's result reaches its other threads through shared memory and a barrier
+    (Triton's lowering of a scalar atomic), so their loads follow the acquire. Nothing waits for
+    another program: correct in any order of execution, the interpreter's one-by-one included.
+    """
+    tl.store(ws_ptrs + split * split_stride, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial stores before the release below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == split_k - 1
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if last:
+        for s in tl.range(0, split_k):  # split order, whichever unit reduces: the same bits
+            total += tl.load(ws_ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(counter_ptr, 0)  # every split has arrived: nothing else touches it in this launch
+    return total, last
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fp8_gemm_tma_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, ws_ptr, counters_ptr,
     M, N, K,
     stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_bsk, stride_cm, stride_cn,
     M_BUCKET,  # autotune key only: _common.m_bucket(M)
+    ws_size, counters_size,  # elements of ws and counters (split-K)
     SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr, SPLIT_K: tl.constexpr = 1,
 ):
     """c[M, N] = Σ_kb promote(a_kb · b_kbᵀ) (+ bias) on Hopper: tensor descriptors, persistent tiles.
 
-    grid: (min(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SMs),). Program p computes tiles p, p + grid,
-    p + 2·grid, ... (tile -> (pid_m, pid_n) in GROUP_M super-rows), each with
-    ``fp8_mainloop.fp8_tma_tile``. a (M, K) and b (N, K) are read through descriptors made here,
-    and with SCALE_TMA (``fp8_mainloop.scale_tma``) a_s as (Kb, M) and b_s as (N/B, Kb) too.
+    grid: (min(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) * SPLIT_K, SMs),). Program p computes units
+    p, p + grid, p + 2·grid, ...: unit u is split ``u % SPLIT_K`` of tile ``u // SPLIT_K`` (tile ->
+    (pid_m, pid_n) in GROUP_M super-rows), computed with ``fp8_mainloop.fp8_tma_tile``. a (M, K)
+    and b (N, K) are read through descriptors made here, and with SCALE_TMA
+    (``fp8_mainloop.scale_tma``) a_s as (Kb, M) and b_s as (N/B, Kb) too.
+
+    Split-K (SPLIT_K > 1; the pipelined schedule): split s takes the K blocks
+    [s·chunk, min((s+1)·chunk, Kb)), chunk = ``fp8_mainloop.split_chunk(Kb, SPLIT_K)`` (even: only
+    the last split may end on an odd block, K's end), possibly none. Each unit stores its float32
+    partial in ws, (SPLIT_K, cdiv(M, BLOCK_M)·BLOCK_M, cdiv(N, BLOCK_N)·BLOCK_N) float32 (rows < M
+    and columns < N only), and counts itself on the tile's int32 counter; the last to arrive sums
+    the tile's partials in split order, runs the epilogue and puts the counter back to 0
+    (:func:`_split_k_fixup`: memory ordering, determinism). ws and counters (``ws_size`` /
+    ``counters_size`` elements, the counters 0) come from the launcher, which sizes them for the
+    configs it may run; where they are too small for this config, K is not split.
     """
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, SCALE_BLOCK])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
     num_kb = K // SCALE_BLOCK
     if WARP_SPECIALIZE and SCALE_TMA:
         as_desc = tl.make_tensor_descriptor(as_ptr, shape=[num_kb, M], strides=[stride_ask, 1],
@@ -135,7 +201,18 @@ def _fp8_gemm_tma_kernel(
     else:
         as_desc = None
         bs_desc = None
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=False):
+    if SPLIT_K == 1:
+        split_k = 1
+    else:
+        tl.static_assert(not WARP_SPECIALIZE, "split-K runs the pipelined schedule")
+        ws_cols = num_pid_n * BLOCK_N
+        split_stride = (num_pid_m * BLOCK_M).to(tl.int64) * ws_cols  # ws: (SPLIT_K, M rounded up, N rounded up)
+        fits = (split_stride * SPLIT_K <= ws_size) & (num_tiles <= counters_size)
+        split_k = tl.where(fits, SPLIT_K, 1)
+        chunk = tl.cdiv(num_kb, split_k)
+        chunk += chunk % 2
+    for unit in tl.range(tl.program_id(0), num_tiles * split_k, tl.num_programs(0), flatten=False):
+        tile = unit // split_k
         pid_m, pid_n = grouped_tile_order(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,14 +221,27 @@ def _fp8_gemm_tma_kernel(
             bs_ptrs = bs_ptr + (pid_n * BLOCK_N // SCALE_BLOCK) * stride_bsn + tl.zeros([BLOCK_M], tl.int32)
         else:
             bs_ptrs = bs_ptr + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_bsn
+        if SPLIT_K == 1:
+            kb0 = 0
+            unit_kb = num_kb
+        else:
+            split = unit % split_k
+            kb0 = tl.minimum(split * chunk, num_kb)
+            unit_kb = tl.minimum(num_kb - kb0, chunk)
         acc = fp8_tma_tile(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_ask, stride_bsk,
-                           num_kb, as_desc, bs_desc, 0, pid_m * BLOCK_M, pid_n * BLOCK_N // SCALE_BLOCK,
+                           kb0, unit_kb, as_desc, bs_desc, 0, pid_m * BLOCK_M, pid_n * BLOCK_N // SCALE_BLOCK,
                            BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, SCALE_TMA)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)[None, :]
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        if SPLIT_K == 1:
+            _fp8_gemm_epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_cm, stride_cn, HAS_BIAS)
+        elif split_k == 1:
+            _fp8_gemm_epilogue(acc, c_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_cm, stride_cn, HAS_BIAS)
+        else:
+            ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * ws_cols + offs_n[None, :]
+            total, last = _split_k_fixup(acc, ws_ptrs, split_stride, counters_ptr + tile, split, split_k, mask,
+                                         BLOCK_M, BLOCK_N)
+            if last:
+                _fp8_gemm_epilogue(total, c_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_cm, stride_cn, HAS_BIAS)
 
 
 def m_class(M: int) -> str:
@@ -201,12 +291,18 @@ def fp8_gemm_tma_configs(cls: str) -> list[triton.Config]:
     Without warp specialisation the promotion keeps three float32 tiles live (the accumulator,
     the waited block, the block in flight): 64 rows × up to 128 columns per warpgroup, so 128-row
     tiles take 8 warps. Stages hold two K blocks each. Decode (M <= 64): 64-row tiles (wgmma's
-    smallest; TMA zero-fills rows past M without reading them) over 16-64 columns, deep pipelines.
-    The warp-specialised configs (``ws``) are 128-row tiles at num_warps=4 (+ the producer).
+    smallest; TMA zero-fills rows past M without reading them) over 16-128 columns, deep
+    pipelines, and split-K (``split_k``: K over 2-8 programs per tile), which fills the SMs with
+    fewer, wider tiles, each reading a's rows for its part of K only (M = 64, N = 2112, K = 7168:
+    64×64 tiles split 4 make 132 units and read a 33 times, 64×16 tiles 132 times). The
+    warp-specialised configs (``ws``) are 128-row tiles at num_warps=4 (+ the producer).
     """
     c = tma_config
     if cls == "small":
-        return [c(64, 16, 4, 8), c(64, 32, 4, 6), c(64, 64, 4, 5), c(64, 128, 4, 3)]
+        return [c(64, 16, 4, 8), c(64, 32, 4, 6), c(64, 64, 4, 5), c(64, 128, 4, 3),
+                c(64, 32, 4, 6, split_k=2), c(64, 32, 4, 6, split_k=4), c(64, 64, 4, 5, split_k=2),
+                c(64, 64, 4, 5, split_k=4), c(64, 64, 4, 5, split_k=8), c(64, 128, 4, 3, split_k=2),
+                c(64, 128, 4, 3, split_k=4), c(64, 128, 4, 3, split_k=8)]
     if cls == "medium":  # the narrow tiles fill the SMs when M is a tile or two (128 x 2112: 64x32 -> 132 tiles)
         return [c(64, 128, 4, 3), c(128, 128, 8, 2), c(64, 64, 4, 5), c(128, 64, 8, 4),
                 c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True), c(64, 32, 4, 6), c(64, 16, 4, 8)]
@@ -278,26 +374,72 @@ def _launch_pointer(out, a, a_s, b, b_s, block, bias, config) -> None:
         _fp8_gemm_kernel[(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)](*args, **consts, **meta)
 
 
-def tma_launch_args(out, a, a_s, b, b_s, block, bias) -> tuple[tuple, dict]:
-    """The Hopper kernel's arguments and constexprs (also what the sm_90 compile test binds)."""
+def split_k_need(configs, M: int, N: int) -> tuple[int, int]:
+    """(workspace float32 elements, counters) the split-K configs among ``configs`` (kwargs dicts)
+    take at (M, N): ``tiles · SPLIT_K · BLOCK_M · BLOCK_N`` and ``tiles``, the largest of each."""
+    ws = counters = 0
+    for k in configs:
+        split = k.get("SPLIT_K", 1)
+        if split > 1:
+            tiles = cdiv(M, k["BLOCK_M"]) * cdiv(N, k["BLOCK_N"])
+            ws, counters = max(ws, tiles * split * k["BLOCK_M"] * k["BLOCK_N"]), max(counters, tiles)
+    return ws, counters
+
+
+@functools.lru_cache(maxsize=1024)
+def _class_need(cls: str, M: int, N: int) -> tuple[int, int]:
+    return split_k_need([c.kwargs for c in _TMA_TUNED[cls].configs], M, N)
+
+
+#: device -> (workspace, counters) of the split-K configs. Kept for the life of the process: a CUDA
+#: graph holds their addresses, and the counters stay zero between launches. Launches that may
+#: overlap (two streams at once) must not share them, as with cuBLAS's workspace.
+_SPLIT_K_BUFFERS: dict[torch.device, tuple[Tensor, Tensor]] = {}
+#: Buffers a larger need replaced: never freed, since a captured graph may still use them.
+_RETIRED_BUFFERS: list[Tensor] = []
+
+
+def split_k_buffers(device: torch.device, ws_elems: int, counters: int) -> tuple[Tensor, Tensor]:
+    """The device's split-K workspace (float32) and tile counters (int32, zero), at least
+    ``ws_elems`` and ``counters`` long (powers of two: few regrowths). No host sync: a new counter
+    buffer is zeroed on the current stream."""
+    ws, cnt = _SPLIT_K_BUFFERS.get(device, (None, None))
+    if ws is None or ws.numel() < ws_elems:
+        if ws is not None:
+            _RETIRED_BUFFERS.append(ws)
+        ws = torch.empty(next_power_of_2(max(ws_elems, 4096)), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < counters:
+        if cnt is not None:
+            _RETIRED_BUFFERS.append(cnt)
+        cnt = torch.zeros(next_power_of_2(max(counters, 1024)), dtype=torch.int32, device=device)
+    _SPLIT_K_BUFFERS[device] = ws, cnt
+    return ws, cnt
+
+
+def tma_launch_args(out, a, a_s, b, b_s, block, bias, config=None) -> tuple[tuple, dict]:
+    """The Hopper kernel's arguments and constexprs (also what the sm_90 compile test binds); the
+    split-K buffers sized for ``config`` (a kwargs dict), or for every config of M's class."""
     M, K = a.shape
     N = b.shape[0]
-    args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, M, N, K, a.stride(0), *a_s.stride(), b.stride(0),
-            *b_s.stride(), *out.stride(), m_bucket(M))
+    need = _class_need(m_class(M), M, N) if config is None else split_k_need([config], M, N)
+    ws, counters = split_k_buffers(a.device, *need)
+    args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, ws, counters, M, N, K, a.stride(0), *a_s.stride(),
+            b.stride(0), *b_s.stride(), *out.stride(), m_bucket(M), ws.numel(), counters.numel())
     return args, dict(SCALE_BLOCK=block, HAS_BIAS=bias is not None, SCALE_TMA=scale_tma(a_s.t(), b_s))
 
 
 def _launch_tma(out, a, a_s, b, b_s, block, bias, config) -> None:
     M, N = a.shape[0], b.shape[0]
-    args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias)
     sms = num_sms(a.device)
     ensure_tma_allocator()
     if config is None:
-        grid = lambda meta: (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias)
+        grid = lambda meta: (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1), sms),)
         _TMA_TUNED[m_class(M)][grid](*args, **consts)
     else:
-        meta = hopper_meta(config)
-        grid = (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), sms),)
+        meta = hopper_meta(config, split_k=True)
+        args, consts = tma_launch_args(out, a, a_s, b, b_s, block, bias, meta)
+        grid = (min(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * meta.get("SPLIT_K", 1), sms),)
         _fp8_gemm_tma_kernel[grid](*args, **consts, **meta)
 
 

@@ -170,7 +170,7 @@ def _fp8_grouped_gemm_tma_kernel(
             bs_ptrs = ws_base + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_wsn
         tile_kb = tl.where((grp < E) & (start < end), num_kb, 0)  # the tail group: no K loop, zeros
         acc = fp8_tma_tile(x_desc, w_desc, start, expert * N + pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_xsk,
-                           stride_wsk, tile_kb, as_desc, bs_desc, 0, start,
+                           stride_wsk, 0, tile_kb, as_desc, bs_desc, 0, start,
                            expert * n_blocks + pid_n * BLOCK_N // SCALE_BLOCK,
                            BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, SCALE_TMA)
         mask = ((offs_m >= first) & (offs_m < end))[:, None] & (offs_n < N)[None, :]

@@ -145,7 +145,7 @@ def _fp8_grouped_gemm_masked_tma_kernel(
             bs_ptrs = ws_base + (tl.minimum(offs_n, N - 1) // SCALE_BLOCK) * stride_wsn
         tile_kb = tl.where(row0 < rows_e, num_kb, 0)  # tiles past m_e: zeros
         acc = fp8_tma_tile(x_desc, w_desc, e * MAX_M + row0, e * N + pid_n * BLOCK_N, as_ptrs, bs_ptrs, stride_xsk,
-                           stride_wsk, tile_kb, as_desc, bs_desc, e * num_kb, row0,
+                           stride_wsk, 0, tile_kb, as_desc, bs_desc, e * num_kb, row0,
                            e * n_blocks + pid_n * BLOCK_N // SCALE_BLOCK,
                            BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, SCALE_TMA)
         acc = tl.where((offs_m < rows_e)[:, None], acc, 0.0)

@@ -5,7 +5,8 @@ tile), Kb = K/B; a tile is BLOCK_M × BLOCK_N of the output.
 
 :func:`fp8_tma_tile` computes one tile of ``Σ_kb promote(a_kb · b_kbᵀ)`` (``reference.fp8_gemm``:
 each B-deep block product lands in a fresh float32 tile, is multiplied by ``a_s[rows, kb] ·
-b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order). ``a`` and ``b``
+b_s[cols // B, kb]`` and added to the float32 accumulator, blocks in K order) over a range of K
+blocks: all of K, or one split of it (split-K, :func:`split_chunk`). ``a`` and ``b``
 tiles come through tensor descriptors (TMA, ``cp.async.bulk.tensor``; rows and columns past the
 tensor are zero-filled, so no masks) that each program makes on the device
 (``tl.make_tensor_descriptor``: the block shape follows the config's constexprs, so autotuning
@@ -37,7 +38,10 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
   contiguous grouped kernel starts a group's tiles at its first row rounded down to 4).
   :func:`scale_tma` is the host's rule.
 
-:func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones.
+:func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones. The
+configs (:func:`tma_config`) are ranked by a wave model (:func:`wave_cost`, :func:`tma_pruner`),
+which also costs split-K configs (``SPLIT_K``, the kernels that take it) by their units and
+partial tiles.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from ._common import num_sms, tma_operand_ok
 __all__ = [
     "fp8_tma_tile", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem", "tma_config_fits", "wave_cost",
     "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK", "HOPPER_SMS", "FLOP_PER_BYTE",
-    "KEEP_CONFIGS", "scale_tma", "merged_rows",
+    "KEEP_CONFIGS", "scale_tma", "merged_rows", "split_chunk", "MAX_SPLIT_K",
 ]
 
 #: The first compute capability with TMA and wgmma.
@@ -80,19 +84,21 @@ def _block_scale(as_ptrs, bs_ptrs, kb, valid, stride_ask, stride_bsk,
 
 @triton.jit
 def fp8_tma_tile(
-    a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, num_kb,
+    a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, kb0, num_kb,
     as_desc, bs_desc, as_kb0, as_m, bs_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
 ):
-    """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb < num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
+    """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb0 <= kb < kb0 + num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
 
     a_desc / b_desc: tensor descriptors (``tl.make_tensor_descriptor``) with blocks (BLOCK_M,
     SCALE_BLOCK) / (BLOCK_N, SCALE_BLOCK), read from rows ``a_row`` / ``b_row``; as_ptrs:
     (BLOCK_M,) pointers to the tile's rows of a_s (in bounds); bs_ptrs: the b_s row of the tile's
     B-row block repeated (BLOCK_M,) times when BLOCK_N <= SCALE_BLOCK (a vector load, which the
     pipeliner takes and a scalar one it does not), else (BLOCK_N,) pointers to each column's b_s
-    row; num_kb >= 0.
+    row; kb0 >= 0 the first K block (a literal 0 where a caller takes the whole K), num_kb >= 0.
+    An odd num_kb also loads block kb0 + num_kb in the pipelined schedule (promoted with scale 0):
+    it must lie past K, where TMA zero-fills it, so a range that ends before K has an even length.
     STAGES: the software pipeline's depth, named on the loop (``num_stages`` of the config): with
     it the pipeliner also takes the scale loads, which feed no dot operand.
     SCALE_TMA (warp-specialised schedule only; None descriptors otherwise): the scales through
@@ -102,7 +108,7 @@ def fp8_tma_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if WARP_SPECIALIZE and SCALE_TMA:
         tl.static_assert(BLOCK_N <= SCALE_BLOCK, "descriptor scales: one weight scale per tile and K block")
-        for kb in tl.range(0, num_kb, warp_specialize=True):
+        for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
             a = a_desc.load([a_row, kb * SCALE_BLOCK])
             b = b_desc.load([b_row, kb * SCALE_BLOCK])
             a_s = tl.trans(as_desc.load([as_kb0 + kb, as_m]))  # (BLOCK_M, 1)
@@ -110,10 +116,10 @@ def fp8_tma_tile(
             b_s = tl.sum(tl.where(tl.arange(0, 4)[None, :] == kb % 4, b4, 0.0), axis=1, keep_dims=True)  # (1, 1)
             acc += tl.dot(a, b.T) * (a_s * b_s)
     elif WARP_SPECIALIZE:
-        s_next = _block_scale(as_ptrs, bs_ptrs, 0, num_kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
-        for kb in tl.range(0, num_kb, warp_specialize=True):
+        s_next = _block_scale(as_ptrs, bs_ptrs, kb0, num_kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+        for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
             s = s_next  # loaded one block ahead: its latency hides behind this block's wgmma
-            s_next = _block_scale(as_ptrs, bs_ptrs, kb + 1, kb + 1 < num_kb, stride_ask, stride_bsk,
+            s_next = _block_scale(as_ptrs, bs_ptrs, kb + 1, kb + 1 < kb0 + num_kb, stride_ask, stride_bsk,
                                   BLOCK_N, SCALE_BLOCK)
             a = a_desc.load([a_row, kb * SCALE_BLOCK])
             b = b_desc.load([b_row, kb * SCALE_BLOCK])
@@ -121,8 +127,8 @@ def fp8_tma_tile(
     else:
         # p1: the odd block of the previous pair, still in flight when the loop body ends.
         p1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in tl.range(0, num_kb, 2, num_stages=STAGES):
-            s_prev = _block_scale(as_ptrs, bs_ptrs, kb - 1, kb > 0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+        for kb in tl.range(kb0, kb0 + num_kb, 2, num_stages=STAGES):
+            s_prev = _block_scale(as_ptrs, bs_ptrs, kb - 1, kb > kb0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
             s0 = _block_scale(as_ptrs, bs_ptrs, kb, True, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
             a0 = a_desc.load([a_row, kb * SCALE_BLOCK])
             b0 = b_desc.load([b_row, kb * SCALE_BLOCK])
@@ -132,8 +138,9 @@ def fp8_tma_tile(
             acc += p1 * s_prev
             p1 = tl.dot(a1, b1.T)  # left in flight ...
             acc += p0 * s0  # ... while this promotion runs
-        last = (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (num_kb when that is odd: zeros)
-        acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < num_kb, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+        last = kb0 + (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (past K when num_kb is odd: zeros)
+        acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < kb0 + num_kb, stride_ask, stride_bsk, BLOCK_N,
+                                 SCALE_BLOCK)
     return acc
 
 
@@ -201,12 +208,27 @@ def ranking_sms(device: torch.device) -> int:
 FLOP_PER_BYTE = 150
 #: How many configs the pruner hands the autotuner (the first is what MOELA_AUTOTUNE=0 runs).
 KEEP_CONFIGS = 4
+#: The most programs one tile's K may be split over (``SPLIT_K``).
+MAX_SPLIT_K = 16
 
 
-def tma_config(bm: int, bn: int, warps: int, stages: int, ws: bool = False, group_m: int = 8) -> triton.Config:
-    """A Hopper config; ``ws``: the warp-specialised schedule (num_warps=4, BLOCK_M=128)."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "WARP_SPECIALIZE": ws, "STAGES": stages},
-                         num_warps=warps, num_stages=stages)
+def tma_config(bm: int, bn: int, warps: int, stages: int, ws: bool = False, group_m: int = 8,
+               split_k: int = 1) -> triton.Config:
+    """A Hopper config; ``ws``: the warp-specialised schedule (num_warps=4, BLOCK_M=128);
+    ``split_k`` > 1: K split over that many programs per tile (``SPLIT_K``, a kernel that takes it:
+    ``fp8_gemm``; left out at 1, which :func:`hopper_tuner` completes where the kernel has it)."""
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "WARP_SPECIALIZE": ws, "STAGES": stages}
+    if split_k != 1:
+        kwargs["SPLIT_K"] = split_k
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def split_chunk(num_kb: int, split_k: int) -> int:
+    """K blocks per split: ``cdiv(num_kb, split_k)`` rounded up to even (the pipelined loop goes in
+    pairs, and only the last split may end on an odd block: K's end, which TMA zero-fills), so the
+    last splits may get fewer blocks or none. The kernels compute the same in ``tl``."""
+    per_split = -(-num_kb // split_k)
+    return per_split + per_split % 2
 
 
 def tma_smem(config: triton.Config, block: int) -> int:
@@ -221,18 +243,35 @@ def tma_config_fits(config: triton.Config, block: int, budget: int) -> bool:
     """Within the shared-memory budget, and warp specialisation only where Triton 3.6 lowers it
     well: num_warps=4 and 128-row tiles (two math warpgroups of 64 rows; 64-row tiles would
     make both warpgroups compute the same rows), at most one scale block of columns (one weight
-    scale per K block: what the descriptor-fed scales take)."""
+    scale per K block: what the descriptor-fed scales take), and never with split-K (``SPLIT_K``
+    from 1 to ``MAX_SPLIT_K``; splits take the pipelined schedule)."""
     k = config.kwargs
+    split = k.get("SPLIT_K", 1)
+    if not 1 <= split <= MAX_SPLIT_K or (split > 1 and k["WARP_SPECIALIZE"]):
+        return False
     if k["WARP_SPECIALIZE"] and (config.num_warps != 4 or k["BLOCK_M"] != 128 or k["BLOCK_N"] > block):
         return False
     return tma_smem(config, block) <= budget
 
 
-def wave_cost(bm: int, bn: int, tiles: int, rows: int, sms: int) -> float:
+def wave_cost(bm: int, bn: int, tiles: int, rows: int, sms: int, split_k: int = 1, num_kb: int = 1,
+              block: int = HOPPER_BLOCK) -> float:
     """The wave model: ``ceil(tiles / sms)`` rounds of one tile per SM, each costing its MMA work
     (``2·bm·bn`` FLOP per K element, at ``FLOP_PER_BYTE``) plus its operand bytes (``rows`` of a
-    that exist, ``bn`` of b per K element). Relative units; ranks configs, nothing more."""
-    return -(-tiles // sms) * (2 * bm * bn / FLOP_PER_BYTE + rows + bn)
+    that exist, ``bn`` of b per K element). Relative units (per K element of the whole K); ranks
+    configs, nothing more.
+
+    Split-K (``split_k`` > 1, K = ``num_kb`` blocks of ``block``): ``tiles · split_k`` units, each
+    doing its :func:`split_chunk` of the K blocks and writing its float32 partial tile (``4·rows·bn``
+    bytes), in ``ceil(units / sms)`` rounds; then the last unit of each tile reads the other
+    ``split_k - 1`` partials. Fewer, wider tiles read a's rows fewer times: what split-K buys.
+    """
+    per_k = 2 * bm * bn / FLOP_PER_BYTE + rows + bn
+    if split_k == 1:
+        return -(-tiles // sms) * per_k
+    partial = 4 * rows * bn / (num_kb * block)
+    unit = per_k * split_chunk(num_kb, split_k) / num_kb + partial
+    return -(-(tiles * split_k) // sms) * unit + (split_k - 1) * partial
 
 
 def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
@@ -240,7 +279,8 @@ def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
     ordered by :func:`wave_cost` (stable: ties keep the list's order), the best ``keep``.
 
     ``tiles_of(nargs, bm, bn) -> (tiles, rows per tile)`` says how the op tiles its problem;
-    the tensor argument ``tensor`` gives the device (its SM count).
+    the tensor argument ``tensor`` gives the device (its SM count). A config with ``SPLIT_K`` > 1
+    is costed as split-K over the problem's ``K`` (an argument of the kernel).
     """
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
@@ -249,9 +289,11 @@ def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
         fits = [c for c in configs if tma_config_fits(c, block, budget)] or configs[:1]
 
         def cost(c: triton.Config) -> float:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            bm, bn, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("SPLIT_K", 1)
             tiles, rows = tiles_of(nargs, bm, bn)
-            return wave_cost(bm, bn, max(tiles, 1), rows, sms)
+            if split == 1:
+                return wave_cost(bm, bn, max(tiles, 1), rows, sms)
+            return wave_cost(bm, bn, max(tiles, 1), rows, sms, split, max(nargs["K"] // block, 1), block)
 
         return sorted(fits, key=cost)[:keep]
 
@@ -260,15 +302,28 @@ def tma_pruner(tiles_of, budget: int, tensor: str, keep: int = KEEP_CONFIGS):
 
 def hopper_tuner(tuner):
     """An autotuner of a Hopper kernel with its configs completed in place: GROUP_M (8),
-    WARP_SPECIALIZE (False) and STAGES (num_stages) where a config does not name them (one
-    pinned through the environment names only what it sets)."""
+    WARP_SPECIALIZE (False), STAGES (num_stages) and, where the kernel takes it, SPLIT_K (1)
+    where a config does not name them (one pinned through the environment names only what it
+    sets)."""
+    split = "SPLIT_K" in tuner.arg_names
     for c in tuner.configs:
         c.kwargs.setdefault("GROUP_M", 8)
         c.kwargs.setdefault("WARP_SPECIALIZE", False)
         c.kwargs.setdefault("STAGES", c.num_stages)
+        if split:
+            c.kwargs.setdefault("SPLIT_K", 1)
     return tuner
 
 
-def hopper_meta(config: dict) -> dict:
-    """An explicit ``config=`` dict completed like :func:`hopper_tuner` completes configs."""
-    return {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}
+def hopper_meta(config: dict, split_k: bool = False) -> dict:
+    """An explicit ``config=`` dict completed like :func:`hopper_tuner` completes configs;
+    ``split_k``: the kernel takes SPLIT_K (completed to 1; outside 1 .. ``MAX_SPLIT_K``, or above 1
+    with warp specialisation, raises ValueError)."""
+    meta = {"GROUP_M": 8, "WARP_SPECIALIZE": False, "STAGES": config.get("num_stages", 3), **config}
+    if split_k:
+        meta.setdefault("SPLIT_K", 1)
+        if not 1 <= meta["SPLIT_K"] <= MAX_SPLIT_K or (meta["SPLIT_K"] > 1 and meta["WARP_SPECIALIZE"]):
+            raise ValueError(f"config: SPLIT_K takes 1 to {MAX_SPLIT_K}, and > 1 only without WARP_SPECIALIZE "
+                             f"(the pipelined schedule), got SPLIT_K={meta['SPLIT_K']!r}, "
+                             f"WARP_SPECIALIZE={meta['WARP_SPECIALIZE']!r}")
+    return meta

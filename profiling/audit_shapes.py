@@ -176,17 +176,30 @@ def _fp8_grouped(label: str, M: int, E: int, N: int, K: int) -> Launch:
         BLOCK_E=triton.next_power_of_2(E + 1)))
 
 
+_SPLIT_K_WS, _SPLIT_K_COUNTERS = 2**22, 2**12  # kernels.fp8_gemm.split_k_buffers: powers of two, the decode need
+
+
 def _fp8_gemm_tma(label: str, M: int, N: int, K: int) -> Launch:
+    """The Hopper kernel, with the split-K workspace (float32) and tile counters (int32) its launcher passes."""
     a, a_s, b, b_s, c = _t(M, K, dtype=E4M3), _col_major(M, K // B), _t(N, K, dtype=E4M3), \
         _t(triton.cdiv(N, B), K // B, dtype=F32), _t(M, N)
     return Launch(label, dict(
-        a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, c_ptr=c, bias_ptr=a_s, M=M, N=N, K=K, stride_am=K,
+        a_ptr=a, as_ptr=a_s, b_ptr=b, bs_ptr=b_s, c_ptr=c, bias_ptr=a_s, ws_ptr=_t(_SPLIT_K_WS, dtype=F32),
+        counters_ptr=_t(_SPLIT_K_COUNTERS, dtype=I32), M=M, N=N, K=K, stride_am=K,
         **_strides("stride_asm stride_ask", a_s), stride_bn=K, **_strides("stride_bsn stride_bsk", b_s),
-        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B, HAS_BIAS=False, SCALE_TMA=True))
+        **_strides("stride_cm stride_cn", c), M_BUCKET=_m_bucket(M), ws_size=_SPLIT_K_WS,
+        counters_size=_SPLIT_K_COUNTERS, SCALE_BLOCK=B, HAS_BIAS=False, SCALE_TMA=True))
 
 
 def _deepgemm_dense_tma(m: int) -> list[Launch]:
     return [_fp8_gemm_tma(f"{m}x{n}x{k}", m, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
+
+
+def _decode_dense_tma() -> list[Launch]:
+    """DeepGEMM's dense grid at M = 64 (its 64x2112x7168 first: the representative launch), and at
+    M = 1 and 16: the small class's split-K configs."""
+    return [*_deepgemm_dense_tma(64), *(_fp8_gemm_tma(f"{m}x{n}x{k}", m, n, k)
+                                       for m in (1, 16) for n, k in DEEPGEMM_DENSE["nk"])]
 
 
 def _fp8_grouped_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
@@ -589,7 +602,7 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "fp8_grouped_gemm/small": lambda: _v3_moe(_fp8_grouped, DECODE_T),
     "fp8_gemm_tma/large": lambda: _deepgemm_dense_tma(4096),
     "fp8_gemm_tma/medium": lambda: _deepgemm_dense_tma(128),
-    "fp8_gemm_tma/small": lambda: _deepgemm_dense_tma(64),
+    "fp8_gemm_tma/small": _decode_dense_tma,
     "fp8_grouped_gemm_tma/large": lambda: _deepgemm_grouped(_fp8_grouped_tma, lambda m: m > 512),
     "fp8_grouped_gemm_tma/medium": lambda: [*_deepgemm_grouped(_fp8_grouped_tma, lambda m: 64 < m <= 512),
                                             *_v3_moe(_fp8_grouped_tma, PREFILL_T)],

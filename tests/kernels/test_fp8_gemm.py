@@ -6,8 +6,11 @@ DeepGEMM's calc_diff < 1e-3. CPU: the interpreter at small shapes, both paths of
 ``fp8_mainloop.fp8_path`` (the Hopper tensor-descriptor kernel, persistent over 3 "SMs" so each
 program walks several tiles, and the pointer kernel for pre-Hopper GPUs), the default config of
 each M class and explicit configs for the other code paths (BLOCK_N > block reads a vector of
-weight scales, BLOCK_M = 16, the warp-specialised schedule, an odd number of K blocks). GPU tier:
-DeepGEMM's dense grid. The sm_90 compile of the Hopper configs: test_fp8_sm90.py.
+weight scales, BLOCK_M = 16, the warp-specialised schedule, an odd number of K blocks). Split-K
+(the decode configs of the Hopper kernel): near exact at ragged shapes and K splits without
+blocks, the same bits whichever split arrives last, the counters back at 0 after each launch, and
+the pruner's ranking (split-K first at decode M where column tiles are few, never at large M).
+GPU tier: DeepGEMM's dense grid. The sm_90 compile of the Hopper configs: test_fp8_sm90.py.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ import importlib
 
 import pytest
 import torch
-from fp8_testing import PATHS, abs_fp8, assert_gemm_close
+import triton
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close, assert_same_bits
 from moela_testing import nan_empty
 
 from moela import reference as ref
 from moela.kernels._common import INTERPRETER_SMS
-from moela.kernels.fp8_gemm import fp8_gemm, launch_fp8_gemm, m_class
-from moela.kernels.fp8_mainloop import fp8_path, tma_ready
+from moela.kernels.fp8_gemm import fp8_gemm, fp8_gemm_tma_configs, launch_fp8_gemm, m_class
+from moela.kernels.fp8_mainloop import HOPPER_SMS, fp8_path, split_chunk, tma_pruner, tma_ready, wave_cost
 from moela.kernels.fp8_quant import FP8_DTYPE, quant_act, quant_weight, to_col_major
+from moela.kernels.tl_helpers import SMEM_BUDGET
 
 # the modules (moela.kernels.fp8_gemm is the op once the package exports it)
 factory = importlib.import_module("moela.kernels.factory")
 fp8_gemm_module = importlib.import_module("moela.kernels.fp8_gemm")
+fp8_mainloop = importlib.import_module("moela.kernels.fp8_mainloop")
 
 try:
     from moela.profiling.shapes import DEEPGEMM_DENSE
@@ -45,10 +51,11 @@ def _operands(M, N, K, device, block=128, dtype=torch.bfloat16):
     return x, w, a, a_s, b, b_s
 
 
-def _check(out, a, a_s, b, b_s, block=128, name="out"):
+def _check(out, a, a_s, b, b_s, block=128, name="out", num_kb=None):
+    """Near exact against the reference; ``num_kb``: the K-block count the bound charges (default Kb)."""
     ref32 = ref.fp8_gemm(a, a_s, b, b_s, torch.float32, block)
     mag = ref.fp8_gemm(abs_fp8(a), a_s.abs(), abs_fp8(b), b_s.abs(), torch.float32, block)
-    assert_gemm_close(out, ref32, mag, a.shape[1] // block, block, name)
+    assert_gemm_close(out, ref32, mag, a.shape[1] // block if num_kb is None else num_kb, block, name)
 
 
 # (M, N, K): one per M class at the class edges, N not a multiple of the tile (masked), K several blocks.
@@ -129,6 +136,192 @@ def test_fp8_gemm_warp_specialized_scales_through_descriptors(monkeypatch, devic
     monkeypatch.delenv("MOELA_SCALE_TMA")
     launch_fp8_gemm(out, a, col, b, b_s, 128, None, WS, capability=PATHS["tma"])
     _check(out, a, a_s, b, b_s)
+
+
+# ------------------------------------------------------------------------------------ split-K
+
+
+def _split_num_kb(num_kb: int, split_k: int) -> int:
+    """The K-block count the derived bound charges a split-K result: a split adds at most
+    ``split_chunk`` promoted blocks, the reducer the split_k partials, so each element is at most
+    chunk + split_k - 1 float32 additions deep (the reference: num_kb); the bound charges the
+    deeper of the two twice."""
+    return max(num_kb, split_chunk(num_kb, split_k) + split_k - 1)
+
+
+SPLITS = {  # config, (M, N, K); split s takes K blocks [s·chunk, min((s+1)·chunk, Kb)), chunk = split_chunk
+    # two row tiles (M not a multiple of 64), N not a multiple of 32; Kb = 5 over 4 splits: [0, 2) [2, 4)
+    # [4, 5) [5, 5): an odd Kb, Kb not a multiple of SPLIT_K, a split without a K block
+    "64x32-split4-ragged": (dict(BLOCK_M=64, BLOCK_N=32, SPLIT_K=4, num_warps=4, num_stages=3), (70, 80, 640)),
+    "64x16-split2-decode-M1": (dict(BLOCK_M=64, BLOCK_N=16, SPLIT_K=2, GROUP_M=2, num_warps=4, num_stages=4),
+                               (1, 72, 384)),  # Kb = 3: [0, 2) [2, 3)
+    "64x64-split8-more-splits-than-blocks": (dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=8, num_warps=4, num_stages=2),
+                                             (5, 64, 256)),  # Kb = 2: split 0 takes both, seven none
+    "64x256-split2-vector-b-scales": (dict(BLOCK_M=64, BLOCK_N=256, SPLIT_K=2, num_warps=4, num_stages=2),
+                                      (9, 300, 512)),  # BLOCK_N > the block: a weight scale per column block
+}
+
+
+def _split_buffers(device):
+    """The launcher's cached (workspace, counters) of this device."""
+    return fp8_gemm_module._SPLIT_K_BUFFERS[torch.device(device)]
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
+def test_fp8_gemm_split_k_near_exact(case, device):
+    config, (M, N, K) = SPLITS[case]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    out = nan_empty((M, N), device=device)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, config, capability=PATHS["tma"])
+    _check(out, a, a_s, b, b_s, num_kb=_split_num_kb(K // 128, config["SPLIT_K"]))
+    assert not _split_buffers(device)[1].any()  # the counters are back at 0
+
+
+def test_fp8_gemm_split_k_bound_catches_a_lost_split(device):
+    """The bound the split-K tests use is tight enough to see a split whose partial the reduction
+    lost (the reference without split 1's K blocks)."""
+    config, (M, N, K) = SPLITS["64x32-split4-ragged"]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    chunk = split_chunk(K // 128, config["SPLIT_K"])
+    lost = a.clone()
+    lost.view(torch.uint8)[:, chunk * 128:2 * chunk * 128] = 0
+    with pytest.raises(AssertionError, match="exceed the derived bound"):
+        _check(ref.fp8_gemm(lost, a_s, b, b_s, torch.float32), a, a_s, b, b_s,
+               num_kb=_split_num_kb(K // 128, config["SPLIT_K"]))
+
+
+def test_fp8_gemm_split_k_same_bits_whichever_split_arrives_last(monkeypatch, device):
+    """Launches in a row (the counters back at 0 after each) on persistent grids of 3, 3, 1, 2 and
+    24 programs: a different split of a tile arrives last (3 programs: split 2 of tile 0, 1
+    program: split 3), the reduction's order stays 0 .. SPLIT_K-1: the same bits. The workspace is
+    NaN before each launch, so a partial read before it is written, or read from an earlier launch,
+    shows."""
+    config, (M, N, K) = SPLITS["64x32-split4-ragged"]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    outs = []
+    for sms in (3, 3, 1, 2, 24):
+        monkeypatch.setattr(fp8_gemm_module, "num_sms", lambda dev, sms=sms: sms)
+        out = nan_empty((M, N), device=device)
+        fp8_gemm_module.tma_launch_args(out, a, a_s, b, b_s, 128, None, config)  # the buffers exist ...
+        ws, counters = _split_buffers(device)
+        ws.fill_(float("nan"))  # ... and hold nothing a launch could reuse
+        launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, config, capability=PATHS["tma"])
+        assert not counters.any(), sms
+        outs.append(out)
+    _check(outs[0], a, a_s, b, b_s, num_kb=_split_num_kb(K // 128, config["SPLIT_K"]))
+    for out in outs[1:]:
+        assert_same_bits(out, outs[0])
+
+
+def test_fp8_gemm_split_k_bias_16bit_out_and_no_out_of_bounds_writes(device):
+    config, (M, N, K) = SPLITS["64x32-split4-ragged"]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    guard = nan_empty((M + 4, N + 8), torch.bfloat16, device)
+    out = guard[2:M + 2, 3:N + 3]  # a strided window: everything around it must stay NaN
+    bias = torch.randn(N, device=device, dtype=torch.bfloat16)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, bias, config, capability=PATHS["tma"])
+    inside = torch.zeros_like(guard, dtype=torch.bool)
+    inside[2:M + 2, 3:N + 3] = True
+    assert guard[~inside].isnan().all()
+    ref32 = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    mag = ref.fp8_gemm(abs_fp8(a), a_s.abs(), abs_fp8(b), b_s.abs(), torch.float32)
+    extra = 2.0**-24 * (ref32.abs() + bias.abs().float()).double()  # the bias addition's rounding
+    assert_gemm_close(out, ref32 + bias.float(), mag, _split_num_kb(K // 128, config["SPLIT_K"]), 128, "bias",
+                      extra=extra)
+
+
+def test_fp8_gemm_split_k_buffers_too_small_run_unsplit(monkeypatch, device):
+    """Buffers smaller than a config needs (one the launcher did not size them for: a stale
+    config table) are left alone: K runs unsplit, the result exact as ever."""
+    config, (M, N, K) = SPLITS["64x32-split4-ragged"]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    ws = torch.full((64,), float("nan"), device=device)
+    counters = torch.zeros(64, dtype=torch.int32, device=device)
+    monkeypatch.setattr(fp8_gemm_module, "split_k_buffers", lambda dev, ws_elems, tiles: (ws, counters))
+    out = nan_empty((M, N), device=device)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, config, capability=PATHS["tma"])
+    _check(out, a, a_s, b, b_s)
+    assert ws.isnan().all() and not counters.any()
+
+
+def test_fp8_gemm_split_k_through_the_autotuner(monkeypatch, device):
+    """An M class whose (autotuned) config splits K: the grid counts units, the buffers are sized
+    from the class's configs (``split_k_need``)."""
+    config, (M, N, K) = SPLITS["64x16-split2-decode-M1"]
+    meta = {k: v for k, v in config.items() if not k.startswith("num_")}
+    tuned = triton.Config({**meta, "WARP_SPECIALIZE": False, "STAGES": 4}, num_warps=4, num_stages=4)
+    tuner = triton.autotune([tuned], key=["N"])(fp8_gemm_module._fp8_gemm_tma_kernel)
+    monkeypatch.setitem(fp8_gemm_module._TMA_TUNED, "small", tuner)
+    fp8_gemm_module._class_need.cache_clear()
+    try:
+        assert fp8_gemm_module._class_need("small", M, N) == (5 * 2 * 64 * 16, 5)  # 72 columns: 5 tiles of 16
+        _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+        out = nan_empty((M, N), device=device)
+        launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, None, capability=PATHS["tma"])
+        _check(out, a, a_s, b, b_s, num_kb=_split_num_kb(K // 128, 2))
+    finally:
+        fp8_gemm_module._class_need.cache_clear()
+
+
+@pytest.mark.parametrize("bad", [dict(SPLIT_K=0), dict(SPLIT_K=17),
+                                 dict(SPLIT_K=2, BLOCK_M=128, WARP_SPECIALIZE=True)])
+def test_fp8_gemm_split_k_bad_configs_raise(bad, device):
+    _, _, a, a_s, b, b_s = _operands(4, 64, 256, device)
+    config = {**dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3), **bad}
+    with pytest.raises(ValueError, match="config: SPLIT_K takes 1 to 16"):
+        launch_fp8_gemm(nan_empty((4, 64), device=device), a, a_s, b, b_s, 128, None, config, capability=PATHS["tma"])
+
+
+@pytest.mark.parametrize("num_kb", [1, 2, 3, 5, 12, 56, 57])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 4, 8])
+def test_split_chunk_partitions_k(num_kb, split_k):
+    """The splits' K ranges tile [0, Kb) in order; every range but the one ending at Kb is even."""
+    chunk = split_chunk(num_kb, split_k)
+    ranges = [(min(s * chunk, num_kb), min((s + 1) * chunk, num_kb)) for s in range(split_k)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_kb
+    assert all(r[1] == n[0] for r, n in zip(ranges, ranges[1:], strict=False))
+    assert all((hi - lo) % 2 == 0 for lo, hi in ranges if hi < num_kb)
+    assert chunk * (split_k - 1) < num_kb + 2 * split_k  # no split count is wasted far past Kb
+
+
+#: (N, K) pairs of DeepGEMM's dense grid where a decode M has few column tiles to spread over the
+#: SMs: split-K's wider tiles read a fewer times. (32768, 512): thousands of tiles and a short K.
+_SPLIT_FIRST = [(2112, 7168), (7168, 16384), (4096, 7168)]
+
+
+def _ranked_first(configs, M, N, K):
+    prune = tma_pruner(fp8_gemm_module._dense_tiles, SMEM_BUDGET, "a_ptr")
+    nargs = dict(M=M, N=N, K=K, a_ptr=torch.empty(0), SCALE_BLOCK=128)
+    return prune(configs, nargs)[0].kwargs
+
+
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_pruner_ranks_split_k_first_at_decode(M, monkeypatch):
+    """The wave model (132 SMs) puts a split-K config first at decode M where the column tiles
+    are few, and not where there are thousands (N 32768, K 512)."""
+    monkeypatch.setattr(fp8_mainloop, "ranking_sms", lambda dev: HOPPER_SMS)
+    small = fp8_gemm_tma_configs("small")
+    for N, K in _SPLIT_FIRST:
+        assert _ranked_first(small, M, N, K).get("SPLIT_K", 1) > 1, (M, N, K)
+    assert _ranked_first(small, M, 32768, 512).get("SPLIT_K", 1) == 1
+    if M == 64:  # 64x2112x7168: 33 tiles of 64x64, split 4: 132 units, a read 33 times (64x16 tiles: 132)
+        first = _ranked_first(small, M, 2112, 7168)
+        assert (first["BLOCK_N"], first["SPLIT_K"]) == (64, 4)
+
+
+@pytest.mark.parametrize("M", [512, 4096])
+def test_pruner_never_splits_k_at_large_m(M, monkeypatch):
+    """Every Hopper config in one list, ranked at prefill M: the unsplit ones win at every DeepGEMM (N, K)."""
+    monkeypatch.setattr(fp8_mainloop, "ranking_sms", lambda dev: HOPPER_SMS)
+    every = [c for cls in ("small", "medium", "large") for c in fp8_gemm_tma_configs(cls)]
+    for N, K in DEEPGEMM_DENSE["nk"]:
+        assert _ranked_first(every, M, N, K).get("SPLIT_K", 1) == 1, (M, N, K)
+
+
+def test_wave_cost_unsplit_is_the_tile_model():
+    """SPLIT_K absent or 1: the model other kernels rank by, unchanged."""
+    assert wave_cost(128, 64, 300, 128, 132) == 3 * (2 * 128 * 64 / 150 + 128 + 64)
+    assert wave_cost(128, 64, 300, 128, 132, 1, 56) == wave_cost(128, 64, 300, 128, 132)
 
 
 def test_path_rule():

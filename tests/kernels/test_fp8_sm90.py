@@ -3,17 +3,19 @@ their pruners pick at DeepSeek's shapes.
 
 For fp8_gemm, fp8_grouped_gemm and fp8_grouped_gemm_masked, at DeepSeek problems of each M
 class, the config each pruner ranks first for a 132-SM Hopper (what ``MOELA_AUTOTUNE=0`` runs)
-and every warp-specialised config it keeps are bound as a launch would bind them and compiled for sm_90 in
-a subprocess without ``TRITON_INTERPRET`` (``sm90_compile``). Asserted: no spills, shared memory
-within a block's 227 KB, wgmma, TMA (``cp.async.bulk.tensor``); warp specialisation
-(``ttg.warp_specialize`` and ``setmaxnreg``) where the config asks for it; without it, no
-``ld.global`` in the K loop (the scales come through ``cp.async``) and the promotion overlapped
-with the next wgmma (in the K loop's TTGIR an asynchronous ``warp_group_dot`` is followed by a
-promotion before any ``warp_group_dot_wait``; in the PTX, the second wgmma of a pair is committed
-and the promotions' FMAs follow before the next wait). The warp-specialised schedule's math warpgroups
-load their scales themselves, one K block ahead (Triton 3.6 leaves loads that feed no dot
-operand in the consumer partitions): there the K loop holds exactly those loads, a_s and b_s in
-each of the two math warpgroups.
+and every warp-specialised or split-K config it keeps are bound as a launch would bind them and
+compiled for sm_90 in a subprocess without ``TRITON_INTERPRET`` (``sm90_compile``). Asserted: no
+spills, shared memory within a block's 227 KB, wgmma, TMA (``cp.async.bulk.tensor``); warp
+specialisation (``ttg.warp_specialize`` and ``setmaxnreg``) where the config asks for it; without
+it, no ``ld.global`` in the K loop (the scales come through ``cp.async``) and the promotion
+overlapped with the next wgmma (in the K loop's TTGIR an asynchronous ``warp_group_dot`` is
+followed by a promotion before any ``warp_group_dot_wait``; in the PTX, the second wgmma of a
+pair is committed and the promotions' FMAs follow before the next wait); with split-K (the
+decode configs), a CTA barrier right before the tile counter's ``atom.global.gpu.acq_rel.add``
+and ``ld.global.cg`` loads of the partials after it. The warp-specialised schedule's math
+warpgroups load their scales themselves, one K block ahead (Triton 3.6 leaves loads that feed no
+dot operand in the consumer partitions): there the K loop holds exactly those loads, a_s and b_s
+in each of the two math warpgroups.
 
 Skipped (with the reason) where Triton's bundled ptxas does not run.
 """
@@ -34,6 +36,7 @@ TESTS = os.path.dirname(HERE)
 # (kernel module, label, problem) per M class; the problem's keys are the module's shapes.
 PROBLEMS = [
     ("fp8_gemm", "decode 64x2112x7168", dict(M=64, N=2112, K=7168)),
+    ("fp8_gemm", "decode 64x4096x7168", dict(M=64, N=4096, K=7168)),
     ("fp8_gemm", "medium 128x7168x2048", dict(M=128, N=7168, K=2048)),
     ("fp8_gemm", "prefill 4096x2112x7168", dict(M=4096, N=2112, K=7168)),
     ("fp8_gemm", "prefill 4096x7168x16384", dict(M=4096, N=7168, K=16384)),
@@ -116,6 +119,23 @@ def _ptx_overlap(ptx: str) -> bool:
     return re.search(r"M+CWM+Cf{16,}", "".join(seq)) is not None
 
 
+def _split_k_fixup(ptx: str) -> dict:
+    """The split-K fixup in the PTX: the tile counter's atomic (``atom.global.gpu.acq_rel.add``),
+    whether a CTA barrier (``bar.sync``) comes right before it (nothing but moves, predicate
+    setup and comments between), and the ``ld.global.cg`` loads of the partials after it."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    atoms = [i for i, line in enumerate(lines) if re.search(r"\batom\.global\.gpu\.acq_rel\.add\b", line)]
+    barrier_before = bool(atoms)
+    for i in atoms:
+        j = i - 1
+        skip = ("//", ".loc", "mov", "setp", "$L")
+        while j >= 0 and (not lines[j] or lines[j].startswith(skip) or "inline asm" in lines[j]):
+            j -= 1
+        barrier_before &= j >= 0 and lines[j].startswith(("bar.sync", "barrier.sync"))
+    cg = sum(1 for line in lines[atoms[0]:] if "ld.global.cg" in line) if atoms else 0
+    return dict(atomics=len(atoms), barrier_before_atomic=barrier_before, cg_loads=cg)
+
+
 def collect() -> None:
     """Subprocess entry: compile every picked (problem, config) and print JSON rows."""
     import sm90_compile
@@ -128,7 +148,7 @@ def collect() -> None:
         tuner, fn, nargs = _launch(kernel, shape)
         tuner.nargs = nargs
         kept = tuner.prune_configs({})
-        picked = [kept[0]] + [c for c in kept[1:] if c.kwargs["WARP_SPECIALIZE"]]
+        picked = [kept[0]] + [c for c in kept[1:] if c.kwargs["WARP_SPECIALIZE"] or c.kwargs.get("SPLIT_K", 1) > 1]
         for c in picked:
             kw = {**nargs, **c.kwargs}
             key = (kernel, repr(sorted(c.kwargs.items())), c.num_warps, c.num_stages, shape.get("K"))
@@ -139,7 +159,7 @@ def collect() -> None:
             ttgir, ptx = r.pop("ttgir"), r.pop("ptx")
             rows.append(dict(kernel=kernel, problem=label, config={**c.kwargs, "num_warps": c.num_warps},
                              scale_tma=nargs.get("SCALE_TMA", False),
-                             overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx), **r))
+                             overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx), **_split_k_fixup(ptx), **r))
     print("SM90-JSON " + json.dumps(rows))
 
 
@@ -162,7 +182,7 @@ def compiled():
         print(f"{r['kernel']:24s} {r['problem']:32s} {r['config']} regs={r['regs']} spill={r['spill_bytes']} "
               f"smem={r['smem']} ctas/SM={r['ctas_per_sm']} wgmma={r['wgmma']} tma={r['tma']} "
               f"ws={r['warp_specialized']} loop_ld_global={r['loop_ld_global']} overlap={r['overlap']}/"
-              f"{r['ptx_overlap']}")
+              f"{r['ptx_overlap']} split_k_atomic={r['atomics']}/{r['barrier_before_atomic']}/{r['cg_loads']}")
     return rows
 
 
@@ -199,3 +219,17 @@ def test_pipelined_schedule_has_async_scales_and_overlapped_promotion(compiled):
         if not r["config"]["WARP_SPECIALIZE"]:
             assert r["loop_ld_global"] == 0, r
             assert r["overlap"] and r["ptx_overlap"], r
+
+
+def test_split_k_fixup_orders_partials_before_the_counter(compiled):
+    """The split-K configs (decode): each unit's partial stores, a CTA barrier, then one atomic
+    add with acquire-release semantics at gpu scope on the tile's counter, and the reducer's loads
+    of the partials from L2 (``.cg``) after it. Unsplit configs have no atomic."""
+    split = [r for r in compiled if r["config"].get("SPLIT_K", 1) > 1]
+    assert {r["problem"] for r in split} >= {"decode 64x2112x7168", "decode 64x4096x7168"}
+    assert any(r["config"]["BLOCK_N"] == 128 for r in split)  # the widest split tiles: 255 registers, no spill
+    for r in compiled:
+        if r["config"].get("SPLIT_K", 1) > 1:
+            assert r["atomics"] == 1 and r["barrier_before_atomic"] and r["cg_loads"] > 0, r
+        else:
+            assert r["atomics"] == 0, r
