@@ -24,9 +24,9 @@ Two kernels, one rule (``fp8_mainloop.fp8_path``):
   (L2 reuse), each tile through ``fp8_mainloop.fp8_tma_tile`` (tensor descriptors, the promotion
   overlapped with the next wgmma, or the warp-specialised schedule). Rows past M and columns
   past N are zero-filled by TMA and masked at the store. Decode-sized M runs 64-row tiles
-  (wgmma's smallest; TMA reads only the rows that exist) and, where the wave model says it pays,
-  splits K (``SPLIT_K``): each of a
-  tile's SPLIT_K programs computes a K range into a float32 workspace, and the last to arrive
+  (wgmma's smallest; TMA reads only the rows that exist) and, where the wave model says it pays
+  (decode and medium M, the workspace within ``SPLIT_K_WORKSPACE``), splits K (``SPLIT_K``): each
+  of a tile's SPLIT_K programs computes a K range into a float32 workspace, and the last to arrive
   (an acq_rel counter per tile) adds the partials in split order and stores c, in the same launch.
   Wider tiles then still fill the SMs while a's rows are read once per tile rather than once per
   narrow column tile (M = 64, N = 2112, K = 7168: 33 tiles of 64×64 split 4 make 132 programs and
@@ -66,7 +66,7 @@ from .tl_helpers import SMEM_BUDGET, fp8_block_scaled_tile, grouped_tile_order
 
 __all__ = [
     "fp8_gemm", "fp8_kernel_block", "fp8_gemm_configs", "fp8_gemm_tma_configs", "fp8_config", "pointer_meta",
-    "launch_fp8_gemm", "m_class", "BLOCKS", "split_k_need", "split_k_buffers",
+    "launch_fp8_gemm", "m_class", "BLOCKS", "split_k_need", "split_k_buffers", "SPLIT_K_WORKSPACE",
 ]
 
 #: The scale blocks the FP8 GEMM kernels take (the K tile is the scale block).
@@ -295,7 +295,8 @@ def fp8_gemm_tma_configs(cls: str) -> list[triton.Config]:
     pipelines, and split-K (``split_k``: K over 2-8 programs per tile), which fills the SMs with
     fewer, wider tiles, each reading a's rows for its part of K only (M = 64, N = 2112, K = 7168:
     64×64 tiles split 4 make 132 units and read a 33 times, 64×16 tiles 132 times). The
-    warp-specialised configs (``ws``) are 128-row tiles at num_warps=4 (+ the producer).
+    warp-specialised configs (``ws``) are 128-row tiles at num_warps=4 (+ the producer). Medium M
+    (a few 64-row tiles) has split configs too: at M = 128 the model splits K where N is small.
     """
     c = tma_config
     if cls == "small":
@@ -305,7 +306,9 @@ def fp8_gemm_tma_configs(cls: str) -> list[triton.Config]:
                 c(64, 128, 4, 3, split_k=4), c(64, 128, 4, 3, split_k=8)]
     if cls == "medium":  # the narrow tiles fill the SMs when M is a tile or two (128 x 2112: 64x32 -> 132 tiles)
         return [c(64, 128, 4, 3), c(128, 128, 8, 2), c(64, 64, 4, 5), c(128, 64, 8, 4),
-                c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True), c(64, 32, 4, 6), c(64, 16, 4, 8)]
+                c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True), c(64, 32, 4, 6), c(64, 16, 4, 8),
+                c(64, 64, 4, 5, split_k=2), c(64, 64, 4, 5, split_k=4), c(64, 128, 4, 3, split_k=2),
+                c(64, 128, 4, 3, split_k=4)]
     return [c(128, 128, 8, 2), c(128, 64, 8, 4), c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True),
             c(64, 128, 4, 3)]
 
@@ -313,6 +316,31 @@ def fp8_gemm_tma_configs(cls: str) -> list[triton.Config]:
 def _dense_tiles(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
     M, N = nargs["M"], nargs["N"]
     return cdiv(M, bm) * cdiv(N, bn), min(bm, M)
+
+
+#: The most float32 elements a split-K config's workspace may take at a shape (16 MiB); a split
+#: config needing more there is pruned (it would pay only where tiles are few, so never matters
+#: at DeepSeek's decode shapes).
+SPLIT_K_WORKSPACE = 1 << 22
+
+
+def _split_k_workspace(config: dict, M: int, N: int) -> int:
+    """Float32 elements of the split-K workspace ``config`` (kwargs) takes at (M, N); 0 unsplit."""
+    split = config.get("SPLIT_K", 1)
+    if split == 1:
+        return 0
+    return cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]) * split * config["BLOCK_M"] * config["BLOCK_N"]
+
+
+def _tma_prune(prune):
+    """The Hopper pruner after dropping split configs whose workspace exceeds ``SPLIT_K_WORKSPACE``."""
+
+    def wrapped(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+        M, N = nargs["M"], nargs["N"]
+        kept = [c for c in configs if _split_k_workspace(c.kwargs, M, N) <= SPLIT_K_WORKSPACE]
+        return prune(kept or configs[:1], nargs, **kwargs)
+
+    return wrapped
 
 
 _KEY = ["N", "K", "SCALE_BLOCK", "HAS_BIAS"]
@@ -324,7 +352,8 @@ _TMA_TUNED = {
     cls: hopper_tuner(autotune(
         f"fp8_gemm_tma_{cls}", fp8_gemm_tma_configs(cls),
         key=["N", "K", "SCALE_BLOCK", "HAS_BIAS", "M_BUCKET", "SCALE_TMA"],
-        prune_configs_by={"early_config_prune": tma_pruner(_dense_tiles, SMEM_BUDGET, "a_ptr")})(_fp8_gemm_tma_kernel))
+        prune_configs_by={"early_config_prune": _tma_prune(tma_pruner(_dense_tiles, SMEM_BUDGET, "a_ptr"))},
+    )(_fp8_gemm_tma_kernel))
     for cls in ("small", "medium", "large")
 }
 
@@ -374,21 +403,21 @@ def _launch_pointer(out, a, a_s, b, b_s, block, bias, config) -> None:
         _fp8_gemm_kernel[(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)](*args, **consts, **meta)
 
 
-def split_k_need(configs, M: int, N: int) -> tuple[int, int]:
+def split_k_need(configs, M: int, N: int, limit: int | None = None) -> tuple[int, int]:
     """(workspace float32 elements, counters) the split-K configs among ``configs`` (kwargs dicts)
-    take at (M, N): ``tiles · SPLIT_K · BLOCK_M · BLOCK_N`` and ``tiles``, the largest of each."""
+    take at (M, N): ``tiles · SPLIT_K · BLOCK_M · BLOCK_N`` and ``tiles``, the largest of each;
+    with ``limit``, only configs whose workspace is within it (the others are pruned)."""
     ws = counters = 0
     for k in configs:
-        split = k.get("SPLIT_K", 1)
-        if split > 1:
-            tiles = cdiv(M, k["BLOCK_M"]) * cdiv(N, k["BLOCK_N"])
-            ws, counters = max(ws, tiles * split * k["BLOCK_M"] * k["BLOCK_N"]), max(counters, tiles)
+        need = _split_k_workspace(k, M, N)
+        if need and (limit is None or need <= limit):
+            ws, counters = max(ws, need), max(counters, cdiv(M, k["BLOCK_M"]) * cdiv(N, k["BLOCK_N"]))
     return ws, counters
 
 
 @functools.lru_cache(maxsize=1024)
 def _class_need(cls: str, M: int, N: int) -> tuple[int, int]:
-    return split_k_need([c.kwargs for c in _TMA_TUNED[cls].configs], M, N)
+    return split_k_need([c.kwargs for c in _TMA_TUNED[cls].configs], M, N, SPLIT_K_WORKSPACE)
 
 
 #: device -> (workspace, counters) of the split-K configs. Kept for the life of the process: a CUDA

@@ -290,9 +290,13 @@ _SPLIT_FIRST = [(2112, 7168), (7168, 16384), (4096, 7168)]
 
 
 def _ranked_first(configs, M, N, K):
-    prune = tma_pruner(fp8_gemm_module._dense_tiles, SMEM_BUDGET, "a_ptr")
-    nargs = dict(M=M, N=N, K=K, a_ptr=torch.empty(0), SCALE_BLOCK=128)
-    return prune(configs, nargs)[0].kwargs
+    return _pruned(configs, M, N, K)[0].kwargs
+
+
+def _pruned(configs, M, N, K):
+    """What the Hopper kernel's pruner keeps (the workspace limit, then the wave model)."""
+    prune = fp8_gemm_module._tma_prune(tma_pruner(fp8_gemm_module._dense_tiles, SMEM_BUDGET, "a_ptr"))
+    return prune(configs, dict(M=M, N=N, K=K, a_ptr=torch.empty(0), SCALE_BLOCK=128))
 
 
 @pytest.mark.parametrize("M", [1, 16, 64])
@@ -307,6 +311,27 @@ def test_pruner_ranks_split_k_first_at_decode(M, monkeypatch):
     if M == 64:  # 64x2112x7168: 33 tiles of 64x64, split 4: 132 units, a read 33 times (64x16 tiles: 132)
         first = _ranked_first(small, M, 2112, 7168)
         assert (first["BLOCK_N"], first["SPLIT_K"]) == (64, 4)
+
+
+def test_split_k_workspace_stays_within_its_limit(monkeypatch):
+    """A split config whose float32 partials would exceed SPLIT_K_WORKSPACE at a shape is pruned
+    there, and the buffers the launcher sizes for a class stay within the limit: at M = 64,
+    N = 24576 splits of 2 fit and splits of 4 and 8 do not; a 129280-column vocabulary projection
+    takes no split config at all; at N = 2112 nothing is cut."""
+    monkeypatch.setattr(fp8_mainloop, "ranking_sms", lambda dev: HOPPER_SMS)
+    limit = fp8_gemm_module.SPLIT_K_WORKSPACE
+    small = fp8_gemm_tma_configs("small")
+    kwargs = [c.kwargs for c in small]
+    for N, K in ((24576, 1536), (129280, 7168)):
+        kept = _pruned(small, 64, N, K)
+        assert kept and all(fp8_gemm_module._split_k_workspace(c.kwargs, 64, N) <= limit for c in kept)
+        assert fp8_gemm_module.split_k_need(kwargs, 64, N)[0] > limit  # what the limit cuts
+    assert {c.kwargs.get("SPLIT_K", 1) for c in small
+            if fp8_gemm_module._split_k_workspace(c.kwargs, 64, 24576) <= limit} == {1, 2}
+    ws, counters = fp8_gemm_module.split_k_need(kwargs, 64, 24576, limit)
+    assert 0 < ws <= limit and counters > 0
+    assert fp8_gemm_module.split_k_need(kwargs, 64, 129280, limit) == (0, 0)
+    assert fp8_gemm_module.split_k_need(kwargs, 64, 2112, limit) == fp8_gemm_module.split_k_need(kwargs, 64, 2112)
 
 
 @pytest.mark.parametrize("M", [512, 4096])
