@@ -134,7 +134,6 @@ class TunedAutotuner(triton.runtime.Autotuner):
     moela_sources: dict[int, str]
     _table_hit: bool
     _arg_set: frozenset[str]
-    _config_kwargs: dict[int, dict]
     _key_pos: tuple[tuple[str, int], ...]
 
     def run(self, *args, **kwargs):
@@ -159,9 +158,9 @@ class TunedAutotuner(triton.runtime.Autotuner):
         if config is None or config.pre_hook is not None:
             return super().run(*args, **kwargs)
         self.best_config = config
-        kw = self._config_kwargs.get(id(config))
+        kw = getattr(config, "_moela_all_kwargs", None)  # on the config itself: ids of freed configs recur
         if kw is None:
-            kw = self._config_kwargs[id(config)] = config.all_kwargs()
+            kw = config._moela_all_kwargs = config.all_kwargs()
         return self.fn.run(*args, **kwargs, **kw)
 
     def prune_configs(self, kwargs):
@@ -215,7 +214,7 @@ def autotune(name: str, configs: list[triton.Config], key: list[str], prune_conf
         tuner = triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **kwargs)(fn)
         tuner.__class__ = TunedAutotuner
         tuner.moela_name, tuner.moela_sources, tuner._table_hit = name, {}, False
-        tuner._arg_set, tuner._config_kwargs = frozenset(tuner.arg_names), {}
+        tuner._arg_set = frozenset(tuner.arg_names)
         tuner._key_pos = tuple((k, tuner.arg_names.index(k)) for k in tuner.keys if k in tuner.arg_names)
 
         def do_bench(kernel_call, quantiles):

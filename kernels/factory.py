@@ -20,8 +20,8 @@ factory makes
   allocation (or checks of the given ``out``: the spec's shapes and dtypes, the inputs' device,
   no two elements sharing memory), the launcher on the inputs' GPU,
 - the public function: in plain eager inference (:func:`run_direct`) it calls ``launch``
-  directly, skipping the custom op's dispatch layers (and allocating several outputs of one dtype
-  as aligned views of one block: ``make_routing``'s plan); otherwise it checks the contract (so
+  directly, skipping the custom op's dispatch layers (and, with grad mode off, allocating several
+  outputs of one dtype as aligned views of one block: ``make_routing``'s plan); otherwise it checks the contract (so
   bad input gets moela's error, not the dispatcher's) and calls the custom op.
 
 The contract returns the outputs' :class:`TensorSpec` (one, or a tuple); an op whose number of
@@ -173,7 +173,9 @@ def _packed_allocator(spec, device: torch.device) -> Callable[[], tuple[torch.Te
     """For several outputs of one dtype: a call that allocates them as views into one block
     (one allocator call and one split instead of a ``torch.empty`` each: a few µs of host time
     for ``make_routing``'s five), each starting 16-byte aligned; None otherwise. Only the direct
-    path uses it: a custom op may not return outputs that share memory."""
+    path uses it, and only with grad mode off (inference, decode graphs): a custom op may not
+    return outputs that share memory, and views of one block share one autograd version counter
+    (an in-place write to one output would fail the backward of an op that saved another)."""
     if isinstance(spec, TensorSpec) or len(spec) < 2 or len({s.dtype for s in spec}) != 1:
         return None
     dtype = spec[0].dtype
@@ -344,6 +346,7 @@ def kernel_op(
         sig = f"({', '.join(meta(p.name) for p in public_params)},)"
         ns["_checked"], ns["_remember"], ns["_compat_ok"], ns["_allocator"] = {}, _remember, _compat_ok, _allocator
         ns["_packed_allocator"], ns["_compat_installed"] = _packed_allocator, compat_installed
+        ns["_grad_enabled"] = torch.is_grad_enabled
         domain_call = f"    _domain({', '.join(call)})\n" if domain is not None else ""
         detach = "".join(f"    {t} = {t}.detach() if isinstance({t}, _Tensor) else {t}\n" for t in tensors)
         src = (
@@ -384,7 +387,7 @@ def kernel_op(
             f"\n"
             f"def public({', '.join(defs)}):\n"
             f"    if _run_direct({', '.join(tensors)}, grad=_grad):\n"
-            f"        return launch({', '.join(call)}, _packed=True)\n"
+            f"        return launch({', '.join(call)}, _packed=not _grad_enabled())\n"
             f"    _contract({', '.join(call)})\n"
             f"{domain_call}"
             f"{'' if differentiable else detach}"

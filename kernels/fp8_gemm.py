@@ -193,7 +193,7 @@ def _fp8_gemm_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     num_kb = K // SCALE_BLOCK
-    if WARP_SPECIALIZE and SCALE_TMA:
+    if WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
         as_desc = tl.make_tensor_descriptor(as_ptr, shape=[num_kb, M], strides=[stride_ask, 1],
                                             block_shape=[1, BLOCK_M])
         bs_desc = tl.make_tensor_descriptor(bs_ptr, shape=[tl.cdiv(N, SCALE_BLOCK), num_kb], strides=[stride_bsn, 1],

@@ -143,7 +143,7 @@ def _fp8_grouped_gemm_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_kb = K // SCALE_BLOCK
     n_blocks = tl.cdiv(N, SCALE_BLOCK)
-    if WARP_SPECIALIZE and SCALE_TMA:
+    if WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
         as_desc = tl.make_tensor_descriptor(xs_ptr, shape=[num_kb, M], strides=[stride_xsk, 1],
                                             block_shape=[1, BLOCK_M])
         bs_desc = tl.make_tensor_descriptor(ws_ptr, shape=[E * n_blocks, num_kb], strides=[stride_wsn, 1],
@@ -155,7 +155,7 @@ def _fp8_grouped_gemm_tma_kernel(
         row_tiles = tl.minimum(tl.cdiv(M, BLOCK_M) + E, M)
     for tile in tl.range(tl.program_id(0), row_tiles * num_pid_n, tl.num_programs(0), flatten=False):
         t, pid_n = grouped_tile_order(tile, row_tiles, num_pid_n, GROUP_M)
-        if WARP_SPECIALIZE and SCALE_TMA:
+        if WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
             grp, start, end, first = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK, 4)
         else:
             grp, start, end, first = locate_m_tile_by_chunks(offsets_ptr, t, M, E, BLOCK_M, E_CHUNK)
@@ -314,8 +314,9 @@ def tma_launch_args(out, xs, xs_s, w2, w_s, offsets, block) -> tuple[tuple, dict
 
 def _align(meta: dict, consts: dict) -> int:
     """The row alignment of the Hopper kernel's tiles (its ALIGN): 4 where the warp-specialised
-    schedule reads the scales through descriptors, else 1."""
-    return 4 if meta.get("WARP_SPECIALIZE") and consts["SCALE_TMA"] else 1
+    schedule reads the scales through descriptors (the kernel's rule: SCALE_TMA and BLOCK_N at
+    most one scale block), else 1."""
+    return 4 if meta.get("WARP_SPECIALIZE") and consts["SCALE_TMA"] and meta["BLOCK_N"] <= consts["SCALE_BLOCK"] else 1
 
 
 def _launch_tma(out, xs, xs_s, w2, w_s, offsets, block, config) -> None:

@@ -121,7 +121,7 @@ def _fp8_grouped_gemm_masked_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_kb = K // SCALE_BLOCK
     n_blocks = tl.cdiv(N, SCALE_BLOCK)
-    if WARP_SPECIALIZE and SCALE_TMA:
+    if WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
         as_desc = tl.make_tensor_descriptor(xs_ptr, shape=[E * num_kb, MAX_M], strides=[stride_xsk, 1],
                                             block_shape=[1, BLOCK_M])
         bs_desc = tl.make_tensor_descriptor(ws_ptr, shape=[E * n_blocks, num_kb], strides=[stride_wsn, 1],

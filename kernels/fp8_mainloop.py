@@ -101,13 +101,14 @@ def fp8_tma_tile(
     it must lie past K, where TMA zero-fills it, so a range that ends before K has an even length.
     STAGES: the software pipeline's depth, named on the loop (``num_stages`` of the config): with
     it the pipeliner also takes the scale loads, which feed no dot operand.
-    SCALE_TMA (warp-specialised schedule only; None descriptors otherwise): the scales through
-    as_desc (rows: K blocks from ``as_kb0``, columns: M from ``as_m``, block (1, BLOCK_M)) and
-    bs_desc (row ``bs_row``, columns: K blocks, block (1, 4)) instead of as_ptrs / bs_ptrs.
+    SCALE_TMA (warp-specialised schedule and BLOCK_N <= SCALE_BLOCK, one weight scale per tile and
+    K block; else ignored, and the descriptors may be None): the scales through as_desc (rows: K
+    blocks from ``as_kb0``, columns: M from ``as_m``, block (1, BLOCK_M)) and bs_desc (row
+    ``bs_row``, columns: K blocks, block (1, 4)) instead of as_ptrs / bs_ptrs. The kernels make
+    the descriptors under the same condition.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WARP_SPECIALIZE and SCALE_TMA:
-        tl.static_assert(BLOCK_N <= SCALE_BLOCK, "descriptor scales: one weight scale per tile and K block")
+    if WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
         for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
             a = a_desc.load([a_row, kb * SCALE_BLOCK])
             b = b_desc.load([b_row, kb * SCALE_BLOCK])

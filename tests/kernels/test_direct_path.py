@@ -160,12 +160,15 @@ def test_meta_tensors_still_get_shapes():
 
 @pytest.mark.parametrize("T, k, E", [(3, 8, 64), (1, 3, 5)])  # 5 and 3 int32: padded to 16-byte starts
 def test_direct_path_packs_same_dtype_outputs_into_aligned_disjoint_views(T, k, E, device):
-    """make_routing's five int32 outputs: on the direct path views of one block, each starting
-    16-byte aligned, none overlapping another (each filled with its own value and read back);
-    through the custom op (a dispatch mode) five separate tensors, which its aliasing rule wants.
-    The plans are equal either way."""
+    """make_routing's five int32 outputs with grad mode off: on the direct path views of one
+    block, each starting 16-byte aligned, none overlapping another (each filled with its own value
+    and read back); through the custom op (a dispatch mode) five separate tensors, which its
+    aliasing rule wants. The plans are equal either way."""
     ids = torch.randint(0, E, (T, k), dtype=torch.int32, device=device)
-    plan = K.make_routing(ids, E)
+    with torch.no_grad():
+        plan = K.make_routing(ids, E)
+        with _OpLog() as log:
+            via_op = K.make_routing(ids, E)
     storages = {t.untyped_storage().data_ptr() for t in plan}
     assert len(storages) == 1
     assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in plan)
@@ -173,8 +176,20 @@ def test_direct_path_packs_same_dtype_outputs_into_aligned_disjoint_views(T, k, 
     for i, t in enumerate(plan):
         t.fill_(i + 100)
     assert all(bool((t == i + 100).all()) for i, t in enumerate(plan))
-    with _OpLog() as log:
-        via_op = K.make_routing(ids, E)
     assert "moela.make_routing.default" in log.names
     assert len({t.untyped_storage().data_ptr() for t in via_op}) == 5
     assert all(torch.equal(a, b) for a, b in zip(copy, via_op, strict=True))
+
+
+def test_grad_mode_outputs_are_separate_tensors(device):
+    """With grad mode on the direct path allocates each output alone: views of one block share an
+    autograd version counter, so an in-place write to one plan tensor would fail the backward of
+    permute, which saved two others."""
+    ids = torch.randint(0, 6, (4, 2), dtype=torch.int32, device=device)
+    plan = K.make_routing(ids, 6)
+    assert len({t.untyped_storage().data_ptr() for t in plan}) == 5
+    x = torch.randn(4, 32, device=device, requires_grad=True)
+    xs = K.permute(x, plan)
+    plan.tokens_per_expert.add_(0)
+    xs.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))

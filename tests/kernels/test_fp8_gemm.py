@@ -121,12 +121,19 @@ def test_fp8_gemm_configs(cfg, device):
 WS = dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4, num_stages=4)
 
 
-def test_fp8_gemm_warp_specialized_scales_through_descriptors(monkeypatch, device):
-    """Column-major activation scales (column stride padded to 16 bytes) and Kb a multiple of 4:
-    the warp-specialised schedule reads both scales through descriptors (SCALE_TMA); two
-    weight-scale rows (N > 128), a ragged M, the last K blocks' (1, 4) boxes past Kb."""
-    M, N, K = 130, 200, 512
+@pytest.mark.parametrize("K, padded", [(1536, False), (768, True)])
+def test_fp8_gemm_warp_specialized_scales_through_descriptors(K, padded, monkeypatch, device):
+    """Column-major activation scales (column stride padded to 16 bytes): the warp-specialised
+    schedule reads both scales through descriptors (SCALE_TMA); two weight-scale rows (N > 128), a
+    ragged M, Kb = 12 (the weight scale's (1, 4) box at columns 0, 4 and 8) or Kb = 6 with the
+    weight scales a view of a NaN-padded (N/B, 8) buffer (the box at column 4 reaches past Kb:
+    zero-filled, never the padding)."""
+    M, N = 130, 200
     _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    if padded:
+        buf = torch.full((b_s.shape[0], 8), float("nan"), device=device)
+        buf[:, :b_s.shape[1]] = b_s
+        b_s = buf[:, :b_s.shape[1]]
     out = nan_empty((M, N), device=device)
     col = to_col_major(a_s)
     assert fp8_gemm_module.tma_launch_args(out, a, col, b, b_s, 128, None)[1]["SCALE_TMA"]
@@ -135,6 +142,18 @@ def test_fp8_gemm_warp_specialized_scales_through_descriptors(monkeypatch, devic
     assert not fp8_gemm_module.tma_launch_args(out, a, col, b, b_s, 128, None)[1]["SCALE_TMA"]
     monkeypatch.delenv("MOELA_SCALE_TMA")
     launch_fp8_gemm(out, a, col, b, b_s, 128, None, WS, capability=PATHS["tma"])
+    _check(out, a, a_s, b, b_s)
+
+
+def test_fp8_gemm_wide_warp_specialized_config_keeps_pointer_scales(device):
+    """An explicit warp-specialised config wider than a scale block (BLOCK_N = 256: two weight
+    scales per K block) with column-major scales: the kernel keeps the pointer scale loads (the
+    descriptors take one weight scale per tile) and computes the same product."""
+    M, N, K = 130, 200, 512
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    out = nan_empty((M, N), device=device)
+    wide = dict(WS, BLOCK_N=256)
+    launch_fp8_gemm(out, a, to_col_major(a_s), b, b_s, 128, None, wide, capability=PATHS["tma"])
     _check(out, a, a_s, b, b_s)
 
 

@@ -192,12 +192,12 @@ def test_aligned_tile_search(case, device):
 
 @pytest.mark.parametrize("tail", [0, 5])
 def test_fp8_grouped_gemm_warp_specialized_scales_through_descriptors(tail, device):
-    """Column-major xs_s and Kb a multiple of 4: the warp-specialised schedule reads the scales
+    """Column-major xs_s and Kb = 12: the warp-specialised schedule reads the scales
     through descriptors (SCALE_TMA), each group's tiles from its first row rounded down to 4
     (groups at rows 17, 20, 150 here: the rows of the group before are computed, never stored),
     each expert's weight-scale rows at expert · N/B."""
     N = 160
-    _, _, xs, xs_s, w8, w_s, offsets = _operands([17, 0, 3, 130], tail, N, 512, device)
+    _, _, xs, xs_s, w8, w_s, offsets = _operands([17, 0, 3, 130], tail, N, 1536, device)  # Kb 12: boxes at 0, 4, 8
     out = nan_empty((xs.shape[0], N), torch.float32, device)
     col = to_col_major(xs_s)
     grouped_module = importlib.import_module("moela.kernels.fp8_grouped_gemm")

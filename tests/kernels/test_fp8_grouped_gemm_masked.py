@@ -89,10 +89,10 @@ def test_configs(cfg, device):
 
 
 def test_warp_specialized_scales_through_descriptors(device):
-    """Column-major x_s (per expert, padded to 16 bytes) and Kb a multiple of 4: the
+    """Column-major x_s (per expert, padded to 16 bytes) and Kb = 12: the
     warp-specialised schedule reads the scales through descriptors (SCALE_TMA): x_s as (E·Kb,
     max_m), w_s as (E·N/B, Kb)."""
-    counts, max_m, N, K = [5, 0, 130], 130, 160, 512
+    counts, max_m, N, K = [5, 0, 130], 130, 160, 1536  # Kb 12: weight-scale boxes at 0, 4, 8
     _, _, qx, sx, qw, sw = _operands(len(counts), max_m, N, K, device)
     col = to_col_major(sx)
     masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
