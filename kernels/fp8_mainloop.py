@@ -83,11 +83,28 @@ def _block_scale(as_ptrs, bs_ptrs, kb, valid, stride_ask, stride_bsk,
 
 
 @triton.jit
+def _box_column(box, j):
+    """Column ``j`` (0 to 3) of a (rows, 4) box of scales: (rows,)."""
+    return tl.sum(tl.where(tl.arange(0, 4)[None, :] == j, box, 0.0), axis=1)
+
+
+@triton.jit
+def _row_promoted(p, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, valid):
+    """``p · (a_s[:, None] · b_s[None, :])`` of K block ``kb`` with one b scale per row of b
+    (B_ROW_SCALES), the scales through descriptors (``fp8_tma_tile``); 0 where ``valid`` is false
+    (the reads then stay at block 0)."""
+    k = tl.where(valid, kb, 0)
+    a_s = tl.trans(as_desc.load([as_kb0 + k, as_m]))  # (BLOCK_M, 1)
+    b_s = _box_column(bs_desc.load([bs_row, k // 4 * 4]), k % 4)[None, :]  # (1, BLOCK_N)
+    return p * (tl.where(valid, a_s, 0.0) * tl.where(valid, b_s, 0.0))
+
+
+@triton.jit
 def fp8_tma_tile(
     a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, kb0, num_kb,
     as_desc, bs_desc, as_kb0, as_m, bs_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr, B_ROW_SCALES: tl.constexpr = False,
 ):
     """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb0 <= kb < kb0 + num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
 
@@ -106,9 +123,25 @@ def fp8_tma_tile(
     blocks from ``as_kb0``, columns: M from ``as_m``, block (1, BLOCK_M)) and bs_desc (row
     ``bs_row``, columns: K blocks, block (1, 4)) instead of as_ptrs / bs_ptrs. The kernels make
     the descriptors under the same condition.
+    B_ROW_SCALES (the wgrad; default False: b_s per B×B block of b, as above): one b scale per row
+    of b and K block, so the promotion is ``p · (a_s[:, None] · b_s[None, :])`` whatever BLOCK_N.
+    Both schedules then read the scales through descriptors (SCALE_TMA must be true; as_ptrs,
+    bs_ptrs and the strides are not read): as_desc as above, bs_desc holds b_s as (rows of b, K
+    blocks) with block (BLOCK_N, 4), read at row ``bs_row`` and the 16-byte aligned column
+    ``kb // 4 * 4`` (TMA's least box width; the warp-specialised schedule's data partition cannot
+    take the column's selection on a's scales, whose rows it splits over the math warpgroups,
+    hence a's transposed view). In the pipelined schedule each block's scales are read at the
+    promotion that uses them, so one block's column scales are live at a time.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
+    if B_ROW_SCALES:
+        tl.static_assert(SCALE_TMA, "B_ROW_SCALES reads the scales through descriptors")
+    if WARP_SPECIALIZE and B_ROW_SCALES:
+        for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
+            a = a_desc.load([a_row, kb * SCALE_BLOCK])
+            b = b_desc.load([b_row, kb * SCALE_BLOCK])
+            acc += _row_promoted(tl.dot(a, b.T), as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
+    elif WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
         for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
             a = a_desc.load([a_row, kb * SCALE_BLOCK])
             b = b_desc.load([b_row, kb * SCALE_BLOCK])
@@ -129,19 +162,34 @@ def fp8_tma_tile(
         # p1: the odd block of the previous pair, still in flight when the loop body ends.
         p1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in tl.range(kb0, kb0 + num_kb, 2, num_stages=STAGES):
-            s_prev = _block_scale(as_ptrs, bs_ptrs, kb - 1, kb > kb0, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
-            s0 = _block_scale(as_ptrs, bs_ptrs, kb, True, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
+            if not B_ROW_SCALES:
+                s_prev = _block_scale(as_ptrs, bs_ptrs, kb - 1, kb > kb0, stride_ask, stride_bsk, BLOCK_N,
+                                      SCALE_BLOCK)
+                s0 = _block_scale(as_ptrs, bs_ptrs, kb, True, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
             a0 = a_desc.load([a_row, kb * SCALE_BLOCK])
             b0 = b_desc.load([b_row, kb * SCALE_BLOCK])
             a1 = a_desc.load([a_row, (kb + 1) * SCALE_BLOCK])  # past K (odd num_kb): zeros
             b1 = b_desc.load([b_row, (kb + 1) * SCALE_BLOCK])
             p0 = tl.dot(a0, b0.T)  # waited for at once, with the previous p1
-            acc += p1 * s_prev
-            p1 = tl.dot(a1, b1.T)  # left in flight ...
-            acc += p0 * s0  # ... while this promotion runs
+            if B_ROW_SCALES and BLOCK_N <= 64:  # both promotions while p1 runs: four tiles live
+                q = p1
+                p1 = tl.dot(a1, b1.T)
+                acc += _row_promoted(q, as_desc, bs_desc, as_kb0, as_m, bs_row, kb - 1, kb > kb0)
+                acc += _row_promoted(p0, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
+            elif B_ROW_SCALES:  # wider: p1's promotion before the next issue, three tiles live
+                acc += _row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, kb - 1, kb > kb0)
+                p1 = tl.dot(a1, b1.T)
+                acc += _row_promoted(p0, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
+            else:
+                acc += p1 * s_prev
+                p1 = tl.dot(a1, b1.T)  # left in flight ...
+                acc += p0 * s0
         last = kb0 + (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (past K when num_kb is odd: zeros)
-        acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < kb0 + num_kb, stride_ask, stride_bsk, BLOCK_N,
-                                 SCALE_BLOCK)
+        if B_ROW_SCALES:
+            acc += _row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, last, last < kb0 + num_kb)
+        else:
+            acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < kb0 + num_kb, stride_ask, stride_bsk, BLOCK_N,
+                                     SCALE_BLOCK)
     return acc
 
 

@@ -535,6 +535,29 @@ def _fp8_wgrad(label: str, M: int, N: int, K: int) -> Launch:
                               **_strides("stride_cn stride_ck", c), EVEN_M=M % B == 0))
 
 
+def _fp8_wgrad_tma(label: str, M: int, N: int, K: int) -> Launch:
+    """The Hopper kernel: operands and scales through descriptors, the scales as
+    ``kernels.fp8_wgrad.tma_scales`` hands them over: dy_t_s as its (Mb, N) transpose, x_t_s (K, Mb)
+    with rows padded to 16 bytes."""
+    mb = triton.cdiv(M, B)
+    a_s = _t(mb, triton.cdiv(N, 4) * 4, dtype=F32)[:, :N]
+    b_s = _t(K, triton.cdiv(mb, 4) * 4, dtype=F32)[:, :mb]
+    c = _t(N, K, dtype=F32)
+    return Launch(label, dict(
+        a_ptr=_t(N, M, dtype=E4M3), as_ptr=a_s, b_ptr=_t(K, M, dtype=E4M3), bs_ptr=b_s, c_ptr=c, N=N, K=K, M=M,
+        stride_an=M, stride_asm=a_s.stride(0), stride_bk=M, stride_bsk=b_s.stride(0),
+        **_strides("stride_cn stride_ck", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B))
+
+
+def _fp8_wgrad_tma_problems() -> list[Launch]:
+    """DeepGEMM's dense (n, k) as weights at a training micro-batch (its 2112x7168 first: the
+    representative launch), V3's 7168x2048 and 4096x7168 weights at 8192 tokens, and a partial last
+    token block (Mb = 33)."""
+    return [*(_fp8_wgrad_tma(f"{TRAIN_T}x{n}x{k}", TRAIN_T, n, k) for n, k in DEEPGEMM_DENSE["nk"]),
+            *(_fp8_wgrad_tma(f"{2 * TRAIN_T}x{n}x{k}", 2 * TRAIN_T, n, k) for n, k in ((D, I), (2 * I, D))),
+            _fp8_wgrad_tma(f"{TRAIN_T + 16}x2112x7168 partial last block", TRAIN_T + 16, 2112, 7168)]
+
+
 def _fp8_grouped_wgrad(label: str, M: int, E: int, N: int, K: int) -> Launch:
     c = _t(E, N, K, dtype=F32)
     return Launch(label, dict(**_wgrad_operands(M, N, K), offsets_ptr=_t(E, dtype=I32), c_ptr=c, N=N, K=K, M=M, E=E,
@@ -647,6 +670,7 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "fp8_grouped_dgrad/small": lambda: _v3_expert_grads(_fp8_grouped_dgrad, DECODE_T),
     "fp8_wgrad": lambda: [_fp8_wgrad(f"{TRAIN_T}x{n}x{k}", TRAIN_T, n, k) for n, k in DEEPGEMM_DENSE["nk"]]
     + [_fp8_wgrad(f"{TRAIN_T + 16}x2112x7168 partial last block", TRAIN_T + 16, 2112, 7168)],
+    "fp8_wgrad_tma": _fp8_wgrad_tma_problems,
     "fp8_grouped_wgrad": lambda: [*_v3_expert_grads(_fp8_grouped_wgrad, TRAIN_T, align=True),
                                   *_deepgemm_grouped(_fp8_grouped_wgrad, lambda m: True)],
     "quant_act_t": lambda: [_quant_act_t(f"M={TRAIN_T} K={D}", TRAIN_T, D),
