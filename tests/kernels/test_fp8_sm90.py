@@ -1,21 +1,25 @@
 """The Hopper FP8 kernels compiled for sm_90 without a GPU: what the compiler made of the configs
 their pruners pick at DeepSeek's shapes.
 
-For fp8_gemm, fp8_grouped_gemm and fp8_grouped_gemm_masked, at DeepSeek problems of each M
-class, the config each pruner ranks first for a 132-SM Hopper (what ``MOELA_AUTOTUNE=0`` runs)
-and every warp-specialised or split-K config it keeps are bound as a launch would bind them and
-compiled for sm_90 in a subprocess without ``TRITON_INTERPRET`` (``sm90_compile``). Asserted: no
-spills, shared memory within a block's 227 KB, wgmma, TMA (``cp.async.bulk.tensor``); warp
-specialisation (``ttg.warp_specialize`` and ``setmaxnreg``) where the config asks for it; without
-it, no ``ld.global`` in the K loop (the scales come through ``cp.async``) and the promotion
-overlapped with the next wgmma (in the K loop's TTGIR an asynchronous ``warp_group_dot`` is
-followed by a promotion before any ``warp_group_dot_wait``; in the PTX, the second wgmma of a
-pair is committed and the promotions' FMAs follow before the next wait); with split-K (the
-decode configs), a CTA barrier right before the tile counter's ``atom.global.gpu.acq_rel.add``
-and ``ld.global.cg`` loads of the partials after it. The warp-specialised schedule's math
-warpgroups load their scales themselves, one K block ahead (Triton 3.6 leaves loads that feed no
-dot operand in the consumer partitions): there the K loop holds exactly those loads, a_s and b_s
-in each of the two math warpgroups.
+For fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked and fp8_wgrad, at DeepSeek problems of each
+M class (the wgrad's: training micro-batches, a partial last token block), the config each pruner
+ranks first for a 132-SM Hopper (what ``MOELA_AUTOTUNE=0`` runs) and every warp-specialised or
+split-K config it keeps are bound as a launch would bind them and compiled for sm_90 in a
+subprocess without ``TRITON_INTERPRET`` (``sm90_compile``). Asserted: no spills, shared memory
+within a block's 227 KB, wgmma, TMA (``cp.async.bulk.tensor``); warp specialisation
+(``ttg.warp_specialize`` and ``setmaxnreg``) where the config asks for it; without it, no
+``ld.global`` in the K loop (the scales come through ``cp.async``) and the promotion overlapped
+with the next wgmma (in the K loop's TTGIR an asynchronous ``warp_group_dot`` is followed by a
+promotion before any ``warp_group_dot_wait``; in the PTX, the second wgmma of a pair is committed
+and the promotions' FMAs follow before the next wait); with split-K (the decode configs), a CTA
+barrier right before the tile counter's ``atom.global.gpu.acq_rel.add`` and ``ld.global.cg`` loads
+of the partials after it. The warp-specialised schedule's math warpgroups load their scales
+themselves, one K block ahead (Triton 3.6 leaves loads that feed no dot operand in the consumer
+partitions): there the K loop holds exactly those loads, a_s and b_s in each of the two math
+warpgroups. The wgrad reads both scales through descriptors in both schedules (x_t's per column of
+dW: (BLOCK_N, 4) boxes); its tiles wider than 64 columns cannot hold four float32 tiles beside
+those column scales, so there one promotion of each pair overlaps the next wgmma (the other runs
+between the wait and the issue).
 
 Skipped (with the reason) where Triton's bundled ptxas does not run.
 """
@@ -45,6 +49,9 @@ PROBLEMS = [
     ("fp8_grouped_gemm", "contiguous 4x8192 n4096 k7168", dict(E=4, rows=8192, N=4096, K=7168)),
     ("fp8_grouped_gemm_masked", "v3 decode 32x64 n4096 k7168", dict(E=32, max_m=64, N=4096, K=7168)),
     ("fp8_grouped_gemm_masked", "masked 4x256 n7168 k2048", dict(E=4, max_m=256, N=7168, K=2048)),
+    ("fp8_wgrad", "wgrad 4096 tokens n7168 k2048", dict(M=4096, N=7168, K=2048)),
+    ("fp8_wgrad", "wgrad 8192 tokens n4096 k7168", dict(M=8192, N=4096, K=7168)),
+    ("fp8_wgrad", "wgrad 4112 tokens n2112 k7168", dict(M=4112, N=2112, K=7168)),
 ]
 
 
@@ -74,6 +81,13 @@ def _launch(kernel: str, shape: dict):
             torch.empty(E * N, K, dtype=f8), torch.empty(E, cdiv(N, 128), K // 128),
             torch.arange(1, E + 1, dtype=torch.int32) * rows, 128)
         cls, fn = m_class(rows), mod._fp8_grouped_gemm_tma_kernel
+    elif kernel == "fp8_wgrad":  # the token-direction quantizations: scales (rows, Mb) row-major
+        M, N, K = shape["M"], shape["N"], shape["K"]
+        args, consts = mod.tma_launch_args(
+            torch.empty(N, K), torch.empty(N, M, dtype=f8), torch.empty(N, cdiv(M, 128)), torch.empty(K, M, dtype=f8),
+            torch.empty(K, cdiv(M, 128)), 128)
+        fn = mod._fp8_wgrad_tma_kernel
+        return mod._tma_tuned, fn, {**dict(zip(fn.arg_names[:len(args)], args, strict=True)), **consts}
     else:
         E, max_m, N, K = shape["E"], shape["max_m"], shape["N"], shape["K"]
         args, consts = mod.tma_launch_args(
@@ -119,6 +133,24 @@ def _ptx_overlap(ptx: str) -> bool:
     return re.search(r"M+CWM+Cf{16,}", "".join(seq)) is not None
 
 
+def _ptx_overlap_one(ptx: str) -> bool:
+    """The wgrad's tiles wider than 64 columns (its promotion holds x_t's column scales, so four
+    float32 tiles do not fit): wgmma of block 2j, commit, wait, block 2j-1's promotion, wgmma of
+    block 2j+1, commit, block 2j's promotion before the next wait: one promotion of two overlapped."""
+    seq = []
+    for line in ptx.splitlines():
+        op = line.strip().split(" ")[0]
+        if op.startswith("wgmma.mma_async"):
+            seq.append("M")
+        elif op.startswith("wgmma.commit_group"):
+            seq.append("C")
+        elif op.startswith("wgmma.wait_group"):
+            seq.append("W")
+        elif op.startswith("fma.rn.f32"):
+            seq.append("f")
+    return re.search(r"M+CWf{16,}M+Cf{16,}", "".join(seq)) is not None
+
+
 def _split_k_fixup(ptx: str) -> dict:
     """The split-K fixup in the PTX: the tile counter's atomic (``atom.global.gpu.acq_rel.add``),
     whether a CTA barrier (``bar.sync``) comes right before it (nothing but moves, predicate
@@ -158,8 +190,9 @@ def collect() -> None:
             r = sm90_compile.compile_launch(fn, kw, c.num_warps, c.num_stages)
             ttgir, ptx = r.pop("ttgir"), r.pop("ptx")
             rows.append(dict(kernel=kernel, problem=label, config={**c.kwargs, "num_warps": c.num_warps},
-                             scale_tma=nargs.get("SCALE_TMA", False),
-                             overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx), **_split_k_fixup(ptx), **r))
+                             scale_tma=nargs.get("SCALE_TMA", kernel == "fp8_wgrad"),  # the wgrad's: always
+                             overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx),
+                             ptx_overlap_one=_ptx_overlap_one(ptx), **_split_k_fixup(ptx), **r))
     print("SM90-JSON " + json.dumps(rows))
 
 
@@ -218,7 +251,10 @@ def test_pipelined_schedule_has_async_scales_and_overlapped_promotion(compiled):
     for r in compiled:
         if not r["config"]["WARP_SPECIALIZE"]:
             assert r["loop_ld_global"] == 0, r
-            assert r["overlap"] and r["ptx_overlap"], r
+            if r["kernel"] == "fp8_wgrad" and r["config"]["BLOCK_N"] > 64:
+                assert r["overlap"] and r["ptx_overlap_one"], r
+            else:
+                assert r["overlap"] and r["ptx_overlap"], r
 
 
 def test_split_k_fixup_orders_partials_before_the_counter(compiled):
