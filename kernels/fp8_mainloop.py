@@ -38,6 +38,15 @@ strides), which the software pipeliner turns into ``cp.async``. Two schedules, c
   contiguous grouped kernel starts a group's tiles at its first row rounded down to 4).
   :func:`scale_tma` is the host's rule.
 
+``B_ROW_SCALES`` (the wgrad, ``fp8_wgrad``: one b scale per row of b and K block, so one per
+column of the tile) makes the promotion ``p · (a_s[:, None] · b_s[None, :])`` whatever BLOCK_N,
+and both schedules then read the scales through descriptors (no pointer scales: their
+per-column pointers would spill the pipelined schedule's registers, and the warp-specialised one
+would load them synchronously): a_s as above, b_s in (BLOCK_N, 4) boxes of the (rows of b, K
+blocks) scales. Each block's scales are read at the promotion that uses them; with tiles wider
+than 64 columns the pipelined schedule promotes block 2j-1 before issuing block 2j+1 (three
+float32 tiles live beside the column scales), so only block 2j's promotion overlaps a wgmma.
+
 :func:`fp8_path` is the one rule choosing between these kernels and the pointer-based ones. The
 configs (:func:`tma_config`) are ranked by a wave model (:func:`wave_cost`, :func:`tma_pruner`),
 which also costs split-K configs (``SPLIT_K``, the kernels that take it) by their units and

@@ -23,11 +23,14 @@ Two kernels, one rule (``fp8_mainloop.fp8_path``, as for ``fp8_gemm``):
   the promotion ``p · (dy_t_s ⊗ x_t_s)`` overlapped with the next wgmma (pipelined schedule), or
   the warp-specialised schedule. TMA zero-fills tokens past M, so a partial last token block
   needs no code of its own (its scales are ``quant_act_t``'s), nor do rows past N or columns past
-  K (the store is masked). Scales: pointer loads (any strides; the pipeliner makes them
-  ``cp.async``), or, in the warp-specialised schedule with both scale tensors TMA-readable
-  (``fp8_mainloop.scale_tma``: row-major, Mb a multiple of 4 when contiguous), (rows, 4) boxes
-  read by the producer warp (``SCALE_TMA``); the autotuner runs warp-specialised configs only
-  then, since their math warpgroups would load pointer scales synchronously.
+  K (the store is masked). The scales come through descriptors too, in both schedules (no
+  synchronous load in the K loop; the warp-specialised producer loads them): dy_t_s as its
+  (Mb, N) transpose in (1, BLOCK_M) boxes (the warp-specialised schedule splits a tile's rows
+  over two math warpgroups, and Triton's data partition takes this form), x_t_s as (K, Mb) in
+  (BLOCK_N, 4) boxes, the block's column picked in registers. :func:`tma_scales` reads them in
+  place where TMA can (column-major dy_t_s, ``fp8_quant.to_col_major``; x_t_s as
+  ``quant_act_t`` writes it with Mb a multiple of 4), else makes 16-byte aligned copies
+  (N·Mb and K·Mb float32, a small kernel beside the GEMM).
 - ``_fp8_wgrad_kernel`` (pointer loads): pre-Hopper GPUs, blocks other than 128, operands a
   descriptor cannot take (odd M). One program per tile, ``tl_helpers.fp8_scaled_range_tile``
   (the reference's order ``(p · dy_t_s) · x_t_s``; the operands and scales stream through the
@@ -35,13 +38,14 @@ Two kernels, one rule (``fp8_mainloop.fp8_path``, as for ``fp8_gemm``):
   last token block after the main loop with masked loads; rows past N and columns past K clamped
   for loads and masked for stores.
 
-The Hopper kernel's product ``p · (a_s · b_s)`` is one float32 rounding from the reference's
-``(p · a_s) · b_s`` per block. Configs: the Hopper list (``fp8_wgrad_tma_configs``) pruned and
-ordered by the wave model (``fp8_mainloop.tma_pruner``) and autotuned keyed on (N, K, M's
-power-of-two bucket, SCALE_TMA); the pointer list keyed on (N, K, block, whether M is a multiple
-of it, M's bucket). ``MOELA_FP8_WGRAD_TMA_CONFIG`` / ``MOELA_FP8_WGRAD_CONFIG`` pin one; an
-explicit ``config=`` names the keys of the kernel the rule picks (BLOCK_M, BLOCK_N, ... for the
-Hopper kernel; BLOCK_N, BLOCK_K, GROUP_N for the pointer kernel).
+The Hopper kernel rounds ``a_s · b_s`` and then ``p · (a_s · b_s)``, the reference ``p · a_s`` and
+then ``(p · a_s) · b_s``: two float32 roundings each, in another order. Configs: the Hopper list
+(``fp8_wgrad_tma_configs``) pruned and ordered by the wave model (``fp8_mainloop.tma_pruner``)
+and autotuned keyed on (N, K, M's power-of-two bucket); the pointer list keyed on (N, K, block,
+whether M is a multiple of it, M's bucket). ``MOELA_FP8_WGRAD_TMA_CONFIG`` /
+``MOELA_FP8_WGRAD_CONFIG`` pin one; an explicit ``config=`` names the keys of the kernel the rule
+picks (BLOCK_M, BLOCK_N, GROUP_M, WARP_SPECIALIZE for the Hopper kernel; BLOCK_N, BLOCK_K, GROUP_N
+for the pointer kernel), else ValueError.
 """
 
 from __future__ import annotations
@@ -117,8 +121,10 @@ def _fp8_wgrad_tma_kernel(
     grid: (min(cdiv(N, BLOCK_M) * cdiv(K, BLOCK_N), SMs),). Program p computes tiles p, p + grid,
     ... (tile -> (pid_m, pid_n) in GROUP_M super-rows) with ``fp8_mainloop.fp8_tma_tile``
     (B_ROW_SCALES: x_t_s per column of dw) over all cdiv(M, SCALE_BLOCK) token blocks. dy_t (N, M)
-    and x_t (K, M) are read through descriptors made here, the tokens past M zero-filled; with
-    SCALE_TMA (warp-specialised configs) dy_t_s (N, Mb) and x_t_s (K, Mb) too, in (rows, 4) boxes.
+    and x_t (K, M) are read through descriptors made here (tokens past M zero-filled), and so are
+    the scales: as_ptr dy_t_sᵀ (Mb, N) with row stride stride_asm, N contiguous, in (1, BLOCK_M)
+    boxes; bs_ptr x_t_s (K, Mb) with row stride stride_bsk, Mb contiguous, in (BLOCK_N, 4) boxes
+    (``tma_scales``).
     """
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[N, M], strides=[stride_an, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, M], strides=[stride_bk, 1], block_shape=[BLOCK_N, SCALE_BLOCK])
