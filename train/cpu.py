@@ -26,6 +26,7 @@ INTERPRETER_TILES = {
     "fp8_dgrad_medium": "BLOCK_M=128,BLOCK_K=256,GROUP_M=8",
     "fp8_dgrad_large": "BLOCK_M=128,BLOCK_K=256,GROUP_M=8",
     "fp8_wgrad": "BLOCK_N=256,BLOCK_K=256,GROUP_N=8",
+    "fp8_wgrad_tma": "BLOCK_M=256,BLOCK_N=256,GROUP_M=8",
     "fp8_grouped_gemm_small": "BLOCK_M=64,BLOCK_N=256,GROUP_M=8",
     "fp8_grouped_gemm_medium": "BLOCK_M=64,BLOCK_N=256,GROUP_M=8",
     "fp8_grouped_gemm_large": "BLOCK_M=128,BLOCK_N=256,GROUP_M=8",
