@@ -166,9 +166,11 @@ def fp8_wgrad_configs() -> list[triton.Config]:
 def fp8_wgrad_tma_configs() -> list[triton.Config]:
     """The Hopper kernel's configs (BLOCK_M rows of dW, BLOCK_N columns; ``tma_pruner`` orders
     them by the wave model): ``fp8_gemm``'s large class. The pipelined schedule keeps three float32
-    tiles live (accumulator, waited block, block in flight) plus x_t's scales of two blocks per
-    thread's columns, so 128-row tiles take 8 warps; the warp-specialised ones (``ws``) are
-    128-row tiles at num_warps=4 (two math warpgroups of 64 rows, + the producer)."""
+    tiles live (accumulator, waited block, block in flight; four at 64 columns, where both
+    promotions of a pair overlap the next wgmma) beside one block's x_t scales for the thread's
+    columns, so 128-row tiles take 8 warps; the warp-specialised ones (``ws``) are 128-row tiles at
+    num_warps=4 (two math warpgroups of 64 rows, + the producer). None spills at sm_90
+    (tests/kernels/test_fp8_sm90.py, ``profiling audit``)."""
     c = tma_config
     return [c(128, 128, 8, 2), c(128, 64, 8, 4), c(128, 128, 4, 4, ws=True), c(128, 64, 4, 6, ws=True),
             c(64, 128, 4, 3)]
