@@ -59,6 +59,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("MOELA_BENCH_SETS", "full", "gpu_run.sh: shape sets to benchmark", "gpu_run.sh"),
     Knob("MOELA_CHECK", None, "gpu_run.sh: also run `python -m moela.profiling check`", "gpu_run.sh"),
     Knob("MOELA_KEEP", None, "gpu_run.sh: also copy bench.json into this folder", "gpu_run.sh"),
+    Knob("MOELA_TUNE_SECONDS", None, "gpu_run.sh: also run `python -m moela.profiling tune` for this many seconds "
+         "and write OUTDIR/configs.json", "gpu_run.sh"),
+    Knob("MOELA_SANITIZE", None, "gpu_run.sh: also run compute-sanitizer memcheck over the bad-input tests",
+         "gpu_run.sh"),
 )
 _BY_NAME = {k.name: k for k in KNOBS}
 

@@ -8,12 +8,14 @@
 # Installs nothing from the network: the machine must already have torch, triton, pytest,
 # pytest-benchmark, hypothesis, einops, nvidia-ml-py, matplotlib and tqdm (the H200 image does;
 # pytest-xdist and pytest-timeout are used when present).
-# OUTDIR ends up with at most 7 files (the device tool brings back 8):
+# OUTDIR ends up with at most 8 files (the device tool brings back 8):
 #   summary.txt      step by step: exit code and seconds, then the tests', check's and benchmark's tails
 #   bench.json/.csv  the benchmark results (environment, ceilings, every row)
 #   report.md        the markdown report;  roofline.png  the roofline chart
 #   plots.tar.gz     every PNG of the report
-#   logs.tar.gz      nvidia-smi, pip list, install, pytest (log + junit xml), warm-up, check, bench, report logs
+#   logs.tar.gz      nvidia-smi, pip list, install, pytest (log + junit xml), warm-up, check, bench, report,
+#                    tune and sanitize logs
+#   configs.json     with MOELA_TUNE_SECONDS: the tuned config table
 # Copy bench.json/report.md into profiling/results/ (see its README) to keep them.
 #
 # Time: the tests (correctness only, one config per kernel) run while seven background processes
@@ -28,6 +30,11 @@
 #   MOELA_BENCH_OPS="op ..."         ops to benchmark   MOELA_BENCH_SETS="set ..." (full)
 #   MOELA_WARM_LIMIT=165  MOELA_CHECK=1 (also `check`, 60 s)  MOELA_SKIP_TESTS=1  MOELA_SKIP_WARMUP=1
 #   MOELA_SKIP_INSTALL=1
+# Optional steps after the benchmark, each within its own limit:
+#   MOELA_TUNE_SECONDS=N  `python -m moela.profiling tune --budget-s N`: the GPU's config table as
+#                         OUTDIR/configs.json (commit it as kernels/configs/<gpu>.json)
+#   MOELA_SANITIZE=1      compute-sanitizer --tool memcheck over tests/test_bad_input_*.py (150 s;
+#                         its log in logs.tar.gz, its verdict in summary.txt)
 #   MOELA_GIT_REF=<sha>   the ref to record, where the copy's .git is not the tree's (the device tool's)
 set -uo pipefail
 
@@ -140,8 +147,23 @@ else
     echo "no bench.json: see logs.tar.gz (bench.log)" | tee -a "$SUMMARY"
 fi
 
+if [ -n "${MOELA_TUNE_SECONDS:-}" ]; then
+    step tune $(( MOELA_TUNE_SECONDS + 60 )) $PY -m moela.profiling tune --budget-s "$MOELA_TUNE_SECONDS" \
+        --table "$OUT/configs.json"
+fi
+if [ -n "${MOELA_SANITIZE:-}" ]; then
+    if command -v compute-sanitizer > /dev/null 2>&1; then
+        step sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
+            $PY -m pytest -q -p no:cacheprovider tests/test_bad_input_ops.py tests/test_bad_input_modules.py
+    else
+        echo "sanitize   skipped: compute-sanitizer not on PATH" | tee -a "$SUMMARY"
+    fi
+fi
+
 {
     echo; echo "== pytest (tail)"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest.log" 2>/dev/null | grep -v PASSED | tail -n 40
+    [ -f "$LOGS/sanitize.log" ] && { echo; echo "== compute-sanitizer (tail)"; grep -E "ERROR SUMMARY|Invalid|passed|failed" "$LOGS/sanitize.log" | tail -n 20; }
+    [ -f "$LOGS/tune.log" ] && { echo; echo "== tune (tail)"; tail -n 15 "$LOGS/tune.log"; }
     [ -f "$LOGS/pytest-failures.log" ] && { echo; echo "== pytest failures (first lines)"; grep -E "^====|^E " "$LOGS/pytest-failures.log" | head -n 60; }
     [ -f "$LOGS/check.log" ] && { echo; echo "== check (tail)"; tail -n 40 "$LOGS/check.log"; }
     echo; echo "== bench (tail)"; tail -n 60 "$LOGS/bench.log"

@@ -43,3 +43,17 @@ def test_a_replaced_environ_is_still_read(monkeypatch):
 def test_undeclared_names_raise():
     with pytest.raises(KeyError, match="MOELA_NOPE: not a declared moela knob"):
         knobs.get("MOELA_NOPE")
+
+
+def test_every_switch_gpu_run_sh_reads_is_declared():
+    """profiling/gpu_run.sh's switches are moela knobs too (``python -m moela.profiling list`` shows them)."""
+    import re
+    from pathlib import Path
+
+    import moela.profiling
+
+    script = (Path(moela.profiling.__file__).parent / "gpu_run.sh").read_text()
+    names = set(re.findall(r"\$\{?(MOELA_[A-Z0-9_]+)", script))
+    assert {"MOELA_TUNE_SECONDS", "MOELA_SANITIZE", "MOELA_SKIP_TESTS"} <= names
+    undeclared = sorted(n for n in names if n not in {k.name for k in knobs.KNOBS})
+    assert not undeclared, f"gpu_run.sh reads undeclared switches: {undeclared} (add them to moela.knobs.KNOBS)"
