@@ -336,7 +336,7 @@ def tma_operand_ok(t: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _tma_strides_ok(strides: tuple[int, ...], dtype: torch.dtype) -> bool:
     size = dtype.itemsize
-    return bool(strides) and strides[-1] == 1 and all(s * size % 16 == 0 for s in strides[:-1])
+    return bool(strides) and strides[-1] == 1 and all(s > 0 and s * size % 16 == 0 for s in strides[:-1])
 
 
 def tma_path(capability: tuple[int, int], *operands: torch.Tensor) -> bool:

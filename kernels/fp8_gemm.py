@@ -31,8 +31,8 @@ Two kernels, one rule (``fp8_mainloop.fp8_path``):
   Wider tiles then still fill the SMs while a's rows are read once per tile rather than once per
   narrow column tile (M = 64, N = 2112, K = 7168: 33 tiles of 64×64 split 4 make 132 programs and
   read a 33 times; unsplit 64×16 tiles read it 132 times, 60 MB against a 15 MB weight). The
-  workspace and counters are cached per device (``split_k_buffers``): launches on two streams at
-  once must not share them.
+  workspace and counters are cached per device and stream (``split_k_buffers``; a graph capture
+  makes none: warm up first).
 - ``_fp8_gemm_kernel`` (pointer loads, cp.async pipelines): GPUs before Hopper (sm_89), scale
   blocks other than 128 and operands a descriptor cannot take; one program per tile, rows and
   columns clamped for loads.
@@ -336,7 +336,7 @@ def _tma_prune(prune):
     """The Hopper pruner after dropping split configs whose workspace exceeds ``SPLIT_K_WORKSPACE``."""
 
     def wrapped(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-        M, N = nargs["M"], nargs["N"]
+        M, N = nargs["M_BUCKET"], nargs["N"]  # the bucket's largest M: the choice serves the whole bucket
         kept = [c for c in configs if _split_k_workspace(c.kwargs, M, N) <= SPLIT_K_WORKSPACE]
         return prune(kept or configs[:1], nargs, **kwargs)
 
@@ -420,19 +420,47 @@ def _class_need(cls: str, M: int, N: int) -> tuple[int, int]:
     return split_k_need([c.kwargs for c in _TMA_TUNED[cls].configs], M, N, SPLIT_K_WORKSPACE)
 
 
-#: device -> (workspace, counters) of the split-K configs. Kept for the life of the process: a CUDA
-#: graph holds their addresses, and the counters stay zero between launches. Launches that may
-#: overlap (two streams at once) must not share them, as with cuBLAS's workspace.
-_SPLIT_K_BUFFERS: dict[torch.device, tuple[Tensor, Tensor]] = {}
-#: Buffers a larger need replaced: never freed, since a captured graph may still use them.
+#: (device, stream) -> (workspace, counters) of the split-K configs: one pair per stream, so that
+#: launches on two streams never share partials or counters. Kept for the life of the process: a
+#: CUDA graph holds their addresses, and the counters stay zero between launches.
+_SPLIT_K_BUFFERS: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
+#: Buffers a larger need replaced (and a capture's placeholders): never freed, since a captured
+#: graph may still use them.
 _RETIRED_BUFFERS: list[Tensor] = []
 
 
+def _stream_of(device: torch.device) -> int:
+    """The current stream of a CUDA device (its raw handle, ~0.1 µs), 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _capturing(device: torch.device) -> bool:
+    """Is the current stream of ``device`` capturing a CUDA graph?"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def split_k_buffers(device: torch.device, ws_elems: int, counters: int) -> tuple[Tensor, Tensor]:
-    """The device's split-K workspace (float32) and tile counters (int32, zero), at least
-    ``ws_elems`` and ``counters`` long (powers of two: few regrowths). No host sync: a new counter
-    buffer is zeroed on the current stream."""
-    ws, cnt = _SPLIT_K_BUFFERS.get(device, (None, None))
+    """The split-K workspace (float32) and tile counters (int32, zero) of the current stream on
+    ``device``, at least ``ws_elems`` and ``counters`` long (powers of two: few regrowths). No
+    host sync: a new counter buffer is zeroed on the current stream.
+
+    During a CUDA-graph capture nothing is made or grown (a zeroing there would only be recorded,
+    and run when the graph replays): the stream's buffers serve the capture as they are, and a
+    launch that needs more runs unsplit (the kernel checks the sizes it is given). Warm up before
+    capturing, as ``Transformer.decode_graph`` does, and the captured launches split.
+    """
+    key = (device, _stream_of(device))
+    ws, cnt = _SPLIT_K_BUFFERS.get(key, (None, None))
+    if ws is not None and ws.numel() >= ws_elems and cnt.numel() >= counters:
+        return ws, cnt
+    if _capturing(device):
+        if ws is None:  # placeholders the kernel never touches: too small for any split
+            ws = torch.empty(1, dtype=torch.float32, device=device)
+            cnt = torch.empty(1, dtype=torch.int32, device=device)
+            _RETIRED_BUFFERS.extend((ws, cnt))
+        return ws, cnt
     if ws is None or ws.numel() < ws_elems:
         if ws is not None:
             _RETIRED_BUFFERS.append(ws)
@@ -441,7 +469,7 @@ def split_k_buffers(device: torch.device, ws_elems: int, counters: int) -> tuple
         if cnt is not None:
             _RETIRED_BUFFERS.append(cnt)
         cnt = torch.zeros(next_power_of_2(max(counters, 1024)), dtype=torch.int32, device=device)
-    _SPLIT_K_BUFFERS[device] = ws, cnt
+    _SPLIT_K_BUFFERS[key] = ws, cnt
     return ws, cnt
 
 
@@ -450,7 +478,7 @@ def tma_launch_args(out, a, a_s, b, b_s, block, bias, config=None) -> tuple[tupl
     split-K buffers sized for ``config`` (a kwargs dict), or for every config of M's class."""
     M, K = a.shape
     N = b.shape[0]
-    need = _class_need(m_class(M), M, N) if config is None else split_k_need([config], M, N)
+    need = _class_need(m_class(M), m_bucket(M), N) if config is None else split_k_need([config], M, N)
     ws, counters = split_k_buffers(a.device, *need)
     args = (a, a_s, b, b_s, out, bias if bias is not None else a_s, ws, counters, M, N, K, a.stride(0), *a_s.stride(),
             b.stride(0), *b_s.stride(), *out.stride(), m_bucket(M), ws.numel(), counters.numel())

@@ -24,7 +24,7 @@ from fp8_testing import PATHS, abs_fp8, assert_gemm_close, assert_same_bits
 from moela_testing import nan_empty
 
 from moela import reference as ref
-from moela.kernels._common import INTERPRETER_SMS
+from moela.kernels._common import INTERPRETER_SMS, cdiv, m_bucket
 from moela.kernels.fp8_gemm import fp8_gemm, fp8_gemm_tma_configs, launch_fp8_gemm, m_class
 from moela.kernels.fp8_mainloop import HOPPER_SMS, fp8_path, split_chunk, tma_pruner, tma_ready, wave_cost
 from moela.kernels.fp8_quant import FP8_DTYPE, quant_act, quant_weight, to_col_major
@@ -182,8 +182,9 @@ SPLITS = {  # config, (M, N, K); split s takes K blocks [s·chunk, min((s+1)·ch
 
 
 def _split_buffers(device):
-    """The launcher's cached (workspace, counters) of this device."""
-    return fp8_gemm_module._SPLIT_K_BUFFERS[torch.device(device)]
+    """The launcher's cached (workspace, counters) of this device's current stream."""
+    dev = torch.device(device)
+    return fp8_gemm_module._SPLIT_K_BUFFERS[(dev, fp8_gemm_module._stream_of(dev))]
 
 
 @pytest.mark.parametrize("case", list(SPLITS))
@@ -247,6 +248,52 @@ def test_fp8_gemm_split_k_bias_16bit_out_and_no_out_of_bounds_writes(device):
     extra = 2.0**-24 * (ref32.abs() + bias.abs().float()).double()  # the bias addition's rounding
     assert_gemm_close(out, ref32 + bias.float(), mag, _split_num_kb(K // 128, config["SPLIT_K"]), 128, "bias",
                       extra=extra)
+
+
+def test_fp8_gemm_split_k_makes_no_buffers_while_capturing(monkeypatch, device):
+    """Inside a CUDA-graph capture (pretended here) split_k_buffers makes and grows nothing (a
+    zeroing there would only be recorded): with no buffers on the stream the launch gets
+    placeholders and runs unsplit, exact; buffers made before the capture serve it, and the cache
+    keeps only those."""
+    config, (M, N, K) = SPLITS["64x32-split4-ragged"]
+    _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+    dev = torch.device(device)
+    key = (dev, fp8_gemm_module._stream_of(dev))
+    monkeypatch.setattr(fp8_gemm_module, "_SPLIT_K_BUFFERS", {})
+    monkeypatch.setattr(fp8_gemm_module, "_capturing", lambda d: True)
+    ws, counters = fp8_gemm_module.split_k_buffers(dev, 10**6, 100)
+    assert ws.numel() == 1 and counters.numel() == 1 and key not in fp8_gemm_module._SPLIT_K_BUFFERS
+    out = nan_empty((M, N), device=device)
+    launch_fp8_gemm(out, a, a_s, b, b_s, 128, None, config, capability=PATHS["tma"])
+    _check(out, a, a_s, b, b_s)  # unsplit: the plain bound
+    assert fp8_gemm_module._SPLIT_K_BUFFERS == {}
+    monkeypatch.setattr(fp8_gemm_module, "_capturing", lambda d: False)
+    before = fp8_gemm_module.split_k_buffers(dev, 4096, 16)  # made before the capture
+    monkeypatch.setattr(fp8_gemm_module, "_capturing", lambda d: True)
+    assert fp8_gemm_module.split_k_buffers(dev, 10**7, 10**5) == before  # too small: served as they are
+    assert fp8_gemm_module._SPLIT_K_BUFFERS == {key: before}
+
+
+def test_split_k_buffers_serve_every_m_of_a_bucket(monkeypatch, device):
+    """The pruner ranks, and the launcher sizes the buffers, for M's power-of-two bucket (the
+    autotune key): a split config chosen at the bucket's first M fits every M of the bucket, so
+    no launch in it falls back to unsplit."""
+    monkeypatch.setattr(fp8_mainloop, "ranking_sms", lambda dev: HOPPER_SMS)
+    medium = fp8_gemm_tma_configs("medium")
+    limit = fp8_gemm_module.SPLIT_K_WORKSPACE
+    for N, K in ((2112, 7168), (4096, 7168)):
+        kept = _pruned(medium, 257, N, K)  # the bucket of 512
+        assert any(c.kwargs.get("SPLIT_K", 1) > 1 for c in kept), N
+        ws, counters = fp8_gemm_module.split_k_need([c.kwargs for c in medium], m_bucket(257), N, limit)
+        for M in (257, 449, 512):
+            for c in kept:
+                assert fp8_gemm_module._split_k_workspace(c.kwargs, M, N) <= ws, (N, M, c)
+                assert cdiv(M, c.kwargs["BLOCK_M"]) * cdiv(N, c.kwargs["BLOCK_N"]) <= counters
+    seen = []
+    monkeypatch.setattr(fp8_gemm_module, "_class_need", lambda cls, M, N: seen.append((cls, M, N)) or (0, 0))
+    _, _, a, a_s, b, b_s = _operands(257, 64, 128, device)
+    fp8_gemm_module.tma_launch_args(torch.empty(257, 64, device=device), a, a_s, b, b_s, 128, None)
+    assert seen == [("medium", 512, 64)]
 
 
 def test_fp8_gemm_split_k_buffers_too_small_run_unsplit(monkeypatch, device):
@@ -315,7 +362,7 @@ def _ranked_first(configs, M, N, K):
 def _pruned(configs, M, N, K):
     """What the Hopper kernel's pruner keeps (the workspace limit, then the wave model)."""
     prune = fp8_gemm_module._tma_prune(tma_pruner(fp8_gemm_module._dense_tiles, SMEM_BUDGET, "a_ptr"))
-    return prune(configs, dict(M=M, N=N, K=K, a_ptr=torch.empty(0), SCALE_BLOCK=128))
+    return prune(configs, dict(M=M, N=N, K=K, M_BUCKET=m_bucket(M), a_ptr=torch.empty(0), SCALE_BLOCK=128))
 
 
 @pytest.mark.parametrize("M", [1, 16, 64])
@@ -527,6 +574,45 @@ def test_gpu_fp8_gemm_deepgemm_grid(M, N, K):
     out = fp8_gemm.launch(a, to_col_major(a_s), b, b_s, torch.bfloat16, out=nan_empty((M, N), torch.bfloat16, "cuda"))
     _check(out, a, a_s, b, b_s)
     assert ref.calc_diff(out, x @ w.T) < 1e-3
+
+
+GPU_SPLITS = [c for c in fp8_gemm_tma_configs("small") if c.kwargs.get("SPLIT_K", 1) > 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_SPLITS, ids=lambda c: f"{c.kwargs['BLOCK_N']}-split{c.kwargs['SPLIT_K']}")
+def test_gpu_fp8_gemm_split_k_configs(config):
+    """Each split-K config at the decode shape 64x2112x7168 on the GPU: near exact; 20 launches in
+    a row with the same bits and the counters back at 0 (the acquire-release fixup across SMs); a
+    CUDA graph captured after a warm-up replays the same bits."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Hopper kernels need sm_90")
+    M, N, K = 64, 2112, 7168
+    x, w, _, _, _, _ = _operands(M, N, K, "cuda")
+    a, a_s = quant_act(x)
+    b, b_s = quant_weight(w)
+    a_s = to_col_major(a_s)
+    cfg = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    first = fp8_gemm.launch(a, a_s, b, b_s, torch.bfloat16, out=nan_empty((M, N), torch.bfloat16, "cuda"), config=cfg)
+    _check(first, a, a_s, b, b_s, num_kb=_split_num_kb(K // 128, cfg["SPLIT_K"]))
+    ws, counters = _split_buffers(a.device)
+    for _ in range(20):
+        ws.fill_(float("nan"))
+        assert_same_bits(fp8_gemm.launch(a, a_s, b, b_s, torch.bfloat16, config=cfg), first)
+    assert not counters.any()
+    out = torch.empty_like(first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8_gemm.launch(a, a_s, b, b_s, torch.bfloat16, out=out, config=cfg)  # warm up: the stream's buffers
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fp8_gemm.launch(a, a_s, b, b_s, torch.bfloat16, out=out, config=cfg)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_same_bits(out, first)
 
 
 @pytest.mark.gpu

@@ -165,7 +165,18 @@ def _split_k_fixup(ptx: str) -> dict:
             j -= 1
         barrier_before &= j >= 0 and lines[j].startswith(("bar.sync", "barrier.sync"))
     cg = sum(1 for line in lines[atoms[0]:] if "ld.global.cg" in line) if atoms else 0
-    return dict(atomics=len(atoms), barrier_before_atomic=barrier_before, cg_loads=cg)
+    after = lines[atoms[-1]:] if atoms else []
+    first_cg = next((i for i, line in enumerate(after) if "ld.global.cg" in line), len(after))
+    barrier_after = any(line.startswith(("bar.sync", "barrier.sync")) for line in after[:first_cg])
+    return dict(atomics=len(atoms), barrier_before_atomic=barrier_before, cg_loads=cg,
+                barrier_after_atomic=barrier_after)
+
+
+def _ttgir_barrier_before_atomic(ttgir: str) -> bool:
+    """The kernel's own CTA barrier (``tl.debug_barrier``: ``gpu.barrier`` in the TTGIR) before
+    the counter's atomic: asked for, not left to Triton's shared-memory barrier placement."""
+    ops = [line.strip() for line in ttgir.splitlines() if "gpu.barrier" in line or "tt.atomic_rmw" in line]
+    return any(a.startswith("gpu.barrier") and "tt.atomic_rmw" in b for a, b in zip(ops, ops[1:], strict=False))
 
 
 def collect() -> None:
@@ -192,7 +203,8 @@ def collect() -> None:
             rows.append(dict(kernel=kernel, problem=label, config={**c.kwargs, "num_warps": c.num_warps},
                              scale_tma=nargs.get("SCALE_TMA", kernel == "fp8_wgrad"),  # the wgrad's: always
                              overlap=_overlap(ttgir), ptx_overlap=_ptx_overlap(ptx),
-                             ptx_overlap_one=_ptx_overlap_one(ptx), **_split_k_fixup(ptx), **r))
+                             ptx_overlap_one=_ptx_overlap_one(ptx), **_split_k_fixup(ptx),
+                             ttgir_barrier_before_atomic=_ttgir_barrier_before_atomic(ttgir), **r))
     print("SM90-JSON " + json.dumps(rows))
 
 
@@ -258,14 +270,17 @@ def test_pipelined_schedule_has_async_scales_and_overlapped_promotion(compiled):
 
 
 def test_split_k_fixup_orders_partials_before_the_counter(compiled):
-    """The split-K configs (decode): each unit's partial stores, a CTA barrier, then one atomic
-    add with acquire-release semantics at gpu scope on the tile's counter, and the reducer's loads
-    of the partials from L2 (``.cg``) after it. Unsplit configs have no atomic."""
+    """The split-K configs (decode): each unit's partial stores, a CTA barrier (the kernel's own,
+    in the TTGIR, and in the PTX), then one atomic add with acquire-release semantics at gpu scope
+    on the tile's counter, a CTA barrier after it (its result reaches every thread through shared
+    memory) and the reducer's loads of the partials from L2 (``.cg``) after that. Unsplit configs
+    have no atomic."""
     split = [r for r in compiled if r["config"].get("SPLIT_K", 1) > 1]
     assert {r["problem"] for r in split} >= {"decode 64x2112x7168", "decode 64x4096x7168"}
     assert any(r["config"]["BLOCK_N"] == 128 for r in split)  # the widest split tiles: 255 registers, no spill
     for r in compiled:
         if r["config"].get("SPLIT_K", 1) > 1:
             assert r["atomics"] == 1 and r["barrier_before_atomic"] and r["cg_loads"] > 0, r
+            assert r["ttgir_barrier_before_atomic"] and r["barrier_after_atomic"], r
         else:
             assert r["atomics"] == 0, r
