@@ -30,11 +30,23 @@ from torch import Tensor
 from moela.reference.fp8_train import check_fp8_grouped_wgrad
 from moela.reference.grouped_gemm import check_offsets
 
-from ._common import autotune, cdiv, kernel_rows, m_bucket, next_power_of_2
+from ._common import (
+    autotune,
+    cdiv,
+    device_capability,
+    ensure_tma_allocator,
+    kernel_rows,
+    m_bucket,
+    next_power_of_2,
+    num_sms,
+)
 from .factory import kernel_op
-from .tl_helpers import fp8_scaled_range_tile, fp8_train_block, group_rows, grouped_tile_order
+from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, row_promoted, tma_config, tma_pruner
+from .fp8_wgrad import tma_scales
+from .tl_helpers import SMEM_BUDGET, fp8_scaled_range_tile, fp8_train_block, group_rows, grouped_tile_order
 
-__all__ = ["fp8_grouped_wgrad", "fp8_grouped_wgrad_configs"]
+__all__ = ["fp8_grouped_wgrad", "fp8_grouped_wgrad_configs", "fp8_grouped_wgrad_tma_configs",
+           "launch_fp8_grouped_wgrad", "tma_launch_args"]
 
 
 @triton.jit
@@ -75,6 +87,77 @@ def _fp8_grouped_wgrad_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _masked_blocks(acc, a_desc, b_desc, as_desc, bs_desc, a_row, b_row, kb_lo, kb_hi, start, end,
+                   SCALE_BLOCK: tl.constexpr):
+    """acc + Σ_{kb_lo <= kb < kb_hi} promote(dy_t_kb · x_t_kbᵀ) with the tokens outside [start, end)
+    zeroed in x_t's tile (a block the expert shares with a neighbour, or the pipelined loop's odd
+    whole block), in token order; the promotion ``fp8_mainloop.row_promoted`` with block kb's
+    scales, as the main loop's."""
+    for kb in tl.range(kb_lo, kb_hi, num_stages=1):
+        a = a_desc.load([a_row, kb * SCALE_BLOCK])
+        b = b_desc.load([b_row, kb * SCALE_BLOCK])
+        tok = kb * SCALE_BLOCK + tl.arange(0, SCALE_BLOCK)
+        mine = ((tok >= start) & (tok < end))[None, :]
+        b = tl.where(mine, b.to(tl.uint8, bitcast=True), 0).to(b.dtype, bitcast=True)  # e4m3 0 is 0x00
+        acc += row_promoted(tl.dot(a, b.T), as_desc, bs_desc, 0, a_row, b_row, kb, True)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _fp8_grouped_wgrad_tma_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, c_ptr,
+    N, K, M, E,
+    stride_an, stride_asm, stride_bk, stride_bsk, stride_ce, stride_cn, stride_ck,
+    M_BUCKET,  # autotune key only: _common.m_bucket(M)
+    SCALE_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """dw[e] over expert e's tokens on Hopper: tensor descriptors, persistent (expert, tile) units.
+    BLOCK_M: rows of dw[e] (of N), BLOCK_N: columns (of K); BLOCK_E = next_power_of_2(E + 1).
+
+    grid: (min(E * cdiv(N, BLOCK_M) * cdiv(K, BLOCK_N), SMs),). Unit u -> expert u // tiles, its
+    tile in GROUP_M super-rows. The expert's tokens [start, end) (``group_rows``) meet the global
+    token blocks kb_s .. kb_e - 1: a leading block the range only partly covers, then the whole
+    blocks in pairs through ``fp8_mainloop.fp8_tma_tile`` (unmasked: boxes at multiples of
+    SCALE_BLOCK tokens), then an odd whole block and a trailing partial one (``_masked_blocks``),
+    all into one accumulator in token order. Descriptors and scale views as
+    ``fp8_wgrad._fp8_wgrad_tma_kernel``'s: dy_t (N, M), x_t (K, M), dy_t_sᵀ (Mb, N), x_t_s (K, Mb).
+    """
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[N, M], strides=[stride_an, 1], block_shape=[BLOCK_M, SCALE_BLOCK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, M], strides=[stride_bk, 1], block_shape=[BLOCK_N, SCALE_BLOCK])
+    num_pid_m = tl.cdiv(N, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    num_kb = tl.cdiv(M, SCALE_BLOCK)
+    as_desc = tl.make_tensor_descriptor(as_ptr, shape=[num_kb, N], strides=[stride_asm, 1], block_shape=[1, BLOCK_M])
+    bs_desc = tl.make_tensor_descriptor(bs_ptr, shape=[K, num_kb], strides=[stride_bsk, 1], block_shape=[BLOCK_N, 4])
+    tiles = num_pid_m * num_pid_n
+    for unit in tl.range(tl.program_id(0), E * tiles, tl.num_programs(0), flatten=False):
+        e = unit // tiles
+        pid_m, pid_n = grouped_tile_order(unit % tiles, num_pid_m, num_pid_n, GROUP_M)
+        start, end = group_rows(offsets_ptr, e, E, M, BLOCK_E)
+        kb_s = start // SCALE_BLOCK
+        kb_e = tl.where(end > start, tl.cdiv(end, SCALE_BLOCK), kb_s)
+        whole0 = tl.minimum(tl.cdiv(start, SCALE_BLOCK), kb_e)  # the first block wholly the expert's
+        pairs = tl.maximum(end // SCALE_BLOCK - whole0, 0) // 2 * 2  # whole blocks the main loop takes
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = _masked_blocks(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_desc, b_desc, as_desc, bs_desc,
+                             row0, col0, kb_s, whole0, start, end, SCALE_BLOCK)
+        acc = fp8_tma_tile(a_desc, b_desc, row0, col0, as_ptr, bs_ptr, 0, 0, whole0, pairs,
+                           as_desc, bs_desc, 0, row0, col0,
+                           BLOCK_M, BLOCK_N, SCALE_BLOCK, WARP_SPECIALIZE, STAGES, True, True, acc)
+        acc = _masked_blocks(acc, a_desc, b_desc, as_desc, bs_desc, row0, col0, whole0 + pairs, kb_e, start, end,
+                             SCALE_BLOCK)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        mask = (offs_m < N)[:, None] & (offs_n < K)[None, :]
+        c_ptrs = (c_ptr + e.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cn
+                  + offs_n[None, :] * stride_ck)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 def _cfg(bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": group, "STAGES": stages},
                          num_warps=warps, num_stages=stages)
@@ -86,8 +169,85 @@ def fp8_grouped_wgrad_configs() -> list[triton.Config]:
     return [_cfg(64, 128, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 4), _cfg(64, 256, 8, 3), _cfg(64, 64, 4, 5)]
 
 
+def fp8_grouped_wgrad_tma_configs() -> list[triton.Config]:
+    """The Hopper kernel's configs (BLOCK_M rows of dW[e], BLOCK_N columns; ``tma_pruner`` orders
+    them by the wave model over E × tiles units): ``fp8_wgrad_tma_configs``' pipelined ones (the
+    main loop is the same; the masked edge blocks run outside it, after and before it, and add
+    nothing live across it)."""
+    c = tma_config
+    return [c(128, 128, 8, 2), c(128, 64, 8, 4), c(64, 128, 4, 3)]
+
+
+def _units(nargs: dict, bm: int, bn: int) -> tuple[int, int]:
+    N, K, E = nargs["N"], nargs["K"], nargs["E"]
+    return E * cdiv(N, bm) * cdiv(K, bn), min(bm, N)
+
+
 _tuned = autotune("fp8_grouped_wgrad", fp8_grouped_wgrad_configs(), key=["N", "K", "SCALE_BLOCK", "M_BUCKET"])(
     _fp8_grouped_wgrad_kernel)
+_tma_tuned = hopper_tuner(autotune(
+    "fp8_grouped_wgrad_tma", fp8_grouped_wgrad_tma_configs(), key=["N", "K", "E", "SCALE_BLOCK", "M_BUCKET"],
+    prune_configs_by={"early_config_prune": tma_pruner(_units, SMEM_BUDGET, "a_ptr")},
+)(_fp8_grouped_wgrad_tma_kernel))
+
+#: The keys an explicit config of the Hopper kernel may name, and those it must name.
+_TMA_KEYS = ({"BLOCK_M", "BLOCK_N", "GROUP_M", "WARP_SPECIALIZE", "STAGES", "num_warps", "num_stages"},
+             {"BLOCK_M", "BLOCK_N"})
+
+
+def tma_launch_args(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block) -> tuple[tuple, dict]:
+    """The Hopper kernel's arguments and constexprs (also what an sm_90 compile binds); the scales
+    through ``fp8_wgrad.tma_scales``; ``offsets`` contiguous."""
+    N, M = dy_t.shape
+    K, E = x_t.shape[0], offsets.shape[0]
+    a_s, b_s = tma_scales(dy_t_s, x_t_s)
+    args = (dy_t, a_s, x_t, b_s, offsets, out, N, K, M, E, dy_t.stride(0), a_s.stride(0), x_t.stride(0),
+            b_s.stride(0), *out.stride(), m_bucket(M))
+    return args, dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
+
+
+def _launch_tma(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config) -> None:
+    N, K, E = dy_t.shape[0], x_t.shape[0], offsets.shape[0]
+    sms = num_sms(dy_t.device)
+    ensure_tma_allocator()
+    args, consts = tma_launch_args(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block)
+    if config is None:
+        _tma_tuned[lambda m: (min(E * cdiv(N, m["BLOCK_M"]) * cdiv(K, m["BLOCK_N"]), sms),)](*args, **consts)
+        return
+    allowed, required = _TMA_KEYS
+    unknown, missing = sorted(set(config) - allowed), sorted(required - set(config))
+    if unknown or missing:
+        raise ValueError(f"config: the Hopper fp8_grouped_wgrad kernel (the one fp8_mainloop.fp8_path picks for these "
+                         f"operands) takes {sorted(allowed)}, {sorted(required)} required; got {dict(config)!r} "
+                         f"(unknown: {unknown}, missing: {missing})")
+    meta = hopper_meta(dict(config))
+    if meta["WARP_SPECIALIZE"] and (meta.get("num_warps", 4) != 4 or meta["BLOCK_M"] != 128):
+        raise ValueError(f"config: the warp-specialised schedule takes num_warps=4 and BLOCK_M=128 (two math "
+                         f"warpgroups of 64 rows), got {dict(config)!r}")
+    grid = (min(E * cdiv(N, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]), sms),)
+    _fp8_grouped_wgrad_tma_kernel[grid](*args, **consts, **meta)
+
+
+def _launch_pointer(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config) -> None:
+    N, M = dy_t.shape
+    K, E = x_t.shape[0], offsets.shape[0]
+    args = (dy_t, dy_t_s, x_t, x_t_s, offsets, out, N, K, M, E, *dy_t.stride(), *dy_t_s.stride(), *x_t.stride(),
+            *x_t_s.stride(), *out.stride(), m_bucket(M))
+    consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
+    kernel, meta = (_tuned, {}) if config is None else (_fp8_grouped_wgrad_kernel, {"GROUP_N": 8, **dict(config)})
+    kernel[lambda m: (E * cdiv(N, m["BLOCK_N"]) * cdiv(K, m["BLOCK_K"]),)](*args, **consts, **meta)
+
+
+def launch_fp8_grouped_wgrad(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config, capability=None) -> None:
+    """dW into ``out`` (E, N, K), any strides, ``offsets`` contiguous: the kernel
+    ``fp8_mainloop.fp8_path`` picks for ``capability`` (default: the device's) and the operands."""
+    if out.numel() == 0:
+        return
+    cap = device_capability(dy_t.device) if capability is None else capability
+    if fp8_path(cap, block, dy_t, x_t) == "tma":
+        _launch_tma(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config)
+    else:
+        _launch_pointer(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config)
 
 
 def _domain(dy_t, dy_t_s, x_t, x_t_s, offsets, out_dtype=torch.float32, block=128, *, validate=False) -> None:
@@ -106,6 +266,7 @@ def fp8_grouped_wgrad(out, dy_t: Tensor, dy_t_s: Tensor, x_t: Tensor, x_t_s: Ten
             scales: ``quant_act_t`` of the expert rows' output gradient and input.
         offsets: (E,) int32/int64 cumulative token ends (malformed values: the module docstring).
         validate: check the offsets' values (synchronises) and raise ValueError if malformed.
+        config: an explicit config for the kernel the path rule picks (module docstring).
     Returns:
         (E, N, K) in out_dtype.
 
@@ -114,15 +275,6 @@ def fp8_grouped_wgrad(out, dy_t: Tensor, dy_t_s: Tensor, x_t: Tensor, x_t_s: Ten
         plan = make_routing(ids, E, align=128)            # expert segments start at block edges
         dw13 = fp8_grouped_wgrad(*quant_act_t(dh), *quant_act_t(xs), plan.offsets)  # (E, 2I, D)
     """
-    N, M = dy_t.shape
-    K, E = x_t.shape[0], offsets.shape[0]
     if validate:
-        check_offsets(offsets, M)
-    if out.numel() == 0:
-        return
-    offsets = offsets.contiguous()  # the kernel indexes it flat
-    args = (dy_t, dy_t_s, x_t, x_t_s, offsets, out, N, K, M, E, *dy_t.stride(), *dy_t_s.stride(), *x_t.stride(),
-            *x_t_s.stride(), *out.stride(), m_bucket(M))
-    consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
-    kernel, meta = (_tuned, {}) if config is None else (_fp8_grouped_wgrad_kernel, {"GROUP_N": 8, **dict(config)})
-    kernel[lambda m: (E * cdiv(N, m["BLOCK_N"]) * cdiv(K, m["BLOCK_K"]),)](*args, **consts, **meta)
+        check_offsets(offsets, dy_t.shape[1])
+    launch_fp8_grouped_wgrad(out, dy_t, dy_t_s, x_t, x_t_s, offsets.contiguous(), block, config)

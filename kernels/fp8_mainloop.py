@@ -64,8 +64,9 @@ from moela import knobs
 from ._common import num_sms, tma_operand_ok
 
 __all__ = [
-    "fp8_tma_tile", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem", "tma_config_fits", "wave_cost",
-    "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK", "HOPPER_SMS", "FLOP_PER_BYTE",
+    "fp8_tma_tile", "row_promoted", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem",
+    "tma_config_fits", "wave_cost", "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK",
+    "HOPPER_SMS", "FLOP_PER_BYTE",
     "KEEP_CONFIGS", "scale_tma", "merged_rows", "split_chunk", "MAX_SPLIT_K",
 ]
 
@@ -98,10 +99,10 @@ def _box_column(box, j):
 
 
 @triton.jit
-def _row_promoted(p, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, valid):
+def row_promoted(p, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, valid):
     """``p · (a_s[:, None] · b_s[None, :])`` of K block ``kb`` with one b scale per row of b
-    (B_ROW_SCALES), the scales through descriptors (``fp8_tma_tile``); 0 where ``valid`` is false
-    (the reads then stay at block 0)."""
+    (B_ROW_SCALES), the scales through descriptors (``fp8_tma_tile``; also the grouped wgrad's
+    masked edge blocks); 0 where ``valid`` is false (the reads then stay at block 0)."""
     k = tl.where(valid, kb, 0)
     a_s = tl.trans(as_desc.load([as_kb0 + k, as_m]))  # (BLOCK_M, 1)
     b_s = _box_column(bs_desc.load([bs_row, k // 4 * 4]), k % 4)[None, :]  # (1, BLOCK_N)
@@ -113,7 +114,7 @@ def fp8_tma_tile(
     a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, stride_ask, stride_bsk, kb0, num_kb,
     as_desc, bs_desc, as_kb0, as_m, bs_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr, B_ROW_SCALES: tl.constexpr = False,
+    STAGES: tl.constexpr, SCALE_TMA: tl.constexpr, B_ROW_SCALES: tl.constexpr = False, acc=None,
 ):
     """A (BLOCK_M, BLOCK_N) float32 tile of ``Σ_{kb0 <= kb < kb0 + num_kb} (a·bᵀ)_kb · a_s[:, kb] · b_s[:, kb]``.
 
@@ -141,15 +142,18 @@ def fp8_tma_tile(
     take the column's selection on a's scales, whose rows it splits over the math warpgroups,
     hence a's transposed view). In the pipelined schedule each block's scales are read at the
     promotion that uses them, so one block's column scales are live at a time.
+    acc: a (BLOCK_M, BLOCK_N) float32 tile the blocks are added to, in K order (default: zeros;
+    the grouped wgrad passes the sum of its leading edge block, so that it adds in token order).
     """
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if acc is None:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if B_ROW_SCALES:
         tl.static_assert(SCALE_TMA, "B_ROW_SCALES reads the scales through descriptors")
     if WARP_SPECIALIZE and B_ROW_SCALES:
         for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
             a = a_desc.load([a_row, kb * SCALE_BLOCK])
             b = b_desc.load([b_row, kb * SCALE_BLOCK])
-            acc += _row_promoted(tl.dot(a, b.T), as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
+            acc += row_promoted(tl.dot(a, b.T), as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
     elif WARP_SPECIALIZE and SCALE_TMA and BLOCK_N <= SCALE_BLOCK:
         for kb in tl.range(kb0, kb0 + num_kb, warp_specialize=True):
             a = a_desc.load([a_row, kb * SCALE_BLOCK])
@@ -183,22 +187,22 @@ def fp8_tma_tile(
             if B_ROW_SCALES and BLOCK_N <= 64:  # both promotions while p1 runs: four tiles live
                 q = p1
                 p1 = tl.dot(a1, b1.T)
-                acc += _row_promoted(q, as_desc, bs_desc, as_kb0, as_m, bs_row, kb - 1, kb > kb0)
-                acc += _row_promoted(p0, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
+                acc += row_promoted(q, as_desc, bs_desc, as_kb0, as_m, bs_row, kb - 1, kb > kb0)
+                acc += row_promoted(p0, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
             elif B_ROW_SCALES:  # wider: p1's promotion before the next issue, three tiles live
-                acc += _row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, kb - 1, kb > kb0)
+                acc += row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, kb - 1, kb > kb0)
                 p1 = tl.dot(a1, b1.T)
-                acc += _row_promoted(p0, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
+                acc += row_promoted(p0, as_desc, bs_desc, as_kb0, as_m, bs_row, kb, True)
             else:
                 acc += p1 * s_prev
                 p1 = tl.dot(a1, b1.T)  # left in flight ...
                 acc += p0 * s0
         last = kb0 + (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (past K when num_kb is odd: zeros)
+        in_range = (last >= kb0) & (last < kb0 + num_kb)  # none when num_kb = 0
         if B_ROW_SCALES:
-            acc += _row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, last, last < kb0 + num_kb)
+            acc += row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, last, in_range)
         else:
-            acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, last < kb0 + num_kb, stride_ask, stride_bsk, BLOCK_N,
-                                     SCALE_BLOCK)
+            acc += p1 * _block_scale(as_ptrs, bs_ptrs, last, in_range, stride_ask, stride_bsk, BLOCK_N, SCALE_BLOCK)
     return acc
 
 

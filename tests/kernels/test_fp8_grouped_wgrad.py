@@ -10,13 +10,18 @@ bound; calc_diff < 1e-3 per expert against the unquantized product. GPU tier: De
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-from fp8_testing import abs_fp8, assert_gemm_close
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close
 from moela_testing import nan_empty
 
 from moela import reference as ref
 from moela.kernels import fp8_grouped_wgrad, fp8_wgrad, quant_act_t
+from moela.kernels.fp8_mainloop import fp8_path
+
+grouped_module = importlib.import_module("moela.kernels.fp8_grouped_wgrad")  # the module (the package exports the op)
 
 
 def _offsets(sizes, device, dtype=torch.int32):
@@ -132,3 +137,124 @@ def test_gpu_fp8_grouped_wgrad_v3_experts(N, K):
     out = fp8_grouped_wgrad.launch(a, a_s, b, b_s, offsets, out=nan_empty((256, N, K), torch.float32, "cuda"))
     _check(out, a, a_s, b, b_s, offsets)
     assert ref.calc_diff(out, ref.grouped_gemm_dw(x.float(), dy.float(), offsets)) < 1e-3
+
+
+# ------------------------------------------------------------------------------------ the Hopper kernel
+
+TMA_CASES = {  # (tokens per expert, tokens past the last expert, N, K): M a multiple of 16
+    # M = 608 (not of 128): expert 1 [40, 540) has a leading partial block, whole blocks 1-3 (a pair
+    # and an odd one) and a trailing partial block; expert 2 [540, 600) lies inside block 4; the
+    # last expert is empty; 8 tokens past offsets[-1].
+    "edges-pairs-odd": ([40, 500, 60, 0], 8, 72, 136),
+    # M = 480: empty first and middle experts, expert 1 two whole blocks then a partial one, expert 3
+    # a partial block and the last block (partial by M's end: TMA zero-fills past M).
+    "empty-first-middle": ([0, 300, 0, 180], 0, 64, 40),
+    "inside-one-block": ([16, 32, 48], 32, 40, 72),  # M = 128: three experts in block 0
+    "one-expert-whole-block": ([128, 80], 0, 24, 40),  # expert 1 has no whole block: no main loop
+}
+
+
+def _launch(a, a_s, b, b_s, offsets, out, path="tma", config=None):
+    grouped_module.launch_fp8_grouped_wgrad(out, a, a_s, b, b_s, offsets, 128, config, capability=PATHS[path])
+    return out
+
+
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_fp8_grouped_wgrad_tma_near_exact(case, device):
+    sizes, tail, N, K = TMA_CASES[case]
+    _, _, a, a_s, b, b_s = _operands(sum(sizes) + tail, N, K, device)
+    offsets = _offsets(sizes, device)
+    assert fp8_path(PATHS["tma"], 128, a, b) == "tma"
+    out = _launch(a, a_s, b, b_s, offsets, nan_empty((len(sizes), N, K), torch.float32, device))
+    _check(out, a, a_s, b, b_s, offsets)
+    for e, n in enumerate(sizes):
+        if n == 0:
+            assert (out[e] == 0).all()
+
+
+def test_fp8_grouped_wgrad_tma_aligned_routing(device):
+    """``make_routing(align=128)``: every group starts at a block edge (no edge blocks), odd and
+    even numbers of whole blocks, an empty expert; calc_diff < 1e-3 against the unquantized
+    per-expert products."""
+    ids = torch.tensor([0] * 130 + [1] * 7 + [3] * 300, device=device).view(-1, 1)
+    plan = ref.make_routing(ids, 4, align=128)
+    assert plan.offsets.tolist() == [256, 384, 384, 768]
+    M = 768
+    dy, x, a, a_s, b, b_s = _operands(M, 48, 72, device)
+    out = _launch(a, a_s, b, b_s, plan.offsets, nan_empty((4, 48, 72), torch.float32, device))
+    _check(out, a, a_s, b, b_s, plan.offsets)
+    assert (out[2] == 0).all()
+    assert ref.calc_diff(out, ref.grouped_gemm_dw(x.float(), dy.float(), plan.offsets)) < 1e-3
+
+
+TMA_CONFIGS = {  # explicit configs: several tiles per expert, units walked by 3 programs
+    "pipelined-64x64": dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=2, num_warps=4, num_stages=3),
+    "pipelined-128x64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+}
+
+
+@pytest.mark.parametrize("cfg", list(TMA_CONFIGS))
+def test_fp8_grouped_wgrad_tma_configs_and_strided_bf16_out(cfg, device):
+    sizes, tail, N, K = TMA_CASES["edges-pairs-odd"]
+    _, _, a, a_s, b, b_s = _operands(sum(sizes) + tail, N, K, device)
+    offsets = _offsets(sizes, device)
+    guard = nan_empty((len(sizes) + 1, N + 4, 2 * K + 4), torch.bfloat16, device)
+    out = guard[1:, 2:N + 2, 1:2 * K + 1:2]
+    _launch(a, a_s, b, b_s, offsets, out, config=TMA_CONFIGS[cfg])
+    inside = torch.zeros_like(guard, dtype=torch.bool)
+    inside[1:, 2:N + 2, 1:2 * K + 1:2] = True
+    assert guard[~inside].isnan().all(), "wrote outside the output"
+    _check(out, a, a_s, b, b_s, offsets)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # 0 · inf, as the reference
+def test_fp8_grouped_wgrad_tma_scales_stay_in_their_expert(device):
+    """An infinite scale of a block wholly expert 0's poisons only expert 0 (the reference's rule):
+    expert 1 [128, 208) has no whole block, and its empty main loop promotes nothing (not block 0's
+    scales times zeros, which would be NaN); an infinite scale of the shared block poisons both."""
+    sizes = [128, 80]
+    _, _, a, a_s, b, b_s = _operands(208, 40, 24, device)
+    offsets = _offsets(sizes, device)
+    a_s = a_s.clone()
+    a_s[3, 0] = float("inf")
+    out = _launch(a, a_s, b, b_s, offsets, nan_empty((2, 40, 24), device=device))
+    assert not out[1].isnan().any() and not out[1].isinf().any()
+    _check(out, a, a_s, b, b_s, offsets)
+    sizes = [100, 108]  # block 0 shared
+    offsets = _offsets(sizes, device)
+    out = _launch(a, a_s, b, b_s, offsets, nan_empty((2, 40, 24), device=device))
+    assert out[:, 3].isinf().any(dim=-1).all()
+    _check(out, a, a_s, b, b_s, offsets)
+
+
+def test_launcher_follows_the_path_rule(monkeypatch, device):
+    """Hopper's kernel when the rule says so (M a multiple of 16, block 128, sm_90+), the pointer
+    kernel for odd M, pre-Hopper GPUs and MOELA_TMA=0; both within the bound."""
+    launched = []
+    for name in ("_tuned", "_tma_tuned"):
+        tuner = getattr(grouped_module, name)
+
+        class _Record:
+            def __init__(self, tuner, name):
+                self.tuner, self.name = tuner, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.tuner[grid]
+
+        monkeypatch.setattr(grouped_module, name, _Record(tuner, name))
+    for sizes, path in (([40, 136], "tma"), ([40, 130], "tma"), ([40, 136], "pointer")):
+        _, _, a, a_s, b, b_s = _operands(sum(sizes), 24, 40, device)
+        offsets = _offsets(sizes, device)
+        _check(_launch(a, a_s, b, b_s, offsets, nan_empty((2, 24, 40), device=device), path), a, a_s, b, b_s, offsets)
+    monkeypatch.setenv("MOELA_TMA", "0")
+    _, _, a, a_s, b, b_s = _operands(176, 24, 40, device)
+    _check(fp8_grouped_wgrad(a, a_s, b, b_s, _offsets([40, 136], device)), a, a_s, b, b_s, _offsets([40, 136], device))
+    assert launched == ["_tma_tuned", "_tuned", "_tuned", "_tuned"]  # 170 tokens: 170-byte rows
+
+
+def test_bad_tma_config_raises_naming_the_kernel(device):
+    _, _, a, a_s, b, b_s = _operands(176, 24, 40, device)
+    offsets = _offsets([40, 136], device)
+    with pytest.raises(ValueError, match=r"the Hopper fp8_grouped_wgrad kernel .*unknown: \['BLOCK_K'\]"):
+        _launch(a, a_s, b, b_s, offsets, nan_empty((2, 24, 40), device=device), config=dict(BLOCK_N=64, BLOCK_K=64))
