@@ -564,6 +564,20 @@ def _fp8_grouped_wgrad(label: str, M: int, E: int, N: int, K: int) -> Launch:
                               **_strides("stride_ce stride_cn stride_ck", c), BLOCK_E=triton.next_power_of_2(E + 1)))
 
 
+def _fp8_grouped_wgrad_tma(label: str, M: int, E: int, N: int, K: int) -> Launch:
+    """The Hopper kernel: operands and scales through descriptors, the scales as
+    ``kernels.fp8_wgrad.tma_scales`` hands them over (``_fp8_wgrad_tma``)."""
+    mb = triton.cdiv(M, B)
+    a_s = _t(mb, triton.cdiv(N, 4) * 4, dtype=F32)[:, :N]
+    b_s = _t(K, triton.cdiv(mb, 4) * 4, dtype=F32)[:, :mb]
+    c = _t(E, N, K, dtype=F32)
+    return Launch(label, dict(
+        a_ptr=_t(N, M, dtype=E4M3), as_ptr=a_s, b_ptr=_t(K, M, dtype=E4M3), bs_ptr=b_s, offsets_ptr=_t(E, dtype=I32),
+        c_ptr=c, N=N, K=K, M=M, E=E, stride_an=M, stride_asm=a_s.stride(0), stride_bk=M, stride_bsk=b_s.stride(0),
+        **_strides("stride_ce stride_cn stride_ck", c), M_BUCKET=_m_bucket(M), SCALE_BLOCK=B,
+        BLOCK_E=triton.next_power_of_2(E + 1)))
+
+
 def _quant_act_t(label: str, M: int, K: int) -> Launch:
     x, q, s = _t(M, K), _t(K, M, dtype=E4M3), _t(K, triton.cdiv(M, B), dtype=F32)
     return Launch(label, dict(
@@ -673,6 +687,8 @@ LAUNCHES: dict[str, Callable[[], list[Launch]]] = {
     "fp8_wgrad_tma": _fp8_wgrad_tma_problems,
     "fp8_grouped_wgrad": lambda: [*_v3_expert_grads(_fp8_grouped_wgrad, TRAIN_T, align=True),
                                   *_deepgemm_grouped(_fp8_grouped_wgrad, lambda m: True)],
+    "fp8_grouped_wgrad_tma": lambda: [*_v3_expert_grads(_fp8_grouped_wgrad_tma, TRAIN_T, align=True),
+                                      *_deepgemm_grouped(_fp8_grouped_wgrad_tma, lambda m: True)],
     "quant_act_t": lambda: [_quant_act_t(f"M={TRAIN_T} K={D}", TRAIN_T, D),
                             _quant_act_t(f"M={_PREFILL_M} K={I}", _PREFILL_M, I)],
     "quant_act_dual": lambda: [_quant_act_dual(f"M={TRAIN_T} K={D}", TRAIN_T, D),

@@ -258,3 +258,6 @@ def test_bad_tma_config_raises_naming_the_kernel(device):
     offsets = _offsets([40, 136], device)
     with pytest.raises(ValueError, match=r"the Hopper fp8_grouped_wgrad kernel .*unknown: \['BLOCK_K'\]"):
         _launch(a, a_s, b, b_s, offsets, nan_empty((2, 24, 40), device=device), config=dict(BLOCK_N=64, BLOCK_K=64))
+    with pytest.raises(ValueError, match="the pipelined schedule only"):
+        _launch(a, a_s, b, b_s, offsets, nan_empty((2, 24, 40), device=device),
+                config=dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4))

@@ -112,7 +112,7 @@ def test_rule(report, rule, kernel):
 
 #: The Hopper-native GEMMs: TMA pipelines, so nothing in their main loop may wait on a plain load.
 _TMA_GEMMS = ("grouped_gemm_tma/prefill", "grouped_gemm_tma/medium", "grouped_gemm_tma/decode", "grouped_gemm_dw_tma",
-              "grouped_gemm_masked_tma", "fp8_wgrad_tma")
+              "grouped_gemm_masked_tma", "fp8_wgrad_tma", "fp8_grouped_wgrad_tma")
 
 
 @pytest.mark.parametrize("kernel", _TMA_GEMMS)
