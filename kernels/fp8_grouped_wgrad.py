@@ -9,15 +9,38 @@ features, E experts, B the scale block (128), Mb = ceil(M/B).
     dw (E, N, K) float32 (default) / bf16 / fp16
 
 DeepGEMM's ``k_grouped_fp8_gemm_tn_contiguous``: the MoE weight gradient, where each expert's
-GEMM reduces over its own tokens. The grid is ``E × N-tiles × K-tiles`` (expert by expert, a
-GROUP_N swizzle inside one); each program reads its expert's token range from the offsets on the
-device (``tl_helpers.group_rows``: clamped into [0, M], made non-decreasing; ``validate=True``
-raises on malformed offsets instead) and reduces over the global scale blocks that meet it
-(``tl_helpers.fp8_scaled_range_tile``), tokens outside the range masked to zero: with group starts
-at multiples of B (``make_routing(..., align=B)``) every block is the expert's own; otherwise the
-first and last blocks are shared with the neighbours, each expert taking its own tokens under
-the block's scale (``moela.reference.fp8_grouped_wgrad``). Experts without tokens get zeros.
-Configs as ``fp8_wgrad``'s, keyed on (N, K, M's bucket); ``MOELA_FP8_GROUPED_WGRAD_CONFIG`` pins one.
+GEMM reduces over its own tokens. Token blocks are global (scales per block ``token // B``); each
+expert takes only its own tokens [offsets[e-1], offsets[e]) (``tl_helpers.group_rows`` reads them
+on the device: clamped into [0, M], made non-decreasing; ``validate=True`` raises on malformed
+offsets instead), so a block shared with a neighbour counts its tokens under the block's scale
+(``moela.reference.fp8_grouped_wgrad``); with ``make_routing(..., align=B)`` every block is the
+expert's own. Experts without tokens get zeros. Two kernels, one rule (``fp8_mainloop.fp8_path``,
+as for ``fp8_wgrad``):
+
+- ``_fp8_grouped_wgrad_tma_kernel`` (Hopper, sm_90+, block 128, dy_t and x_t TMA-readable: M a
+  multiple of 16 when contiguous): persistent, ``min(units, SMs)`` programs walk the (expert,
+  BLOCK_M × BLOCK_N tile of dW[e]) units, expert by expert, GROUP_M super-rows inside one. Per
+  unit, in token order into one float32 accumulator: a leading block the range only partly
+  covers, then the whole blocks in pairs through ``fp8_mainloop.fp8_tma_tile`` (B_ROW_SCALES;
+  TMA boxes at multiples of 128 tokens of the whole tensors, unmasked), then an odd whole block
+  and a trailing partial block. The blocks outside the pairs are TMA-loaded whole, x_t's tokens
+  outside the range zeroed in registers, and promoted with their block's scales as the main loop
+  promotes (``fp8_mainloop.row_promoted``). Operands, scales (``fp8_wgrad.tma_scales``) and
+  descriptors as ``fp8_wgrad``'s Hopper kernel; pipelined schedule only (64-column tiles: wider
+  ones spill beside the edge blocks, and Triton 3.6 cannot warp-specialise the loop between
+  them).
+- ``_fp8_grouped_wgrad_kernel`` (pointer loads): pre-Hopper GPUs, blocks other than 128, odd M.
+  One program per (expert, tile), ``grid = E × N-tiles × K-tiles``; it reduces over the global
+  blocks that meet the range (``tl_helpers.fp8_scaled_range_tile``), tokens outside it masked to
+  zero.
+
+The Hopper kernel rounds the scale product as ``p · (a_s · b_s)``, the reference as
+``(p · a_s) · b_s`` (near exact, not bit for bit). Configs: the Hopper list
+(``fp8_grouped_wgrad_tma_configs``) pruned and ordered by the wave model, keyed on (N, K, E, M's
+bucket); the pointer list keyed on (N, K, M's bucket). ``MOELA_FP8_GROUPED_WGRAD_TMA_CONFIG`` /
+``MOELA_FP8_GROUPED_WGRAD_CONFIG`` pin one; an explicit ``config=`` names the keys of the kernel the
+rule picks (BLOCK_M, BLOCK_N, GROUP_M for the Hopper kernel; BLOCK_N, BLOCK_K, GROUP_N for the
+pointer kernel).
 """
 
 from __future__ import annotations

@@ -5,7 +5,15 @@ Groups aligned to the block (DeepGEMM's layout: each expert's own scale blocks, 
 ``fp8_wgrad`` on the expert's slice) and unaligned (blocks shared by neighbours), empty experts,
 tokens past offsets[-1], int64 offsets, malformed offsets (clamping rule, no writes outside the
 output; validate=True raises), outputs pre-filled with NaN. Near exact within tests/fp8_testing.py's
-bound; calc_diff < 1e-3 per expert against the unquantized product. GPU tier: DeepSeek-V3's experts.
+bound; calc_diff < 1e-3 per expert against the unquantized product. Both kernels of the path rule
+``fp8_mainloop.fp8_path``: the Hopper kernel (M a multiple of 16, persistent over 3 "SMs") with
+groups that start and end mid-block, a group inside one block, an expert without a whole block
+(its main loop empty), empty first / middle / last experts, ``make_routing(align=128)`` groups, a
+tail past offsets[-1], M not a multiple of 128, strided bf16 outputs, infinite scales staying in
+their experts; the pointer kernel for odd M, pre-Hopper and ``MOELA_TMA=0``. The Hopper kernel is
+not bit for bit the pointer kernel (the scale product rounds in another order). GPU tier:
+DeepSeek-V3's experts, and each Hopper config with unaligned groups. The sm_90 compile: ``profiling
+audit --kernels fp8_grouped_wgrad_tma``.
 """
 
 from __future__ import annotations
@@ -261,3 +269,19 @@ def test_bad_tma_config_raises_naming_the_kernel(device):
     with pytest.raises(ValueError, match="the pipelined schedule only"):
         _launch(a, a_s, b, b_s, offsets, nan_empty((2, 24, 40), device=device),
                 config=dict(BLOCK_M=128, BLOCK_N=64, WARP_SPECIALIZE=True, num_warps=4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(grouped_module.fp8_grouped_wgrad_tma_configs())))
+def test_gpu_fp8_grouped_wgrad_tma_configs(index):
+    """Each Hopper config at V3's up projection (N = 4096, K = 7168) over 32 experts with ragged,
+    unaligned groups (edge blocks everywhere), an empty expert and a tail past offsets[-1]."""
+    c = grouped_module.fp8_grouped_wgrad_tma_configs()[index]
+    config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    sizes = torch.randint(0, 400, (32,), generator=torch.Generator().manual_seed(index)).tolist()
+    sizes[5] = 0
+    tail = (-sum(sizes)) % 16 + 16
+    _, _, a, a_s, b, b_s = _operands(sum(sizes) + tail, 4096, 7168, "cuda")
+    offsets = _offsets(sizes, "cuda")
+    out = _launch(a, a_s, b, b_s, offsets, nan_empty((32, 4096, 7168), torch.float32, "cuda"), config=config)
+    _check(out, a, a_s, b, b_s, offsets)
