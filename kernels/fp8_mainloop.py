@@ -197,8 +197,9 @@ def fp8_tma_tile(
                 acc += p1 * s_prev
                 p1 = tl.dot(a1, b1.T)  # left in flight ...
                 acc += p0 * s0
-        last = kb0 + (num_kb + 1) // 2 * 2 - 1  # the block the final p1 holds (past K when num_kb is odd: zeros)
-        in_range = (last >= kb0) & (last < kb0 + num_kb)  # none when num_kb = 0
+        # The block the final p1 holds (past K when num_kb is odd: zeros; none, kb0, when num_kb = 0).
+        last = kb0 + tl.maximum((num_kb + 1) // 2 * 2 - 1, 0)
+        in_range = last < kb0 + num_kb
         if B_ROW_SCALES:
             acc += row_promoted(p1, as_desc, bs_desc, as_kb0, as_m, bs_row, last, in_range)
         else:
