@@ -27,8 +27,8 @@ as for ``fp8_wgrad``):
   outside the range zeroed in registers, and promoted with their block's scales as the main loop
   promotes (``fp8_mainloop.row_promoted``). Operands, scales (``fp8_wgrad.tma_scales``) and
   descriptors as ``fp8_wgrad``'s Hopper kernel; pipelined schedule only (64-column tiles: wider
-  ones spill beside the edge blocks, and Triton 3.6 cannot warp-specialise the loop between
-  them).
+  ones spill at sm_90 here, and Triton 3.6 cannot warp-specialise the loop between the edge
+  blocks).
 - ``_fp8_grouped_wgrad_kernel`` (pointer loads): pre-Hopper GPUs, blocks other than 128, odd M.
   One program per (expert, tile), ``grid = E × N-tiles × K-tiles``; it reduces over the global
   blocks that meet the range (``tl_helpers.fp8_scaled_range_tile``), tokens outside it masked to
@@ -195,10 +195,11 @@ def fp8_grouped_wgrad_configs() -> list[triton.Config]:
 def fp8_grouped_wgrad_tma_configs() -> list[triton.Config]:
     """The Hopper kernel's configs (BLOCK_M rows of dW[e], BLOCK_N columns; ``tma_pruner`` orders
     them by the wave model over E × tiles units): pipelined, 64 columns (the main loop's
-    four-tile promotion). ``fp8_wgrad_tma_configs``' 128-column tiles spill at sm_90 beside the
-    masked edge blocks (64×128 and 128×128: up to 96 bytes), and Triton 3.6's warp specialisation
-    pass fails on a ``warp_specialize`` loop between them. None of these spills (``profiling
-    audit --kernels fp8_grouped_wgrad_tma``)."""
+    four-tile promotion). ``fp8_wgrad_tma_configs``' 128-column tiles spill at sm_90 in this
+    kernel (64×128 and 128×128: up to 96 bytes; 8 to 32 even without the edge blocks: the
+    expert's range beside a main loop already at 241 registers in ``fp8_wgrad``), and Triton
+    3.6's warp specialisation pass fails on a ``warp_specialize`` loop between the edge blocks.
+    None of these spills (``profiling audit --kernels fp8_grouped_wgrad_tma``)."""
     c = tma_config
     return [c(128, 64, 8, 4), c(128, 64, 8, 3), c(64, 64, 4, 4), c(64, 64, 4, 6)]
 
