@@ -19,6 +19,7 @@ audit --kernels fp8_grouped_wgrad_tma``.
 from __future__ import annotations
 
 import importlib
+import random
 
 import pytest
 import torch
@@ -178,6 +179,36 @@ def test_fp8_grouped_wgrad_tma_near_exact(case, device):
     for e, n in enumerate(sizes):
         if n == 0:
             assert (out[e] == 0).all()
+
+
+def test_fp8_grouped_wgrad_tma_malformed_offsets_follow_the_clamping_rule(device):
+    """Offsets past M, decreasing and negative on the Hopper path: each expert reduces over the
+    range ``group_rows`` clamps them to, as the reference does (nothing read out of bounds)."""
+    _, _, a, a_s, b, b_s = _operands(320, 40, 48, device)
+    offsets = torch.tensor([-7, 200, 150, 500, 260], dtype=torch.int32, device=device)
+    out = _launch(a, a_s, b, b_s, offsets, nan_empty((5, 40, 48), torch.float32, device))
+    _check(out, a, a_s, b, b_s, offsets)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp8_grouped_wgrad_tma_random_layouts(seed, device):
+    """Seeded random group layouts on the Hopper path: random cuts (empty experts, a tail), cuts
+    at or next to block edges (a range inside one block, exactly one whole block, a start on an
+    edge), near exact against the reference with both tile widths."""
+    rng = random.Random(seed)
+    configs = [dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=2, num_warps=4, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]
+    for _ in range(6):
+        M, E = 16 * rng.randint(1, 30), rng.randint(1, 5)
+        N, K = rng.choice([8, 24, 40]), rng.choice([16, 48])
+        if rng.random() < 0.5:
+            cuts = sorted(rng.randint(0, M) for _ in range(E))
+        else:
+            cuts = sorted(min(M, max(0, 128 * rng.randint(0, 4) + rng.choice([0, -1, 1, 64]))) for _ in range(E))
+        _, _, a, a_s, b, b_s = _operands(M, N, K, device)
+        offsets = torch.tensor(cuts, dtype=torch.int32, device=device)
+        out = _launch(a, a_s, b, b_s, offsets, nan_empty((E, N, K), torch.float32, device), config=rng.choice(configs))
+        _check(out, a, a_s, b, b_s, offsets, name=f"dw (M={M}, cuts={cuts})")
 
 
 def test_fp8_grouped_wgrad_tma_aligned_routing(device):
