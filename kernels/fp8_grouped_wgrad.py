@@ -64,8 +64,18 @@ from ._common import (
     num_sms,
 )
 from .factory import kernel_op
-from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, row_promoted, tma_config, tma_pruner
-from .fp8_wgrad import tma_scales
+from .fp8_mainloop import (
+    HOPPER_CONFIG_KEYS,
+    check_config_keys,
+    fp8_path,
+    fp8_tma_tile,
+    hopper_meta,
+    hopper_tuner,
+    row_promoted,
+    tma_config,
+    tma_pruner,
+)
+from .fp8_wgrad import POINTER_CONFIG_KEYS, tma_scales
 from .tl_helpers import SMEM_BUDGET, fp8_scaled_range_tile, fp8_train_block, group_rows, grouped_tile_order
 
 __all__ = ["fp8_grouped_wgrad", "fp8_grouped_wgrad_configs", "fp8_grouped_wgrad_tma_configs",
@@ -216,10 +226,6 @@ _tma_tuned = hopper_tuner(autotune(
     prune_configs_by={"early_config_prune": tma_pruner(_units, SMEM_BUDGET, "a_ptr")},
 )(_fp8_grouped_wgrad_tma_kernel))
 
-#: The keys an explicit config of the Hopper kernel may name, and those it must name.
-_TMA_KEYS = ({"BLOCK_M", "BLOCK_N", "GROUP_M", "WARP_SPECIALIZE", "STAGES", "num_warps", "num_stages"},
-             {"BLOCK_M", "BLOCK_N"})
-
 
 def tma_launch_args(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block) -> tuple[tuple, dict]:
     """The Hopper kernel's arguments and constexprs (also what an sm_90 compile binds); the scales
@@ -240,13 +246,7 @@ def _launch_tma(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config) -> None:
     if config is None:
         _tma_tuned[lambda m: (min(E * cdiv(N, m["BLOCK_M"]) * cdiv(K, m["BLOCK_N"]), sms),)](*args, **consts)
         return
-    allowed, required = _TMA_KEYS
-    unknown, missing = sorted(set(config) - allowed), sorted(required - set(config))
-    if unknown or missing:
-        raise ValueError(f"config: the Hopper fp8_grouped_wgrad kernel (the one fp8_mainloop.fp8_path picks for these "
-                         f"operands) takes {sorted(allowed)}, {sorted(required)} required; got {dict(config)!r} "
-                         f"(unknown: {unknown}, missing: {missing})")
-    meta = hopper_meta(dict(config))
+    meta = hopper_meta(check_config_keys(config, HOPPER_CONFIG_KEYS, "fp8_grouped_wgrad", "Hopper"))
     if meta["WARP_SPECIALIZE"]:
         raise ValueError(f"config: the Hopper fp8_grouped_wgrad kernel takes the pipelined schedule only "
                          f"(WARP_SPECIALIZE=False), got {dict(config)!r}")
@@ -260,7 +260,9 @@ def _launch_pointer(out, dy_t, dy_t_s, x_t, x_t_s, offsets, block, config) -> No
     args = (dy_t, dy_t_s, x_t, x_t_s, offsets, out, N, K, M, E, *dy_t.stride(), *dy_t_s.stride(), *x_t.stride(),
             *x_t_s.stride(), *out.stride(), m_bucket(M))
     consts = dict(SCALE_BLOCK=block, BLOCK_E=next_power_of_2(E + 1))
-    kernel, meta = (_tuned, {}) if config is None else (_fp8_grouped_wgrad_kernel, {"GROUP_N": 8, **dict(config)})
+    kernel, meta = (_tuned, {}) if config is None else (
+        _fp8_grouped_wgrad_kernel, {"GROUP_N": 8, **check_config_keys(config, POINTER_CONFIG_KEYS, "fp8_grouped_wgrad",
+                                                                      "pointer")})
     kernel[lambda m: (E * cdiv(N, m["BLOCK_N"]) * cdiv(K, m["BLOCK_K"]),)](*args, **consts, **meta)
 
 

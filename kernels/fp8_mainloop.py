@@ -67,7 +67,8 @@ __all__ = [
     "fp8_tma_tile", "row_promoted", "fp8_path", "tma_ready", "ranking_sms", "tma_config", "tma_smem",
     "tma_config_fits", "wave_cost", "tma_pruner", "hopper_tuner", "hopper_meta", "HOPPER", "HOPPER_BLOCK",
     "HOPPER_SMS", "FLOP_PER_BYTE",
-    "KEEP_CONFIGS", "scale_tma", "merged_rows", "split_chunk", "MAX_SPLIT_K",
+    "KEEP_CONFIGS", "scale_tma", "merged_rows", "split_chunk", "MAX_SPLIT_K", "HOPPER_CONFIG_KEYS",
+    "check_config_keys",
 ]
 
 #: The first compute capability with TMA and wgmma.
@@ -376,6 +377,23 @@ def hopper_tuner(tuner):
         if split:
             c.kwargs.setdefault("SPLIT_K", 1)
     return tuner
+
+
+#: The keys an explicit config of a Hopper kernel may name, and those it must name.
+HOPPER_CONFIG_KEYS = ({"BLOCK_M", "BLOCK_N", "GROUP_M", "WARP_SPECIALIZE", "STAGES", "num_warps", "num_stages"},
+                      {"BLOCK_M", "BLOCK_N"})
+
+
+def check_config_keys(config: dict, keys: tuple[set, set], op: str, kernel: str) -> dict:
+    """``config`` (a dict) as a dict when it names only keys of ``keys[0]`` and all of ``keys[1]``;
+    else ValueError naming the op's ``kernel`` ("Hopper", "pointer"), the keys and what is off."""
+    allowed, required = keys
+    unknown, missing = sorted(set(config) - allowed), sorted(required - set(config))
+    if unknown or missing:
+        raise ValueError(f"config: the {kernel} {op} kernel (the one fp8_mainloop.fp8_path picks for these "
+                         f"operands) takes {sorted(allowed)}, {sorted(required)} required; got {dict(config)!r} "
+                         f"(unknown: {unknown}, missing: {missing})")
+    return dict(config)
 
 
 def hopper_meta(config: dict, split_k: bool = False) -> dict:

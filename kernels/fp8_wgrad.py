@@ -59,11 +59,21 @@ from moela.reference.fp8_train import check_fp8_wgrad
 
 from ._common import autotune, cdiv, device_capability, ensure_tma_allocator, m_bucket, num_sms
 from .factory import kernel_op
-from .fp8_mainloop import fp8_path, fp8_tma_tile, hopper_meta, hopper_tuner, tma_config, tma_pruner, tma_ready
+from .fp8_mainloop import (
+    HOPPER_CONFIG_KEYS,
+    check_config_keys,
+    fp8_path,
+    fp8_tma_tile,
+    hopper_meta,
+    hopper_tuner,
+    tma_config,
+    tma_pruner,
+    tma_ready,
+)
 from .tl_helpers import SMEM_BUDGET, fp8_scaled_range_tile, fp8_train_block, grouped_tile_order
 
 __all__ = ["fp8_wgrad", "fp8_wgrad_configs", "fp8_wgrad_tma_configs", "launch_fp8_wgrad", "tma_launch_args",
-           "tma_scales"]
+           "tma_scales", "POINTER_CONFIG_KEYS"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,20 +211,8 @@ _tma_tuned = hopper_tuner(autotune(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-#: The keys an explicit config may name, per kernel, and those it must name.
-_POINTER_KEYS = ({"BLOCK_N", "BLOCK_K", "GROUP_N", "STAGES", "num_warps", "num_stages"}, {"BLOCK_N", "BLOCK_K"})
-_TMA_KEYS = ({"BLOCK_M", "BLOCK_N", "GROUP_M", "WARP_SPECIALIZE", "STAGES", "num_warps", "num_stages"},
-             {"BLOCK_M", "BLOCK_N"})
-
-
-def _config_keys(config: dict, keys: tuple[set, set], kernel: str) -> dict:
-    allowed, required = keys
-    unknown, missing = sorted(set(config) - allowed), sorted(required - set(config))
-    if unknown or missing:
-        raise ValueError(f"config: the {kernel} fp8_wgrad kernel (the one fp8_mainloop.fp8_path picks for these "
-                         f"operands) takes {sorted(allowed)}, {sorted(required)} required; got {dict(config)!r} "
-                         f"(unknown: {unknown}, missing: {missing})")
-    return dict(config)
+#: The keys an explicit config of the pointer kernel may name, and those it must name.
+POINTER_CONFIG_KEYS = ({"BLOCK_N", "BLOCK_K", "GROUP_N", "STAGES", "num_warps", "num_stages"}, {"BLOCK_N", "BLOCK_K"})
 
 
 def _tma_rows(s: Tensor) -> Tensor:
@@ -255,7 +253,7 @@ def _launch_tma(out, dy_t, dy_t_s, x_t, x_t_s, block, config) -> None:
     if config is None:
         _tma_tuned[lambda meta: (min(cdiv(N, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]), sms),)](*args, **consts)
     else:
-        meta = hopper_meta(_config_keys(config, _TMA_KEYS, "Hopper"))
+        meta = hopper_meta(check_config_keys(config, HOPPER_CONFIG_KEYS, "fp8_wgrad", "Hopper"))
         if meta["WARP_SPECIALIZE"] and (meta.get("num_warps", 4) != 4 or meta["BLOCK_M"] != 128):
             raise ValueError(f"config: the warp-specialised schedule takes num_warps=4 and BLOCK_M=128 (two math "
                              f"warpgroups of 64 rows), got {dict(config)!r}")
@@ -272,7 +270,7 @@ def _launch_pointer(out, dy_t, dy_t_s, x_t, x_t_s, block, config) -> None:
     if config is None:
         _tuned[lambda m: (cdiv(N, m["BLOCK_N"]) * cdiv(K, m["BLOCK_K"]),)](*args, **consts)
     else:
-        meta = {"GROUP_N": 8, **_config_keys(config, _POINTER_KEYS, "pointer")}
+        meta = {"GROUP_N": 8, **check_config_keys(config, POINTER_CONFIG_KEYS, "fp8_wgrad", "pointer")}
         _fp8_wgrad_kernel[(cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),)](*args, **consts, **meta)
 
 

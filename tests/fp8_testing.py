@@ -27,7 +27,8 @@ import torch
 
 from moela.reference import FP8_DTYPE
 
-__all__ = ["U32", "U_DOT", "PATHS", "abs_fp8", "assert_same_bits", "gemm_error_bound", "assert_gemm_close"]
+__all__ = ["U32", "U_DOT", "PATHS", "abs_fp8", "assert_same_bits", "gemm_error_bound", "assert_gemm_close",
+           "record_launches"]
 
 #: The FP8 GEMMs' two paths (``moela.kernels.fp8_mainloop.fp8_path``) and a compute capability
 #: that picks each: Hopper's tensor-descriptor kernels, and Ada's (pre-Hopper) pointer kernels.
@@ -112,3 +113,21 @@ def assert_gemm_close(
             f"out {o[i].item():.8g}, reference {r[i].item():.8g}, "
             f"|diff| {err[i].item():.3g} > bound {bound[i].item():.3g})"
         )
+
+
+def record_launches(monkeypatch, module, names) -> list[tuple[str, tuple]]:
+    """Replace each kernel or tuner ``module.<name>`` by one that records ``(name, grid)`` when
+    launched (``kernel[grid](...)``) and then launches as before; returns the record."""
+    launched: list[tuple[str, tuple]] = []
+
+    class _Recorded:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launched.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, _Recorded(getattr(module, name), name))
+    return launched

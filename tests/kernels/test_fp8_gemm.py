@@ -20,7 +20,7 @@ import importlib
 import pytest
 import torch
 import triton
-from fp8_testing import PATHS, abs_fp8, assert_gemm_close, assert_same_bits
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close, assert_same_bits, record_launches
 from moela_testing import nan_empty
 
 from moela import reference as ref
@@ -434,19 +434,7 @@ def test_path_rule():
 @pytest.mark.parametrize("path", list(PATHS))
 def test_launcher_follows_the_rule_and_the_persistent_grid(path, monkeypatch, device):
     """The launcher runs the kernel the rule names; the Hopper kernel's grid is min(tiles, SMs)."""
-    launched = []
-    for name in ("_fp8_gemm_kernel", "_fp8_gemm_tma_kernel"):
-        kernel = getattr(fp8_gemm_module, name)
-
-        class _Record:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append((self.name, grid))
-                return self.kernel[grid]
-
-        monkeypatch.setattr(fp8_gemm_module, name, _Record(kernel, name))
+    launched = record_launches(monkeypatch, fp8_gemm_module, ("_fp8_gemm_kernel", "_fp8_gemm_tma_kernel"))
     M, N, K = 70, 200, 256
     _, _, a, a_s, b, b_s = _operands(M, N, K, device)
     out = nan_empty((M, N), device=device)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fp8_testing import PATHS, abs_fp8, assert_gemm_close
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close, record_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moela_testing import nan_empty
@@ -244,21 +244,14 @@ def test_decode_grid_launches_no_idle_row_tiles(path, monkeypatch, device):
     the bound is tight) are all written. The pointer kernel runs one program per tile, the Hopper
     one min(tiles, SMs) persistent programs; E = 32 makes its tile search take three chunks."""
     name = "_fp8_grouped_gemm_kernel" if path == "pointer" else "_fp8_grouped_gemm_tma_kernel"
-    kernel, launched = getattr(fp8_grouped_gemm_module, name), []
-
-    class _RecordGrid:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(fp8_grouped_gemm_module, name, _RecordGrid())
+    launched = record_launches(monkeypatch, fp8_grouped_gemm_module, (name,))
     sizes = [1, 0, 1, 1, 0, 0, 1] + [0] * 25  # E = 32, four one-row groups and a one-row tail
     _, _, xs, xs_s, w8, w_s, offsets = _operands(sizes, 1, 32, 128, device)
     out = nan_empty((5, 32), torch.float32, device)
     launch_fp8_grouped_gemm(out, xs, xs_s, w8, w_s, offsets, 128, dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=8, num_warps=4),
                             capability=PATHS[path])
     tiles = 5 * 2  # row tiles min(cdiv(M, BLOCK_M) + E, M) = 5, times 2 column tiles
-    assert launched == [(tiles if path == "pointer" else min(tiles, INTERPRETER_SMS),)]
+    assert launched == [(name, (tiles if path == "pointer" else min(tiles, INTERPRETER_SMS),))]
     _check(out, xs, xs_s, w8, w_s, offsets)
 
 

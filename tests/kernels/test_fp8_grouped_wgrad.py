@@ -23,7 +23,7 @@ import random
 
 import pytest
 import torch
-from fp8_testing import PATHS, abs_fp8, assert_gemm_close
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close, record_launches
 from moela_testing import nan_empty
 
 from moela import reference as ref
@@ -269,19 +269,7 @@ def test_fp8_grouped_wgrad_tma_scales_stay_in_their_expert(device):
 def test_launcher_follows_the_path_rule(monkeypatch, device):
     """Hopper's kernel when the rule says so (M a multiple of 16, block 128, sm_90+), the pointer
     kernel for odd M, pre-Hopper GPUs and MOELA_TMA=0; both within the bound."""
-    launched = []
-    for name in ("_tuned", "_tma_tuned"):
-        tuner = getattr(grouped_module, name)
-
-        class _Record:
-            def __init__(self, tuner, name):
-                self.tuner, self.name = tuner, name
-
-            def __getitem__(self, grid):
-                launched.append(self.name)
-                return self.tuner[grid]
-
-        monkeypatch.setattr(grouped_module, name, _Record(tuner, name))
+    launched = record_launches(monkeypatch, grouped_module, ("_tuned", "_tma_tuned"))
     for sizes, path in (([40, 136], "tma"), ([40, 130], "tma"), ([40, 136], "pointer")):
         _, _, a, a_s, b, b_s = _operands(sum(sizes), 24, 40, device)
         offsets = _offsets(sizes, device)
@@ -289,7 +277,7 @@ def test_launcher_follows_the_path_rule(monkeypatch, device):
     monkeypatch.setenv("MOELA_TMA", "0")
     _, _, a, a_s, b, b_s = _operands(176, 24, 40, device)
     _check(fp8_grouped_wgrad(a, a_s, b, b_s, _offsets([40, 136], device)), a, a_s, b, b_s, _offsets([40, 136], device))
-    assert launched == ["_tma_tuned", "_tuned", "_tuned", "_tuned"]  # 170 tokens: 170-byte rows
+    assert [name for name, _ in launched] == ["_tma_tuned", "_tuned", "_tuned", "_tuned"]  # 170 tokens: 170-byte rows
 
 
 def test_bad_tma_config_raises_naming_the_kernel(device):

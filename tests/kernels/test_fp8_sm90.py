@@ -116,39 +116,27 @@ def _overlap(ttgir: str) -> bool:
     return False
 
 
-def _ptx_overlap(ptx: str) -> bool:
-    """In the PTX: wgmma of block 2j, commit, wait 0, wgmma of block 2j+1, commit, then the
-    promotions' FMAs before any further wait: the tensor cores run while the FMAs do."""
+def _wgmma_sequence(ptx: str) -> str:
+    """The PTX as a string of its wgmma issues (M), commits (C), waits (W) and float32 FMAs (f)."""
+    codes = {"wgmma.mma_async": "M", "wgmma.commit_group": "C", "wgmma.wait_group": "W", "fma.rn.f32": "f"}
     seq = []
     for line in ptx.splitlines():
         op = line.strip().split(" ")[0]
-        if op.startswith("wgmma.mma_async"):
-            seq.append("M")
-        elif op.startswith("wgmma.commit_group"):
-            seq.append("C")
-        elif op.startswith("wgmma.wait_group"):
-            seq.append("W")
-        elif op.startswith("fma.rn.f32"):
-            seq.append("f")
-    return re.search(r"M+CWM+Cf{16,}", "".join(seq)) is not None
+        seq.extend(code for prefix, code in codes.items() if op.startswith(prefix))
+    return "".join(seq)
+
+
+def _ptx_overlap(ptx: str) -> bool:
+    """In the PTX: wgmma of block 2j, commit, wait 0, wgmma of block 2j+1, commit, then the
+    promotions' FMAs before any further wait: the tensor cores run while the FMAs do."""
+    return re.search(r"M+CWM+Cf{16,}", _wgmma_sequence(ptx)) is not None
 
 
 def _ptx_overlap_one(ptx: str) -> bool:
     """The wgrad's tiles wider than 64 columns (its promotion holds x_t's column scales, so four
     float32 tiles do not fit): wgmma of block 2j, commit, wait, block 2j-1's promotion, wgmma of
     block 2j+1, commit, block 2j's promotion before the next wait: one promotion of two overlapped."""
-    seq = []
-    for line in ptx.splitlines():
-        op = line.strip().split(" ")[0]
-        if op.startswith("wgmma.mma_async"):
-            seq.append("M")
-        elif op.startswith("wgmma.commit_group"):
-            seq.append("C")
-        elif op.startswith("wgmma.wait_group"):
-            seq.append("W")
-        elif op.startswith("fma.rn.f32"):
-            seq.append("f")
-    return re.search(r"M+CWf{16,}M+Cf{16,}", "".join(seq)) is not None
+    return re.search(r"M+CWf{16,}M+Cf{16,}", _wgmma_sequence(ptx)) is not None
 
 
 def _split_k_fixup(ptx: str) -> dict:

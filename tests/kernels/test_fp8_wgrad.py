@@ -21,7 +21,7 @@ import importlib
 
 import pytest
 import torch
-from fp8_testing import PATHS, abs_fp8, assert_gemm_close, assert_same_bits
+from fp8_testing import PATHS, abs_fp8, assert_gemm_close, assert_same_bits, record_launches
 from moela_testing import nan_empty
 
 from moela import reference as ref
@@ -251,19 +251,7 @@ def test_path_rule():
 def test_launcher_follows_the_rule_and_the_persistent_grid(path, monkeypatch, device):
     """The launcher runs the kernel the rule names; the Hopper kernel's grid is min(tiles, SMs),
     so each of the 3 interpreter "SMs" walks several tiles."""
-    launched = []
-    for name in ("_fp8_wgrad_kernel", "_fp8_wgrad_tma_kernel"):
-        kernel = getattr(wgrad_module, name)
-
-        class _Record:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append((self.name, grid))
-                return self.kernel[grid]
-
-        monkeypatch.setattr(wgrad_module, name, _Record(kernel, name))
+    launched = record_launches(monkeypatch, wgrad_module, ("_fp8_wgrad_kernel", "_fp8_wgrad_tma_kernel"))
     M, N, K = 144, 200, 136
     _, _, a, a_s, b, b_s = _operands(M, N, K, device)
     config = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4) if path == "tma" else dict(BLOCK_N=64, BLOCK_K=64)
@@ -279,26 +267,14 @@ def test_launcher_follows_the_rule_and_the_persistent_grid(path, monkeypatch, de
 def test_default_calls_follow_the_rule(monkeypatch, device):
     """Without a capability the device's (the interpreter: 9.0) picks: Hopper's kernel for M = 48,
     the pointer kernel for M = 40 (its rows not 16-byte aligned) and with MOELA_TMA=0."""
-    launched = []
-    for name in ("_tuned", "_tma_tuned"):
-        tuner = getattr(wgrad_module, name)
-
-        class _Record:
-            def __init__(self, tuner, name):
-                self.tuner, self.name = tuner, name
-
-            def __getitem__(self, grid):
-                launched.append(self.name)
-                return self.tuner[grid]
-
-        monkeypatch.setattr(wgrad_module, name, _Record(tuner, name))
+    launched = record_launches(monkeypatch, wgrad_module, ("_tuned", "_tma_tuned"))
     for M in (48, 40):
         _, _, a, a_s, b, b_s = _operands(M, 40, 24, device)
         _check(fp8_wgrad(a, a_s, b, b_s), a, a_s, b, b_s)
     monkeypatch.setenv("MOELA_TMA", "0")
     _, _, a, a_s, b, b_s = _operands(48, 40, 24, device)
     _check(fp8_wgrad(a, a_s, b, b_s), a, a_s, b, b_s)
-    assert launched == ["_tma_tuned", "_tuned", "_tuned"]
+    assert [name for name, _ in launched] == ["_tma_tuned", "_tuned", "_tuned"]
 
 
 @pytest.mark.parametrize("path, bad, match", [
